@@ -1,0 +1,145 @@
+"""Study-wide settings: where the data is, channel order, and the named scales.
+
+A *scale* changes numbers (image size, epochs, filter iterations), never code paths.
+
+Channel order. Every image array inside cellstudy is ``(H, W, 3)`` float32 in **RGB order**, as
+in the paper: index 0 = red = the third stain (vimentin in the paper; beta-tubulin in BBBC021;
+ER / concanavalin A in RxRx1), index 1 = green = F-actin, index 2 = blue = DNA.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+#: Index -> (colour, stain role). Arrays are (H, W, 3) in this order.
+CHANNELS: tuple[str, str, str] = ("third", "actin", "dna")
+CHANNEL_COLOURS: tuple[str, str, str] = ("red", "green", "blue")
+
+#: The class order used everywhere: label 0 = normal role, label 1 = abnormal role.
+CLASS_NAMES: tuple[str, str] = ("normal", "abnormal")
+
+#: The repository root (the folder holding ``cellstudy/``).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Environment variable naming the data root.
+DATA_ROOT_ENV = "CELLSTUDY_DATA_ROOT"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value (unknown scale, cohort, parameter)."""
+
+
+def data_root(path: str | os.PathLike | None = None) -> Path:
+    """Resolve the data root: ``path`` if given, else ``$CELLSTUDY_DATA_ROOT``, else
+    ``../shared/data`` beside the repository. Raises ``FileNotFoundError`` naming the folder
+    (and where the value came from) when it does not exist."""
+    if path is not None and str(path) != "":
+        root, source = Path(path), "the data_root parameter"
+    elif os.environ.get(DATA_ROOT_ENV):
+        root, source = Path(os.environ[DATA_ROOT_ENV]), f"${DATA_ROOT_ENV}"
+    else:
+        root, source = REPO_ROOT.parent / "shared" / "data", "the default (../shared/data)"
+    root = root.expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data root {root} (from {source}) does not exist or is not a folder; "
+            f"point {DATA_ROOT_ENV} or the data_root parameter at the folder holding the cohorts"
+        )
+    return root
+
+
+def cache_dir() -> Path:
+    """On-disk cache for preprocessed arrays (``$CELLSTUDY_CACHE`` or ``<repo>/.cache``)."""
+    p = Path(os.environ.get("CELLSTUDY_CACHE", REPO_ROOT / ".cache"))
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Named scales. Keys are the same in every scale; only values change.
+# ---------------------------------------------------------------------------------------------
+_PREPROCESS_FULL = {
+    "blur_repetitions": 1,          # BinomialBlur repetitions
+    "psf_sigma": 1.0,               # Gaussian PSF sigma, pixels (at the stored resolution)
+    "landweber_iterations": 10,
+    "landweber_alpha": 1.0,         # Landweber step size
+    "diffusion_time_step": 0.0625,  # <= 0.125 for stability in 2-D
+    "diffusion_conductance": 1.0,
+    "diffusion_iterations": 5,
+}
+
+SCALES: dict[str, dict[str, Any]] = {
+    # Seconds to a few minutes: for the tests.
+    "ci": {
+        "image_size": 32,
+        "preprocess": {**_PREPROCESS_FULL, "landweber_iterations": 3, "diffusion_iterations": 2},
+        "n_splits": 5,
+        "max_shift_px_at_512": 20,
+        "max_rotation_deg": 15.0,
+        "epochs_short": 1,
+        "epochs_long": 2,
+        "batch_size": 16,
+        "learning_rate": 1e-3,
+        "momentum": 0.9,
+        "networks": None,            # None = every registered network
+        "folds_to_run": None,        # None = all folds
+        "xai_max_cells": 8,
+    },
+    # The CPU default of `make study`.
+    "cpu": {
+        "image_size": 48,
+        "preprocess": dict(_PREPROCESS_FULL),
+        "n_splits": 5,
+        "max_shift_px_at_512": 20,
+        "max_rotation_deg": 15.0,
+        "epochs_short": 4,
+        "epochs_long": 8,
+        "batch_size": 16,
+        "learning_rate": 1e-3,
+        "momentum": 0.9,
+        "networks": None,
+        "folds_to_run": None,
+        "xai_max_cells": 32,
+    },
+    # The paper's scale: S = 512, short (< 100) and long (> 100) regimes. Needs a GPU.
+    "paper": {
+        "image_size": 512,
+        "preprocess": dict(_PREPROCESS_FULL),
+        "n_splits": 5,
+        "max_shift_px_at_512": 20,
+        "max_rotation_deg": 15.0,
+        "epochs_short": 50,
+        "epochs_long": 150,
+        "batch_size": 8,
+        "learning_rate": 1e-3,
+        "momentum": 0.9,
+        "networks": None,
+        "folds_to_run": None,
+        "xai_max_cells": None,
+    },
+}
+
+
+def get_scale(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return a deep copy of scale ``name`` with ``overrides`` applied (unknown keys rejected)."""
+    if name not in SCALES:
+        raise ConfigError(f"unknown scale {name!r}; expected one of {sorted(SCALES)}")
+    p = copy.deepcopy(SCALES[name])
+    for k, v in (overrides or {}).items():
+        if k not in p:
+            raise ConfigError(f"unknown scale parameter {k!r}; expected one of {sorted(p)}")
+        if isinstance(p[k], dict) and isinstance(v, dict):
+            bad = set(v) - set(p[k])
+            if bad:
+                raise ConfigError(f"unknown {k} parameter(s) {sorted(bad)}; expected {sorted(p[k])}")
+            p[k].update(v)
+        else:
+            p[k] = v
+    return p
+
+
+def max_shift_px(scale: dict[str, Any]) -> float:
+    """Maximum width/height shift in pixels at this scale: 20 px at S = 512, scaled with S."""
+    return scale["max_shift_px_at_512"] * scale["image_size"] / 512.0
