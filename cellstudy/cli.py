@@ -1,0 +1,74 @@
+"""Command line: ``cellstudy run CONFIG`` (the study), ``cellstudy verify COHORT``,
+``cellstudy book RUN_DIR``. ``make study`` calls ``cellstudy run configs/default.yaml``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import config
+
+
+def _run(a: argparse.Namespace) -> int:
+    from .runner import run_study
+
+    run_study(a.config, runs_dir=a.runs_dir, new=a.new, build=not a.no_book, log_output=not a.quiet,
+              cohort=a.cohort, scale=a.scale, data_root=a.data_root)
+    return 0
+
+
+def _verify(a: argparse.Namespace) -> int:
+    from . import data
+
+    root = config.data_root(a.data_root)
+    table = data.load_manifest(a.cohort)
+    data.verify_manifest(table, root, check_sha=True)
+    print(f"{a.cohort}: {len(table)} cells, {table['group'].nunique()} groups, all files present and "
+          f"checksums match under {root}")
+    return 0
+
+
+def _book(a: argparse.Namespace) -> int:
+    from .book import build_book
+    from .runner import load_config
+
+    run_dir = Path(a.run_dir)
+    cfg = load_config(run_dir / "study.yaml")
+    print(build_book(run_dir, cfg))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cellstudy", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a study config: notebooks with papermill, then the book")
+    r.add_argument("config", help="study config YAML, e.g. configs/default.yaml")
+    r.add_argument("--runs-dir", default=None, help="where run folders go (default: <repo>/runs)")
+    r.add_argument("--new", action="store_true", help="start a new run even if an incomplete one could be resumed")
+    r.add_argument("--scale", default=None, help="override the config's scale (ci | cpu | paper)")
+    r.add_argument("--cohort", default=None, help="override the config's cohort")
+    r.add_argument("--data-root", default=None, help="the data root (default: $CELLSTUDY_DATA_ROOT or ../shared/data)")
+    r.add_argument("--no-book", action="store_true", help="run the notebooks only")
+    r.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output")
+    r.set_defaults(func=_run)
+    v = sub.add_parser("verify", help="check a cohort's files and checksums")
+    v.add_argument("cohort")
+    v.add_argument("--data-root", default=None)
+    v.set_defaults(func=_verify)
+    b = sub.add_parser("book", help="(re)build the book of a finished run folder")
+    b.add_argument("run_dir")
+    b.set_defaults(func=_book)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="  | %(message)s", stream=sys.stdout)
+    for noisy in ("traitlets", "asyncio", "blib2to3", "nbclient"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return a.func(a)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"cellstudy: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

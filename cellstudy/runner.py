@@ -1,0 +1,357 @@
+"""The study runner: a study config (YAML) -> papermill runs -> a run folder -> the book.
+
+A study config names the cohort, the scale, the seed and the steps (numbered notebooks)::
+
+    name: default
+    cohort: bbbc021-paper
+    scale: cpu
+    seed: 0
+    data_root: null          # null: $CELLSTUDY_DATA_ROOT, else ../shared/data
+    overrides: {}            # scale overrides, e.g. {image_size: 64}
+    steps: [00_cohort, 01_preprocessing]
+
+``run_study`` checks everything it can before long work starts (config values, data root,
+manifest, checksums), then executes each step's notebook with papermill into
+``<runs>/<name>-<timestamp>/notebooks/``; each notebook writes its tables, figures and arrays
+under ``<run>/<step>/``. A failing notebook stops the run, names the notebook and the cell, marks
+the run failed and no book is published. When every step succeeded the book is built from the
+executed notebooks (execution off) into ``<run>/book/_build/html``.
+
+Runs are never overwritten: a new run gets a new folder. An *incomplete* run of the same config
+(interrupted or failed) is resumed instead, unless ``new=True``: finished steps are kept and the
+remaining ones run (training notebooks resume from their checkpoints).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from . import config, provenance
+
+log = logging.getLogger("cellstudy.runner")
+
+NOTEBOOK_DIR = config.REPO_ROOT / "notebooks"
+BOOK_TEMPLATE_DIR = config.REPO_ROOT / "book"
+MATHJAX_DIR = config.REPO_ROOT / "node_modules" / "mathjax" / "es5"
+
+#: Keep the kernel's C-level stderr (TensorFlow's oneDNN lines) out of notebook outputs.
+KERNEL_ARGS = ["--IPKernelApp.capture_fd_output=False"]
+
+
+class StudyError(RuntimeError):
+    """A run failed; the message names the notebook and cell."""
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    cohort: str
+    scale: str
+    steps: list[str]
+    seed: int = 0
+    data_root: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    title: str = "cellstudy"
+
+    def digest(self) -> str:
+        """A short hash identifying what this config computes (used to match runs to resume)."""
+        d = asdict(self)
+        d.pop("title", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def available_steps() -> list[str]:
+    """Notebook stems in ``notebooks/`` (e.g. ``00_cohort``), sorted."""
+    return sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def load_config(path: str | os.PathLike, **override: Any) -> StudyConfig:
+    """Read and validate a study config; keyword overrides (cohort, scale, data_root, ...) win
+    over the file's values when not None. Every value is checked here, before any work."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise config.ConfigError(f"study config {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise config.ConfigError(f"study config {path}: expected a mapping, got {type(raw).__name__}")
+    for k, v in override.items():
+        if v is not None:
+            raw[k] = v
+    known = {f for f in StudyConfig.__dataclass_fields__}
+    unknown = set(raw) - known
+    if unknown:
+        raise config.ConfigError(f"study config {path}: unknown key(s) {sorted(unknown)}; expected {sorted(known)}")
+    missing = {"name", "cohort", "scale", "steps"} - set(raw)
+    if missing:
+        raise config.ConfigError(f"study config {path}: missing key(s) {sorted(missing)}")
+    cfg = StudyConfig(**raw)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(cfg.name)):
+        raise config.ConfigError(f"study config {path}: name {cfg.name!r} must be letters, digits, '_', '-', '.'")
+    cfg.overrides = dict(cfg.overrides or {})
+    config.get_scale(cfg.scale, cfg.overrides)  # raises on an unknown scale or parameter
+    from . import cohorts
+    if cfg.cohort not in cohorts.COHORTS:
+        raise config.ConfigError(f"unknown cohort {cfg.cohort!r}; expected one of {sorted(cohorts.COHORTS)}")
+    steps = available_steps()
+    bad = [s for s in cfg.steps if s not in steps]
+    if bad:
+        raise config.ConfigError(f"study config {path}: unknown step(s) {bad}; notebooks/ has {steps}")
+    if len(set(cfg.steps)) != len(cfg.steps):
+        raise config.ConfigError(f"study config {path}: a step is listed twice in {cfg.steps}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders and status
+# ---------------------------------------------------------------------------------------------
+def _status_path(run_dir: Path) -> Path:
+    return run_dir / "status.json"
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    p = _status_path(Path(run_dir))
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _write_status(run_dir: Path, status: dict[str, Any]) -> None:
+    provenance.write_json(_status_path(run_dir), status)
+
+
+def find_resumable(runs_dir: Path, cfg: StudyConfig) -> Path | None:
+    """The newest run folder of this config (same digest) that did not complete."""
+    if not runs_dir.is_dir():
+        return None
+    cands = sorted(runs_dir.glob(f"{cfg.name}-*"), key=lambda p: p.name, reverse=True)
+    for run in cands:
+        st = read_status(run)
+        if st.get("digest") == cfg.digest() and st.get("state") != "complete":
+            return run
+        if st.get("digest") == cfg.digest():
+            return None  # the newest matching run completed: start a new one
+    return None
+
+
+def new_run_dir(runs_dir: Path, name: str) -> Path:
+    """A fresh folder ``<runs_dir>/<name>-<YYYYmmdd-HHMMSS>[-n]``; never an existing one."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        cand = runs_dir / (f"{name}-{stamp}" + (f"-{i}" if i else ""))
+        try:
+            cand.mkdir()
+            return cand
+        except FileExistsError:
+            continue
+    raise StudyError(f"could not create a new run folder under {runs_dir}")
+
+
+def _check_writable(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / ".write-probe"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise StudyError(f"output folder {folder} is not writable: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before long work
+# ---------------------------------------------------------------------------------------------
+def preflight(cfg: StudyConfig) -> dict[str, Any]:
+    """Resolve the data root and verify the cohort's manifest (files, checksums) before any
+    notebook runs. Returns the data provenance (root, manifest checksum, counts)."""
+    from . import data
+
+    root = config.data_root(cfg.data_root)
+    table = data.load_manifest(cfg.cohort)
+    data.verify_manifest(table, root, check_sha=True)
+    manifest_path = data.manifest_path(cfg.cohort)
+    return {
+        "data_root": str(root),
+        "cohort": cfg.cohort,
+        "manifest": str(manifest_path.relative_to(config.REPO_ROOT)),
+        "manifest_sha256": provenance.sha256_file(manifest_path),
+        "n_cells": int(len(table)),
+        "n_per_class": {str(k): int(v) for k, v in table["label"].value_counts().sort_index().items()},
+        "n_groups": int(table["group"].nunique()),
+        "files_verified_sha256": True,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Executing notebooks
+# ---------------------------------------------------------------------------------------------
+def _error_location(nb_path: Path) -> str:
+    """Find the cell with an error output in an executed notebook: 'cell N (line ...)'."""
+    try:
+        nb = json.loads(nb_path.read_text())
+    except (OSError, ValueError):
+        return "unknown cell"
+    code_i = 0
+    for i, cell in enumerate(nb.get("cells", [])):
+        if cell.get("cell_type") != "code":
+            continue
+        code_i += 1
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                src = "".join(cell.get("source", "")).strip().splitlines()
+                first = src[0][:80] if src else ""
+                return f"cell {i} (code cell {code_i}, starting {first!r}): {out.get('ename')}: {out.get('evalue')}"
+    return "unknown cell"
+
+
+def execute_step(step: str, run_dir: Path, params: dict[str, Any], log_output: bool = True) -> float:
+    """Execute ``notebooks/<step>.ipynb`` with papermill into ``<run>/notebooks/<step>.ipynb``.
+    Returns the wall time in seconds; raises StudyError naming the notebook and cell on failure."""
+    import papermill as pm
+
+    src = NOTEBOOK_DIR / f"{step}.ipynb"
+    out = run_dir / "notebooks" / f"{step}.ipynb"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / step).mkdir(parents=True, exist_ok=True)
+    env_backup = dict(os.environ)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    os.environ["PYTHONPATH"] = str(config.REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(
+            str(src), str(out), parameters=params, kernel_name="python3", cwd=str(run_dir / step),
+            log_output=log_output, progress_bar=False, extra_arguments=KERNEL_ARGS,
+        )
+    except pm.PapermillExecutionError as e:
+        raise StudyError(
+            f"notebook {step}.ipynb failed at cell {e.exec_count} ({e.ename}: {e.evalue}); "
+            f"executed copy with the traceback: {out}"
+        ) from None
+    except Exception as e:  # kernel died, bad notebook, ...
+        where = _error_location(out) if out.exists() else "before its first cell"
+        raise StudyError(f"notebook {step}.ipynb failed ({type(e).__name__}: {e}); {where}; see {out}") from None
+    finally:
+        os.environ.clear()
+        os.environ.update(env_backup)
+    return time.perf_counter() - t0
+
+
+def notebook_errors(nb_path: Path) -> list[str]:
+    """Error outputs in an executed notebook (the book must not show any)."""
+    nb = json.loads(Path(nb_path).read_text())
+    errs = []
+    for i, cell in enumerate(nb.get("cells", [])):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                errs.append(f"{nb_path.name} cell {i}: {out.get('ename')}: {out.get('evalue')}")
+    return errs
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole study
+# ---------------------------------------------------------------------------------------------
+def run_study(
+    config_path: str | os.PathLike,
+    runs_dir: str | os.PathLike | None = None,
+    new: bool = False,
+    build: bool = True,
+    log_output: bool = True,
+    echo: Callable[[str], None] = print,
+    **override: Any,
+) -> Path:
+    """Run a study config end to end; returns the run folder. See the module docstring."""
+    cfg = load_config(config_path, **override)
+    runs_dir = Path(runs_dir) if runs_dir else config.REPO_ROOT / "runs"
+    data_prov = preflight(cfg)  # fails before any long work
+    _check_writable(runs_dir)
+
+    run_dir = None if new else find_resumable(runs_dir, cfg)
+    if run_dir is not None:
+        status = read_status(run_dir)
+        echo(f"resuming the incomplete run {run_dir} (steps done: "
+             f"{[s for s, v in status.get('steps', {}).items() if v.get('state') == 'done']})")
+    else:
+        run_dir = new_run_dir(runs_dir, cfg.name)
+        status = {"name": cfg.name, "digest": cfg.digest(), "state": "running", "started": provenance.now(),
+                  "steps": {}}
+        echo(f"new run folder {run_dir}")
+    status["state"] = "running"
+    _write_status(run_dir, status)
+
+    scale = config.get_scale(cfg.scale, cfg.overrides)
+    prov = {
+        "config": asdict(cfg),
+        "config_file": str(Path(config_path).resolve()),
+        "scale_parameters": scale,
+        "data": data_prov,
+        "git": provenance.git_state(),
+        "hardware": provenance.hardware(),
+        "packages": provenance.package_versions(),
+        "all_packages": provenance.package_versions(all_packages=True),
+        "started": status.get("started"),
+    }
+    provenance.write_json(run_dir / "provenance.json", prov)
+    (run_dir / "study.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+
+    params = {
+        "run_dir": str(run_dir.resolve()),
+        "data_root": data_prov["data_root"],
+        "cohort": cfg.cohort,
+        "scale": cfg.scale,
+        "seed": int(cfg.seed),
+        "overrides": cfg.overrides,
+    }
+    t_study = time.perf_counter()
+    n = len(cfg.steps)
+    for i, step in enumerate(cfg.steps, 1):
+        st = status["steps"].get(step, {})
+        if st.get("state") == "done" and (run_dir / "notebooks" / f"{step}.ipynb").is_file():
+            echo(f"[{i}/{n}] {step}: done earlier ({st.get('seconds', 0):.1f} s), kept")
+            continue
+        echo(f"[{i}/{n}] {step}: running ...")
+        status["steps"][step] = {"state": "running", "started": provenance.now()}
+        _write_status(run_dir, status)
+        try:
+            secs = execute_step(step, run_dir, params, log_output=log_output)
+        except StudyError as e:
+            status["steps"][step] = {"state": "failed", "error": str(e)}
+            status["state"] = "failed"
+            _write_status(run_dir, status)
+            echo(f"[{i}/{n}] {step}: FAILED\n{e}\nThe book was not built. Fix the cause and rerun the "
+                 f"same command to resume this run.")
+            raise
+        status["steps"][step] = {"state": "done", "seconds": round(secs, 1), "finished": provenance.now()}
+        _write_status(run_dir, status)
+        echo(f"[{i}/{n}] {step}: done in {secs:.1f} s")
+
+    errors = [e for s in cfg.steps for e in notebook_errors(run_dir / "notebooks" / f"{s}.ipynb")]
+    if errors:
+        status["state"] = "failed"
+        _write_status(run_dir, status)
+        raise StudyError("executed notebooks hold error outputs: " + "; ".join(errors))
+
+    status["notebooks_seconds"] = round(time.perf_counter() - t_study, 1)
+    _write_status(run_dir, status)
+    if build:
+        from .book import build_book
+        index = build_book(run_dir, cfg, echo=echo)
+        status["book"] = str(index)
+    status["state"] = "complete"
+    status["finished"] = provenance.now()
+    _write_status(run_dir, status)
+    if build:
+        echo(f"\nThe book: {status['book']}")
+    return run_dir
