@@ -229,6 +229,8 @@ def execute_step(step: str, run_dir: Path, params: dict[str, Any], log_output: b
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     os.environ["PYTHONPATH"] = str(config.REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    # The kernel runs this interpreter (jupyter_client maps the spec's "python" to sys.executable).
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(

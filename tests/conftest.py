@@ -1,0 +1,25 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    # Tests never write into the repository's cache: a per-session cache folder.
+    if "CELLSTUDY_CACHE" not in os.environ:
+        import tempfile
+        os.environ["CELLSTUDY_CACHE"] = tempfile.mkdtemp(prefix="cellstudy-cache-")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    root = Path(os.environ.get("CELLSTUDY_DATA_ROOT", SHARED_DATA))
+    if not (root / "bbbc021-mcf7").is_dir():
+        pytest.skip(f"real data not found at {root} (set CELLSTUDY_DATA_ROOT)")
+    return root

@@ -1,0 +1,45 @@
+import pytest
+
+from cellstudy import config
+
+
+def test_scales_share_keys_and_differ_in_numbers_only():
+    keys = {name: set(s) for name, s in config.SCALES.items()}
+    assert keys["ci"] == keys["cpu"] == keys["paper"]
+    assert config.SCALES["paper"]["image_size"] == 512
+    assert config.SCALES["paper"]["epochs_short"] < 100 < config.SCALES["paper"]["epochs_long"]
+    for s in config.SCALES.values():
+        assert set(s["preprocess"]) == set(config.SCALES["paper"]["preprocess"])
+        assert s["preprocess"]["diffusion_time_step"] <= 0.125
+
+
+def test_unknown_scale_and_parameter_are_clear_errors():
+    with pytest.raises(config.ConfigError, match="unknown scale 'huge'.*ci"):
+        config.get_scale("huge")
+    with pytest.raises(config.ConfigError, match="unknown scale parameter 'imagesize'"):
+        config.get_scale("ci", {"imagesize": 3})
+    with pytest.raises(config.ConfigError, match="preprocess parameter"):
+        config.get_scale("ci", {"preprocess": {"sigma": 3}})
+
+
+def test_overrides_do_not_leak_into_the_defaults():
+    s = config.get_scale("ci", {"image_size": 40, "preprocess": {"psf_sigma": 2.0}})
+    assert s["image_size"] == 40 and s["preprocess"]["psf_sigma"] == 2.0
+    assert config.SCALES["ci"]["image_size"] == 32
+    assert config.SCALES["ci"]["preprocess"]["psf_sigma"] == 1.0
+
+
+def test_shift_scales_with_image_size():
+    assert config.max_shift_px(config.get_scale("paper")) == 20
+    assert config.max_shift_px(config.get_scale("ci", {"image_size": 128})) == 5
+
+
+def test_data_root_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv(config.DATA_ROOT_ENV, str(tmp_path))
+    assert config.data_root() == tmp_path.resolve()
+    assert config.data_root(tmp_path / ".") == tmp_path.resolve()
+    with pytest.raises(FileNotFoundError, match="nowhere.*data_root parameter"):
+        config.data_root(tmp_path / "nowhere")
+    monkeypatch.setenv(config.DATA_ROOT_ENV, str(tmp_path / "gone"))
+    with pytest.raises(FileNotFoundError, match=r"gone.*\$CELLSTUDY_DATA_ROOT"):
+        config.data_root()
