@@ -1,0 +1,21 @@
+"""Explainability (study.md section 8; paper 3.3, eq. 12-16, Figs 9-13) and faithfulness checks.
+
+Model-based functions take any Keras 3 functional model with one image input that ends in a softmax
+Dense (see :mod:`cellstudy.xai._keras` for how the pre-softmax score is found). TensorFlow is only
+imported when a model-based function runs.
+"""
+from ._keras import NoSoftmaxHeadError, find_softmax_head
+from .attributions import attribution_map, integrated_gradients, occlusion
+from .channels import bootstrap_ci, channel_importance
+from .correlation import correlation_ratios, local_correlation
+from .faithfulness import Faithfulness, deletion_insertion
+from .gmean import gmean
+from .gradcam import (attention_rollout, default_layers, gradcam, gradcam_multi, gradcam_tokens,
+                      normalize_maps)
+
+__all__ = [
+    "NoSoftmaxHeadError", "find_softmax_head", "gradcam", "gradcam_multi", "gradcam_tokens",
+    "attention_rollout", "default_layers", "normalize_maps", "gmean", "local_correlation",
+    "correlation_ratios", "integrated_gradients", "occlusion", "attribution_map",
+    "deletion_insertion", "Faithfulness", "channel_importance", "bootstrap_ci",
+]

@@ -1,0 +1,288 @@
+"""Grad-CAM (paper eq. 12-13) for Keras 3 functional models, batched.
+
+For a class ``c`` with pre-softmax score ``y^c`` (the logit, see :mod:`cellstudy.xai._keras` for
+how it is located) and a layer with feature maps ``A^k`` (k = 1..K, each h x w):
+
+* eq. 12: ``alpha_k^c = 1/(h w) sum_ij dy^c / dA^k_ij`` (global-average-pooled gradients);
+* eq. 13: ``L^c = ReLU(sum_k alpha_k^c A^k)`` (an h x w map),
+
+then ``L^c`` is bilinearly upsampled to the input size H x W (``tf.image.resize``, half-pixel
+centres) and scaled per map to [0, 1] by min-max; a map whose range is below 1e-6 of its maximum
+(constant, e.g. all zero after the ReLU) becomes all zeros.
+
+Batching: one forward and one backward pass per batch. The gradient of the *sum* of the batch's
+class scores is taken; the model runs in inference mode (``training=False``: dropout off,
+batch-norm on its moving statistics), so images do not interact and the per-image gradients are
+exact. Several layers are served by the same pass (:func:`gradcam_multi`). The compiled step is
+cached per model and layer set, and the last batch is padded to ``batch_size``, so a call traces at
+most once.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+from . import _keras as K
+
+#: Default batch size for Grad-CAM.
+BATCH_SIZE = 32
+
+
+def normalize_maps(maps: np.ndarray, rtol: float = 1e-6) -> np.ndarray:
+    """Min-max scale each map of ``maps`` (N, H, W) to [0, 1], float32. Maps whose range
+    (max - min) is <= ``rtol * max|map|`` (constant maps, all-zero maps) become zeros."""
+    m = np.asarray(maps, dtype=np.float64)
+    if m.ndim != 3:
+        raise ValueError(f"maps must be (N, H, W); got shape {m.shape}")
+    lo = m.min(axis=(1, 2), keepdims=True)
+    hi = m.max(axis=(1, 2), keepdims=True)
+    rng = hi - lo
+    scale = np.maximum(np.abs(hi), np.abs(lo))
+    ok = rng > rtol * scale
+    out = np.where(ok, (m - lo) / np.where(ok, rng, 1.0), 0.0)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def default_layers(model) -> list[str]:
+    """The Grad-CAM layers of ``model``: ``cellstudy.models.gradcam_layers(model)`` when the model
+    registry is importable and knows the model, else the last layer with a 4-D output (a warning
+    says why when the registry was importable but failed)."""
+    try:
+        from cellstudy.models import gradcam_layers  # noqa: PLC0415  (lazy: registry is optional)
+    except (ImportError, AttributeError):
+        gradcam_layers = None
+    if gradcam_layers is not None:
+        try:
+            names = list(gradcam_layers(model))
+            if names:
+                return names
+            reason = "it returned no layers"
+        except (ValueError, KeyError, TypeError, LookupError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"cellstudy.models.gradcam_layers({model.name!r}) failed ({reason}); using the last "
+            "4-D layer instead",
+            stacklevel=3,
+        )
+    cands = K.feature_map_layers(model, 4)
+    if not cands:
+        raise ValueError(
+            f"model {model.name!r} has no layer with a 4-D (N, h, w, K) output to take Grad-CAM "
+            "at; for token layers (N, T, D), e.g. a ViT, use gradcam_tokens"
+        )
+    return [cands[-1]]
+
+
+def _build_step(model, layers: tuple, token_grids: tuple | None = None):
+    """A cached tf.function(x, cls) -> list of raw (B, H, W) upsampled ReLU maps, one per layer.
+
+    ``token_grids``: for token layers, per layer ``(drop_first, gh, gw)``; None for 4-D layers."""
+    key = ("gradcam", layers, token_grids)
+    cache = K.model_cache(model)
+    if key in cache:
+        return cache[key]
+    tf, keras = K._tf(), K._keras()
+    head = K.find_softmax_head(model)
+    if token_grids is None:
+        feats = [K.layer_output(model, name, 4) for name in layers]
+    else:
+        feats = [
+            K.layer_output(model, name, 3, "a token sequence (N, T, D)") for name in layers
+        ]
+    grad_model = keras.Model(model.inputs, [*feats, head.tensor])
+    H, W = K.input_shape(model)[:2]
+
+    @tf.function(reduce_retracing=True)
+    def step(x, cls):
+        with tf.GradientTape() as tape:
+            outs = grad_model(x, training=False)
+            maps, pre = list(outs[:-1]), outs[-1]
+            logits = head.logits(pre)
+            score = tf.reduce_sum(tf.gather(logits, cls, axis=1, batch_dims=1))
+        grads = tape.gradient(score, maps)
+        cams = []
+        for i, (a, g) in enumerate(zip(maps, grads)):
+            a = tf.cast(a, tf.float32)
+            g = tf.cast(g, tf.float32)
+            if token_grids is not None:
+                drop_first, gh, gw = token_grids[i]
+                if drop_first:
+                    a, g = a[:, 1:], g[:, 1:]
+                a = tf.reshape(a, (-1, gh, gw, a.shape[-1]))
+                g = tf.reshape(g, (-1, gh, gw, g.shape[-1]))
+            alpha = tf.reduce_mean(g, axis=(1, 2), keepdims=True)  # eq. 12
+            cam = tf.nn.relu(tf.reduce_sum(alpha * a, axis=-1))  # eq. 13
+            cam = tf.image.resize(cam[..., None], (H, W), method="bilinear")[..., 0]
+            cams.append(cam)
+        return cams
+
+    cache[key] = step
+    return step
+
+
+def _run(model, images, class_index, layers, batch_size, token_grids=None) -> list[np.ndarray]:
+    tf = K._tf()
+    x = K.check_images(model, images)
+    batch_size = K.check_batch_size(batch_size)
+    n = len(x)
+    if class_index is None:
+        cls = K.predict_proba(model, x, batch_size).argmax(axis=1).astype(np.int32)
+    else:
+        cls = K.check_class_index(class_index, n, K.n_classes(model))
+    step = _build_step(model, tuple(layers), token_grids)
+    out = [np.empty((n, *x.shape[1:3]), np.float32) for _ in layers]
+    bs = min(batch_size, n)
+    for s in range(0, n, bs):
+        xb, cb = x[s:s + bs], cls[s:s + bs]
+        m = len(xb)
+        if m < bs:  # pad so the compiled step keeps one input shape
+            xb = np.concatenate([xb, np.zeros((bs - m, *xb.shape[1:]), xb.dtype)])
+            cb = np.concatenate([cb, np.zeros(bs - m, cb.dtype)])
+        cams = step(tf.constant(xb), tf.constant(cb))
+        for o, c in zip(out, cams):
+            o[s:s + m] = c.numpy()[:m]
+    return out
+
+
+def gradcam_multi(model, images, class_index, layers: Sequence[str] | str | None = None,
+                  batch_size: int = BATCH_SIZE, normalize: bool = True) -> dict[str, np.ndarray]:
+    """Grad-CAM maps at several layers from one forward/backward pass per batch.
+
+    Parameters
+    ----------
+    model : a Keras 3 functional model, one image input, ending in a softmax Dense.
+    images : (N, H, W, C) float array, the model's input size.
+    class_index : int, (N,) int array, or None (each image's predicted class).
+    layers : layer names (4-D outputs), or None for :func:`default_layers`.
+    normalize : min-max scale each map to [0, 1] (see :func:`normalize_maps`); False returns the
+        upsampled ReLU maps of eq. 13 in the units of the logit times the activations.
+
+    Returns
+    -------
+    dict: layer name -> (N, H, W) float32 maps, plus ``"combined"``: the mean of the normalised
+    per-layer maps, re-scaled to [0, 1] (used for the RGB family's R/G/B maps and DenRes's two
+    backbones).
+    """
+    layers = default_layers(model) if layers is None else K.as_sequence(layers)
+    if not layers:
+        raise ValueError("layers is empty; expected at least one layer name")
+    if "combined" in layers:
+        raise ValueError("'combined' is reserved for the combined map; rename that layer")
+    raw = _run(model, images, class_index, layers, batch_size)
+    normed = [normalize_maps(r) for r in raw]
+    result = {name: (m if normalize else r) for name, m, r in zip(layers, normed, raw)}
+    result["combined"] = normalize_maps(np.mean(normed, axis=0))
+    return result
+
+
+def gradcam(model, images, class_index, layer: str | Sequence[str] | None = None,
+            batch_size: int = BATCH_SIZE, normalize: bool = True) -> np.ndarray:
+    """Grad-CAM (eq. 12-13) of ``class_index`` at ``layer``: (N, H, W) float32 in [0, 1].
+
+    ``layer``: a layer name with a 4-D output (N, h, w, K); None -> the model's recorded Grad-CAM
+    layers (:func:`default_layers`: ``cellstudy.models.gradcam_layers``, else the last 4-D layer);
+    a list of names (or None resolving to several) returns the ``"combined"`` map of
+    :func:`gradcam_multi`. ``class_index``: int, (N,) ints, or None for the predicted class.
+    ``normalize=False`` returns the raw upsampled ReLU map (single layer only).
+
+    Errors (ValueError): unknown layer (the message lists the 4-D candidates), a layer that is not
+    a 4-D feature map, images of the wrong size (expected vs given), class indices out of range, a
+    model that does not end in a softmax Dense (:class:`NoSoftmaxHeadError`).
+    """
+    layers = default_layers(model) if layer is None else K.as_sequence(layer)
+    if len(layers) == 1:
+        raw = _run(model, images, class_index, layers, batch_size)[0]
+        return normalize_maps(raw) if normalize else raw
+    if not normalize:
+        raise ValueError(f"normalize=False needs a single layer; got {layers}")
+    return gradcam_multi(model, images, class_index, layers, batch_size)["combined"]
+
+
+def _token_grid(n_tokens: int, grid) -> tuple[bool, int, int]:
+    if grid is None:
+        for drop in (False, True):
+            t = n_tokens - int(drop)
+            g = int(round(np.sqrt(t)))
+            if g * g == t and t > 0:
+                return drop, g, g
+        raise ValueError(
+            f"cannot infer a square patch grid from {n_tokens} tokens (nor {n_tokens - 1} without "
+            "a class token); pass grid=(rows, cols)"
+        )
+    gh, gw = (int(grid), int(grid)) if np.isscalar(grid) else (int(grid[0]), int(grid[1]))
+    if gh * gw == n_tokens:
+        return False, gh, gw
+    if gh * gw == n_tokens - 1:
+        return True, gh, gw
+    raise ValueError(
+        f"grid {(gh, gw)} has {gh * gw} patches but the layer has {n_tokens} tokens; expected "
+        f"{gh * gw} (no class token) or {gh * gw + 1} (a class token first)"
+    )
+
+
+def gradcam_tokens(model, images, class_index, layer: str, grid=None,
+                   batch_size: int = BATCH_SIZE, normalize: bool = True) -> np.ndarray:
+    """Grad-CAM over a token layer (ViT): (N, H, W) float32 in [0, 1].
+
+    The layer's output (N, T, D) is read as feature maps on the patch grid: the D channels play the
+    role of the K feature maps of eq. 12-13 and the patch tokens are the spatial positions. A class
+    token, if present, is dropped: with ``grid=(gh, gw)``, T must be gh*gw (no class token) or
+    gh*gw + 1 (class token first); with ``grid=None`` a square grid is inferred from T or T - 1.
+    Typically ``layer`` is the last encoder block's output (or the LayerNorm after it).
+
+    Why Grad-CAM rather than attention rollout. Rollout (Abnar & Zuidema 2020; see
+    :func:`cellstudy.xai.attention_rollout`) multiplies the head-averaged attention matrices (plus
+    the identity for the residuals) through the blocks: it is class-agnostic (the same map for
+    "normal" and "abnormal"), it needs the attention weights, which Keras' MultiHeadAttention does
+    not expose in a functional graph unless the model was built to return them, and it tracks
+    where information flows, not what the decision depends on. Grad-CAM on tokens is
+    class-specific, uses the same eq. 12-13 as every CNN in the study (so Gmean-GradCam and the
+    correlation images are comparable across networks), and costs one forward/backward pass.
+    Its weakness: the last block's tokens are already globally mixed, so maps are coarse
+    (one value per patch) and can be diffuse.
+    """
+    if not isinstance(layer, str):
+        raise ValueError(f"layer must be one token layer name (str); got {layer!r}")
+    t = K.layer_output(model, layer, 3, "a token sequence (N, T, D)")
+    n_tokens = t.shape[1]
+    if n_tokens is None:
+        raise ValueError(f"layer {layer!r} has an unknown number of tokens; pass a fixed input size")
+    spec = _token_grid(int(n_tokens), grid)
+    raw = _run(model, images, class_index, [layer], batch_size, token_grids=(spec,))[0]
+    return normalize_maps(raw) if normalize else raw
+
+
+def attention_rollout(attentions, drop_class_token: bool = True, grid=None) -> np.ndarray:
+    """Attention rollout (Abnar & Zuidema 2020) from a ViT's attention weights.
+
+    ``attentions``: a list over blocks (first to last) of (N, heads, T, T) arrays (rows: queries,
+    sum to 1), e.g. from a model built to return MultiHeadAttention scores. Per block the heads are
+    averaged, the identity is added for the residual path and rows are renormalised:
+    ``A_l = (mean_h attn + I) / 2``; the rollout is ``A_L @ ... @ A_1``. The map of each image is
+    the class token's row (``drop_class_token=True``: token 0 is the class token, its row over the
+    patch tokens 1..T-1) or, without a class token, the mean row (the attention every token
+    receives). Returns (N, gh, gw) scaled to [0, 1] (min-max, constant -> zeros). Class-agnostic:
+    see :func:`gradcam_tokens` for why Grad-CAM is the default.
+    """
+    if not attentions:
+        raise ValueError("attentions is empty; expected one (N, heads, T, T) array per block")
+    roll = None
+    for i, a in enumerate(attentions):
+        a = np.asarray(a, dtype=np.float64)
+        if a.ndim != 4 or a.shape[-1] != a.shape[-2]:
+            raise ValueError(f"attentions[{i}] has shape {a.shape}; expected (N, heads, T, T)")
+        if roll is not None and (a.shape[0] != roll.shape[0] or a.shape[-1] != roll.shape[-1]):
+            raise ValueError(f"attentions[{i}] shape {a.shape} does not match block 0")
+        m = a.mean(axis=1) + np.eye(a.shape[-1])[None]
+        m = m / m.sum(axis=-1, keepdims=True)
+        roll = m if roll is None else m @ roll
+    if drop_class_token:
+        rel = roll[:, 0, 1:]
+    else:
+        rel = roll.mean(axis=1)
+    drop, gh, gw = _token_grid(rel.shape[1], grid)
+    if drop:
+        raise ValueError(f"grid {grid} does not match {rel.shape[1]} patch tokens")
+    return normalize_maps(rel.reshape(-1, gh, gw))
