@@ -290,9 +290,10 @@ def robust_scale(img: np.ndarray, low: float = DEFAULT_LOW, high: float = DEFAUL
     span = hi - lo
     ok = span > 0
     safe = np.where(ok, span, 1.0).astype(np.float32)
-    out = (a - lo[..., None, None, :]) / safe[..., None, None, :]
-    out = np.clip(out, 0.0, 1.0)
-    out = np.where(ok[..., None, None, :], out, 0.0).astype(np.float32)
+    out = a - lo[..., None, None, :]           # a new float32 array; the input is untouched
+    out /= safe[..., None, None, :]
+    np.clip(out, 0.0, 1.0, out=out)
+    out *= ok[..., None, None, :].astype(np.float32)
     return (out, (lo, hi)) if return_params else out
 
 
@@ -342,15 +343,14 @@ def _check_table(df: pd.DataFrame, allow_mixed_groups: bool = False) -> list[str
         problems.append(f"manifest has crop column(s) {crop_present}; expected all of "
                         f"{list(CROP_COLUMNS)} or none")
     labels = pd.to_numeric(df["label"], errors="coerce")
-    bad = df.loc[~labels.isin([0, 1]), "cell_id"].tolist()
-    for cid in bad:
-        problems.append(f"cell {cid}: label {df.loc[df.cell_id == cid, 'label'].iloc[0]!r}; "
-                        f"expected 0 (normal) or 1 (abnormal)")
+    bad = ~labels.isin([0, 1])
+    for cid, lab in zip(df.loc[bad, "cell_id"].tolist(), df.loc[bad, "label"].tolist()):
+        problems.append(f"cell {cid}: label {str(lab)!r}; expected 0 (normal) or 1 (abnormal)")
     for lab, name in enumerate(config.CLASS_NAMES):
         if int((labels == lab).sum()) == 0:
             problems.append(f"class {name!r} (label {lab}) has no images; expected at least one "
                             f"image per class")
-    g = pd.DataFrame({"group": df["group"].astype(str), "label": labels})
+    g = pd.DataFrame({"group": df["group"].astype(str), "label": labels})[~bad]
     nlab = g.groupby("group")["label"].nunique()
     if not allow_mixed_groups:
         for grp in nlab.index[nlab > 1]:
@@ -359,11 +359,10 @@ def _check_table(df: pd.DataFrame, allow_mixed_groups: bool = False) -> list[str
     dup = df["cell_id"][df["cell_id"].duplicated()].unique().tolist()
     for cid in dup:
         problems.append(f"cell_id {cid!r} appears more than once; expected unique ids")
-    for i, s in enumerate(df["sha256"].astype(str)):
-        n_p, n_s = len(parse_paths(df["path"].iloc[i])), len(s.split(";"))
+    for p, s in zip(df["path"].astype(str).tolist(), df["sha256"].astype(str).tolist()):
+        n_p, n_s = len(parse_paths(p)), len(s.split(";"))
         if n_p != n_s:
-            problems.append(f"{df['path'].iloc[i]}: {n_s} checksum(s) for {n_p} file(s); "
-                            f"expected one per file")
+            problems.append(f"{p}: {n_s} checksum(s) for {n_p} file(s); expected one per file")
     return problems
 
 
@@ -388,6 +387,9 @@ def _scan(df: pd.DataFrame, root: Path, check_sha: bool, keep: bool) -> _Scan:
               else [[""] * len(p) for p in paths])
     has_crop = all(c in df.columns for c in CROP_COLUMNS)
     crops = (df[list(CROP_COLUMNS)].to_numpy() if has_crop else None)
+    chans = df["channels"].astype(str).tolist()
+    cids = df["cell_id"].astype(str).tolist()
+    rel_paths = df["path"].astype(str).tolist()
 
     # Visit rows grouped by their file set so every file is read and decoded once and
     # released afterwards (RxRx1: many crops per field).
@@ -448,13 +450,13 @@ def _scan(df: pd.DataFrame, root: Path, check_sha: bool, keep: bool) -> _Scan:
             continue
         for i in rows:
             try:
-                ch = parse_channels(str(df["channels"].iloc[i]))
+                ch = parse_channels(chans[i])
                 img = _select(arrays, list(key), ch)
                 crop = tuple(int(v) for v in crops[i]) if has_crop and str(crops[i][0]) != "" \
                     else None
                 img = _crop(img, crop, ";".join(key))
             except (DataError, ValueError) as e:
-                problem(f"cell {df['cell_id'].iloc[i]}: {e}")
+                problem(f"cell {cids[i]}: {e}")
                 continue
             if keep:
                 out[i] = img.astype(np.float32)
@@ -465,7 +467,7 @@ def _scan(df: pd.DataFrame, root: Path, check_sha: bool, keep: bool) -> _Scan:
             common = counts.index[0]
             for i, o in enumerate(out):
                 if o.shape != common:
-                    problem(f"cell {df['cell_id'].iloc[i]} ({df['path'].iloc[i]}): image size "
+                    problem(f"cell {cids[i]} ({rel_paths[i]}): image size "
                             f"{o.shape}; expected {common} like the rest of the cohort")
         else:
             res.images = np.stack(out) if n else np.zeros((0, 0, 0, 3), np.float32)
