@@ -1,0 +1,128 @@
+"""cellstudy.plots: figures build from small synthetic frames and save to PNG."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from cellstudy import metrics as M
+from cellstudy import plots as P
+
+
+def synthetic_predictions(networks=("VGG16", "MHL", "RGB-Res"), regimes=("short", "long"), seed=0):
+    rng = np.random.default_rng(seed)
+    frames = []
+    cid = 0
+    for net in networks:
+        for regime in regimes:
+            for fold in range(5):
+                y = np.array([0] * 5 + [1] * 6)
+                p1 = np.clip(0.35 * y + rng.uniform(0, 0.65, y.size), 0, 1)
+                ids = [f"c{cid + i}" for i in range(y.size)]
+                cid += y.size
+                frames.append(M.predictions_frame(ids, [f"g{fold}"] * y.size, fold, net, regime,
+                                                  y, np.stack([1 - p1, p1], 1)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_roc_summary_matches_fold_auc():
+    pred = synthetic_predictions()
+    s = P.roc_summary(pred, regime="short", grid_points=51)
+    assert set(s["class"]) == {"normal", "abnormal"}
+    assert len(s) == 3 * 2 * 51
+    sub = pred[(pred.regime == "short") & (pred.network == "VGG16")]
+    aucs = [M.fold_metrics(f.y_true, f[list(M.PROBA_COLUMNS)].to_numpy())["auc_macro"]
+            for _, f in sub.groupby("fold")]
+    row = s[(s.network == "VGG16") & (s["class"] == "abnormal")].iloc[0]
+    assert row.auc_mean == pytest.approx(np.mean(aucs))
+    assert row.auc_sd == pytest.approx(np.std(aucs, ddof=1))
+    assert row.n_folds == 5
+    curve = s[(s.network == "VGG16") & (s["class"] == "abnormal")]
+    assert curve["tpr_mean"].iloc[0] == 0.0 and curve["tpr_mean"].iloc[-1] == pytest.approx(1.0)
+    assert np.all(np.diff(curve["tpr_mean"]) >= -1e-12)  # monotone
+
+
+def test_roc_curves_figure(tmp_path):
+    pred = synthetic_predictions()
+    fig = P.roc_curves(pred, regime="long", ncols=2)
+    assert isinstance(fig, Figure)
+    assert len(fig.axes) == 3  # one per network; the empty 4th grid cell removed
+    for ax in fig.axes:
+        assert len(ax.lines) == 3  # two classes + chance diagonal
+        assert len(ax.collections) == 2  # SD bands
+    assert [ax.get_title().split()[0] for ax in fig.axes] == ["VGG16", "RGB-Res", "MHL"]
+    out = tmp_path / "roc.png"
+    fig.savefig(out, dpi=60)
+    assert out.stat().st_size > 1000
+    with pytest.raises(ValueError, match="regime"):
+        P.roc_curves(pred)  # two regimes present: must choose
+    with pytest.raises(ValueError, match="network"):
+        P.roc_curves(pred, regime="long", networks=["ViT"])
+
+
+def test_roc_skips_one_class_fold():
+    pred = synthetic_predictions(networks=("VGG16",), regimes=("short",))
+    pred = pred[~((pred.fold == 0) & (pred.y_true == 0))]  # fold 0: abnormal cells only
+    s = P.roc_summary(pred)
+    assert set(s["n_folds"]) == {4}
+
+
+def test_metric_boxplots(tmp_path):
+    recs = []
+    rng = np.random.default_rng(1)
+    for net in ("VGG16", "ResNet50", "RGB", "RGB-Res", "MHL", "MHL-Den"):
+        for fold in range(5):
+            for regime in ("short", "long"):
+                recs.append({"network": net, "fold": fold, "regime": regime,
+                             **{m: rng.uniform(0.6, 1.0) for m in ("recall_macro", "f1_macro",
+                                                                 "precision_macro", "auc_macro")}})
+    tidy = M.tidy_metrics(recs)
+    fig = P.metric_boxplots(tidy, ncols=2)
+    assert len(fig.axes) == 4
+    assert [ax.get_title() for ax in fig.axes] == ["recall_macro", "f1_macro", "precision_macro", "auc_macro"]
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["DL", "RGB", "MHL"]
+    # 3 families x 2 regimes = 6 boxes (seaborn draws each as a PathPatch) and 6 point clouds
+    assert len(ax.patches) == 6
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 6 * 2 * 5  # all 60 values shown
+    assert ax.get_legend() is not None and fig.axes[1].get_legend() is None
+    fig.savefig(tmp_path / "box.png", dpi=60)
+    assert (tmp_path / "box.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="metric"):
+        P.metric_boxplots(tidy, metrics=["nope"])
+    with pytest.raises(ValueError, match="family"):
+        P.metric_boxplots(tidy, families=["ViT"])
+
+
+def test_training_curves(tmp_path):
+    rows = []
+    for fold in range(3):
+        for epoch in range(1, 9):
+            rows.append({"network": "VGG16", "fold": fold, "epoch": epoch, "loss": 1 / epoch + fold * 0.01,
+                         "accuracy": 1 - 0.5 / epoch, "val_loss": 1.1 / epoch, "val_accuracy": 0.9 - 0.4 / epoch})
+    hist = pd.DataFrame(rows)
+    fig = P.training_curves(hist, mark_epochs=[4])
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        assert len(ax.lines) == 3 * 2 + 1  # 3 folds x (train + val) + the regime marker
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), 1 / np.arange(1, 9))
+    fig.savefig(tmp_path / "hist.png", dpi=60)
+    assert (tmp_path / "hist.png").stat().st_size > 1000
+    # no network/fold columns, no val columns: one run, one line per panel
+    fig = P.training_curves(hist[hist.fold == 0][["epoch", "loss", "accuracy"]])
+    assert [len(ax.lines) for ax in fig.axes] == [1, 1]
+    with pytest.raises(ValueError, match="accuracy"):
+        P.training_curves(hist.drop(columns="accuracy"))
+
+
+def test_no_pyplot_figures_left_open():
+    import matplotlib.pyplot as plt
+
+    before = len(plt.get_fignums())
+    P.roc_curves(synthetic_predictions(networks=("VGG16",), regimes=("short",)))
+    assert len(plt.get_fignums()) == before
