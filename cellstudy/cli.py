@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(func=_book)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="  | %(message)s", stream=sys.stdout)
+    for h in logging.getLogger().handlers:  # papermill's cell-boundary lines are noise here
+        h.addFilter(lambda r: not re.match(r"(Executing|Ending) Cell|(Input|Output) Notebook|Working directory|"
+                                           r"Executing notebook with kernel|Executing Cell", str(r.getMessage())))
     for noisy in ("traitlets", "asyncio", "blib2to3", "nbclient"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

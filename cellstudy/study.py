@@ -1,0 +1,103 @@
+"""The study's shared preparation: cohort -> preprocessing -> folds, as every notebook needs it.
+
+``prepare`` is what a notebook calls after its parameters cell: it resolves the scale, loads and
+verifies the cohort, preprocesses every cell to S x S (cached on disk, so only the first notebook
+of a run pays for it) and loads the run's folds file (made once per run, reused by every later
+step so all networks share the same folds).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import config, data, folds as folds_mod, preprocess
+
+
+@dataclass
+class Prepared:
+    """A cohort ready for the folds.
+
+    images: (N, S, S, 3) float32, preprocessed, RGB order (config.CHANNELS).
+    raw: the loaded Cohort (robust-scaled images at their stored size, manifest table).
+    folds: (N,) int, the test fold of each cell.
+    """
+
+    cohort: data.Cohort
+    images: np.ndarray
+    folds: np.ndarray
+    scale: dict[str, Any]
+    scale_name: str
+    run_dir: Path
+    folds_path: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.cohort.labels
+
+    @property
+    def groups(self) -> np.ndarray:
+        return self.cohort.groups
+
+    @property
+    def cell_ids(self) -> np.ndarray:
+        return self.cohort.cell_ids
+
+    @property
+    def n_splits(self) -> int:
+        return int(self.scale["n_splits"])
+
+
+def step_dir(run_dir: str | os.PathLike, step: str) -> Path:
+    """``<run_dir>/<step>/``, created: where a notebook writes its tables, figures and arrays."""
+    p = Path(run_dir) / step
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def folds_path(run_dir: str | os.PathLike, cohort: str) -> Path:
+    """The run's folds file for a cohort: ``<run_dir>/folds/<cohort>.csv``."""
+    p = Path(run_dir) / "folds"
+    p.mkdir(parents=True, exist_ok=True)
+    return p / f"{cohort}.csv"
+
+
+def prepare(cohort: str, scale: str, run_dir: str | os.PathLike, data_root: str | None = None,
+            seed: int = 0, overrides: dict[str, Any] | None = None, progress: bool = True) -> Prepared:
+    """Load, verify and preprocess ``cohort`` at ``scale``; make or reuse the run's folds."""
+    sc = config.get_scale(scale, overrides)
+    t0 = time.perf_counter()
+    coh = data.load_cohort(cohort, root=data_root)
+    t1 = time.perf_counter()
+    images = preprocess.preprocess_batch(coh.images, list(coh.sha256), sc["image_size"], sc["preprocess"],
+                                         progress=progress)
+    t2 = time.perf_counter()
+    fp = folds_path(run_dir, cohort)
+    f = folds_mod.load_or_make_folds(fp, coh.cell_ids, coh.labels, coh.groups, n_splits=sc["n_splits"], seed=seed)
+    t3 = time.perf_counter()
+    return Prepared(cohort=coh, images=images, folds=f, scale=sc, scale_name=scale, run_dir=Path(run_dir),
+                    folds_path=fp, seconds={"load": t1 - t0, "preprocess": t2 - t1, "folds": t3 - t2})
+
+
+def preprocess_stages(img: np.ndarray, size: int, params: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Every intermediate image of the preprocessing of one (H, W, 3) cell, in order: raw,
+    binomial blur, Landweber deconvolution, curvature anisotropic diffusion, resampled to
+    (size, size, 3). The last entry equals ``preprocess.preprocess_image(img, size, **params)``."""
+    p = preprocess.check_params(params) if hasattr(preprocess, "check_params") else params
+
+    def per_channel(a: np.ndarray, f) -> np.ndarray:
+        return np.stack([f(np.ascontiguousarray(a[..., c], dtype=np.float32)) for c in range(a.shape[-1])], axis=-1)
+
+    out = {"raw": np.asarray(img, dtype=np.float32)}
+    out["binomial blur"] = per_channel(out["raw"], lambda a: preprocess.binomial_blur(a, p["blur_repetitions"]))
+    out["Landweber"] = per_channel(out["binomial blur"], lambda a: preprocess.landweber_deconvolution(
+        a, p["psf_sigma"], p["landweber_iterations"], p["landweber_alpha"]))
+    out["diffusion"] = per_channel(out["Landweber"], lambda a: preprocess.anisotropic_diffusion(
+        a, p["diffusion_time_step"], p["diffusion_conductance"], p["diffusion_iterations"]))
+    out["resampled"] = per_channel(out["diffusion"], lambda a: preprocess.resample(a, size))
+    return out
