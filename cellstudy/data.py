@@ -543,6 +543,12 @@ class Cohort:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __repr__(self) -> str:
+        n = np.bincount(self.labels, minlength=2) if len(self.labels) else [0, 0]
+        return (f"Cohort({self.name!r}: {len(self)} cells, images {self.images.shape} "
+                f"{self.images.dtype}, {n[0]} normal + {n[1]} abnormal, "
+                f"{len(set(self.groups))} groups, root {str(self.root)!r})")
+
     @property
     def class_names(self) -> tuple[str, str]:
         return config.CLASS_NAMES
