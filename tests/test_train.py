@@ -1,0 +1,386 @@
+"""Tests of cellstudy.train / cellstudy.distribute on a tiny CNN at 32 px (CPU, deterministic)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+tf = pytest.importorskip("tensorflow")
+
+from cellstudy import train  # noqa: E402
+from cellstudy.distribute import precision_policy, select_strategy  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+S = 32
+EPOCHS = dict(epochs_short=2, epochs_long=4)
+COMMON = dict(batch_size=8, seed=0, deterministic=True, **EPOCHS)
+
+
+def tiny_cnn(size: int = S, nan: bool = False):
+    """A zero-argument builder of a tiny uncompiled CNN with dropout (RNG state to resume)."""
+    def build():
+        layers = [keras.Input((size, size, 3)),
+                  keras.layers.Conv2D(4, 3, activation="relu"),
+                  keras.layers.MaxPooling2D(),
+                  keras.layers.Conv2D(8, 3, activation="relu"),
+                  keras.layers.GlobalAveragePooling2D()]
+        if nan:
+            layers.append(keras.layers.Lambda(lambda t: t * float("nan")))
+        layers += [keras.layers.Dense(8, activation="relu"),
+                   keras.layers.Dropout(0.3),
+                   keras.layers.Dense(2, activation="softmax")]
+        return keras.Sequential(layers)
+    return build
+
+
+def make_data(n_train=40, n_test=10, size=S, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n_train, size, size, 3), dtype=np.float32)
+    y = np.arange(n_train) % 2
+    x[y == 1, :, :, 1] += 0.5           # a learnable signal in the green channel
+    xt = rng.random((n_test, size, size, 3), dtype=np.float32)
+    yt = np.arange(n_test) % 2
+    xt[yt == 1, :, :, 1] += 0.5
+    return x, y, xt, yt
+
+
+DATA = make_data()
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KillAfter(keras.callbacks.Callback):
+    """Simulate a killed process: raise at the end of 0-based epoch ``k`` (before its
+    checkpoint is written)."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.k:
+            raise Killed(f"killed after epoch index {epoch}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted deterministic run (network 'tiny', fold 0)."""
+    out = tmp_path_factory.mktemp("ref")
+    events = []
+    res = train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0,
+                           progress=events.append, **COMMON)
+    return res, out, events
+
+
+# ---------------------------------------------------------------------------------------------
+def test_two_regimes_files_shapes_and_history(reference):
+    res, out, events = reference
+    assert res.status == "done" and not res.failed
+    for regime in ("short", "long"):
+        p = np.load(out / f"proba_{regime}.npy")
+        assert p.shape == (10, 2) and p.dtype == np.float32
+        np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+        assert (out / f"model_{regime}.keras").exists()
+        np.testing.assert_array_equal(p, res.proba[regime])
+    # short and long are different models (two more epochs of SGD in between)
+    assert not np.array_equal(res.proba["short"], res.proba["long"])
+    np.testing.assert_array_equal(np.load(out / "y_test.npy"), DATA[3])
+    hist = (out / "history.csv").read_text().splitlines()
+    assert hist[0] == "epoch,loss,accuracy,seconds,images_per_s"
+    assert [int(r.split(",")[0]) for r in hist[1:]] == [1, 2, 3, 4]
+    assert all(np.isfinite(float(v)) for r in hist[1:] for v in r.split(","))
+    done = json.loads((out / "done.json").read_text())
+    assert done["network"] == "tiny" and done["fold"] == 0 and done["input_shape"] == [S, S, 3]
+    assert done["timings"]["seconds_training"] > 0 and done["timings"]["images_per_s_median"] > 0
+    assert set(done["test_accuracy"]) == {"short", "long"}
+    assert not (out / "checkpoint.npz").exists()          # removed after a finished run
+    # the saved long model reproduces the saved probabilities
+    m = keras.models.load_model(out / "model_long.keras")
+    np.testing.assert_allclose(m.predict(DATA[2], verbose=0), res.proba["long"], atol=1e-5)
+    # progress: one epoch event per epoch, ETA decreasing to 0, regimes announced
+    ep = [e for e in events if e["event"] == "epoch"]
+    assert [e["epoch"] for e in ep] == [1, 2, 3, 4] and ep[-1]["eta_s"] == 0
+    assert [e["regime"] for e in events if e["event"] == "regime"] == ["short", "long"]
+
+
+def test_finished_run_is_skipped(reference, capsys):
+    res, out, _ = reference
+    mtime = (out / "proba_long.npy").stat().st_mtime_ns
+
+    def must_not_build():
+        raise AssertionError("a finished run must not build its model again")
+
+    again = train.train_fold(must_not_build, *DATA, out, network_name="tiny", fold=0,
+                             progress=train.print_progress, **COMMON)
+    assert again.skipped and again.status == "done"
+    np.testing.assert_array_equal(again.proba["long"], res.proba["long"])
+    assert (out / "proba_long.npy").stat().st_mtime_ns == mtime
+    assert "already done" in capsys.readouterr().out
+
+
+def test_determinism_two_runs_identical(reference, tmp_path):
+    res, _, _ = reference
+    res2 = train.train_fold(tiny_cnn(), *DATA, tmp_path / "again", network_name="tiny", fold=0,
+                            **COMMON)
+    for regime in ("short", "long"):
+        np.testing.assert_array_equal(res2.proba[regime], res.proba[regime])
+    assert [r["loss"] for r in res2.history] == [r["loss"] for r in res.history]
+    # and a different seed gives a different run (the test can fail)
+    res3 = train.train_fold(tiny_cnn(), *DATA, tmp_path / "seed1", network_name="tiny", fold=0,
+                            **{**COMMON, "seed": 1})
+    assert not np.array_equal(res3.proba["long"], res.proba["long"])
+
+
+def test_resume_after_kill_equals_uninterrupted(reference, tmp_path):
+    res, _, _ = reference
+    out = tmp_path / "killed"
+    # killed during the 3rd epoch's end (after the short regime was saved; epoch 3 is lost)
+    with pytest.raises(Killed):
+        train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0,
+                         callbacks=[KillAfter(2)], **COMMON)
+    meta = json.loads((out / "checkpoint.json").read_text())
+    assert meta["epoch"] == 2 and not (out / "done.json").exists()
+    assert (out / "proba_short.npy").exists() and not (out / "proba_long.npy").exists()
+    resumed = train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0, **COMMON)
+    assert resumed.resumed_from == 2 and resumed.status == "done"
+    for regime in ("short", "long"):
+        np.testing.assert_array_equal(resumed.proba[regime], res.proba[regime])
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in res.history]
+    assert len(resumed.history) == 4
+
+
+def test_resume_before_short_regime(reference, tmp_path):
+    res, _, _ = reference
+    out = tmp_path / "killed0"
+    with pytest.raises(Killed):
+        train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0,
+                         callbacks=[KillAfter(1)], **COMMON)   # only epoch 1 checkpointed
+    assert json.loads((out / "checkpoint.json").read_text())["epoch"] == 1
+    resumed = train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0, **COMMON)
+    assert resumed.resumed_from == 1
+    for regime in ("short", "long"):
+        np.testing.assert_array_equal(resumed.proba[regime], res.proba[regime])
+
+
+def test_one_class_training_set_is_rejected(tmp_path):
+    x, y, xt, yt = DATA
+    built = []
+    with pytest.raises(ValueError, match=r"fold 3 has one class"):
+        train.train_fold(lambda: built.append(1), x, np.ones_like(y), xt, yt, tmp_path / "o",
+                         network_name="tiny", fold=3, **COMMON)
+    assert not built
+
+
+@pytest.mark.parametrize("bad", [
+    dict(epochs_short=4, epochs_long=4), dict(batch_size=0), dict(momentum=1.0)])
+def test_bad_arguments(tmp_path, bad):
+    with pytest.raises(ValueError):
+        train.train_fold(tiny_cnn(), *DATA, tmp_path / "o", network_name="tiny", fold=0,
+                         **{**COMMON, **bad})
+
+
+def test_bad_arrays_named(tmp_path):
+    x, y, xt, yt = DATA
+    x_nan = x.copy()
+    x_nan[3, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="x_train.*NaN"):
+        train.train_fold(tiny_cnn(), x_nan, y, xt, yt, tmp_path / "o", network_name="t", **COMMON)
+    with pytest.raises(ValueError, match=r"y_test.*shape"):
+        train.train_fold(tiny_cnn(), x, y, xt, yt[:-1], tmp_path / "o", network_name="t",
+                         **COMMON)
+    with pytest.raises(ValueError, match=r"expects input \[24, 24, 3\]"):
+        train.train_fold(tiny_cnn(24), x, y, xt, yt, tmp_path / "o", network_name="t", **COMMON)
+
+
+def test_nan_loss_writes_failed_json_without_raising(tmp_path, capsys):
+    out = tmp_path / "nan"
+    res = train.train_fold(tiny_cnn(nan=True), *DATA, out, network_name="nan-net", fold=2,
+                           progress=train.print_progress, **COMMON)
+    assert res.failed and res.status == "failed"
+    info = json.loads((out / "failed.json").read_text())
+    assert info["epoch"] == 1 and "nan" in info["reason"].lower()
+    assert info["network"] == "nan-net" and info["fold"] == 2
+    assert not (out / "done.json").exists() and not (out / "proba_short.npy").exists()
+    assert "FAILED at epoch 1" in capsys.readouterr().out
+    # a re-run does not train again; it reports the failure
+    again = train.train_fold(tiny_cnn(nan=True), *DATA, out, network_name="nan-net", fold=2,
+                             **COMMON)
+    assert again.failed and again.skipped
+
+
+def test_nan_after_short_regime_keeps_short(tmp_path):
+    """A run that diverges later keeps what it finished (huge learning rate)."""
+    class PoisonAt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                w = self.model.layers[-1].kernel
+                w.assign(np.full(w.shape, np.nan, dtype=np.float32))
+
+    out = tmp_path / "late"
+    res = train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0,
+                           callbacks=[PoisonAt()], **COMMON)
+    assert res.failed
+    info = json.loads((out / "failed.json").read_text())
+    assert info["epoch"] == 3 and info["regimes_saved"] == ["short"]
+    assert "short" in res.proba and "long" not in res.proba
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    built = []
+
+    def build():
+        built.append(1)
+        return tiny_cnn()()
+
+    with pytest.raises(train.OutputError, match=r"output folder .*a_file.*not writable"):
+        train.train_fold(build, *DATA, blocker / "run", network_name="tiny", fold=0, **COMMON)
+    assert not built
+    if os.geteuid() != 0:  # root ignores permissions
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(train.OutputError, match="not writable"):
+                train.train_fold(build, *DATA, ro, network_name="tiny", fold=0, **COMMON)
+        finally:
+            ro.chmod(0o700)
+    assert issubclass(train.OutputError, ValueError)
+
+
+def test_checkpoint_from_another_network_or_size(tmp_path):
+    out = tmp_path / "shared"
+    with pytest.raises(Killed):
+        train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0,
+                         callbacks=[KillAfter(1)], **COMMON)
+    assert (out / "checkpoint.npz").exists()
+    # another network name, same architecture
+    with pytest.raises(train.CheckpointMismatchError, match=r"'tiny'.*'other'"):
+        train.train_fold(tiny_cnn(), *DATA, out, network_name="other", fold=0, **COMMON)
+    # another input size
+    d24 = make_data(size=24)
+    with pytest.raises(train.CheckpointMismatchError,
+                       match=r"network 'tiny' \(input 32x32x3.*input 24x24x3"):
+        train.train_fold(tiny_cnn(24), *d24, out, network_name="tiny", fold=0, **COMMON)
+    # another seed: the checkpoint cannot continue this run
+    with pytest.raises(train.CheckpointMismatchError, match="seed 0 there vs 5 now"):
+        train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0,
+                         **{**COMMON, "seed": 5})
+    assert issubclass(train.CheckpointMismatchError, ValueError)
+
+
+def test_weight_resetter_reuses_model_without_retracing(reference, tmp_path):
+    res, _, _ = reference
+    wr = train.WeightResetter(tiny_cnn())
+    r0 = train.train_fold(wr, *DATA, tmp_path / "f0", network_name="tiny", fold=0, **COMMON)
+    model = wr.model
+    fn = model.train_function
+    r1 = train.train_fold(wr, *DATA, tmp_path / "f1", network_name="tiny", fold=1, **COMMON)
+    assert wr.builds == 1 and wr.resets == 1 and wr.model is model
+    assert model.train_function is fn            # compiled step reused, not re-traced
+    assert r1.timings["reused_model"] and not r0.timings["reused_model"]
+    # same seed, same data: the reset model reproduces a fresh build exactly
+    for regime in ("short", "long"):
+        np.testing.assert_array_equal(r0.proba[regime], res.proba[regime])
+        np.testing.assert_array_equal(r1.proba[regime], res.proba[regime])
+
+
+def test_epoch_seed_and_dataset_order():
+    x, y = DATA[0][:12], np.arange(12)
+    assert train.epoch_seed(0, 3) == train.epoch_seed(0, 3)
+    assert len({train.epoch_seed(0, e) for e in range(20)}) == 20
+    assert train.epoch_seed(1, 0) != train.epoch_seed(0, 0)
+
+    def order(seed, epoch):
+        ds = train.make_train_dataset(x, y.astype(np.int32), 4, seed, epoch)
+        return np.concatenate([b[1].numpy() for b in ds])
+
+    a = order(0, 2)
+    assert sorted(a.tolist()) == list(range(12))
+    np.testing.assert_array_equal(a, order(0, 2))          # a function of (seed, epoch)
+    assert not np.array_equal(a, order(0, 3))
+    batches = [b[0].shape[0] for b in train.make_train_dataset(x, y.astype(np.int32), 5, 0, 0)]
+    assert batches == [5, 5, 2]
+
+
+def test_benchmarks_return_sane_numbers():
+    x, y = DATA[0][:32], DATA[1][:32]
+    po = train.pipeline_overhead(tiny_cnn(), x, y, batch_size=8, steps=6, warmup=2, rounds=1)
+    assert po["pipeline_step_s"] > 0 and po["memory_step_s"] > 0
+    assert po["ratio"] == pytest.approx(po["pipeline_step_s"] / po["memory_step_s"])
+    assert len(po["pipeline_times"]) == 6 and len(po["memory_times"]) == 6
+    tp = train.throughput(tiny_cnn(), S, batch_size=8, steps=4, warmup=2)
+    assert tp["images_per_s"] == pytest.approx(8 / tp["step_s_median"]) and tp["size"] == S
+
+
+def test_precision_policy_restores_and_strategy_default():
+    before = keras.mixed_precision.global_policy().name
+    with precision_policy("bfloat16") as p:
+        assert p == "mixed_bfloat16"
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == before
+    with pytest.raises(ValueError, match="mixed_precision"):
+        with precision_policy("float8"):
+            pass
+    info = select_strategy("auto")
+    assert info.kind == "default" and info.replicas == 1 and info.devices
+    with pytest.raises(ValueError, match="unknown strategy"):
+        select_strategy("tpu-pod")
+
+
+def test_mixed_bfloat16_run(tmp_path):
+    res = train.train_fold(tiny_cnn(), *DATA, tmp_path / "bf16", network_name="tiny", fold=0,
+                           mixed_precision="bfloat16", **{**COMMON, "epochs_long": 3})
+    assert res.status == "done" and res.proba["long"].dtype == np.float32
+    np.testing.assert_allclose(res.proba["long"].sum(1), 1.0, atol=1e-2)
+    assert json.loads((tmp_path / "bf16" / "done.json").read_text())["mixed_precision"] == \
+        "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+MIRRORED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    sys.path.insert(0, sys.argv[2])
+    from cellstudy import train
+    from cellstudy.distribute import select_strategy
+    from tests.test_train import tiny_cnn, make_data
+    info = select_strategy("mirrored")
+    res = train.train_fold(tiny_cnn(), *make_data(n_train=32, n_test=8), sys.argv[1],
+                           epochs_short=1, epochs_long=2, batch_size=8, seed=0,
+                           strategy=info, network_name="tiny", fold=0)
+    print("RESULT", json.dumps({"replicas": info.replicas, "devices": info.devices,
+        "kind": info.kind, "status": res.status,
+        "shapes": {k: list(v.shape) for k, v in res.proba.items()},
+        "sums": float(np.abs(res.proba["long"].sum(1) - 1).max()),
+        "strategy": res.strategy}))
+""")
+
+
+def test_mirrored_strategy_two_logical_cpus(tmp_path):
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED_SCRIPT)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("TF_CONFIG", None)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(REPO)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = json.loads(line[0][len("RESULT "):])
+    assert out["kind"] == "mirrored" and out["replicas"] == 2 and len(out["devices"]) == 2
+    assert out["status"] == "done" and out["shapes"] == {"short": [8, 2], "long": [8, 2]}
+    assert out["sums"] < 1e-5 and out["strategy"]["replicas"] == 2
