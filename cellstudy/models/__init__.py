@@ -1,0 +1,178 @@
+"""The eleven networks of the study (study.md section 5), in one registry.
+
+``build(name, input_size, n_classes=2, weights=None, **params)`` returns a plain, flat Keras 3
+model (every backbone layer lives in the model's own graph; no nested sub-model) named ``name``,
+whose input ``"image"`` is ``(N, H, W, 3)`` float32 in RGB order and whose output ``"probs"`` is the
+``(N, n_classes)`` float32 softmax (the pre-softmax scores are the output of layer ``"logits"``).
+
+``gradcam_layers(model_or_name)`` gives the Grad-CAM target layer names: each one's
+``model.get_layer(name).output`` is a 4-D ``(N, h, w, C)`` feature map connected to
+``model.inputs``, so ``keras.Model(model.inputs, [model.get_layer(name).output, model.output])``
+works. For the RGB family these are ``feat_r``, ``feat_g``, ``feat_b`` (the shared backbone's last
+conv map for each isolated channel; see :mod:`cellstudy.models.attention`); for DenRes-131 one per
+backbone.
+
+Parameters (``**params``; unknown keys are rejected):
+
+- every network: ``head_pooling`` ("avg" | "max" | "flatten"), ``head_units`` ((1024, 512)),
+  ``head_dropout`` (0.3), ``weights_sha256`` (None or the expected hex sha256 of ``weights``).
+- ``denres131``: ``level_filters`` (256), ``level_kernel`` (3).
+- ``vit``: ``patch_size`` (None = automatic), ``width`` (64), ``depth`` (4), ``num_heads`` (4),
+  ``mlp_dim`` (128), ``attention_dropout`` (0.0).
+- RGB / MHL families: ``token_dim`` (128), ``num_heads`` (2), ``max_token_grid`` (16),
+  ``cnn_filters`` ((32, 64, 128), for ``rgb`` / ``mhl``).
+
+``weights``: None (random initialisation) or a local ``.h5`` / ``.weights.h5`` file of backbone
+weights (for ``denres131`` a mapping ``{"resnet50": path, "densenet121": path}``). Nothing is ever
+downloaded. Saved models load with ``keras.saving.load_model(path)`` after
+``import cellstudy.models`` (two custom layers are registered: ``ChannelSlice``,
+``PositionEmbedding``).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+
+import keras
+
+from . import backbones
+from .attention import ATTENTION_DEFAULTS, ChannelSlice, build_mhl, build_rgb
+from .denres import DENRES_DEFAULTS, build_denres
+from .dl import build_dl
+from .head import HEAD_DEFAULTS, classification_head
+from .vit import VIT_DEFAULTS, PositionEmbedding, build_vit
+
+#: network name -> one-line description (the registry; order = the book's order).
+NETWORKS: dict[str, str] = {
+    "vgg16": "VGG16 backbone + head",
+    "resnet50": "ResNet50 backbone + head",
+    "densenet121": "DenseNet121 backbone + head",
+    "denres131": "ResNet50 and DenseNet121 side by side, four levels fused at stride 32 + head",
+    "vit": "Vision Transformer (patch embedding, encoder blocks) + head",
+    "rgb": "isolated R, G, B through one shared 3-layer CNN, six 2-head attention blocks + head",
+    "rgb_res": "isolated R, G, B through one shared ResNet50, six 2-head attention blocks + head",
+    "rgb_den": "isolated R, G, B through one shared DenseNet121, six 2-head attention blocks + head",
+    "mhl": "3-layer CNN on the RGB image, one 2-head self-attention block over its tokens + head",
+    "mhl_res": "ResNet50 on the RGB image, one 2-head self-attention block over its tokens + head",
+    "mhl_den": "DenseNet121 on the RGB image, one 2-head self-attention block over its tokens + head",
+}
+
+#: network name -> family ("DL", "ViT", "RGB", "MHL"), used by the statistics.
+FAMILIES: dict[str, str] = {
+    "vgg16": "DL", "resnet50": "DL", "densenet121": "DL", "denres131": "DL", "vit": "ViT",
+    "rgb": "RGB", "rgb_res": "RGB", "rgb_den": "RGB", "mhl": "MHL", "mhl_res": "MHL", "mhl_den": "MHL",
+}
+
+#: network name -> backbone(s) whose weights ``weights=`` loads.
+BACKBONE_OF: dict[str, tuple[str, ...]] = {
+    "vgg16": ("vgg16",), "resnet50": ("resnet50",), "densenet121": ("densenet121",),
+    "denres131": ("resnet50", "densenet121"), "vit": (),
+    "rgb": ("cnn3",), "rgb_res": ("resnet50",), "rgb_den": ("densenet121",),
+    "mhl": ("cnn3",), "mhl_res": ("resnet50",), "mhl_den": ("densenet121",),
+}
+
+_GRADCAM: dict[str, tuple[str, ...]] = {
+    "vgg16": ("block5_conv3",), "resnet50": ("conv5_block3_out",), "densenet121": ("relu",),
+    "denres131": ("res_conv5_block3_out", "den_relu"), "vit": ("vit_grid",),
+    "rgb": ("feat_r", "feat_g", "feat_b"), "rgb_res": ("feat_r", "feat_g", "feat_b"),
+    "rgb_den": ("feat_r", "feat_g", "feat_b"),
+    "mhl": ("cnn_relu3",), "mhl_res": ("conv5_block3_out",), "mhl_den": ("relu",),
+}
+
+_SPECIFIC: dict[str, dict] = {
+    "vgg16": {}, "resnet50": {}, "densenet121": {}, "denres131": DENRES_DEFAULTS,
+    "vit": VIT_DEFAULTS, **{n: ATTENTION_DEFAULTS for n in ("rgb", "rgb_res", "rgb_den")},
+    **{n: ATTENTION_DEFAULTS for n in ("mhl", "mhl_res", "mhl_den")},
+}
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a registered network, else raise ValueError listing them."""
+    if name not in NETWORKS:
+        raise ValueError(f"unknown network {name!r}; expected one of {list(NETWORKS)}")
+    return name
+
+
+def input_hw(input_size) -> tuple[int, int]:
+    """``S``, ``(H, W)`` or ``(H, W, 3)`` -> ``(H, W)``; ValueError otherwise (e.g. 1 or 4 channels)."""
+    if isinstance(input_size, bool):
+        raise ValueError(f"input_size={input_size!r}; expected an int S or (H, W) or (H, W, 3)")
+    if isinstance(input_size, int):
+        hw = (input_size, input_size)
+    else:
+        try:
+            t = tuple(int(v) for v in input_size)
+        except TypeError:
+            raise ValueError(f"input_size={input_size!r}; expected an int S or (H, W) or (H, W, 3)") from None
+        if len(t) == 3:
+            if t[2] != 3:
+                raise ValueError(f"input_size={input_size!r} has {t[2]} channels; every network takes "
+                                 "3-channel RGB images (R = third stain, G = actin, B = DNA)")
+            t = t[:2]
+        if len(t) != 2:
+            raise ValueError(f"input_size={input_size!r}; expected an int S or (H, W) or (H, W, 3)")
+        hw = t
+    if min(hw) < 1:
+        raise ValueError(f"input_size={input_size!r}; expected positive sizes")
+    return hw
+
+
+def valid_params(name: str) -> dict:
+    """The ``**params`` ``build(name, ...)`` accepts, with their defaults."""
+    return {**HEAD_DEFAULTS, "weights_sha256": None, **_SPECIFIC[check_name(name)]}
+
+
+def build(name: str, input_size, n_classes: int = 2, weights=None, **params) -> keras.Model:
+    """Build network ``name`` for ``input_size`` (S, (H, W) or (H, W, 3)) images and ``n_classes``.
+
+    Returns a flat Keras model named ``name``: input ``(N, H, W, 3)`` float32, output
+    ``(N, n_classes)`` float32 softmax. Raises ValueError for an unknown name (listing the valid
+    ones), an input size below the backbone's minimum, a channel count other than 3, an unknown
+    parameter (listing the valid ones) or a ViT size that is not a multiple of the patch size;
+    FileNotFoundError for a missing weights file.
+    """
+    check_name(name)
+    hw = input_hw(input_size)
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
+        raise ValueError(f"n_classes={n_classes!r}; expected an int >= 2")
+    allowed = valid_params(name)
+    bad = sorted(set(params) - set(allowed))
+    if bad:
+        raise ValueError(f"unknown parameter(s) {bad} for network {name!r}; expected some of {sorted(allowed)}")
+    head = {k[len("head_"):]: params.pop(k) for k in list(params) if k.startswith("head_")}
+    sha = params.pop("weights_sha256", None)
+    if weights is not None and name == "denres131" and not isinstance(weights, dict):
+        raise ValueError("denres131: weights must be a mapping {'resnet50': path, 'densenet121': path}")
+    if name in ("vgg16", "resnet50", "densenet121"):
+        return build_dl(name, hw, n_classes, head, weights, sha)
+    if name == "denres131":
+        return build_denres(hw, n_classes, head, weights, sha, **params)
+    if name == "vit":
+        return build_vit(hw, n_classes, head, weights, sha, **params)
+    if FAMILIES[name] == "RGB":
+        return build_rgb(name, hw, n_classes, head, weights, sha, **params)
+    return build_mhl(name, hw, n_classes, head, weights, sha, **params)
+
+
+def gradcam_layers(model_or_name) -> list[str]:
+    """Names of the Grad-CAM target layers of a network (a name) or a built model.
+
+    For a model, the names are checked to exist. Each layer's ``.output`` is a 4-D
+    ``(N, h, w, C)`` feature map reachable from ``model.inputs``: the last convolutional map of each
+    backbone; for the RGB family one per isolated channel (``feat_r``, ``feat_g``, ``feat_b``);
+    for DenRes-131 one per backbone; for the ViT the final tokens on their patch grid.
+    """
+    if isinstance(model_or_name, str):
+        return list(_GRADCAM[check_name(model_or_name)])
+    model = model_or_name
+    names = list(_GRADCAM[check_name(model.name)])
+    for n in names:
+        model.get_layer(n)  # ValueError if absent
+    return names
+
+
+from .describe import describe, stage_table  # noqa: E402
+
+__all__ = ["NETWORKS", "FAMILIES", "BACKBONE_OF", "build", "gradcam_layers", "describe",
+           "stage_table", "valid_params", "input_hw", "check_name", "classification_head",
+           "ChannelSlice", "PositionEmbedding", "backbones"]
