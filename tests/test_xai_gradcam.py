@@ -1,6 +1,8 @@
 """Grad-CAM (eq. 12-13) on hand-built Keras models: analytic CAMs, head detection, errors, tokens,
 and agreement with a naive per-image implementation on a flat ResNet50."""
 import os
+import sys
+import types
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -93,27 +95,12 @@ def test_gradcam_downsampled_layer_is_upsampled(images):
     np.testing.assert_allclose(raw, expected, rtol=1e-4, atol=1e-7)
 
 
-def test_gradcam_default_layer_is_last_4d(images):
+def test_gradcam_default_layer_without_registry(images, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cellstudy.models", None)  # import fails -> last 4-D layer
     model = _linear_cam_model()
-    with pytest.warns(UserWarning) if _registry_present() else _nullcontext():
-        maps = gradcam(model, images, 1)
-    np.testing.assert_allclose(maps, gradcam(model, images, 1, layer="feat"), atol=1e-6)
-
-
-def _registry_present():
-    try:
-        from cellstudy.models import gradcam_layers  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+    assert xai.default_layers(model) == ["feat"]
+    np.testing.assert_allclose(gradcam(model, images, 1), gradcam(model, images, 1, layer="feat"),
+                               atol=1e-6)
 
 
 def _two_branch_model():
@@ -143,6 +130,23 @@ def test_gradcam_multi_per_branch_and_combined(images):
     assert np.all(gradcam_multi(m, images, 1, ["fa", "fb"])["fa"] == 0)
     # gradcam with a list returns the combined map
     np.testing.assert_allclose(gradcam(m, images, 0, ["fa", "fb"]), res["combined"], atol=1e-6)
+
+
+def test_gradcam_default_layers_from_registry(images, monkeypatch):
+    m = _two_branch_model()
+    fake = types.ModuleType("cellstudy.models")
+    fake.gradcam_layers = lambda model: ["fa", "fb"]
+    monkeypatch.setitem(sys.modules, "cellstudy.models", fake)
+    np.testing.assert_allclose(gradcam(m, images, 0),
+                               gradcam_multi(m, images, 0, ["fa", "fb"])["combined"], atol=1e-6)
+    assert set(gradcam_multi(m, images, 0)) == {"fa", "fb", "combined"}
+
+    def unknown(model):
+        raise ValueError(f"unknown model {model.name!r}")
+
+    fake.gradcam_layers = unknown
+    with pytest.warns(UserWarning, match="unknown model"):
+        assert xai.default_layers(m) == ["cat"]  # the last 4-D layer
 
 
 def test_gradcam_errors(images):

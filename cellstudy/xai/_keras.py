@@ -208,36 +208,55 @@ def _logit_model(model):
     return cache["logit_model"]
 
 
+def _compiled_forward(model, output: str):
+    """A cached tf.function(x) -> (B, n_classes) float32 probabilities or logits."""
+    key = ("forward", output)
+    cache = model_cache(model)
+    if key not in cache:
+        tf = _tf()
+        if output == "logit":
+            sub, head = _logit_model(model)
+
+            def fwd(x):
+                return head.logits(sub(x, training=False))
+        else:
+            def fwd(x):
+                return tf.cast(model(x, training=False), tf.float32)
+        cache[key] = tf.function(fwd, reduce_retracing=True)
+    return cache[key]
+
+
+def _batched_forward(model, images: np.ndarray, output: str, batch_size: int) -> np.ndarray:
+    """(N, n_classes) float64; batches padded to one shape so the compiled function traces once."""
+    tf = _tf()
+    fwd = _compiled_forward(model, output)
+    n = len(images)
+    bs = min(batch_size, n)
+    parts = []
+    for s in range(0, n, bs):
+        xb = np.asarray(images[s:s + bs], dtype=np.float32)
+        m = len(xb)
+        if m < bs:
+            xb = np.concatenate([xb, np.zeros((bs - m, *xb.shape[1:]), np.float32)])
+        parts.append(fwd(tf.constant(xb)).numpy()[:m].astype(np.float64))
+    return np.concatenate(parts, axis=0)
+
+
 def predict_scores(model, images: np.ndarray, class_index: np.ndarray, output: str = "probability",
                    batch_size: int = 64) -> np.ndarray:
     """Score of class ``class_index[i]`` for each image: softmax probability (``"probability"``)
     or pre-softmax logit (``"logit"``). (N,) float64. Inference mode (dropout off)."""
-    tf = _tf()
     if output not in ("probability", "logit"):
         raise ValueError(f"output must be 'probability' or 'logit'; got {output!r}")
     check_batch_size(batch_size)
-    out = np.empty(len(images), dtype=np.float64)
-    if output == "logit":
-        sub, head = _logit_model(model)
-    for s in range(0, len(images), batch_size):
-        xb = tf.convert_to_tensor(images[s:s + batch_size], dtype=tf.float32)
-        if output == "probability":
-            p = tf.cast(model(xb, training=False), tf.float32).numpy()
-        else:
-            p = head.logits(sub(xb, training=False)).numpy()
-        out[s:s + batch_size] = p[np.arange(len(p)), class_index[s:s + batch_size]]
-    return out
+    p = _batched_forward(model, images, output, batch_size)
+    return p[np.arange(len(p)), np.asarray(class_index)]
 
 
 def predict_proba(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Softmax probabilities (N, n_classes) float64, inference mode, batched."""
-    tf = _tf()
     check_batch_size(batch_size)
-    parts = []
-    for s in range(0, len(images), batch_size):
-        xb = tf.convert_to_tensor(images[s:s + batch_size], dtype=tf.float32)
-        parts.append(tf.cast(model(xb, training=False), tf.float64).numpy())
-    return np.concatenate(parts, axis=0)
+    return _batched_forward(model, images, "probability", batch_size)
 
 
 def check_batch_size(batch_size) -> int:
