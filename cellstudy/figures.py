@@ -148,3 +148,26 @@ def channel_covariance(x: np.ndarray) -> np.ndarray:
     """The 3 x 3 covariance of the channels over all pixels of (N, H, W, 3) images."""
     flat = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
     return np.cov(flat, rowvar=False)
+
+
+def show(fig: Figure, path=None, dpi: int = 120):
+    """Save ``fig`` as PNG at ``path`` (when given) and display it in a notebook as an image.
+
+    Works for figures made with ``matplotlib.figure.Figure`` (no pyplot state), whatever the
+    notebook's matplotlib backend. Returns the PNG bytes."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    png = buf.getvalue()
+    if path is not None:
+        from pathlib import Path
+        Path(path).write_bytes(png)
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+        if get_ipython() is not None:
+            display(Image(data=png))
+    except ImportError:  # pragma: no cover - IPython is a dependency
+        pass
+    return png

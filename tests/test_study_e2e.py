@@ -1,0 +1,63 @@
+"""End to end: the runner executes the ci study on the real default cohort and builds the book."""
+import json
+
+import pytest
+
+from cellstudy import config, runner
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory, shared_data):
+    runs = tmp_path_factory.mktemp("runs")
+    run = runner.run_study(config.REPO_ROOT / "configs" / "ci.yaml", runs_dir=runs, data_root=str(shared_data),
+                           log_output=False, echo=print)
+    return run
+
+
+def test_run_folder_holds_executed_notebooks_outputs_and_provenance(ci_run):
+    cfg = runner.load_config(config.REPO_ROOT / "configs" / "ci.yaml")
+    st = runner.read_status(ci_run)
+    assert st["state"] == "complete"
+    for step in cfg.steps:
+        nb = ci_run / "notebooks" / f"{step}.ipynb"
+        assert nb.is_file() and runner.notebook_errors(nb) == []
+        assert st["steps"][step]["state"] == "done"
+        # the injected parameters reached the notebook
+        text = nb.read_text()
+        assert '"injected-parameters"' in text and 'scale = \\"ci\\"' in text
+    prov = json.loads((ci_run / "provenance.json").read_text())
+    assert prov["data"]["n_cells"] == 220 and prov["data"]["files_verified_sha256"]
+    assert prov["data"]["manifest_sha256"] and len(prov["data"]["manifest_sha256"]) == 64
+    assert prov["packages"]["tensorflow-cpu"].startswith("2.21") and prov["git"]["commit"]
+    assert prov["scale_parameters"]["image_size"] == config.SCALES["ci"]["image_size"]
+
+
+def test_cohort_and_preprocessing_outputs(ci_run):
+    import pandas as pd
+    counts = pd.read_csv(ci_run / "00_cohort" / "counts_per_class.csv")
+    assert counts.set_index("class")["cells"].to_dict() == {"normal": 100, "abnormal": 120}
+    assert (ci_run / "00_cohort" / "example_cells.png").stat().st_size > 10_000
+    folds = pd.read_csv(ci_run / "folds" / "bbbc021-paper.csv", comment="#")
+    assert len(folds) == 220 and folds.groupby("group")["fold"].nunique().max() == 1
+    summary = pd.read_csv(ci_run / "01_preprocessing" / "fold_summary.csv")
+    assert len(summary) == 6  # 5 folds + all
+    for f in ("filter_stages.png", "folds.png", "augmentation_examples.png", "zca_covariance.png",
+              "filter_timings_ms.csv", "zca_fold0.json"):
+        assert (ci_run / "01_preprocessing" / f).is_file(), f
+
+
+def test_book_is_built_offline_with_every_chapter(ci_run):
+    html = ci_run / "book" / "_build" / "html"
+    cfg = runner.load_config(config.REPO_ROOT / "configs" / "ci.yaml")
+    assert (html / "index.html").is_file() and (html / "provenance.html").is_file()
+    for step in cfg.steps:
+        page = (html / f"{step}.html").read_text()
+        assert "<img" in page, f"{step} has no figure"
+        assert "Traceback" not in page and 'class="output error' not in page
+    page = (html / "01_preprocessing.html").read_text()
+    assert "mathjax/tex-chtml.js" in page and "cdn.jsdelivr" not in page
+    assert (html / "mathjax" / "tex-chtml.js").is_file()
+    intro = (html / "intro.html").read_text()
+    assert "BBBC021" in intro and "CC BY-NC-SA" in intro
