@@ -95,14 +95,14 @@ def check_name(name: str) -> str:
 
 def input_hw(input_size) -> tuple[int, int]:
     """``S``, ``(H, W)`` or ``(H, W, 3)`` -> ``(H, W)``; ValueError otherwise (e.g. 1 or 4 channels)."""
-    if isinstance(input_size, bool):
+    if isinstance(input_size, (bool, str, bytes)):
         raise ValueError(f"input_size={input_size!r}; expected an int S or (H, W) or (H, W, 3)")
     if isinstance(input_size, int):
         hw = (input_size, input_size)
     else:
         try:
             t = tuple(int(v) for v in input_size)
-        except TypeError:
+        except (TypeError, ValueError):
             raise ValueError(f"input_size={input_size!r}; expected an int S or (H, W) or (H, W, 3)") from None
         if len(t) == 3:
             if t[2] != 3:
@@ -141,8 +141,8 @@ def build(name: str, input_size, n_classes: int = 2, weights=None, **params) -> 
         raise ValueError(f"unknown parameter(s) {bad} for network {name!r}; expected some of {sorted(allowed)}")
     head = {k[len("head_"):]: params.pop(k) for k in list(params) if k.startswith("head_")}
     sha = params.pop("weights_sha256", None)
-    if weights is not None and name == "denres131" and not isinstance(weights, dict):
-        raise ValueError("denres131: weights must be a mapping {'resnet50': path, 'densenet121': path}")
+    if weights is not None:
+        _check_weights(name, weights, sha)
     if name in ("vgg16", "resnet50", "densenet121"):
         return build_dl(name, hw, n_classes, head, weights, sha)
     if name == "denres131":
@@ -152,6 +152,25 @@ def build(name: str, input_size, n_classes: int = 2, weights=None, **params) -> 
     if FAMILIES[name] == "RGB":
         return build_rgb(name, hw, n_classes, head, weights, sha, **params)
     return build_mhl(name, hw, n_classes, head, weights, sha, **params)
+
+
+def _check_weights(name, weights, sha) -> None:
+    """Validate ``weights`` (and the files) before anything is built."""
+    from .weights import resolve_weights_path
+
+    if not BACKBONE_OF[name]:
+        raise ValueError(f"{name}: weights must be None (no pretrained weights for this network)")
+    if name == "denres131":
+        if not isinstance(weights, dict) or not set(weights) <= {"resnet50", "densenet121"}:
+            raise ValueError(f"denres131: weights={weights!r}; expected a mapping "
+                             "{'resnet50': path, 'densenet121': path}")
+        if sha is not None and not isinstance(sha, dict):
+            raise ValueError("denres131: weights_sha256 must be a mapping like weights")
+        for b, p in weights.items():
+            if p is not None:
+                resolve_weights_path(p, (sha or {}).get(b))
+    else:
+        resolve_weights_path(weights, sha)
 
 
 def gradcam_layers(model_or_name) -> list[str]:

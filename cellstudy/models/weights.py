@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +63,15 @@ def load_backbone_weights(model, backbone: str, path, hw: tuple[int, int], prefi
     p = resolve_weights_path(path, sha256)
     ref = bbs.standalone(backbone, (hw[0], hw[1], 3), cnn_filters=cnn_filters)
     try:
-        ref.load_weights(str(p))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ref.load_weights(str(p))
     except Exception as e:  # Keras raises several types for a structural mismatch
         raise ValueError(f"weights file {p} does not fit backbone {backbone!r}: {e}") from e
+    skipped = [str(w.message) for w in caught if "skipping" in str(w.message).lower()
+               or "mismatch" in str(w.message).lower()]
+    if skipped:  # Keras 3 warns (and keeps fresh weights) for parts it cannot match
+        raise ValueError(f"weights file {p} does not fit backbone {backbone!r}: {skipped[0]}")
     done = []
     for rl in ref.layers:
         src = rl.get_weights()

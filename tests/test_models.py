@@ -1,0 +1,253 @@
+"""Tests for cellstudy.models: the eleven networks at tiny sizes (32 px, batch 2).
+
+Each network is built once (module-scoped, parametrized fixture; pytest groups the tests by
+network) and reused by every check; the training step runs last for each network because it
+changes the weights.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+tf = pytest.importorskip("tensorflow")
+
+from cellstudy import models as M  # noqa: E402
+from cellstudy.models import backbones as bbs  # noqa: E402
+from cellstudy.models.weights import sha256_file  # noqa: E402
+
+S = 32
+BATCH = 2
+
+
+def _x(seed=0, size=S):
+    return np.random.default_rng(seed).random((BATCH, size, size, 3), dtype=np.float32)
+
+
+@pytest.fixture(scope="module", params=list(M.NETWORKS))
+def net(request):
+    keras.utils.set_random_seed(0)
+    model = M.build(request.param, S)
+    yield request.param, model
+    del model
+    keras.backend.clear_session()
+
+
+def test_registry_and_families():
+    assert len(M.NETWORKS) == 11
+    assert set(M.FAMILIES) == set(M.NETWORKS)
+    assert set(M.FAMILIES.values()) == {"DL", "ViT", "RGB", "MHL"}
+    assert [n for n, f in M.FAMILIES.items() if f == "RGB"] == ["rgb", "rgb_res", "rgb_den"]
+
+
+def test_flat_output_and_rows_sum_to_one(net):
+    name, model = net
+    assert model.name == name
+    nested = [l.name for l in model.layers if isinstance(l, keras.Model)]
+    assert nested == [], f"{name} has nested sub-models {nested}"
+    p = model(_x(), training=False).numpy()
+    assert p.shape == (BATCH, 2)
+    assert p.dtype == np.float32
+    assert np.all(np.isfinite(p)) and np.all(p >= 0)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_gradcam_layers_are_4d_and_reachable(net):
+    name, model = net
+    names = M.gradcam_layers(model)
+    assert names == M.gradcam_layers(name)
+    assert len(names) == {"RGB": 3}.get(M.FAMILIES[name], 2 if name == "denres131" else 1)
+    outs = [model.get_layer(n).output for n in names]
+    sub = keras.Model(model.inputs, outs + [model.output])  # the XAI engineer's construction
+    res = sub([_x()], training=False)
+    for n, t, f in zip(names, outs, res[:-1]):
+        assert len(t.shape) == 4, f"{name}: Grad-CAM layer {n} output {t.shape} is not 4-D"
+        assert f.shape[0] == BATCH and f.shape[1] >= 1 and f.shape[2] >= 1
+        assert np.all(np.isfinite(f.numpy()))
+    np.testing.assert_allclose(res[-1].numpy(), model([_x()], training=False).numpy(), atol=1e-6)
+    # gradient of the class score w.r.t. each feature map exists (Grad-CAM eq. 12)
+    logit_model = keras.Model(model.inputs, outs + [model.get_layer("logits").output])
+    with tf.GradientTape() as tape:
+        r = logit_model([_x()], training=False)
+        score = tf.reduce_sum(r[-1][:, 1])
+    grads = tape.gradient(score, r[:-1])
+    assert all(g is not None and g.shape == f.shape for g, f in zip(grads, r[:-1]))
+
+
+def test_rgb_family_routes_channels_separately(net):
+    name, model = net
+    if M.FAMILIES[name] != "RGB":
+        pytest.skip("RGB family only")
+    toks = [f"tokens_{c}" for c in "rgb"]
+    blocks = [f"att_{a}{b}_pool" for a, b in (("r", "r"), ("g", "g"), ("b", "b"),
+                                               ("r", "g"), ("r", "b"), ("g", "b"))]
+    sub = keras.Model(model.inputs, [model.get_layer(n).output for n in toks + blocks])
+    x = _x(1)
+    base = [t.numpy() for t in sub([x], training=False)]
+    for ci, c in enumerate("rgb"):
+        x2 = x.copy()
+        x2[..., ci] = np.random.default_rng(10 + ci).random(x2.shape[:3], dtype=np.float32)
+        new = [t.numpy() for t in sub([x2], training=False)]
+        for n, a, b in zip(toks + blocks, base, new):
+            uses_c = c in n.split("_")[1]
+            if uses_c:
+                assert not np.allclose(a, b), f"{name}: changing {c} did not change {n}"
+            else:
+                np.testing.assert_array_equal(a, b, err_msg=f"{name}: changing {c} changed {n}")
+
+
+def test_save_load_round_trip(net, tmp_path):
+    name, model = net
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    x = _x(2)
+    np.testing.assert_allclose(loaded(x, training=False).numpy(), model(x, training=False).numpy(),
+                               atol=1e-6)
+    assert M.gradcam_layers(loaded) == M.gradcam_layers(name)
+
+
+def test_zz_one_training_step_changes_weights(net):
+    name, model = net
+    x, y = _x(3), np.array([0, 1])
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    opt = keras.optimizers.SGD(1e-3, momentum=0.9)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(x, training=True)))
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert np.isfinite(float(loss))
+    assert all(g is not None for g in grads), f"{name}: some weights get no gradient"
+    assert all(np.all(np.isfinite(g.numpy())) for g in grads)
+    opt.apply(grads, model.trainable_variables)
+    changed = sum(not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
+    assert changed >= 0.9 * len(before), f"{name}: only {changed}/{len(before)} weights changed"
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(ValueError, match="unknown network 'resnet'.*'resnet50'"):
+        M.build("resnet", 32)
+    with pytest.raises(ValueError, match="unknown network"):
+        M.gradcam_layers("nope")
+
+
+@pytest.mark.parametrize("name,size", [("resnet50", 16), ("vgg16", 31), ("denres131", 24),
+                                       ("rgb_den", 16), ("mhl", 4)])
+def test_input_below_minimum(name, size):
+    with pytest.raises(ValueError, match=f"below the minimum.*{name}"):
+        M.build(name, size)
+
+
+@pytest.mark.parametrize("size", [(32, 32, 1), (32, 32, 4), (32,), "abc"])
+def test_wrong_channel_count_or_shape(size):
+    with pytest.raises(ValueError, match="input_size"):
+        M.build("mhl", size)
+
+
+def test_vit_size_must_be_multiple_of_patch():
+    with pytest.raises(ValueError, match="not a multiple of patch_size=16"):
+        M.build("vit", 40, patch_size=16)
+    with pytest.raises(ValueError, match="pass patch_size"):
+        M.build("vit", 36 * 3)  # 108: no default patch gives a grid <= 16
+    assert M.build("vit", 48).get_layer("vit_grid").output.shape[1:3] == (12, 12)
+
+
+def test_unknown_parameter_and_bad_head():
+    with pytest.raises(ValueError, match="unknown parameter.*'patch_size'.*expected some of"):
+        M.build("resnet50", 32, patch_size=4)
+    with pytest.raises(ValueError, match="head_pooling"):
+        M.build("mhl", 32, head_pooling="median")
+    with pytest.raises(ValueError, match="n_classes"):
+        M.build("mhl", 32, n_classes=1)
+
+
+def test_head_overrides_and_n_classes():
+    m = M.build("mhl", 32, n_classes=3, head_units=(16,), head_dropout=0.0, head_pooling="max")
+    assert m.output.shape[-1] == 3
+    assert [l.name for l in m.layers if l.name.startswith("head_dense")] == ["head_dense1"]
+    assert not any(isinstance(l, keras.layers.Dropout) for l in m.layers)
+    assert m.get_layer("head_dense1").units == 16
+
+
+def test_mixed_precision_output_is_float32():
+    old = keras.mixed_precision.global_policy()
+    try:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        m = M.build("mhl", 32)
+        assert m.get_layer("tokens").compute_dtype == "float16"
+        p = m(_x(), training=False)
+        assert p.dtype == "float32"
+        np.testing.assert_allclose(p.numpy().sum(axis=1), 1.0, atol=1e-5)
+    finally:
+        keras.mixed_precision.set_global_policy(old)
+
+
+# --- local weights ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cnn_weights(tmp_path_factory):
+    keras.utils.set_random_seed(1)
+    ref = bbs.standalone("cnn3", (S, S, 3))
+    path = tmp_path_factory.mktemp("w") / "cnn3.weights.h5"
+    ref.save_weights(path)
+    return ref, path
+
+
+def test_weights_rgb_sums_first_kernel_and_mhl_loads(cnn_weights):
+    ref, path = cnn_weights
+    rgb = M.build("rgb", S, weights=path, weights_sha256=sha256_file(path))
+    k_src = ref.get_layer("cnn_conv1").get_weights()[0]
+    k_rgb = rgb.get_layer("cnn_conv1").get_weights()[0]
+    assert k_src.shape[2] == 3 and k_rgb.shape[2] == 1
+    np.testing.assert_allclose(k_rgb, k_src.sum(axis=2, keepdims=True), rtol=1e-6)
+    for n in ("cnn_conv2", "cnn_bn1", "cnn_bn3", "cnn_conv3"):
+        for a, b in zip(ref.get_layer(n).get_weights(), rgb.get_layer(n).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    # a grey image (g, g, g) gives the same first-conv response through both kernels
+    mhl = M.build("mhl", S, weights=str(path))
+    for n in ("cnn_conv1", "cnn_conv3", "cnn_bn2"):
+        for a, b in zip(ref.get_layer(n).get_weights(), mhl.get_layer(n).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    # random init differs (the load really happened)
+    fresh = M.build("mhl", S)
+    assert not np.array_equal(fresh.get_layer("cnn_conv3").get_weights()[0],
+                              ref.get_layer("cnn_conv3").get_weights()[0])
+
+
+def test_weights_errors(cnn_weights, tmp_path):
+    _, path = cnn_weights
+    missing = tmp_path / "nothere.weights.h5"
+    with pytest.raises(FileNotFoundError, match="nothere.weights.h5"):
+        M.build("rgb_res", S, weights=missing)
+    with pytest.raises(ValueError, match="sha256"):
+        M.build("rgb", S, weights=path, weights_sha256="0" * 64)
+    with pytest.raises(ValueError, match=r"\.h5"):
+        M.build("mhl", S, weights=tmp_path / "w.npz")
+    with pytest.raises(ValueError, match="imagenet"):
+        M.build("resnet50", S, weights="imagenet")
+    with pytest.raises(ValueError, match="mapping"):
+        M.build("denres131", S, weights=path)
+    with pytest.raises(ValueError, match="vit"):
+        M.build("vit", S, weights=path)
+    # a file for another backbone does not fit
+    with pytest.raises(ValueError, match="does not fit backbone"):
+        M.build("mhl_den", S, weights=path)
+
+
+def test_weights_legacy_h5_resnet50(tmp_path):
+    """The ImageNet files are Keras-2 style .h5 (layer order); write one and load it."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    keras.utils.set_random_seed(2)
+    ref = bbs.standalone("resnet50", (S, S, 3))
+    path = tmp_path / "resnet50_notop.h5"
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, ref)
+    m = M.build("rgb_res", S, weights=path)
+    k = ref.get_layer("conv1_conv").get_weights()[0]
+    np.testing.assert_allclose(m.get_layer("conv1_conv").get_weights()[0], k.sum(2, keepdims=True), rtol=1e-6)
+    for n in ("conv5_block3_3_conv", "conv3_block2_2_bn"):
+        for a, b in zip(ref.get_layer(n).get_weights(), m.get_layer(n).get_weights()):
+            np.testing.assert_array_equal(a, b)
