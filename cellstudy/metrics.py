@@ -88,17 +88,17 @@ TABLE_METRICS: tuple[str, ...] = (
 
 #: Network -> family (``study.md`` section 5). Kept here so that this module needs no TensorFlow.
 NETWORK_FAMILY: dict[str, str] = {
-    "VGG16": "DL",
-    "ResNet50": "DL",
-    "DenseNet121": "DL",
-    "DenRes-131": "DL",
-    "ViT": "ViT",
-    "RGB": "RGB",
-    "RGB-Res": "RGB",
-    "RGB-Den": "RGB",
-    "MHL": "MHL",
-    "MHL-Res": "MHL",
-    "MHL-Den": "MHL",
+    "vgg16": "DL", "resnet50": "DL", "densenet121": "DL", "denres131": "DL",
+    "vit": "ViT",
+    "rgb": "RGB", "rgb_res": "RGB", "rgb_den": "RGB",
+    "mhl": "MHL", "mhl_res": "MHL", "mhl_den": "MHL",
+}
+
+#: Registry name -> the paper's name, for tables and figures.
+DISPLAY_NAMES: dict[str, str] = {
+    "vgg16": "VGG16", "resnet50": "ResNet50", "densenet121": "DenseNet121", "denres131": "DenRes-131",
+    "vit": "ViT", "rgb": "RGB", "rgb_res": "RGB-Res", "rgb_den": "RGB-Den",
+    "mhl": "MHL", "mhl_res": "MHL-Res", "mhl_den": "MHL-Den",
 }
 #: Row order of the summary tables (unknown networks follow, alphabetically).
 NETWORK_ORDER: tuple[str, ...] = tuple(NETWORK_FAMILY)

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from .config import CLASS_NAMES
-from .metrics import NETWORK_ORDER, PROBA_COLUMNS
+from .metrics import DISPLAY_NAMES, NETWORK_ORDER, PROBA_COLUMNS
 
 __all__ = ["roc_summary", "roc_curves", "metric_boxplots", "training_curves"]
 
@@ -142,7 +142,7 @@ def roc_curves(
                             np.clip(s["tpr_mean"] + s["tpr_sd"], 0, 1), color=colour, alpha=0.2, lw=0)
         ax.plot([0, 1], [0, 1], ls="--", color="0.5", lw=1)
         ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="false-positive rate", ylabel="true-positive rate",
-               title=f"{net} ({int(summ.loc[summ['network'] == net, 'n_folds'].max())} folds)")
+               title=f"{DISPLAY_NAMES.get(net, net)} ({int(summ.loc[summ['network'] == net, 'n_folds'].max())} folds)")
         ax.set_aspect("equal")
         ax.legend(loc="lower right", fontsize="x-small")
     reg = regime if regime is not None else predictions["regime"].iloc[0]

@@ -139,23 +139,23 @@ def test_fold_metrics_rejects_bad_input(y, proba, match):
 
 
 def test_predictions_frame():
-    df = M.predictions_frame([f"c{i}" for i in range(10)], list("aabbccddee"), 2, "ResNet50", "short", Y, PROBA)
+    df = M.predictions_frame([f"c{i}" for i in range(10)], list("aabbccddee"), 2, "resnet50", "short", Y, PROBA)
     assert len(df) == 10
     assert list(df.columns) == ["cell_id", "group", "fold", "network", "regime", "y_true", "y_pred",
                                 "proba_normal", "proba_abnormal"]
     assert df["y_pred"].tolist() == [0, 0, 1, 1, 0, 1, 1, 1, 1, 1]
-    assert (df["fold"] == 2).all() and (df["network"] == "ResNet50").all()
+    assert (df["fold"] == 2).all() and (df["network"] == "resnet50").all()
     np.testing.assert_allclose(df["proba_abnormal"], P1)
     with pytest.raises(ValueError, match="cell_ids"):
-        M.predictions_frame(["a"] * 9, list("aabbccddee"), 0, "VGG16", "short", Y, PROBA)
+        M.predictions_frame(["a"] * 9, list("aabbccddee"), 0, "vgg16", "short", Y, PROBA)
     with pytest.raises(ValueError, match="duplicates"):
-        M.predictions_frame(["a"] * 10, list("aabbccddee"), 0, "VGG16", "short", Y, PROBA)
+        M.predictions_frame(["a"] * 10, list("aabbccddee"), 0, "vgg16", "short", Y, PROBA)
 
 
 def _records():
     rng = np.random.default_rng(0)
     recs = []
-    for net in ("ResNet50", "VGG16", "MHL"):
+    for net in ("resnet50", "vgg16", "mhl"):
         for fold in range(5):
             for regime in ("short", "long"):
                 p = np.clip(Y * 0.5 + rng.uniform(0, 0.5, 10), 0, 1)
@@ -170,20 +170,20 @@ def test_tidy_and_summary_tables(tmp_path):
     assert list(tidy.columns) == ["network", "family", "fold", "regime", "metric", "value"]
     # one row per network x fold x regime x numeric metric (warning dropped)
     assert len(tidy) == 3 * 5 * 2 * len(M.METRIC_NAMES)
-    assert set(tidy.loc[tidy.network == "MHL", "family"]) == {"MHL"}
-    assert set(tidy.loc[tidy.network == "VGG16", "family"]) == {"DL"}
+    assert set(tidy.loc[tidy.network == "mhl", "family"]) == {"MHL"}
+    assert set(tidy.loc[tidy.network == "vgg16", "family"]) == {"DL"}
 
     num = M.summary_numeric(tidy, ["recall_macro", "auc_macro"])
-    v = tidy[(tidy.network == "VGG16") & (tidy.regime == "long") & (tidy.metric == "auc_macro")]["value"]
-    row = num[(num.network == "VGG16") & (num.regime == "long") & (num.metric == "auc_macro")].iloc[0]
+    v = tidy[(tidy.network == "vgg16") & (tidy.regime == "long") & (tidy.metric == "auc_macro")]["value"]
+    row = num[(num.network == "vgg16") & (num.regime == "long") & (num.metric == "auc_macro")].iloc[0]
     assert row["mean"] == pytest.approx(v.to_numpy().mean())
     assert row["sd"] == pytest.approx(v.to_numpy().std(ddof=1))
     assert row["n"] == 5
 
     tab = M.summary_table(tidy, ["recall_macro", "auc_macro"], regime="long")
-    assert list(tab.index) == ["VGG16", "ResNet50", "MHL"]  # study order, not alphabetical
+    assert list(tab.index) == ["vgg16", "resnet50", "mhl"]  # study order, not alphabetical
     assert list(tab.columns) == ["recall_macro", "auc_macro"]
-    assert tab.loc["VGG16", "auc_macro"] == f"{v.mean():.3f} \u00b1 {v.std(ddof=1):.3f}"
+    assert tab.loc["vgg16", "auc_macro"] == f"{v.mean():.3f} \u00b1 {v.std(ddof=1):.3f}"
     both = M.summary_table(tidy, ["auc_macro"])
     assert both.index.names == ["regime", "network"] and len(both) == 6
 
@@ -196,17 +196,17 @@ def test_tidy_and_summary_tables(tmp_path):
 
 
 def test_tidy_rejects_duplicates_and_missing_keys():
-    rec = {**M.fold_metrics(Y, PROBA), "network": "VGG16", "fold": 0, "regime": "short"}
+    rec = {**M.fold_metrics(Y, PROBA), "network": "vgg16", "fold": 0, "regime": "short"}
     with pytest.raises(ValueError, match="duplicate"):
         M.tidy_metrics([rec, rec])
     with pytest.raises(ValueError, match="regime"):
-        M.tidy_metrics([{"network": "VGG16", "fold": 0, "accuracy": 1.0}])
+        M.tidy_metrics([{"network": "vgg16", "fold": 0, "accuracy": 1.0}])
     with pytest.raises(ValueError, match="not in the tidy table"):
         M.summary_table(M.tidy_metrics([rec]), ["nope"])
 
 
 def test_summary_skips_nan_fold():
-    recs = [{"network": "VGG16", "fold": f, "regime": "short", "auc_macro": v}
+    recs = [{"network": "vgg16", "fold": f, "regime": "short", "auc_macro": v}
             for f, v in enumerate([0.8, 0.9, float("nan"), 1.0])]
     num = M.summary_numeric(M.tidy_metrics(recs), ["auc_macro"])
     assert num["n"].item() == 3
@@ -215,7 +215,7 @@ def test_summary_skips_nan_fold():
 
 
 def test_write_tables_unwritable(tmp_path):
-    tidy = M.tidy_metrics([{"network": "VGG16", "fold": 0, "regime": "short", "accuracy": 1.0}])
+    tidy = M.tidy_metrics([{"network": "vgg16", "fold": 0, "regime": "short", "accuracy": 1.0}])
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(OSError, match="file"):

@@ -14,7 +14,7 @@ from cellstudy import metrics as M
 from cellstudy import plots as P
 
 
-def synthetic_predictions(networks=("VGG16", "MHL", "RGB-Res"), regimes=("short", "long"), seed=0):
+def synthetic_predictions(networks=("vgg16", "mhl", "rgb_res"), regimes=("short", "long"), seed=0):
     rng = np.random.default_rng(seed)
     frames = []
     cid = 0
@@ -35,14 +35,14 @@ def test_roc_summary_matches_fold_auc():
     s = P.roc_summary(pred, regime="short", grid_points=51)
     assert set(s["class"]) == {"normal", "abnormal"}
     assert len(s) == 3 * 2 * 51
-    sub = pred[(pred.regime == "short") & (pred.network == "VGG16")]
+    sub = pred[(pred.regime == "short") & (pred.network == "vgg16")]
     aucs = [M.fold_metrics(f.y_true, f[list(M.PROBA_COLUMNS)].to_numpy())["auc_macro"]
             for _, f in sub.groupby("fold")]
-    row = s[(s.network == "VGG16") & (s["class"] == "abnormal")].iloc[0]
+    row = s[(s.network == "vgg16") & (s["class"] == "abnormal")].iloc[0]
     assert row.auc_mean == pytest.approx(np.mean(aucs))
     assert row.auc_sd == pytest.approx(np.std(aucs, ddof=1))
     assert row.n_folds == 5
-    curve = s[(s.network == "VGG16") & (s["class"] == "abnormal")]
+    curve = s[(s.network == "vgg16") & (s["class"] == "abnormal")]
     assert curve["tpr_mean"].iloc[0] == 0.0 and curve["tpr_mean"].iloc[-1] == pytest.approx(1.0)
     assert np.all(np.diff(curve["tpr_mean"]) >= -1e-12)  # monotone
 
@@ -66,7 +66,7 @@ def test_roc_curves_figure(tmp_path):
 
 
 def test_roc_skips_one_class_fold():
-    pred = synthetic_predictions(networks=("VGG16",), regimes=("short",))
+    pred = synthetic_predictions(networks=("vgg16",), regimes=("short",))
     pred = pred[~((pred.fold == 0) & (pred.y_true == 0))]  # fold 0: abnormal cells only
     s = P.roc_summary(pred)
     assert set(s["n_folds"]) == {4}
@@ -75,7 +75,7 @@ def test_roc_skips_one_class_fold():
 def test_metric_boxplots(tmp_path):
     recs = []
     rng = np.random.default_rng(1)
-    for net in ("VGG16", "ResNet50", "RGB", "RGB-Res", "MHL", "MHL-Den"):
+    for net in ("vgg16", "resnet50", "rgb", "rgb_res", "mhl", "mhl_den"):
         for fold in range(5):
             for regime in ("short", "long"):
                 recs.append({"network": net, "fold": fold, "regime": regime,
@@ -103,7 +103,7 @@ def test_training_curves(tmp_path):
     rows = []
     for fold in range(3):
         for epoch in range(1, 9):
-            rows.append({"network": "VGG16", "fold": fold, "epoch": epoch, "loss": 1 / epoch + fold * 0.01,
+            rows.append({"network": "vgg16", "fold": fold, "epoch": epoch, "loss": 1 / epoch + fold * 0.01,
                          "accuracy": 1 - 0.5 / epoch, "val_loss": 1.1 / epoch, "val_accuracy": 0.9 - 0.4 / epoch})
     hist = pd.DataFrame(rows)
     fig = P.training_curves(hist, mark_epochs=[4])
@@ -124,5 +124,5 @@ def test_no_pyplot_figures_left_open():
     import matplotlib.pyplot as plt
 
     before = len(plt.get_fignums())
-    P.roc_curves(synthetic_predictions(networks=("VGG16",), regimes=("short",)))
+    P.roc_curves(synthetic_predictions(networks=("vgg16",), regimes=("short",)))
     assert len(plt.get_fignums()) == before

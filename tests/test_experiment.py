@@ -1,0 +1,54 @@
+"""The family runner on the real cohort at a tiny scale: files, metrics, read-back, no re-training."""
+import pandas as pd
+import pytest
+
+from cellstudy import experiment, metrics, models, study
+
+pytestmark = pytest.mark.slow
+
+
+def test_family_map_is_one_source_of_truth():
+    assert metrics.NETWORK_FAMILY == models.FAMILIES
+    assert set(metrics.DISPLAY_NAMES) == set(models.NETWORKS)
+    assert list(metrics.NETWORK_ORDER) == list(models.NETWORKS)
+
+
+def test_unknown_family_or_network_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown family 'CNN'"):
+        experiment.networks_for("CNN", {"networks": None})
+    with pytest.raises(ValueError, match="unknown network"):
+        experiment.networks_for("DL", {"networks": ["resnet5"]})
+    assert experiment.networks_for("MHL", {"networks": ["mhl", "vgg16"]}) == ["mhl"]
+    with pytest.raises(ValueError, match="outside 0..4"):
+        experiment.folds_for({"n_splits": 5, "folds_to_run": [7]})
+
+
+def test_run_networks_writes_tables_and_reads_back(tmp_path, shared_data):
+    p = study.prepare("bbbc021-paper", "ci", tmp_path, data_root=str(shared_data),
+                      overrides={"networks": ["mhl"], "folds_to_run": [0, 1], "batch_size": 32})
+    res = experiment.run_networks(p, "MHL", "05_mhl_family", echo=lambda s: None, progress=lambda e: None)
+    assert set(res.tidy["regime"]) == {"short", "long"} and set(res.tidy["fold"]) == {0, 1}
+    assert set(res.tidy["family"]) == {"MHL"}
+    # every test cell predicted once per regime, from the right fold, probabilities summing to 1
+    pr = res.predictions
+    for k in (0, 1):
+        test_ids = set(p.cell_ids[p.folds == k])
+        got = pr[(pr.fold == k) & (pr.regime == "long")]
+        assert set(got["cell_id"]) == test_ids and len(got) == len(test_ids)
+    assert ((pr.proba_normal + pr.proba_abnormal - 1).abs() < 1e-5).all()
+    # metrics recomputed from the stored predictions agree with the table
+    for (k, regime), g in pr.groupby(["fold", "regime"]):
+        m = metrics.fold_metrics(g.y_true.to_numpy(), g[["proba_normal", "proba_abnormal"]].to_numpy())
+        v = res.tidy.query("fold == @k and regime == @regime and metric == 'accuracy'")["value"].item()
+        assert v == pytest.approx(m["accuracy"])
+    out = tmp_path / "05_mhl_family"
+    for f in ("metrics_tidy.csv", "metrics_tidy.parquet", "predictions.csv", "history.csv", "summary_long.csv"):
+        assert (out / f).is_file(), f
+    assert len(pd.read_csv(out / "history.csv")) == 2 * 2  # 2 folds x epochs_long
+
+    # a second call trains nothing: every run is read back from its done.json
+    again = experiment.run_networks(p, "MHL", "05_mhl_family", echo=lambda s: None, progress=lambda e: None)
+    assert again.timings["skipped"].all()
+    pd.testing.assert_frame_equal(again.tidy, res.tidy)
+    col = experiment.collect(tmp_path)
+    pd.testing.assert_frame_equal(col.tidy.reset_index(drop=True), res.tidy.reset_index(drop=True))
