@@ -1,0 +1,622 @@
+"""Explain a trained run (study.md section 8; paper 3.3, Figs 9-13): notebook ``08_xai``.
+
+For every trained network and fold of a run, the fold's saved model (regime ``"long"`` by
+default) explains **its own test cells** only: a cell of test fold k is explained by
+``<run>/training/<network>/fold<k>/model_<regime>.keras``, the model that never saw it (neither
+it nor its augmented copy was in that model's training set). The model sees exactly what it saw at
+evaluation time: the preprocessed cell, whitened with the fold's ZCA (``zca.json``); the
+recomputed probabilities are checked against the stored ``proba_<regime>.npy``.
+
+Per (network, fold) (:func:`explain_fold`), on up to ``max_cells`` test cells (scale key
+``xai_max_cells``; drawn per fold, balanced over the classes, seeded by (seed, fold) only, so every
+network explains the same cells):
+
+* Grad-CAM (eq. 12-13) at the network's recorded layers (``cellstudy.models.gradcam_layers``) and
+  their ``combined`` map, for both classes: per isolated channel (``feat_r/g/b``) for the RGB
+  family, per backbone for DenRes-131, and for the ViT at ``vit_grid`` (the last block's patch
+  tokens after the final LayerNorm, laid back on their patch grid as a 4-D map by the model
+  itself, so the ordinary Grad-CAM applies: token Grad-CAM);
+* Integrated Gradients (signed sum over channels) and occlusion (patch S/8, stride S/16) of the
+  true class;
+* deletion / insertion curves of the true-class probability for the three maps (Grad-CAM
+  combined, IG, occlusion) and for a random pixel order; deleted pixels take the value 0 in
+  whitened space, i.e. the training mean;
+* channel importance: the drop of the true-class probability when one stain is set to 0
+  (``zero``) or to its training mean (``mean``), perturbing the image in **stain space** and
+  whitening afterwards (``transform = zca.transform``; the training means are the fold's ZCA
+  means, i.e. the channel means over the fold's training pixels, originals + augmented copies).
+
+Results are cached per (network, fold, regime) in ``<run>/08_xai/cache/<network>/`` (an ``.npz``
+with a JSON key of everything that determines it: the model file's size and mtime, the cells,
+the parameters); a second call reads them back, a changed model or parameter recomputes. Run-level
+results (:func:`explain_run`), over the folds of each network:
+
+* Gmean-Shape per class (eq. 14): computed **per channel** over the class's explained cell
+  images (stain space, negatives clipped to 0) -> an (S, S, 3) colour image; its grey version for
+  the correlation is the per-channel Gmean-Shape averaged over the three channels (the merged
+  image). Gmean-GradCam per class: over the true-class ``combined`` Grad-CAM maps of the class's
+  cells (and per layer, e.g. per isolated channel for the RGB family).
+* The correlation image (eq. 15-16, radius 2: a 5 x 5 window) between Gmean-Shape and
+  Gmean-GradCam and its positive / negative ratios (|r| > 0.5, over the whole image as in the
+  paper); for the RGB family also each stain's Gmean-Shape against that channel's map.
+* Faithfulness (AUCs vs random, with a bootstrap CI over cells of the paired difference),
+  channel importance with bootstrap CIs over all explained cells, ranked galleries.
+
+Written under ``<run>/08_xai/``: ``cells.csv``, ``ratios.csv``, ``faithfulness.csv``,
+``channel_importance.csv``, ``channel_importance_cells.csv``, ``gallery.csv``, ``timings.csv``,
+``missing.csv``; arrays ``gmean_<network>.npz`` and ``faithfulness_curves.npz``.
+
+Gmean epsilon. Grad-CAM maps are min-max scaled, so every map has zeros (its minimum, and all
+pixels the ReLU removed). With eq. 14's epsilon at 1e-6, one zero among the cells pulls a pixel to
+~1e-6 and the Gmean-GradCam becomes an "all cells agree" mask; ``gmean_eps`` (default 1e-3, i.e.
+0.1 % of a map's range) keeps it graded. The cell images are not affected in practice (their
+zeros are background).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import config
+
+STEP = "08_xai"
+METHODS = ("gradcam", "integrated_gradients", "occlusion")
+#: Bump when the cached per-fold content changes meaning.
+CACHE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class XaiParams:
+    """What determines a (network, fold) explanation (part of the cache key)."""
+
+    regime: str = "long"
+    max_cells: int | None = 8
+    seed: int = 0
+    ig_steps: int = 16
+    occlusion_patch: int | None = None      # None: max(2, S // 8)
+    faithfulness_steps: int = 10
+    n_boot: int = 1000
+    batch_size: int = 32
+
+    def check(self) -> "XaiParams":
+        if self.regime not in ("short", "long"):
+            raise ValueError(f"regime={self.regime!r}; expected 'short' or 'long'")
+        if self.max_cells is not None and (not isinstance(self.max_cells, (int, np.integer)) or self.max_cells < 1):
+            raise ValueError(f"max_cells={self.max_cells!r}; expected None (all test cells) or an int >= 1")
+        for name in ("ig_steps", "faithfulness_steps", "n_boot", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}={v!r}; expected an int >= 1")
+        if self.occlusion_patch is not None and (not isinstance(self.occlusion_patch, (int, np.integer))
+                                                 or self.occlusion_patch < 1):
+            raise ValueError(f"occlusion_patch={self.occlusion_patch!r}; expected None or an int >= 1")
+        return self
+
+    def patch_for(self, size: int) -> int:
+        return int(self.occlusion_patch) if self.occlusion_patch else max(2, size // 8)
+
+
+def select_cells(labels: np.ndarray, max_cells: int | None, seed: int, fold: int) -> np.ndarray:
+    """Positions (sorted) of at most ``max_cells`` of a fold's test cells, balanced over the
+    classes (half each, the rest from the other class when one is short), drawn with a generator
+    seeded by ``(seed, fold)`` only, so every network of a run explains the same cells."""
+    y = np.asarray(labels)
+    n = len(y)
+    if max_cells is None or max_cells >= n:
+        return np.arange(n)
+    rng = np.random.default_rng([int(seed), int(fold), 8])
+    classes = np.unique(y)
+    pools = {c: list(rng.permutation(np.flatnonzero(y == c))) for c in classes}
+    chosen: list[int] = []
+    quota = {c: max_cells // len(classes) + (1 if i < max_cells % len(classes) else 0)
+             for i, c in enumerate(classes)}
+    for c in classes:
+        take = pools[c][:quota[c]]
+        chosen += take
+        pools[c] = pools[c][len(take):]
+    rest = [i for c in classes for i in pools[c]]
+    rest = list(rng.permutation(rest)) if rest else []
+    chosen += rest[:max_cells - len(chosen)]
+    return np.sort(np.asarray(chosen, dtype=int))
+
+
+# ---------------------------------------------------------------------------------------------
+# One fold
+# ---------------------------------------------------------------------------------------------
+def explain_fold(model, images: np.ndarray, labels: np.ndarray, zca, params: XaiParams,
+                 layers: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every explanation of one model on its test cells.
+
+    Parameters
+    ----------
+    model : the fold's Keras model (softmax head).
+    images : (n, S, S, 3) float32 test cells in **stain space** (before ZCA).
+    labels : (n,) int true classes.
+    zca : the fold's fitted ``cellstudy.augment.ZCAWhitening`` (what the model was trained with).
+    layers : Grad-CAM layers (default: the model's recorded layers).
+
+    Returns a dict of arrays: ``proba`` (n, K) float64; ``cam/<layer>`` (n, K, S, S) float16
+    Grad-CAM of every class in [0, 1] (``cam/combined`` included); ``ig`` (n, S, S) float32 signed
+    IG map of the true class (logit units); ``occlusion`` (n, S, S) float32 (probability drops);
+    ``faith/<method>/<curve>`` (n, steps+1) curves, ``faith/<method>/<curve>_auc`` (n,) and the
+    random pixel order ``faith/random/<curve>`` (same pixel-fraction grid, ``faith_fractions``);
+    ``channel_drop`` (3, 2, n): drop of p(true class) per channel x method
+    (``zero``, ``mean``); ``train_means`` (3,); ``seconds`` dict; ``gradcam_images_per_s``.
+    """
+    from . import xai
+
+    x = np.asarray(images, dtype=np.float32)
+    y = np.asarray(labels).astype(np.int32)
+    n, S = len(x), x.shape[1]
+    xw = zca.transform(x)
+    K = int(model.outputs[0].shape[-1])
+    bs = int(params.batch_size)
+    t: dict[str, float] = {}
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    from .xai import _keras as XK
+    out["proba"] = XK.predict_proba(model, xw, bs)
+    t["predict"] = time.perf_counter() - t0
+    layers = list(xai.default_layers(model) if layers is None else layers)
+    cams = {name: np.empty((n, K, S, S), np.float16) for name in [*layers, "combined"]}
+    class_seconds = []
+    for c in range(K):
+        tc = time.perf_counter()
+        res = xai.gradcam_multi(model, xw, c, layers, batch_size=bs)
+        class_seconds.append(time.perf_counter() - tc)
+        for name, m in res.items():
+            cams[name][:, c] = m.astype(np.float16)
+    t["gradcam"] = float(sum(class_seconds))
+    # the first class call traces the compiled step; the later ones are the steady-state rate
+    warm = class_seconds[1:] if len(class_seconds) > 1 else class_seconds
+    out["gradcam_images_per_s"] = float(n * len(warm) / max(sum(warm), 1e-9))
+    for name, m in cams.items():
+        out[f"cam/{name}"] = m
+    t0 = time.perf_counter()
+    ig = xai.integrated_gradients(model, xw, y, steps=int(params.ig_steps), batch_size=max(bs, 64))
+    out["ig"] = xai.attribution_map(ig, "sum").astype(np.float32)
+    t["integrated_gradients"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    patch = params.patch_for(S)
+    out["occlusion"] = xai.occlusion(model, xw, y, patch=patch, stride=max(1, patch // 2),
+                                     batch_size=max(bs, 64))
+    t["occlusion"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sal = {"gradcam": cams["combined"][np.arange(n), y].astype(np.float32),
+           "integrated_gradients": out["ig"], "occlusion": out["occlusion"]}
+    for i, (method, s) in enumerate(sal.items()):
+        # the random order does not depend on the method: computed once (with the first)
+        f = xai.deletion_insertion(model, xw, y, s, steps=int(params.faithfulness_steps), fill=0.0,
+                                   random_baseline=(i == 0), seed=int(params.seed),
+                                   batch_size=max(bs, 64))
+        out["faith_fractions"] = f.fractions
+        for curve in ("deletion", "insertion"):
+            out[f"faith/{method}/{curve}"] = getattr(f, curve).astype(np.float32)
+            out[f"faith/{method}/{curve}_auc"] = getattr(f, f"{curve}_auc")
+            if i == 0:
+                out[f"faith/random/{curve}"] = getattr(f, f"random_{curve}").astype(np.float32)
+                out[f"faith/random/{curve}_auc"] = getattr(f, f"random_{curve}_auc")
+    t["faithfulness"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    means = np.asarray(zca.mean_, dtype=np.float32)
+    _, cells = xai.channel_importance(model, x, y, means, n_boot=1, seed=int(params.seed),
+                                      transform=zca.transform, batch_size=max(bs, 64),
+                                      return_per_cell=True)
+    drop = np.empty((3, 2, n))
+    for ci, ch in enumerate(config.CHANNELS):
+        for mi, meth in enumerate(("zero", "mean")):
+            g = cells[(cells.channel == ch) & (cells.method == meth)].sort_values("cell")
+            drop[ci, mi] = g["drop"].to_numpy()
+    out["channel_drop"] = drop
+    out["train_means"] = means
+    t["channel_importance"] = time.perf_counter() - t0
+    out["seconds"] = t
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class FoldExplanation:
+    network: str
+    fold: int
+    index: np.ndarray          # (n,) rows into prepared.images
+    cell_ids: np.ndarray
+    labels: np.ndarray
+    arrays: dict[str, Any]
+    cached: bool
+    seconds: float
+
+
+@dataclass
+class XaiRun:
+    """Everything 08_xai shows. ``folds[network]``: the per-fold explanations; ``gmeans[network]``:
+    per class ``{"shape_rgb" (S,S,3), "shape_gray" (S,S), "cam/<layer>" (S,S), "corr" (S,S),
+    ...}``; tables as documented in the module docstring."""
+
+    out_dir: Path
+    params: XaiParams
+    networks: list[str]
+    missing: pd.DataFrame
+    folds: dict[str, list[FoldExplanation]]
+    cells: pd.DataFrame
+    ratios: pd.DataFrame
+    faithfulness: pd.DataFrame
+    channel_importance: pd.DataFrame
+    channel_importance_cells: pd.DataFrame
+    gallery: pd.DataFrame
+    timings: pd.DataFrame
+    gmeans: dict[str, dict[int, dict[str, np.ndarray]]] = field(default_factory=dict)
+    curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    images: np.ndarray | None = None      # prepared.images (stain space)
+
+    def stacked(self, network: str) -> dict[str, np.ndarray]:
+        """The network's explained cells over all folds: ``index``, ``cell_id``, ``fold``,
+        ``label``, ``proba``, ``images`` (stain space), ``cam/<layer>`` (n, K, S, S) float32,
+        ``ig``, ``occlusion``."""
+        fx = self.folds[network]
+        out: dict[str, np.ndarray] = {
+            "index": np.concatenate([f.index for f in fx]),
+            "cell_id": np.concatenate([f.cell_ids for f in fx]),
+            "fold": np.concatenate([np.full(len(f.index), f.fold) for f in fx]),
+            "label": np.concatenate([f.labels for f in fx]),
+            "proba": np.concatenate([f.arrays["proba"] for f in fx]),
+            "ig": np.concatenate([f.arrays["ig"] for f in fx]),
+            "occlusion": np.concatenate([f.arrays["occlusion"] for f in fx]),
+        }
+        for k in fx[0].arrays:
+            if k.startswith("cam/"):
+                out[k] = np.concatenate([f.arrays[k] for f in fx]).astype(np.float32)
+        if self.images is not None:
+            out["images"] = self.images[out["index"]]
+        return out
+
+    def layers(self, network: str) -> list[str]:
+        """Grad-CAM map names of a network (recorded layers, then ``combined``)."""
+        return [k[4:] for k in self.folds[network][0].arrays if k.startswith("cam/")]
+
+
+def _fold_dirs(run_dir: Path, regime: str) -> tuple[dict[str, list[int]], list[dict]]:
+    """Trained (network, fold) pairs with a model for ``regime``, and the missing / failed ones."""
+    from . import models
+
+    found: dict[str, list[int]] = {}
+    notes: list[dict] = []
+    root = run_dir / "training"
+    for name in models.NETWORKS:
+        d = root / name
+        if not d.is_dir():
+            notes.append({"network": name, "fold": None, "status": "not trained",
+                          "detail": f"no folder {d}"})
+            continue
+        for fd in sorted(d.glob("fold*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1):
+            if not fd.name[4:].isdigit():
+                continue
+            k = int(fd.name[4:])
+            model = fd / f"model_{regime}.keras"
+            if (fd / "failed.json").exists():
+                notes.append({"network": name, "fold": k, "status": "failed",
+                              "detail": (fd / "failed.json").read_text()[:200]})
+            elif not (fd / "done.json").exists() or not model.exists():
+                notes.append({"network": name, "fold": k, "status": "unfinished",
+                              "detail": f"no done.json or {model.name} in {fd}"})
+            elif not (fd / "zca.json").exists() or not (fd / "test_cells.csv").exists():
+                notes.append({"network": name, "fold": k, "status": "incomplete",
+                              "detail": f"zca.json or test_cells.csv missing in {fd}"})
+            else:
+                found.setdefault(name, []).append(k)
+        if name not in found and not any(r["network"] == name for r in notes):
+            notes.append({"network": name, "fold": None, "status": "not trained",
+                          "detail": f"no finished fold in {d}"})
+    return found, notes
+
+
+def _key(model_path: Path, cell_ids: np.ndarray, params: XaiParams, size: int) -> str:
+    st = model_path.stat()
+    d = {"version": CACHE_VERSION, "model": str(model_path.name), "size": st.st_size,
+         "mtime_ns": st.st_mtime_ns, "cells": hashlib.sha256("\n".join(map(str, cell_ids)).encode()).hexdigest(),
+         "params": {k: v for k, v in params.__dict__.items() if k != "n_boot"}, "image_size": int(size)}
+    return json.dumps(d, sort_keys=True)
+
+
+def _save_npz(path: Path, arrays: dict[str, Any], key: str) -> None:
+    flat = {k: np.asarray(v) for k, v in arrays.items() if k != "seconds"}
+    flat["__key__"] = np.asarray(key)
+    flat["__seconds__"] = np.asarray(json.dumps(arrays.get("seconds", {})))
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, **flat)
+    os.replace(tmp, path)
+
+
+def _load_npz(path: Path, key: str) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["__key__"]) != key:
+                return None
+            out = {k: z[k] for k in z.files if not k.startswith("__")}
+            out["seconds"] = json.loads(str(z["__seconds__"]))
+    except (OSError, ValueError, KeyError):
+        return None
+    out["gradcam_images_per_s"] = float(out["gradcam_images_per_s"])
+    return out
+
+
+def _fold_cells(prepared, fd: Path, network: str, k: int) -> np.ndarray:
+    """Rows of ``prepared`` for the fold's test cells, checked against the run's folds."""
+    cells = pd.read_csv(fd / "test_cells.csv", dtype={"cell_id": str, "group": str})
+    ids = np.asarray(prepared.cell_ids).astype(str)
+    pos = {c: i for i, c in enumerate(ids)}
+    missing = [c for c in cells["cell_id"] if c not in pos]
+    if missing:
+        raise ValueError(f"{fd / 'test_cells.csv'} lists {len(missing)} cell(s) not in the prepared cohort "
+                         f"(e.g. {missing[:3]}); expected the cohort the run was trained on")
+    idx = np.array([pos[c] for c in cells["cell_id"]])
+    if not np.all(np.asarray(prepared.folds)[idx] == k):
+        raise ValueError(f"{fd / 'test_cells.csv'}: these cells are not all in test fold {k} of the run's "
+                         f"folds file {prepared.folds_path}; expected the folds {network} was trained with")
+    if not np.array_equal(np.asarray(prepared.labels)[idx], cells["label"].to_numpy()):
+        raise ValueError(f"{fd / 'test_cells.csv'}: labels differ from the prepared cohort's labels")
+    return idx
+
+
+def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "scale",
+                networks: Sequence[str] | None = None, params: XaiParams | None = None,
+                radius: int = 2, threshold: float = 0.5, gmean_eps: float = 1e-3,
+                n_gallery: int = 3, echo: Callable[[str], None] = print) -> XaiRun:
+    """Explain every trained (network, fold) of ``prepared.run_dir`` (see the module docstring).
+
+    ``prepared``: ``cellstudy.study.prepare(...)`` of the run (same cohort, scale and folds as the
+    training). ``max_cells``: cells per fold (``"scale"``: the scale's ``xai_max_cells``; None:
+    all). ``networks``: restrict to these (default: every network with a trained fold).
+    Raises FileNotFoundError when the run has no trained model at all.
+    """
+    import keras
+
+    import cellstudy.models  # noqa: F401  (registers the custom layers for load_model)
+    from . import augment, models, xai
+
+    run_dir = Path(prepared.run_dir)
+    if max_cells == "scale":
+        max_cells = prepared.scale.get("xai_max_cells")
+    if params is None:
+        params = XaiParams(regime=regime, max_cells=max_cells, seed=0)
+    params = params.check()
+    S = int(prepared.images.shape[1])
+    out = run_dir / STEP
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+    found, notes = _fold_dirs(run_dir, params.regime)
+    if networks is not None:
+        for n in networks:
+            models.check_name(n)
+        found = {n: f for n, f in found.items() if n in networks}
+    if not found:
+        raise FileNotFoundError(
+            f"no trained model_{params.regime}.keras under {run_dir / 'training'}; run the family "
+            "notebooks (02-05) on this run folder first")
+    noted = {(r["network"], r["fold"]) for r in notes}
+    for name, ks in found.items():
+        for k in range(prepared.n_splits):
+            if k not in ks and (name, k) not in noted:
+                notes.append({"network": name, "fold": k, "status": "not trained",
+                              "detail": f"no folder {run_dir / 'training' / name / f'fold{k}'}"})
+    missing = pd.DataFrame(notes, columns=["network", "fold", "status", "detail"])
+    total = sum(len(v) for v in found.values())
+    done = 0
+    t_start = time.perf_counter()
+    folds: dict[str, list[FoldExplanation]] = {}
+    timing_rows = []
+    for name, ks in found.items():
+        for k in ks:
+            fd = run_dir / "training" / name / f"fold{k}"
+            idx_all = _fold_cells(prepared, fd, name, k)
+            labels_all = np.asarray(prepared.labels)[idx_all]
+            sel = select_cells(labels_all, params.max_cells, params.seed, k)
+            idx = idx_all[sel]
+            ids = np.asarray(prepared.cell_ids).astype(str)[idx]
+            model_path = fd / f"model_{params.regime}.keras"
+            key = _key(model_path, ids, params, S)
+            cache = out / "cache" / name / f"fold{k}_{params.regime}.npz"
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            arrays = _load_npz(cache, key)
+            cached = arrays is not None
+            if not cached:
+                model = keras.saving.load_model(model_path, compile=False)
+                in_hw = tuple(model.inputs[0].shape[1:3])
+                if in_hw != (S, S):
+                    raise ValueError(f"{model_path} takes {in_hw} images but the prepared cohort is {S} x {S}; "
+                                     "call study.prepare with the scale (and overrides) the run was trained at")
+                zca = augment.ZCAWhitening.from_state(json.loads((fd / "zca.json").read_text()))
+                arrays = explain_fold(model, prepared.images[idx], labels_all[sel], zca, params)
+                stored = fd / f"proba_{params.regime}.npy"
+                if stored.exists():
+                    ref = np.load(stored)[sel]
+                    arrays["proba_stored"] = ref
+                _save_npz(cache, arrays, key)
+                del model
+            secs = time.perf_counter() - t0
+            folds.setdefault(name, []).append(FoldExplanation(name, k, idx, ids, labels_all[sel], arrays,
+                                                               cached, secs))
+            done += 1
+            el = time.perf_counter() - t_start
+            echo(f"[{done}/{total}] xai {name} fold {k}: {len(idx)} cells, "
+                 + ("read from cache" if cached else
+                    f"{secs:.1f} s (Grad-CAM {arrays['gradcam_images_per_s']:.0f} images/s)")
+                 + f"; {el:.0f} s elapsed")
+            timing_rows.append({"network": name, "fold": k, "n_cells": len(idx), "cached": cached,
+                                "seconds": secs, "gradcam_images_per_s": arrays["gradcam_images_per_s"],
+                                **{f"seconds_{m}": v for m, v in arrays["seconds"].items()}})
+    res = XaiRun(out_dir=out, params=params, networks=list(folds), missing=missing, folds=folds,
+                 cells=pd.DataFrame(), ratios=pd.DataFrame(), faithfulness=pd.DataFrame(),
+                 channel_importance=pd.DataFrame(), channel_importance_cells=pd.DataFrame(),
+                 gallery=pd.DataFrame(), timings=pd.DataFrame(timing_rows), images=prepared.images)
+    _summarise(res, radius, threshold, gmean_eps, n_gallery)
+    _write(res)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-level summaries
+# ---------------------------------------------------------------------------------------------
+def gmean_per_class(images: np.ndarray, maps: dict[str, np.ndarray], labels: np.ndarray,
+                    eps: float = 1e-3, radius: int = 2, threshold: float = 0.5,
+                    n_classes: int = 2) -> dict[int, dict[str, Any]]:
+    """Gmean-Shape and Gmean-GradCam of each class, and the correlation image (eq. 14-16).
+
+    images: (n, S, S, 3) stain-space cells (negatives clipped to 0); maps: name -> (n, S, S)
+    Grad-CAM maps in [0, 1] (the class's own map per cell; must hold ``combined``); labels (n,).
+    Returns class -> {``shape_rgb`` (S,S,3) per-channel Gmean-Shape, ``shape_gray`` (S,S) its
+    channel mean, ``cam/<name>`` (S,S) Gmean-GradCam, ``corr`` (S,S) local correlation of
+    shape_gray and cam/combined, ``corr/<channel>`` for maps named ``feat_r/g/b`` (that stain's
+    Gmean-Shape vs that channel's Gmean-GradCam), ``n`` cells}. Classes without cells are absent.
+    """
+    from . import xai
+
+    if "combined" not in maps:
+        raise ValueError(f"maps must include 'combined'; got {sorted(maps)}")
+    x = np.clip(np.asarray(images, dtype=np.float64), 0, None)
+    y = np.asarray(labels)
+    out: dict[int, dict[str, Any]] = {}
+    for c in range(n_classes):
+        sel = np.flatnonzero(y == c)
+        if not len(sel):
+            continue
+        d: dict[str, Any] = {"n": len(sel)}
+        d["shape_rgb"] = xai.gmean(x[sel], eps=eps)
+        d["shape_gray"] = d["shape_rgb"].mean(axis=-1)
+        for name, m in maps.items():
+            d[f"cam/{name}"] = xai.gmean(np.asarray(m, dtype=np.float64)[sel], eps=eps)
+        d["corr"] = xai.local_correlation(d["shape_gray"], d["cam/combined"], radius=radius)
+        d["ratios"] = {("merged", "combined"): xai.correlation_ratios(d["corr"], threshold)}
+        for ci, (feat, ch) in enumerate(zip(("feat_r", "feat_g", "feat_b"), config.CHANNELS)):
+            if feat in maps:
+                r = xai.local_correlation(d["shape_rgb"][..., ci], d[f"cam/{feat}"], radius=radius)
+                d[f"corr/{ch}"] = r
+                d["ratios"][(ch, feat)] = xai.correlation_ratios(r, threshold)
+        out[c] = d
+    return out
+
+
+def _summarise(res: XaiRun, radius: int, threshold: float, eps: float, n_gallery: int) -> None:
+    from . import models
+    from .xai import bootstrap_ci
+
+    cls_names = config.CLASS_NAMES
+    cell_rows, ratio_rows, faith_rows, ci_rows, cic_rows, gal_rows = [], [], [], [], [], []
+    for name in res.networks:
+        st = res.stacked(name)
+        fam = models.FAMILIES.get(name, "?")
+        n = len(st["label"])
+        y = st["label"].astype(int)
+        p = st["proba"]
+        stored = [f.arrays.get("proba_stored") for f in res.folds[name]]
+        ps = np.concatenate(stored) if all(s is not None for s in stored) else np.full_like(p, np.nan)
+        cells = pd.DataFrame({"network": name, "family": fam, "fold": st["fold"], "cell_id": st["cell_id"],
+                              "label": y, "class": [cls_names[i] for i in y],
+                              "proba_normal": p[:, 0], "proba_abnormal": p[:, 1],
+                              "predicted": p.argmax(1), "proba_stored_abnormal": ps[:, 1]})
+        cell_rows.append(cells)
+        # Gmean / correlation: each cell's map of its own (true) class
+        own = {k[4:]: st[k][np.arange(n), y] for k in st if k.startswith("cam/")}
+        gm = gmean_per_class(st["images"], own, y, eps=eps, radius=radius, threshold=threshold)
+        res.gmeans[name] = gm
+        for c, d in gm.items():
+            for (shape, cam), (pos, neg) in d["ratios"].items():
+                ratio_rows.append({"network": name, "family": fam, "class": cls_names[c], "shape": shape,
+                                   "gradcam": cam, "positive_ratio": pos, "negative_ratio": neg,
+                                   "n_cells": d["n"], "radius": radius, "threshold": threshold})
+        # faithfulness
+        fx = res.folds[name]
+        fr = fx[0].arrays["faith_fractions"]
+        res.curves[name] = {"fractions": fr}
+        for curve in ("deletion", "insertion"):
+            res.curves[name][f"random/{curve}"] = np.concatenate(
+                [f.arrays[f"faith/random/{curve}"] for f in fx]).mean(0)
+        for method in METHODS:
+            for curve in ("deletion", "insertion"):
+                auc = np.concatenate([f.arrays[f"faith/{method}/{curve}_auc"] for f in fx])
+                rnd = np.concatenate([f.arrays[f"faith/random/{curve}_auc"] for f in fx])
+                diff = auc - rnd
+                m, lo, hi = bootstrap_ci(diff, res.params.n_boot, res.params.seed)
+                better = (m < 0) if curve == "deletion" else (m > 0)
+                faith_rows.append({"network": name, "family": fam, "method": method, "curve": curve,
+                                   "auc": float(auc.mean()), "random_auc": float(rnd.mean()),
+                                   "difference": m, "ci_low": lo, "ci_high": hi, "n_cells": len(auc),
+                                   "beats_random": bool(better and (hi < 0 if curve == "deletion" else lo > 0))})
+                res.curves[name][f"{method}/{curve}"] = np.concatenate(
+                    [f.arrays[f"faith/{method}/{curve}"] for f in fx]).mean(0)
+        # channel importance (all explained cells of the network, bootstrap over cells)
+        drop = np.concatenate([f.arrays["channel_drop"] for f in fx], axis=-1)  # (3, 2, n)
+        for ci, ch in enumerate(config.CHANNELS):
+            for mi, meth in enumerate(("zero", "mean")):
+                m, lo, hi = bootstrap_ci(drop[ci, mi], res.params.n_boot, res.params.seed)
+                ci_rows.append({"network": name, "family": fam, "channel": ch, "channel_index": ci,
+                                "method": meth, "mean_drop": m, "ci_low": lo, "ci_high": hi, "n_cells": n})
+                cic_rows.append(pd.DataFrame({"network": name, "fold": st["fold"], "cell_id": st["cell_id"],
+                                              "label": y, "channel": ch, "method": meth, "drop": drop[ci, mi]}))
+        # galleries: per true class, most confident (highest p(true)) and most ambiguous (p near 0.5)
+        for c in range(len(cls_names)):
+            sel = np.flatnonzero(y == c)
+            if not len(sel):
+                continue
+            pt = p[sel, c]
+            for kind, order in (("confident", np.argsort(-pt, kind="stable")),
+                                ("ambiguous", np.argsort(np.abs(p[sel, 1] - 0.5), kind="stable"))):
+                for r, j in enumerate(order[:n_gallery]):
+                    i = sel[j]
+                    gal_rows.append({"network": name, "class": cls_names[c], "kind": kind, "rank": r + 1,
+                                     "row": int(i), "cell_id": st["cell_id"][i], "fold": int(st["fold"][i]),
+                                     "proba_normal": p[i, 0], "proba_abnormal": p[i, 1]})
+    res.cells = pd.concat(cell_rows, ignore_index=True)
+    res.ratios = pd.DataFrame(ratio_rows)
+    res.faithfulness = pd.DataFrame(faith_rows)
+    res.channel_importance = pd.DataFrame(ci_rows)
+    res.channel_importance_cells = pd.concat(cic_rows, ignore_index=True)
+    res.gallery = pd.DataFrame(gal_rows)
+
+
+def _write(res: XaiRun) -> None:
+    out = res.out_dir
+    for name in ("cells", "ratios", "faithfulness", "channel_importance", "channel_importance_cells",
+                 "gallery", "timings", "missing"):
+        getattr(res, name).to_csv(out / f"{name}.csv", index=False)
+    for net, gm in res.gmeans.items():
+        arrs = {}
+        for c, d in gm.items():
+            for k, v in d.items():
+                if isinstance(v, np.ndarray):
+                    arrs[f"{config.CLASS_NAMES[c]}/{k}"] = v.astype(np.float32)
+        np.savez_compressed(out / f"gmean_{net}.npz", **arrs)
+    np.savez_compressed(out / "faithfulness_curves.npz",
+                        **{f"{net}/{k}": v for net, d in res.curves.items() for k, v in d.items()})
+
+
+def channel_claim(table: pd.DataFrame, method: str = "mean") -> pd.DataFrame:
+    """Per network: which stain moves the prediction most (``method``), the third stain's drop with
+    its CI, and whether the third stain is the most important one with a CI above 0 (the paper's
+    claim that the networks rely on vimentin, here the third stain)."""
+    rows = []
+    t = table[table.method == method]
+    for net, g in t.groupby("network", sort=False):
+        g = g.set_index("channel")
+        top = g["mean_drop"].idxmax()
+        third = g.loc["third"]
+        rows.append({"network": net, "most_important": top,
+                     "third_drop": third.mean_drop, "third_ci_low": third.ci_low, "third_ci_high": third.ci_high,
+                     "third_is_top": top == "third", "third_ci_above_0": bool(third.ci_low > 0),
+                     "supports_claim": bool(top == "third" and third.ci_low > 0)})
+    return pd.DataFrame(rows)
