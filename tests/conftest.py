@@ -23,3 +23,14 @@ def shared_data() -> Path:
     if not (root / "bbbc021-mcf7").is_dir():
         pytest.skip(f"real data not found at {root} (set CELLSTUDY_DATA_ROOT)")
     return root
+
+
+@pytest.fixture(scope="session")
+def ci_run(tmp_path_factory, shared_data) -> Path:
+    """The `ci` study (configs/ci.yaml) run once per test session by the runner, book included;
+    shared by the end-to-end and browser tests. Returns the run folder."""
+    from cellstudy import config, runner
+
+    runs = tmp_path_factory.mktemp("runs")
+    return runner.run_study(config.REPO_ROOT / "configs" / "ci.yaml", runs_dir=runs, data_root=str(shared_data),
+                            log_output=False, echo=print)

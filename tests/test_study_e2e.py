@@ -8,12 +8,7 @@ from cellstudy import config, runner
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ci_run(tmp_path_factory, shared_data):
-    runs = tmp_path_factory.mktemp("runs")
-    run = runner.run_study(config.REPO_ROOT / "configs" / "ci.yaml", runs_dir=runs, data_root=str(shared_data),
-                           log_output=False, echo=print)
-    return run
+# `ci_run` (the ci study, run once per session) is a fixture in conftest.py.
 
 
 def test_run_folder_holds_executed_notebooks_outputs_and_provenance(ci_run):

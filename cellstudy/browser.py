@@ -1,0 +1,255 @@
+"""Check a built book as a reader would: open every chapter in headless Chromium.
+
+``check_book(html_dir, out_dir)`` opens each chapter page of a built Jupyter Book with Debian's
+``chromium`` (headless, no network, a throw-away profile), lets the page's scripts run for a fixed
+virtual time (``--virtual-time-budget``) and inspects the rendered DOM (``--dump-dom``):
+
+* figures: every ``<img>`` of the page is in the rendered DOM and its file exists, non-empty;
+* equations: every display/inline math element of the page was typeset by MathJax (the DOM holds
+  at least as many ``<mjx-container>`` elements as the page has math elements, and MathJax left no
+  ``merror`` element);
+* no error outputs: no notebook traceback / error output, no Python traceback text.
+
+It saves a screenshot of each page (``--screenshot``) as ``<out_dir>/<page>.png``. Chromium is found
+as ``$CHROMIUM``, ``chromium``, ``chromium-browser`` or ``google-chrome`` on the PATH; when none is
+there the report says so (``report.skipped``) instead of failing, unless ``require=True``.
+Install on Debian / Ubuntu with ``apt-get install -y --no-install-recommends chromium``.
+"""
+from __future__ import annotations
+
+import html as html_mod
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+__all__ = ["BrowserUnavailable", "PageCheck", "BookCheck", "find_chromium", "chromium_flags", "dump_dom",
+           "screenshot", "check_page", "check_book", "chapter_pages"]
+
+#: Flags for every Chromium call: headless, no GPU, no network services, no first-run UI.
+BASE_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--hide-scrollbars", "--mute-audio")
+#: Pages of a Jupyter Book build that are not chapters.
+NON_CHAPTER_PAGES = ("genindex.html", "search.html", "py-modindex.html")
+#: Markers of an error output in a rendered notebook (MyST-NB / nbsphinx classes, Python tracebacks).
+ERROR_MARKERS = ("output traceback", "output error", "Traceback (most recent call last)",
+                 'class="ansi-red-fg">---------------------------------------------------------------------------')
+
+
+class BrowserUnavailable(RuntimeError):
+    """No Chromium executable was found (the message says how to install one)."""
+
+
+@dataclass
+class PageCheck:
+    """What one page showed in the browser."""
+
+    page: str
+    images: int = 0                 # <img> elements in the rendered DOM
+    math_expected: int = 0          # math elements in the page's HTML
+    math_typeset: int = 0           # <mjx-container> elements after MathJax ran
+    screenshot: Path | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class BookCheck:
+    """The result of :func:`check_book`: ``ok`` is True / False, or None when ``skipped``."""
+
+    html_dir: Path
+    pages: list[PageCheck] = field(default_factory=list)
+    skipped: str | None = None
+    chromium: str | None = None
+
+    @property
+    def ok(self) -> bool | None:
+        if self.skipped:
+            return None
+        return bool(self.pages) and all(p.ok for p in self.pages)
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{p.page}: {msg}" for p in self.pages for msg in p.problems]
+
+    @property
+    def screenshots(self) -> list[Path]:
+        return [p.screenshot for p in self.pages if p.screenshot is not None]
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"browser check skipped: {self.skipped}"
+        lines = [f"browser check of {len(self.pages)} page(s) in {self.html_dir} with {self.chromium}: "
+                 + ("OK" if self.ok else f"{len(self.problems)} problem(s)")]
+        for p in self.pages:
+            lines.append(f"  {p.page}: {p.images} figure(s), {p.math_typeset}/{p.math_expected} equation(s) "
+                         f"typeset{'' if p.ok else ' -- ' + '; '.join(p.problems)}")
+        return "\n".join(lines)
+
+
+def find_chromium() -> str | None:
+    """Path of a Chromium executable: ``$CHROMIUM`` if set, else the first of ``chromium``,
+    ``chromium-browser``, ``google-chrome`` on the PATH, else None."""
+    env = os.environ.get("CHROMIUM")
+    if env:
+        return env if (Path(env).is_file() or shutil.which(env)) else None
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        p = shutil.which(name)
+        if p:
+            return p
+    return None
+
+
+def chromium_flags(user_data_dir: str | os.PathLike, window: tuple[int, int] = (1280, 1600),
+                   budget_ms: int = 10000) -> list[str]:
+    """The command-line flags of one headless call (a fresh profile in ``user_data_dir``)."""
+    return [*BASE_FLAGS, f"--user-data-dir={user_data_dir}", f"--window-size={window[0]},{window[1]}",
+            f"--virtual-time-budget={int(budget_ms)}"]
+
+
+def _run(chromium: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory(prefix="cellstudy-chromium-") as profile:
+        cmd = [chromium, *chromium_flags(profile), *args]
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise TimeoutError(f"chromium did not finish within {timeout} s: {' '.join(cmd)}") from e
+
+
+def dump_dom(url: str, chromium: str | None = None, timeout: float = 120) -> str:
+    """The DOM of ``url`` after its scripts ran for 10 s of virtual time (``--dump-dom``)."""
+    chromium = chromium or _require()
+    r = _run(chromium, ["--dump-dom", url], timeout)
+    if r.returncode != 0 or "<html" not in r.stdout.lower():
+        raise RuntimeError(f"chromium --dump-dom {url} failed (exit {r.returncode}): {r.stderr[-500:]}")
+    return r.stdout
+
+
+def screenshot(url: str, path: str | os.PathLike, chromium: str | None = None, timeout: float = 120) -> Path:
+    """Save a PNG screenshot of ``url`` at ``path`` (``--screenshot``); returns the path."""
+    chromium = chromium or _require()
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    r = _run(chromium, [f"--screenshot={path}", url], timeout)
+    if r.returncode != 0 or not path.is_file() or path.stat().st_size == 0:
+        raise RuntimeError(f"chromium --screenshot of {url} failed (exit {r.returncode}): {r.stderr[-500:]}")
+    return path
+
+
+def _require() -> str:
+    c = find_chromium()
+    if c is None:
+        raise BrowserUnavailable(
+            "no Chromium found (looked for $CHROMIUM, chromium, chromium-browser, google-chrome); install it "
+            "with `apt-get install -y --no-install-recommends chromium` (Debian / Ubuntu)")
+    return c
+
+
+def chapter_pages(html_dir: str | os.PathLike) -> list[Path]:
+    """The chapter pages of a built book: the top-level ``*.html`` files except the index,
+    search and module-index pages (``index.html`` is a redirect to the first chapter)."""
+    html_dir = Path(html_dir)
+    return sorted(p for p in html_dir.glob("*.html") if p.name not in NON_CHAPTER_PAGES + ("index.html",))
+
+
+_IMG_RE = re.compile(r"<img\b[^>]*?\bsrc=\"([^\"]+)\"", re.I)
+# math elements as Sphinx writes them for MathJax: <div class="math ..."> / <span class="math ...">
+_MATH_RE = re.compile(r"<(?:div|span)\b[^>]*\bclass=\"(?:[^\"]*\s)?math(?:\s[^\"]*)?\"", re.I)
+
+
+def check_page(page: str | os.PathLike, out_dir: str | os.PathLike | None = None, chromium: str | None = None,
+               timeout: float = 120) -> PageCheck:
+    """Open one HTML page in headless Chromium and check figures, equations and error outputs
+    (see the module docstring); with ``out_dir`` also save ``<out_dir>/<page stem>.png``."""
+    chromium = chromium or _require()
+    page = Path(page).resolve()
+    if not page.is_file():
+        raise FileNotFoundError(f"page {page} does not exist")
+    raw = page.read_text(errors="replace")
+    chk = PageCheck(page=page.name)
+    url = page.as_uri()
+    try:
+        dom = dump_dom(url, chromium, timeout)
+    except (RuntimeError, TimeoutError) as e:
+        chk.problems.append(str(e))
+        return chk
+    # figures: rendered, and their files exist
+    srcs = _IMG_RE.findall(dom)
+    chk.images = len(srcs)
+    if len(_IMG_RE.findall(raw)) > len(srcs):
+        chk.problems.append(f"{len(_IMG_RE.findall(raw))} <img> in the HTML but {len(srcs)} in the rendered page")
+    for src in srcs:
+        src = html_mod.unescape(src)
+        if src.startswith("data:"):
+            continue
+        parsed = urlparse(src)
+        if parsed.scheme in ("http", "https"):
+            chk.problems.append(f"figure {src} is loaded from the network")
+            continue
+        f = Path(unquote(parsed.path)) if parsed.scheme == "file" else (page.parent / unquote(parsed.path))
+        if not f.is_file() or f.stat().st_size == 0:
+            chk.problems.append(f"figure {src} is missing or empty ({f})")
+    # equations: every math element typeset by MathJax
+    chk.math_expected = len(_MATH_RE.findall(raw))
+    chk.math_typeset = len(re.findall(r"<mjx-container\b", dom))
+    if chk.math_typeset < chk.math_expected:
+        chk.problems.append(f"{chk.math_expected} equation(s) in the HTML but {chk.math_typeset} typeset by MathJax "
+                            "(is MathJax reachable offline?)")
+    if "<mjx-merror" in dom or 'data-mjx-error' in dom:
+        chk.problems.append("MathJax reported a TeX error (mjx-merror)")
+    # no error outputs
+    for marker in ERROR_MARKERS:
+        if marker in dom:
+            chk.problems.append(f"an error output is shown ({marker!r})")
+            break
+    if out_dir is not None:
+        try:
+            chk.screenshot = screenshot(url, Path(out_dir) / f"{page.stem}.png", chromium, timeout)
+        except (RuntimeError, TimeoutError) as e:
+            chk.problems.append(str(e))
+    return chk
+
+
+def check_book(html_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, pages=None,
+               screenshot_pages=None, require: bool = False, timeout: float = 120) -> BookCheck:
+    """Open every chapter page of a built book in headless Chromium and check it.
+
+    html_dir: the build's ``_build/html`` folder. out_dir: where the screenshots go (e.g.
+    ``<run>/screenshots``; None: no screenshots). pages: page file names to check (default
+    :func:`chapter_pages`). screenshot_pages: which of them get a screenshot (default: all).
+    require: raise :class:`BrowserUnavailable` when no Chromium is found; otherwise the report is
+    returned with ``skipped`` set and ``ok`` None.
+
+    Returns a :class:`BookCheck` (``ok``, ``problems``, ``screenshots``, ``summary()``).
+    Raises FileNotFoundError when ``html_dir`` has no ``index.html`` or a named page is missing.
+    """
+    html_dir = Path(html_dir)
+    if not (html_dir / "index.html").is_file():
+        raise FileNotFoundError(f"{html_dir} holds no index.html; expected a built book's _build/html folder")
+    report = BookCheck(html_dir=html_dir)
+    chromium = find_chromium()
+    if chromium is None:
+        msg = ("no Chromium found (looked for $CHROMIUM, chromium, chromium-browser, google-chrome); install it "
+               "with `apt-get install -y --no-install-recommends chromium`")
+        if require:
+            raise BrowserUnavailable(msg)
+        report.skipped = msg
+        return report
+    report.chromium = chromium
+    files = chapter_pages(html_dir) if pages is None else [html_dir / p for p in pages]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"page {f} does not exist in the built book")
+    shots = None if screenshot_pages is None else set(screenshot_pages)
+    for f in files:
+        target = out_dir if (out_dir is not None and (shots is None or f.name in shots)) else None
+        report.pages.append(check_page(f, target, chromium, timeout))
+    return report

@@ -1,0 +1,119 @@
+"""The book as a reader sees it: every chapter opened in headless Chromium (cellstudy.browser).
+
+Needs Debian's `chromium` (`apt-get install -y --no-install-recommends chromium`). Without it the
+tests skip with that reason, except under CI=true, where a missing browser is a failure.
+"""
+import os
+import shutil
+import struct
+
+import pytest
+
+from cellstudy import browser, config, runner
+
+MATHJAX = config.REPO_ROOT / "node_modules" / "mathjax" / "es5"
+
+
+def _need_chromium():
+    if browser.find_chromium() is None:
+        msg = ("chromium is not installed (apt-get install -y --no-install-recommends chromium); "
+               "the browser check cannot run")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + " -- CI=true requires it")
+        pytest.skip(msg)
+
+
+def _png_size(path):
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+# ---------------------------------------------------------------------------------------------
+# the checker itself, on hand-made pages (fast): it must pass a good page and catch bad ones
+# ---------------------------------------------------------------------------------------------
+_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">
+{head}</head><body><h1>{title}</h1>{body}</body></html>"""
+_MJ = '<script defer src="mathjax/tex-chtml.js"></script>'
+
+
+@pytest.fixture
+def handmade_book(tmp_path):
+    if not (MATHJAX / "tex-chtml.js").is_file():
+        pytest.skip(f"MathJax not installed at {MATHJAX} (npm install)")
+    html = tmp_path / "html"
+    (html / "_images").mkdir(parents=True)
+    (html / "mathjax").mkdir()
+    shutil.copy2(MATHJAX / "tex-chtml.js", html / "mathjax" / "tex-chtml.js")
+    shutil.copytree(MATHJAX / "output" / "chtml" / "fonts", html / "mathjax" / "output" / "chtml" / "fonts")
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(2, 2))
+    fig.subplots().plot([0, 1], [0, 1])
+    fig.savefig(html / "_images" / "fig.png")
+    (html / "index.html").write_text('<meta http-equiv="Refresh" content="0; url=good.html" />')
+    (html / "good.html").write_text(_PAGE.format(
+        head=_MJ, title="good", body='<img src="_images/fig.png" alt="a figure">'
+        '<div class="math notranslate nohighlight">\\[t = \\frac{\\bar d}{s_d}\\]</div>'
+        '<p>inline <span class="math notranslate nohighlight">\\(x^2\\)</span></p>'))
+    (html / "bad.html").write_text(_PAGE.format(
+        head="", title="bad", body='<img src="_images/missing.png">'
+        '<div class="math notranslate nohighlight">\\[x^2\\]</div>'
+        '<div class="cell_output docutils container"><div class="output traceback highlight-ipythontb">'
+        '<pre>ValueError: boom</pre></div></div>'))
+    return html
+
+
+def test_checker_passes_a_good_page_and_catches_missing_figure_untypeset_math_and_errors(handmade_book, tmp_path):
+    _need_chromium()
+    report = browser.check_book(handmade_book, tmp_path / "shots")
+    pages = {p.page: p for p in report.pages}
+    assert set(pages) == {"good.html", "bad.html"}
+    good, bad = pages["good.html"], pages["bad.html"]
+    assert good.ok, good.problems
+    assert good.images == 1 and good.math_expected == 2 and good.math_typeset >= 2
+    assert not bad.ok and report.ok is False
+    text = " | ".join(bad.problems)
+    assert "missing.png is missing" in text
+    assert "1 equation(s) in the HTML but 0 typeset" in text
+    assert "error output" in text
+    for p in report.pages:
+        w, h = _png_size(p.screenshot)
+        assert (w, h) == (1280, 1600) and p.screenshot.stat().st_size > 5_000
+
+
+def test_missing_chromium_is_reported_not_crashed(handmade_book, monkeypatch, tmp_path):
+    monkeypatch.setenv("CHROMIUM", str(tmp_path / "no-such-browser"))
+    report = browser.check_book(handmade_book, tmp_path / "shots")
+    assert report.ok is None and "apt-get install" in report.skipped and report.pages == []
+    with pytest.raises(browser.BrowserUnavailable, match="no Chromium found"):
+        browser.check_book(handmade_book, tmp_path / "shots", require=True)
+    with pytest.raises(FileNotFoundError, match="no index.html"):
+        browser.check_book(tmp_path, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the real book of the ci study
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_every_chapter_of_the_ci_book_renders_with_figures_and_equations(ci_run):
+    _need_chromium()
+    html = ci_run / "book" / "_build" / "html"
+    shots = ci_run / "screenshots"
+    report = browser.check_book(html, shots)
+    print(report.summary())
+    assert report.ok, report.summary()
+    pages = {p.page: p for p in report.pages}
+    cfg = runner.load_config(config.REPO_ROOT / "configs" / "ci.yaml")
+    for step in cfg.steps:  # every notebook chapter has its figures
+        assert f"{step}.html" in pages, f"{step} was not checked"
+        assert pages[f"{step}.html"].images >= 1, f"{step} shows no figure"
+    for page in ("intro.html", "provenance.html"):
+        assert page in pages
+    with_math = [p for p in report.pages if p.math_expected]
+    assert with_math, "no chapter has an equation"
+    assert all(p.math_typeset >= p.math_expected for p in with_math)
+    if "01_preprocessing.html" in pages:
+        assert pages["01_preprocessing.html"].math_expected >= 2  # the filters' equations (1) and (2)
+    for p in report.pages:  # a screenshot of every page, saved with the run
+        assert p.screenshot == shots / f"{p.page[:-5]}.png"
+        assert _png_size(p.screenshot)[0] == 1280 and p.screenshot.stat().st_size > 10_000
