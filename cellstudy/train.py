@@ -814,7 +814,8 @@ def pipeline_overhead(build_fn: Callable[[], Any], x, y, batch_size: int = 16, s
         ds = _epoch_dataset(_base_dataset(x[:nb * batch_size], y[:nb * batch_size], cache),
                             nb * batch_size, batch_size, seed, r).repeat()
         timer = _StepTimer()
-        model.fit(ds, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[timer])
+        model.fit(ds, steps_per_epoch=warmup + steps, epochs=1, verbose=0, shuffle=False,
+                  callbacks=[timer])
         d = np.diff(timer.ends)[warmup - 1:] if warmup >= 1 else np.diff(timer.ends)
         pipe_t += [float(v) for v in d]
         # in-memory
