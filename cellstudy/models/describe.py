@@ -111,3 +111,34 @@ def stage_table(model) -> pd.DataFrame:
         rows.append({"stage": stage, "layer": lname, "output_shape": _shape(out),
                      "params": int(layer.count_params()) if layer.built else 0})
     return pd.DataFrame(rows)
+
+
+def network_card(name: str, image_size: int, big_size: int = 512, n_runs: int = 3,
+                 n_classes: int = 2, **params) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The book's card of one network: ``(summary, stages)``.
+
+    ``summary``: :func:`describe`'s columns, one row at ``image_size`` (with ``forward_ms``, the
+    median compiled single-image forward time) and one at ``big_size`` (no timing; built only to
+    count parameters and read shapes). ``stages``: :func:`stage_table` at ``image_size``.
+    Each size is built once.
+    """
+    from . import FAMILIES, build, check_name, gradcam_layers
+
+    check_name(name)
+    rows, stages = [], None
+    for s, timed in ((int(image_size), True), (int(big_size), False)):
+        m = build(name, s, n_classes=n_classes, **params)
+        gl = gradcam_layers(m)
+        rows.append({
+            "network": name, "family": FAMILIES[name], "image_size": s,
+            "n_params": int(m.count_params()),
+            "n_trainable": int(sum(int(np.prod(w.shape)) for w in m.trainable_weights)),
+            "input_shape": _shape(m.inputs[0]), "output_shape": _shape(m.outputs[0]),
+            "gradcam_layers": ";".join(gl),
+            "gradcam_shapes": ";".join(_shape(m.get_layer(n).output) for n in gl),
+            "forward_ms": forward_time_ms(m, n_runs=n_runs) if timed else np.nan,
+        })
+        if timed:
+            stages = stage_table(m)
+        del m
+    return pd.DataFrame(rows), stages
