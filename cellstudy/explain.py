@@ -16,8 +16,9 @@ network explains the same cells):
   family, per backbone for DenRes-131, and for the ViT at ``vit_grid`` (the last block's patch
   tokens after the final LayerNorm, laid back on their patch grid as a 4-D map by the model
   itself, so the ordinary Grad-CAM applies: token Grad-CAM);
-* Integrated Gradients (signed sum over channels) and occlusion (patch S/8, stride S/16) of the
-  true class;
+* Integrated Gradients (signed sum over channels, ``ig_steps`` midpoint steps from the training
+  mean) and occlusion (patch S/8 set to the training mean, stride = patch: 8 x 8 positions) of
+  the true class;
 * deletion / insertion curves of the true-class probability for the three maps (Grad-CAM
   combined, IG, occlusion) and for a random pixel order; deleted pixels take the value 0 in
   whitened space, i.e. the training mean;
@@ -58,7 +59,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -85,6 +86,7 @@ class XaiParams:
     seed: int = 0
     ig_steps: int = 16
     occlusion_patch: int | None = None      # None: max(2, S // 8)
+    occlusion_stride: int | None = None     # None: the patch (non-overlapping, 8 x 8 positions)
     faithfulness_steps: int = 10
     n_boot: int = 1000
     batch_size: int = 32
@@ -98,9 +100,10 @@ class XaiParams:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name}={v!r}; expected an int >= 1")
-        if self.occlusion_patch is not None and (not isinstance(self.occlusion_patch, (int, np.integer))
-                                                 or self.occlusion_patch < 1):
-            raise ValueError(f"occlusion_patch={self.occlusion_patch!r}; expected None or an int >= 1")
+        for name in ("occlusion_patch", "occlusion_stride"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
+                raise ValueError(f"{name}={v!r}; expected None or an int >= 1")
         return self
 
     def patch_for(self, size: int) -> int:
@@ -189,7 +192,7 @@ def explain_fold(model, images: np.ndarray, labels: np.ndarray, zca, params: Xai
     t["integrated_gradients"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     patch = params.patch_for(S)
-    out["occlusion"] = xai.occlusion(model, xw, y, patch=patch, stride=max(1, patch // 2),
+    out["occlusion"] = xai.occlusion(model, xw, y, patch=patch, stride=int(params.occlusion_stride or patch),
                                      batch_size=max(bs, 64))
     t["occlusion"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -373,7 +376,7 @@ def _fold_cells(prepared, fd: Path, network: str, k: int) -> np.ndarray:
     return idx
 
 
-def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "scale",
+def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "scale", seed: int = 0,
                 networks: Sequence[str] | None = None, params: XaiParams | None = None,
                 radius: int = 2, threshold: float = 0.5, gmean_eps: float = 1e-3,
                 n_gallery: int = 3, echo: Callable[[str], None] = print) -> XaiRun:
@@ -381,7 +384,9 @@ def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "s
 
     ``prepared``: ``cellstudy.study.prepare(...)`` of the run (same cohort, scale and folds as the
     training). ``max_cells``: cells per fold (``"scale"``: the scale's ``xai_max_cells``; None:
-    all). ``networks``: restrict to these (default: every network with a trained fold).
+    all). ``seed``: the cell selection and the random orders. ``networks``: restrict to these
+    (default: every network with a trained fold). ``params``: the other knobs (:class:`XaiParams`;
+    its regime, max_cells and seed are replaced by the arguments).
     Raises FileNotFoundError when the run has no trained model at all.
     """
     import keras
@@ -392,9 +397,7 @@ def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "s
     run_dir = Path(prepared.run_dir)
     if max_cells == "scale":
         max_cells = prepared.scale.get("xai_max_cells")
-    if params is None:
-        params = XaiParams(regime=regime, max_cells=max_cells, seed=0)
-    params = params.check()
+    params = replace(params or XaiParams(), regime=regime, max_cells=max_cells, seed=int(seed)).check()
     S = int(prepared.images.shape[1])
     out = run_dir / STEP
     (out / "cache").mkdir(parents=True, exist_ok=True)
