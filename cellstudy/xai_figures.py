@@ -45,8 +45,9 @@ def _proba_title(p: np.ndarray, label: int | None = None, cell_id: str | None = 
     head = []
     if label is not None:
         head.append(f"true {CLASS_NAMES[int(label)]}")
-    if cell_id is not None:
-        head.append(str(cell_id))
+    if cell_id is not None:  # ids can be long paths: keep the tail
+        cid = str(cell_id).split("/")[-1]
+        head.append(cid if len(cid) <= 14 else "..." + cid[-12:])
     return (", ".join(head) + "\n" if head else "") + s
 
 
