@@ -351,6 +351,16 @@ def run_study(
         from .book import build_book
         index = build_book(run_dir, cfg, echo=echo)
         status["book"] = str(index)
+        from .browser import check_book
+        echo("checking the book in headless Chromium ...")
+        check = check_book(index.parent, run_dir / "screenshots")
+        status["browser_check"] = {"ok": check.ok, "skipped": check.skipped, "problems": check.problems,
+                                   "screenshots": [str(p) for p in check.screenshots]}
+        echo(check.summary())
+        if check.ok is False:
+            status["state"] = "failed"
+            _write_status(run_dir, status)
+            raise StudyError("the built book failed the browser check: " + "; ".join(check.problems[:10]))
     status["state"] = "complete"
     status["finished"] = provenance.now()
     _write_status(run_dir, status)
