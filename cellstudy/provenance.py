@@ -5,7 +5,6 @@ checksums, git commit, hardware) so a result can be traced back to its inputs.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -78,12 +77,11 @@ def hardware() -> dict[str, Any]:
     }
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file (``cellstudy.data.sha256_file``)."""
+    from .data import sha256_file as _sha
+
+    return _sha(path)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -9,7 +9,6 @@ a grey image ``g`` then gives the same response as the RGB image ``(g, g, g)`` d
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -19,13 +18,7 @@ import numpy as np
 from . import backbones as bbs
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from ..data import sha256_file  # noqa: E402  (one implementation for the package)
 
 
 def resolve_weights_path(path: str | os.PathLike, sha256: str | None = None) -> Path:
