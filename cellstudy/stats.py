@@ -458,7 +458,10 @@ def minimum_detectable_effect(
 
     def pw(dz: float) -> float:
         nc = dz / scale
-        return float(sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc))
+        v = float(sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc))
+        # scipy's noncentral t returns NaN far in the tail (large ncp, small df), where the
+        # power is 1 to machine precision.
+        return v if math.isfinite(v) else 1.0
 
     hi = 1.0
     while pw(hi) < power:

@@ -267,3 +267,11 @@ def test_power_statement_states_numbers():
     assert f"{S.minimum_detectable_effect(5, 0.05 / 3, 0.8, 0.0):.2f}" in txt
     assert f"{S.minimum_detectable_effect(5, 0.05 / 3, 0.8, None):.2f}" in txt
     assert "cannot" in txt
+
+
+def test_minimum_detectable_effect_small_k_does_not_crash():
+    # scipy's nct gives NaN at large noncentrality for df <= 3; the power there is 1.
+    for k in (2, 3, 4):
+        for alpha in (0.05, 0.05 / 3):
+            d = S.minimum_detectable_effect(k=k, alpha=alpha, ratio=None)
+            assert np.isfinite(d) and d > S.minimum_detectable_effect(k=k + 1, alpha=alpha, ratio=None)
