@@ -9,6 +9,8 @@ A study config names the cohort, the scale, the seed and the steps (numbered not
     data_root: null          # null: $CELLSTUDY_DATA_ROOT, else ../shared/data
     overrides: {}            # scale overrides, e.g. {image_size: 64}
     steps: [00_cohort, 01_preprocessing]
+    notebook_parameters:     # optional: extra parameters of single steps
+      06_gpu_training: {network: mhl}
 
 ``run_study`` checks everything it can before long work starts (config values, data root,
 manifest, checksums), then executes each step's notebook with papermill into
@@ -64,6 +66,8 @@ class StudyConfig:
     data_root: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     title: str = "cellstudy"
+    #: extra papermill parameters for single steps, e.g. {"06_gpu_training": {"network": "mhl"}}
+    notebook_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def digest(self) -> str:
         """A short hash identifying what this config computes (used to match runs to resume)."""
@@ -111,6 +115,15 @@ def load_config(path: str | os.PathLike, **override: Any) -> StudyConfig:
     bad = [s for s in cfg.steps if s not in steps]
     if bad:
         raise config.ConfigError(f"study config {path}: unknown step(s) {bad}; notebooks/ has {steps}")
+    cfg.notebook_parameters = dict(cfg.notebook_parameters or {})
+    bad = [s for s in cfg.notebook_parameters if s not in cfg.steps]
+    if bad:
+        raise config.ConfigError(f"study config {path}: notebook_parameters names step(s) {bad} not in steps")
+    reserved = {"run_dir", "data_root", "cohort", "scale", "seed", "overrides"}
+    for step, extra in cfg.notebook_parameters.items():
+        if not isinstance(extra, dict) or set(extra) & reserved:
+            raise config.ConfigError(f"study config {path}: notebook_parameters[{step!r}] must be a mapping of "
+                                     f"notebook parameters other than {sorted(reserved)}")
     if len(set(cfg.steps)) != len(cfg.steps):
         raise config.ConfigError(f"study config {path}: a step is listed twice in {cfg.steps}")
     return cfg
@@ -327,7 +340,8 @@ def run_study(
         status["steps"][step] = {"state": "running", "started": provenance.now()}
         _write_status(run_dir, status)
         try:
-            secs = execute_step(step, run_dir, params, log_output=log_output)
+            secs = execute_step(step, run_dir, {**params, **cfg.notebook_parameters.get(step, {})},
+                                log_output=log_output)
         except StudyError as e:
             status["steps"][step] = {"state": "failed", "error": str(e)}
             status["state"] = "failed"

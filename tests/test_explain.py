@@ -17,10 +17,17 @@ MAX_CELLS = 6
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, shared_data):
+def trained(tmp_path_factory, shared_data, ci_run):
+    """mhl and rgb on folds 0-1, copied from the session's ci run (read back, not retrained)."""
+    import shutil
+
     from cellstudy import experiment, study
 
     run = tmp_path_factory.mktemp("xai_run")
+    shutil.copytree(ci_run / "folds", run / "folds")
+    for net in ("mhl", "rgb"):
+        for k in (0, 1):
+            shutil.copytree(ci_run / "training" / net / f"fold{k}", run / "training" / net / f"fold{k}")
     p = study.prepare("bbbc021-paper", "ci", run, data_root=str(shared_data), progress=False,
                       overrides={"networks": ["mhl", "rgb"], "folds_to_run": [0, 1]})
     quiet = {"echo": lambda s: None, "progress": lambda e: None}

@@ -26,11 +26,18 @@ def _params(run, shared_data):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, shared_data):
+def tiny_run(tmp_path_factory, shared_data, ci_run):
+    """The three networks' trained folds of the session's ci run, copied into a fresh run folder
+    (no training here; no 08_xai outputs), then read back by run_networks as a check."""
     run = tmp_path_factory.mktemp("statsrun")
+    shutil.copytree(ci_run / "folds", run / "folds")
+    for net in NETWORKS:
+        for k in OVERRIDES["folds_to_run"]:
+            shutil.copytree(ci_run / "training" / net / f"fold{k}", run / "training" / net / f"fold{k}")
     p = study.prepare("bbbc021-paper", "ci", run, data_root=str(shared_data), overrides=OVERRIDES, progress=False)
     for family, step in (("DL", "02_dl_family"), ("RGB", "04_rgb_family"), ("MHL", "05_mhl_family")):
-        experiment.run_networks(p, family, step, progress=lambda ev: None, echo=lambda s: None)
+        res = experiment.run_networks(p, family, step, progress=lambda ev: None, echo=lambda s: None)
+        assert res.timings["skipped"].all(), "the copied runs must be read back, not retrained"
     return run
 
 
