@@ -376,6 +376,25 @@ def _fold_cells(prepared, fd: Path, network: str, k: int) -> np.ndarray:
     return idx
 
 
+def _quiet_tensorflow(fn):
+    """Keep TensorFlow's "retracing" warnings (each fold's model traces its own functions, by
+    design) out of the output while ``fn`` runs."""
+    import functools
+    import logging
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        tf_log = logging.getLogger("tensorflow")
+        level = tf_log.level
+        tf_log.setLevel(logging.ERROR)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            tf_log.setLevel(level)
+    return wrapper
+
+
+@_quiet_tensorflow
 def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "scale", seed: int = 0,
                 networks: Sequence[str] | None = None, params: XaiParams | None = None,
                 radius: int = 2, threshold: float = 0.5, gmean_eps: float = 1e-3,
