@@ -23,7 +23,7 @@ from sklearn.metrics import roc_curve
 from .config import CLASS_NAMES
 from .metrics import DISPLAY_NAMES, NETWORK_ORDER, PROBA_COLUMNS
 
-__all__ = ["roc_summary", "roc_curves", "metric_boxplots", "training_curves"]
+__all__ = ["roc_summary", "roc_curves", "metric_boxplots", "training_curves", "step_times"]
 
 _FAMILY_ORDER = ("DL", "ViT", "RGB", "MHL")
 
@@ -235,4 +235,35 @@ def training_curves(
         if len(runs) <= 10:
             ax.legend(fontsize="x-small")
     fig.suptitle(title or "Training curves (dashed: validation)")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# input-pipeline step times
+# ---------------------------------------------------------------------------------------------
+def step_times(overhead: dict, title: str | None = None) -> Figure:
+    """Per-step training times of the ``tf.data`` pipeline against in-memory batches, from
+    :func:`cellstudy.train.pipeline_overhead` (keys ``pipeline_times``, ``memory_times``: seconds
+    per step). Left: every timed step in order; right: their distributions with the medians
+    marked and the ratio pipeline / in-memory in the title. Times are shown in ms.
+    """
+    for k in ("pipeline_times", "memory_times"):
+        if k not in overhead or len(overhead[k]) == 0:
+            raise ValueError(f"step_times needs a non-empty {k!r} list of step seconds "
+                             f"(the result of train.pipeline_overhead); got keys {sorted(overhead)}")
+    series = {"tf.data pipeline": np.asarray(overhead["pipeline_times"], float) * 1000,
+              "in-memory batches": np.asarray(overhead["memory_times"], float) * 1000}
+    fig, axes = _grid(2, 2, 4.2, 3.0)
+    colours = sns.color_palette("tab10", 2)
+    for (name, t), c in zip(series.items(), colours):
+        axes[0].plot(np.arange(1, len(t) + 1), t, marker="o", ms=3, lw=1, color=c, label=name)
+    axes[0].set(xlabel="timed step", ylabel="step time (ms)", title="every step")
+    axes[0].legend(fontsize="x-small")
+    axes[1].boxplot(list(series.values()), showfliers=True)
+    axes[1].set_xticks([1, 2], list(series))
+    for i, t in enumerate(series.values(), start=1):
+        axes[1].scatter(np.full(len(t), i), t, s=8, color=colours[i - 1], alpha=0.6, zorder=3)
+    axes[1].set(ylabel="step time (ms)", title="distribution (line: median)")
+    ratio = float(np.median(series["tf.data pipeline"]) / np.median(series["in-memory batches"]))
+    fig.suptitle(title or f"Input pipeline: median step ratio {ratio:.2f} (pipeline / in-memory)")
     return fig

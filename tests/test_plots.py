@@ -120,6 +120,19 @@ def test_training_curves(tmp_path):
         P.training_curves(hist.drop(columns="accuracy"))
 
 
+def test_step_times_figure(tmp_path):
+    ov = {"pipeline_times": [0.011, 0.012, 0.013, 0.010], "memory_times": [0.010, 0.010, 0.011]}
+    fig = P.step_times(ov)
+    left, right = fig.axes
+    np.testing.assert_allclose(left.lines[0].get_ydata(), [11, 12, 13, 10])
+    np.testing.assert_allclose(left.lines[1].get_ydata(), [10, 10, 11])
+    assert "1.15" in fig._suptitle.get_text()  # median 11.5 ms / 10 ms
+    fig.savefig(tmp_path / "steps.png", dpi=60)
+    assert (tmp_path / "steps.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="memory_times"):
+        P.step_times({"pipeline_times": [0.1], "memory_times": []})
+
+
 def test_no_pyplot_figures_left_open():
     import matplotlib.pyplot as plt
 
