@@ -201,17 +201,35 @@ def precision_policy(name: str | None) -> Iterator[str]:
         keras.mixed_precision.set_global_policy(old)
 
 
-def set_determinism(seed: int, deterministic: bool = False) -> None:
+def set_determinism(seed: int, deterministic: bool = False, keep_compiled: bool = False) -> None:
     """Seed Python, NumPy, TensorFlow and Keras (``keras.utils.set_random_seed``); with
     ``deterministic=True`` also turn on TensorFlow op determinism
     (``tf.config.experimental.enable_op_determinism``), which is process-wide and stays on
-    (TensorFlow has no public switch to turn it off). Changes global state, by design."""
+    (TensorFlow has no public switch to turn it off). Changes global state, by design.
+
+    ``keep_compiled=True`` (for a model that is reused with its whole state restored, see
+    ``train.WeightResetter``): when TensorFlow's global seed already is ``seed``, only Python and
+    NumPy are re-seeded. Setting TensorFlow's seed again clears its kernel caches, so every
+    compiled function is re-instantiated: measured 16 s of the first epoch of each reused
+    DenseNet121 fold at 32 px on 2 cores (20.9 s -> 4.1 s)."""
+    import random
+
     import keras
+    import numpy as np
     import tensorflow as tf
 
     if not isinstance(seed, (int,)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    keras.utils.set_random_seed(int(seed))
+    try:  # the seed keras.utils.set_random_seed last set (None if never)
+        from keras.src.utils.rng_utils import get_random_seed
+        current = get_random_seed()
+    except ImportError:  # pragma: no cover - private API moved: always re-seed everything
+        current = None
+    if keep_compiled and current == int(seed):
+        random.seed(int(seed))
+        np.random.seed(int(seed))
+    else:
+        keras.utils.set_random_seed(int(seed))
     if deterministic:
         tf.config.experimental.enable_op_determinism()
 

@@ -567,7 +567,9 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
 
     # ---- model --------------------------------------------------------------------------------
     t_start = time.perf_counter()
-    set_determinism(int(seed), deterministic)
+    # a WeightResetter's second call restores the whole model state: keep TF's compiled kernels
+    set_determinism(int(seed), deterministic,
+                    keep_compiled=isinstance(build_fn, WeightResetter) and build_fn.model is not None)
     with precision_policy(mixed_precision) as policy:
         with sinfo.strategy.scope():
             t_build = time.perf_counter()

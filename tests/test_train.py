@@ -295,6 +295,27 @@ def test_weight_resetter_reuses_model_without_retracing(reference, tmp_path):
         np.testing.assert_array_equal(r1.proba[regime], res.proba[regime])
 
 
+def test_reused_model_keeps_tensorflow_kernels(reference, tmp_path, monkeypatch):
+    """Re-setting TF's global seed clears its kernel caches (every compiled function is
+    re-instantiated): a reused model must not trigger it, a fresh build must, and the reused
+    run still reproduces the fresh one."""
+    import tensorflow as tf
+
+    res, _, _ = reference
+    calls = []
+    real = tf.random.set_seed
+    monkeypatch.setattr(tf.random, "set_seed", lambda s: (calls.append(s), real(s)))
+    wr = train.WeightResetter(tiny_cnn())
+    train.train_fold(wr, *DATA, tmp_path / "f0", network_name="tiny", fold=0, **COMMON)
+    assert len(calls) == 1
+    r1 = train.train_fold(wr, *DATA, tmp_path / "f1", network_name="tiny", fold=1, **COMMON)
+    assert len(calls) == 1                       # same seed, reused model: caches kept
+    np.testing.assert_array_equal(r1.proba["long"], res.proba["long"])
+    train.train_fold(wr, *DATA, tmp_path / "f2", network_name="tiny", fold=2,
+                     **{**COMMON, "seed": COMMON.get("seed", 0) + 1})
+    assert len(calls) == 2                       # another seed: TF is re-seeded
+
+
 def test_epoch_seed_and_dataset_order():
     x, y = DATA[0][:12], np.arange(12)
     assert train.epoch_seed(0, 3) == train.epoch_seed(0, 3)
