@@ -442,6 +442,10 @@ def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "s
     folds: dict[str, list[FoldExplanation]] = {}
     timing_rows = []
     for name, ks in found.items():
+        # One model object per network: later folds load their weights into it, so the traced
+        # Grad-CAM / IG / occlusion / forward functions (cached per model object) are reused
+        # instead of being traced again for every fold.
+        model = None
         for k in ks:
             fd = run_dir / "training" / name / f"fold{k}"
             idx_all = _fold_cells(prepared, fd, name, k)
@@ -456,8 +460,13 @@ def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "s
             t0 = time.perf_counter()
             arrays = _load_npz(cache, key)
             cached = arrays is not None
+            reused = False
             if not cached:
-                model = keras.saving.load_model(model_path, compile=False)
+                reused = model is not None
+                if model is None:
+                    model = keras.saving.load_model(model_path, compile=False)
+                else:  # same network and size: a mismatching file raises in load_weights
+                    model.load_weights(model_path)
                 in_hw = tuple(model.inputs[0].shape[1:3])
                 if in_hw != (S, S):
                     raise ValueError(f"{model_path} takes {in_hw} images but the prepared cohort is {S} x {S}; "
@@ -469,7 +478,6 @@ def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "s
                     ref = np.load(stored)[sel]
                     arrays["proba_stored"] = ref
                 _save_npz(cache, arrays, key)
-                del model
             secs = time.perf_counter() - t0
             folds.setdefault(name, []).append(FoldExplanation(name, k, idx, ids, labels_all[sel], arrays,
                                                                cached, secs))
@@ -480,6 +488,7 @@ def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "s
                     f"{secs:.1f} s (Grad-CAM {arrays['gradcam_images_per_s']:.0f} images/s)")
                  + f"; {el:.0f} s elapsed")
             timing_rows.append({"network": name, "fold": k, "n_cells": len(idx), "cached": cached,
+                                "reused_model": reused,
                                 "seconds": secs, "gradcam_images_per_s": arrays["gradcam_images_per_s"],
                                 **{f"seconds_{m}": v for m, v in arrays["seconds"].items()}})
     res = XaiRun(out_dir=out, params=params, networks=list(folds), missing=missing, folds=folds,

@@ -116,6 +116,9 @@ def test_every_cell_explained_by_its_own_fold_model(trained, explained):
                 json.loads((trained.run_dir / "training" / net / f"fold{k}" / "zca.json").read_text()))
             pos = [list(fa["test_index"]).index(i) for i in fx.index]
             np.testing.assert_allclose(zca.transform(trained.images[fx.index]), fa["x_test"][pos], atol=1e-5)
+    # one model object per network: the first fold loads it, later folds load their weights into it
+    for net, g in res.timings.groupby("network"):
+        assert list(g.sort_values("fold").reused_model) == [False] + [True] * (len(g) - 1), net
     # the same cells for every network (selection depends on seed and fold only)
     assert np.array_equal(res.stacked("rgb")["cell_id"], res.stacked("mhl")["cell_id"])
     # the check can fail: fold 1's model gives other probabilities for fold 0's cells
