@@ -90,8 +90,9 @@ SCALES: dict[str, dict[str, Any]] = {
         "xai_max_cells": 8,
     },
     # The CPU default of `make study`: all eleven networks x 5 folds x both regimes on a 2-core
-    # machine. Sized by measurement (see the README): VGG16 and the RGB-family backbones train at
-    # ~10-20 images/s at 32 px here, so S = 32 and 1 + 1 epochs keep the whole study under an hour.
+    # machine: S = 32 (the smallest size the stride-32 backbones take) and 1 + 1 epochs (the fewest
+    # that keep both regimes). Measured (README): 88 min end to end on 2 cores, ResNet50-based
+    # networks 5-12 images/s at 32 px.
     "cpu": {
         "image_size": 32,
         "preprocess": dict(_PREPROCESS_FULL),
