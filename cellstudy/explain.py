@@ -377,8 +377,9 @@ def _fold_cells(prepared, fd: Path, network: str, k: int) -> np.ndarray:
 
 
 def _quiet_tensorflow(fn):
-    """Keep TensorFlow's "retracing" warnings (each fold's model traces its own functions, by
-    design) out of the output while ``fn`` runs."""
+    """Keep TensorFlow's "retracing" warnings (each network's model traces its own functions,
+    and a fold's last, smaller batch traces again, by design) out of the output while ``fn``
+    runs."""
     import functools
     import logging
 

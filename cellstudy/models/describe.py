@@ -37,7 +37,7 @@ def describe(networks: Iterable[str] | None = None, sizes: Iterable[int] = (48, 
     single-image ``predict_on_batch`` time on this machine, only for sizes in ``time_sizes``;
     NaN otherwise). ``networks`` None = all eleven. ``params`` go to ``build``.
     """
-    from . import FAMILIES, NETWORKS, build, check_name, gradcam_layers
+    from . import NETWORKS, build, check_name
 
     names = list(NETWORKS) if networks is None else [check_name(n) for n in networks]
     time_sizes = set(time_sizes or ())
@@ -45,18 +45,25 @@ def describe(networks: Iterable[str] | None = None, sizes: Iterable[int] = (48, 
     for name in names:
         for s in sizes:
             m = build(name, int(s), n_classes=n_classes, **params)
-            gl = gradcam_layers(m)
-            rows.append({
-                "network": name, "family": FAMILIES[name], "image_size": int(s),
-                "n_params": int(m.count_params()),
-                "n_trainable": int(sum(int(np.prod(w.shape)) for w in m.trainable_weights)),
-                "input_shape": _shape(m.inputs[0]), "output_shape": _shape(m.outputs[0]),
-                "gradcam_layers": ";".join(gl),
-                "gradcam_shapes": ";".join(_shape(m.get_layer(n).output) for n in gl),
-                "forward_ms": forward_time_ms(m, n_runs=n_runs) if int(s) in time_sizes else np.nan,
-            })
+            rows.append(_row(name, m, int(s), int(s) in time_sizes, n_runs))
             del m
     return pd.DataFrame(rows)
+
+
+def _row(name: str, m, size: int, timed: bool, n_runs: int) -> dict:
+    """One row of :func:`describe` for the built network ``m`` at ``size``."""
+    from . import FAMILIES, gradcam_layers
+
+    gl = gradcam_layers(m)
+    return {
+        "network": name, "family": FAMILIES[name], "image_size": size,
+        "n_params": int(m.count_params()),
+        "n_trainable": int(sum(int(np.prod(w.shape)) for w in m.trainable_weights)),
+        "input_shape": _shape(m.inputs[0]), "output_shape": _shape(m.outputs[0]),
+        "gradcam_layers": ";".join(gl),
+        "gradcam_shapes": ";".join(_shape(m.get_layer(n).output) for n in gl),
+        "forward_ms": forward_time_ms(m, n_runs=n_runs) if timed else np.nan,
+    }
 
 
 #: Curated stages per network: (stage, layer name). Shapes are read from a built model.
@@ -122,22 +129,13 @@ def network_card(name: str, image_size: int, big_size: int = 512, n_runs: int = 
     count parameters and read shapes). ``stages``: :func:`stage_table` at ``image_size``.
     Each size is built once.
     """
-    from . import FAMILIES, build, check_name, gradcam_layers
+    from . import build, check_name
 
     check_name(name)
     rows, stages = [], None
     for s, timed in ((int(image_size), True), (int(big_size), False)):
         m = build(name, s, n_classes=n_classes, **params)
-        gl = gradcam_layers(m)
-        rows.append({
-            "network": name, "family": FAMILIES[name], "image_size": s,
-            "n_params": int(m.count_params()),
-            "n_trainable": int(sum(int(np.prod(w.shape)) for w in m.trainable_weights)),
-            "input_shape": _shape(m.inputs[0]), "output_shape": _shape(m.outputs[0]),
-            "gradcam_layers": ";".join(gl),
-            "gradcam_shapes": ";".join(_shape(m.get_layer(n).output) for n in gl),
-            "forward_ms": forward_time_ms(m, n_runs=n_runs) if timed else np.nan,
-        })
+        rows.append(_row(name, m, s, timed, n_runs))
         if timed:
             stages = stage_table(m)
         del m
