@@ -74,6 +74,8 @@ def hardware() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "memory_gib": mem,
         "hostname": platform.node(),
+        # cellstudy sets it to 1 unless the user did (TensorFlow's oneDNN CPU kernels)
+        "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
     }
 
 

@@ -47,6 +47,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import ONEDNN_ENV, onednn_enabled
 from .distribute import (StrategyInfo, op_determinism_enabled, precision_policy,
                          resolve_strategy, select_strategy, set_determinism)
 
@@ -481,6 +482,23 @@ def _prepare_model(model, cfg: tuple, learning_rate, momentum, jit_compile) -> b
     return False
 
 
+_ONEDNN_WARNED = False
+
+
+def _warn_if_onednn_off(sinfo: StrategyInfo) -> None:
+    """Warn once when training on CPUs without oneDNN's kernels although nobody opted out:
+    TensorFlow was imported before cellstudy (see ``cellstudy.__init__``)."""
+    global _ONEDNN_WARNED
+    if _ONEDNN_WARNED or sinfo.gpus or os.environ.get(ONEDNN_ENV) == "0" or onednn_enabled() is not False:
+        return
+    _ONEDNN_WARNED = True
+    import warnings
+    warnings.warn(f"TensorFlow runs without its oneDNN CPU kernels: it was imported before "
+                  f"cellstudy set {ONEDNN_ENV}=1, so training on this CPU is up to 6x slower. "
+                  f"Import cellstudy first (or export {ONEDNN_ENV}=1; =0 silences this).",
+                  RuntimeWarning, stacklevel=3)
+
+
 def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
                out_dir: str | os.PathLike, epochs_short: int, epochs_long: int, *,
                batch_size: int = 16, learning_rate: float = 1e-3, momentum: float = 0.9,
@@ -566,6 +584,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
         (out / FAILED).unlink()
 
     # ---- model --------------------------------------------------------------------------------
+    _warn_if_onednn_off(sinfo)
     t_start = time.perf_counter()
     # a WeightResetter's second call restores the whole model state: keep TF's compiled kernels
     set_determinism(int(seed), deterministic,
@@ -708,6 +727,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
     }
     done = {**meta, "status": "done", "test_accuracy": test_acc, "timings": timings,
             "strategy": sinfo.as_dict(), "op_determinism": op_determinism_enabled(),
+            "onednn": onednn_enabled(),
             "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
                          "keras": keras.__version__, "numpy": np.__version__},
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -5,6 +5,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
+import cellstudy  # noqa: E402,F401  (before any TensorFlow import: sets TF_ENABLE_ONEDNN_OPTS)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -30,12 +30,12 @@ def tiny_cnn(size: int = S, nan: bool = False):
                   keras.layers.Conv2D(4, 3, activation="relu"),
                   keras.layers.MaxPooling2D(),
                   keras.layers.Conv2D(8, 3, activation="relu"),
-                  keras.layers.GlobalAveragePooling2D()]
-        if nan:
+                  keras.layers.GlobalAveragePooling2D(),
+                  keras.layers.Dense(8, activation="relu"),
+                  keras.layers.Dropout(0.3)]
+        if nan:  # after the last ReLU: oneDNN's fused MatMul+ReLU maps NaN to 0
             layers.append(keras.layers.Lambda(lambda t: t * float("nan")))
-        layers += [keras.layers.Dense(8, activation="relu"),
-                   keras.layers.Dropout(0.3),
-                   keras.layers.Dense(2, activation="softmax")]
+        layers.append(keras.layers.Dense(2, activation="softmax"))
         return keras.Sequential(layers)
     return build
 
