@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import config
+from . import ONEDNN_ENV, config
 
 #: The packages whose versions are shown on the provenance page (all installed ones are stored).
 KEY_PACKAGES = (
@@ -75,7 +75,7 @@ def hardware() -> dict[str, Any]:
         "memory_gib": mem,
         "hostname": platform.node(),
         # cellstudy sets it to 1 unless the user did (TensorFlow's oneDNN CPU kernels)
-        "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+        "tf_enable_onednn_opts": os.environ.get(ONEDNN_ENV),
     }
 
 

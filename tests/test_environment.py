@@ -1,7 +1,14 @@
-"""pyproject.toml, environment.yml and constraints.txt pin the same versions."""
+"""pyproject.toml, environment.yml and constraints.txt pin the same versions; cellstudy turns on
+TensorFlow's oneDNN CPU kernels."""
+import json
+import os
+import platform
 import re
+import subprocess
+import sys
 import tomllib
 
+import pytest
 import yaml
 
 from conftest import REPO
@@ -38,13 +45,6 @@ def test_constraints_agree_with_pyproject():
 
 
 # ---- TensorFlow's oneDNN CPU kernels --------------------------------------------------------
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 def _onednn_in_fresh_process(env_value):
