@@ -15,7 +15,7 @@ def _run(a: argparse.Namespace) -> int:
     from .runner import run_study
 
     run_study(a.config, runs_dir=a.runs_dir, new=a.new, build=not a.no_book, log_output=not a.quiet,
-              cohort=a.cohort, scale=a.scale, data_root=a.data_root)
+              cohort=a.cohort, scale=a.scale, data_root=a.data_root, workers=a.workers)
     return 0
 
 
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--data-root", default=None, help="the data root (default: $CELLSTUDY_DATA_ROOT or ../shared/data)")
     r.add_argument("--no-book", action="store_true", help="run the notebooks only")
     r.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output")
+    r.add_argument("--workers", type=int, default=None,
+                   help="how many notebooks run at once (overrides the config's workers; 1 = one after another)")
     r.set_defaults(func=_run)
     v = sub.add_parser("verify", help="check a cohort's files and checksums")
     v.add_argument("cohort")

@@ -9,10 +9,12 @@ import yaml
 from cellstudy import config, runner
 
 
-def _nb(path, *sources):
-    nb = nbformat.v4.new_notebook(metadata={
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-        "language_info": {"name": "python"}})
+def _nb(path, *sources, needs=None):
+    meta = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+            "language_info": {"name": "python"}}
+    if needs is not None:
+        meta["cellstudy"] = {"needs": list(needs)}
+    nb = nbformat.v4.new_notebook(metadata=meta)
     params = nbformat.v4.new_code_cell(
         'run_dir = "x"\ndata_root = None\ncohort = "c"\nscale = "ci"\nseed = 0\noverrides = {}')
     params.metadata["tags"] = ["parameters"]
@@ -114,3 +116,78 @@ def test_unwritable_runs_folder_is_a_clear_error(tmp_path, fake_notebooks):
     _nb(fake_notebooks / "00_ok.ipynb", "x = 1")
     with pytest.raises((runner.StudyError, OSError)):
         runner.run_study(_config(tmp_path, ["00_ok"]), runs_dir=runs, log_output=False, echo=lambda s: None)
+
+
+# A notebook that marks its start, waits (up to 60 s) until ``other`` has started, then marks its
+# end: two of them finish only when they run at the same time.
+_RENDEZVOUS = """
+import pathlib, time
+d = pathlib.Path(run_dir)
+(d / "{me}.started").write_text(str(time.time()))
+t = time.time()
+while not (d / "{other}.started").exists():
+    if time.time() - t > 60:
+        raise RuntimeError("{other} did not start while {me} ran")
+    time.sleep(0.1)
+(d / "{me}.ended").write_text(str(time.time()))
+"""
+
+
+def test_steps_run_at_once_in_dependency_order(tmp_path, fake_notebooks):
+    _nb(fake_notebooks / "00_a.ipynb", _RENDEZVOUS.format(me="00_a", other="01_b"), needs=[])
+    _nb(fake_notebooks / "01_b.ipynb", _RENDEZVOUS.format(me="01_b", other="00_a"), needs=[])
+    _nb(fake_notebooks / "02_c.ipynb", "import pathlib, time\n"
+        "d = pathlib.Path(run_dir)\n"
+        "assert (d / '00_a.ended').exists() and (d / '01_b.ended').exists()\n"
+        "(d / '02_c.started').write_text(str(time.time()))", needs=["00_a", "01_b"])
+    lines = []
+    run = runner.run_study(_config(tmp_path, ["00_a", "01_b", "02_c"], workers=2), runs_dir=tmp_path / "runs",
+                           build=False, log_output=False, echo=lines.append)
+    st = runner.read_status(run)
+    assert st["state"] == "complete" and all(st["steps"][s]["state"] == "done" for s in ("00_a", "01_b", "02_c"))
+    t = {p.name: float(p.read_text()) for p in run.glob("*.*ed")}
+    assert t["02_c.started"] >= max(t["00_a.ended"], t["01_b.ended"])
+    assert any("2 notebooks at once" in x for x in lines)
+    assert runner.step_needs("02_c", ["00_a", "01_b", "02_c"]) == ["00_a", "01_b"]
+    assert runner.step_needs("02_c", ["01_b", "02_c"]) == ["01_b"]  # a step not in the config is not waited for
+
+
+def test_parallel_failure_keeps_the_running_step_and_starts_nothing_after(tmp_path, fake_notebooks):
+    _nb(fake_notebooks / "00_a.ipynb", _RENDEZVOUS.format(me="00_a", other="01_bad"), needs=[])
+    _nb(fake_notebooks / "01_bad.ipynb", "import pathlib\npathlib.Path(run_dir, '01_bad.started').write_text('1')",
+        "raise ValueError('broken on purpose')", needs=[])
+    _nb(fake_notebooks / "02_c.ipynb", "x = 1", needs=["00_a", "01_bad"])
+    cfg = _config(tmp_path, ["00_a", "01_bad", "02_c"], workers=2)
+    with pytest.raises(runner.StudyError, match=r"01_bad\.ipynb failed at cell .*broken on purpose"):
+        runner.run_study(cfg, runs_dir=tmp_path / "runs", build=False, log_output=False, echo=lambda s: None)
+    (run,) = (tmp_path / "runs").iterdir()
+    st = runner.read_status(run)
+    assert st["state"] == "failed"
+    assert st["steps"]["00_a"]["state"] == "done" and st["steps"]["01_bad"]["state"] == "failed"
+    assert "02_c" not in st["steps"] and not (run / "notebooks" / "02_c.ipynb").exists()
+
+
+def test_serial_is_the_default_and_bad_workers_or_order_fail_early(tmp_path, fake_notebooks):
+    _nb(fake_notebooks / "00_a.ipynb", "x = 1", needs=[])
+    _nb(fake_notebooks / "01_b.ipynb", "x = 1", needs=["00_a"])
+    assert runner.load_config(_config(tmp_path, ["00_a", "01_b"])).workers == 1
+    assert runner.load_config(_config(tmp_path, ["00_a", "01_b"]), workers=3).workers == 3
+    for bad in (0, "two", True):
+        with pytest.raises(config.ConfigError, match="workers="):
+            runner.load_config(_config(tmp_path, ["00_a", "01_b"], workers=bad))
+    with pytest.raises(config.ConfigError, match=r"step 01_b needs \['00_a'\], listed after it"):
+        runner.load_config(_config(tmp_path, ["01_b", "00_a"]))
+    # workers does not change what a run computes: a run started with 1 is resumed with 2
+    a = runner.load_config(_config(tmp_path, ["00_a", "01_b"], workers=1))
+    b = runner.load_config(_config(tmp_path, ["00_a", "01_b"], workers=2))
+    assert a.digest() == b.digest()
+
+
+def test_shipped_notebooks_declare_what_they_need():
+    steps = runner.available_steps()
+    for step in steps:
+        nb = json.loads((runner.NOTEBOOK_DIR / f"{step}.ipynb").read_text())
+        needs = nb["metadata"]["cellstudy"]["needs"]
+        assert all(d in steps and d < step for d in needs), (step, needs)
+    assert runner.step_needs("08_xai", steps) == ["02_dl_family", "03_vit", "04_rgb_family", "05_mhl_family"]
+    assert "08_xai" in runner.step_needs("09_statistics", steps)
