@@ -264,6 +264,8 @@ class XaiRun:
     gmeans: dict[str, dict[int, dict[str, np.ndarray]]] = field(default_factory=dict)
     curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     images: np.ndarray | None = None      # prepared.images (stain space)
+    seconds_wall: float = float("nan")    # explain_run's wall time (timings.seconds sum over processes)
+    workers: int = 0                      # worker processes used (0: all in this process)
 
     def stacked(self, network: str) -> dict[str, np.ndarray]:
         """The network's explained cells over all folds: ``index``, ``cell_id``, ``fold``,
@@ -395,25 +397,149 @@ def _quiet_tensorflow(fn):
     return wrapper
 
 
+@dataclass
+class _Cohort:
+    """What the fold loop needs of ``study.prepare``'s result; picklable for worker processes."""
+
+    run_dir: Path
+    images: np.ndarray
+    labels: np.ndarray
+    cell_ids: np.ndarray
+    folds: np.ndarray
+    folds_path: Path
+
+    @classmethod
+    def of(cls, prepared) -> "_Cohort":
+        return cls(Path(prepared.run_dir), np.asarray(prepared.images), np.asarray(prepared.labels),
+                   np.asarray(prepared.cell_ids), np.asarray(prepared.folds), Path(prepared.folds_path))
+
+
+def _fold_plan(coh: _Cohort, name: str, k: int, params: XaiParams, S: int, out: Path) -> dict[str, Any]:
+    """The cells, model file, cache file and cache key of one (network, fold)."""
+    fd = coh.run_dir / "training" / name / f"fold{k}"
+    idx_all = _fold_cells(coh, fd, name, k)
+    labels_all = np.asarray(coh.labels)[idx_all]
+    sel = select_cells(labels_all, params.max_cells, params.seed, k)
+    idx = idx_all[sel]
+    ids = np.asarray(coh.cell_ids).astype(str)[idx]
+    model_path = fd / f"model_{params.regime}.keras"
+    cache = out / "cache" / name / f"fold{k}_{params.regime}.npz"
+    return {"fd": fd, "idx": idx, "sel": sel, "labels": labels_all[sel], "ids": ids,
+            "model_path": model_path, "cache": cache, "key": _key(model_path, ids, params, S)}
+
+
+def _explain_network(coh: _Cohort, name: str, ks: Sequence[int], params: XaiParams, S: int, out: Path,
+                     on_fold: Callable[[FoldExplanation, dict], None]) -> None:
+    """Explain (or read from the cache) every fold ``ks`` of one network; ``on_fold(fold
+    explanation, timing row)`` after each. One model object per network: later folds load their
+    weights into it, so the traced Grad-CAM / IG / occlusion / forward functions (cached per model
+    object) are reused instead of being traced again for every fold."""
+    import keras
+
+    from . import augment
+
+    model = None
+    for k in ks:
+        plan = _fold_plan(coh, name, k, params, S, out)
+        plan["cache"].parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        arrays = _load_npz(plan["cache"], plan["key"])
+        cached = arrays is not None
+        reused = False
+        if not cached:
+            reused = model is not None
+            model_path = plan["model_path"]
+            if model is None:
+                model = keras.saving.load_model(model_path, compile=False)
+            else:  # same network and size: a mismatching file raises in load_weights
+                model.load_weights(model_path)
+            in_hw = tuple(model.inputs[0].shape[1:3])
+            if in_hw != (S, S):
+                raise ValueError(f"{model_path} takes {in_hw} images but the prepared cohort is {S} x {S}; "
+                                 "call study.prepare with the scale (and overrides) the run was trained at")
+            zca = augment.ZCAWhitening.from_state(json.loads((plan["fd"] / "zca.json").read_text()))
+            arrays = explain_fold(model, coh.images[plan["idx"]], plan["labels"], zca, params)
+            stored = plan["fd"] / f"proba_{params.regime}.npy"
+            if stored.exists():
+                arrays["proba_stored"] = np.load(stored)[plan["sel"]]
+            _save_npz(plan["cache"], arrays, plan["key"])
+        secs = time.perf_counter() - t0
+        fe = FoldExplanation(name, k, plan["idx"], plan["ids"], plan["labels"], arrays, cached, secs)
+        on_fold(fe, {"network": name, "fold": k, "n_cells": len(plan["idx"]), "cached": cached,
+                     "reused_model": reused, "worker": False, "seconds": secs,
+                     "gradcam_images_per_s": arrays["gradcam_images_per_s"],
+                     **{f"seconds_{m}": v for m, v in arrays["seconds"].items()}})
+
+
+@_quiet_tensorflow
+def _worker_explain(coh: _Cohort, name: str, ks: list[int], params: XaiParams, S: int, out: Path) -> list[dict]:
+    """Worker process: fill the cache of one network's folds; returns the timing rows."""
+    import cellstudy.models  # noqa: F401  (registers the custom layers for load_model)
+    rows: list[dict] = []
+    _explain_network(coh, name, ks, params, S, out, lambda fe, row: rows.append({**row, "worker": True}))
+    return rows
+
+
+def _prefill_in_workers(coh: _Cohort, found: dict[str, list[int]], params: XaiParams, S: int, out: Path,
+                        workers: int, echo: Callable[[str], None]) -> tuple[dict[tuple[str, int], dict], int]:
+    """Explain the networks that are not cached yet in ``workers`` processes at once (one network
+    per task, the largest model files first); each writes the usual per-fold cache, which the
+    calling process then reads. Returns the workers' timing rows by (network, fold) and the
+    number of worker processes used (0: fewer than two networks to explain)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    todo = {}
+    for name, ks in found.items():
+        plans = [_fold_plan(coh, name, k, params, S, out) for k in ks]
+        if any(_load_npz(p["cache"], p["key"]) is None for p in plans):
+            todo[name] = sum(p["model_path"].stat().st_size for p in plans)
+    if len(todo) < 2:
+        return {}, 0
+    n = min(int(workers), len(todo))
+    echo(f"explaining {len(todo)} networks in {n} worker processes (largest models first) ...")
+    rows: dict[tuple[str, int], dict] = {}
+    t_start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futs = {pool.submit(_worker_explain, coh, name, found[name], params, S, out): name
+                for name in sorted(todo, key=todo.get, reverse=True)}
+        for i, fut in enumerate(as_completed(futs), 1):
+            name = futs[fut]
+            try:
+                got = fut.result()
+            except Exception as e:
+                for f in futs:
+                    f.cancel()
+                raise RuntimeError(f"explaining {name} in a worker process failed: {type(e).__name__}: {e}") from e
+            for r in got:
+                rows[(r["network"], r["fold"])] = r
+            echo(f"[{i}/{len(futs)}] xai {name}: {len(got)} fold(s) in {sum(r['seconds'] for r in got):.0f} s "
+                 f"(worker); {time.perf_counter() - t_start:.0f} s elapsed")
+    return rows, n
+
+
 @_quiet_tensorflow
 def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "scale", seed: int = 0,
                 networks: Sequence[str] | None = None, params: XaiParams | None = None,
                 radius: int = 2, threshold: float = 0.5, gmean_eps: float = 1e-3,
-                n_gallery: int = 3, echo: Callable[[str], None] = print) -> XaiRun:
+                n_gallery: int = 3, workers: int = 1, echo: Callable[[str], None] = print) -> XaiRun:
     """Explain every trained (network, fold) of ``prepared.run_dir`` (see the module docstring).
 
     ``prepared``: ``cellstudy.study.prepare(...)`` of the run (same cohort, scale and folds as the
     training). ``max_cells``: cells per fold (``"scale"``: the scale's ``xai_max_cells``; None:
     all). ``seed``: the cell selection and the random orders. ``networks``: restrict to these
     (default: every network with a trained fold). ``params``: the other knobs (:class:`XaiParams`;
-    its regime, max_cells and seed are replaced by the arguments).
+    its regime, max_cells and seed are replaced by the arguments). ``workers``: explain up to this
+    many networks at once in separate processes (spawned; each loads its own TensorFlow); the
+    results are the same as with 1 (they go through the same cache), only sooner where one
+    process leaves cores idle (graph tracing is single-threaded).
     Raises FileNotFoundError when the run has no trained model at all.
     """
-    import keras
-
     import cellstudy.models  # noqa: F401  (registers the custom layers for load_model)
-    from . import augment, models, xai
+    from . import models
 
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers={workers!r}; expected an int >= 1")
     run_dir = Path(prepared.run_dir)
     if max_cells == "scale":
         max_cells = prepared.scale.get("xai_max_cells")
@@ -437,66 +563,37 @@ def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "s
                 notes.append({"network": name, "fold": k, "status": "not trained",
                               "detail": f"no folder {run_dir / 'training' / name / f'fold{k}'}"})
     missing = pd.DataFrame(notes, columns=["network", "fold", "status", "detail"])
+    coh = _Cohort.of(prepared)
+    t_wall = time.perf_counter()
+    worker_rows, n_workers = (_prefill_in_workers(coh, found, params, S, out, workers, echo)
+                              if workers > 1 else ({}, 0))
     total = sum(len(v) for v in found.values())
-    done = 0
     t_start = time.perf_counter()
     folds: dict[str, list[FoldExplanation]] = {}
     timing_rows = []
+
+    def on_fold(fe: FoldExplanation, row: dict) -> None:
+        folds.setdefault(fe.network, []).append(fe)
+        if (fe.network, fe.fold) in worker_rows:  # computed by a worker just now: its timing
+            row = worker_rows[(fe.network, fe.fold)]
+            fe.cached, fe.seconds = False, row["seconds"]
+        timing_rows.append(row)
+        el = time.perf_counter() - t_start
+        arrays = fe.arrays
+        echo(f"[{len(timing_rows)}/{total}] xai {fe.network} fold {fe.fold}: {len(fe.index)} cells, "
+             + ("computed by a worker process, " if (fe.network, fe.fold) in worker_rows else "")
+             + ("read from cache" if row["cached"] else
+                f"{row['seconds']:.1f} s (Grad-CAM {arrays['gradcam_images_per_s']:.0f} images/s)")
+             + f"; {el:.0f} s elapsed")
+
     for name, ks in found.items():
-        # One model object per network: later folds load their weights into it, so the traced
-        # Grad-CAM / IG / occlusion / forward functions (cached per model object) are reused
-        # instead of being traced again for every fold.
-        model = None
-        for k in ks:
-            fd = run_dir / "training" / name / f"fold{k}"
-            idx_all = _fold_cells(prepared, fd, name, k)
-            labels_all = np.asarray(prepared.labels)[idx_all]
-            sel = select_cells(labels_all, params.max_cells, params.seed, k)
-            idx = idx_all[sel]
-            ids = np.asarray(prepared.cell_ids).astype(str)[idx]
-            model_path = fd / f"model_{params.regime}.keras"
-            key = _key(model_path, ids, params, S)
-            cache = out / "cache" / name / f"fold{k}_{params.regime}.npz"
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            t0 = time.perf_counter()
-            arrays = _load_npz(cache, key)
-            cached = arrays is not None
-            reused = False
-            if not cached:
-                reused = model is not None
-                if model is None:
-                    model = keras.saving.load_model(model_path, compile=False)
-                else:  # same network and size: a mismatching file raises in load_weights
-                    model.load_weights(model_path)
-                in_hw = tuple(model.inputs[0].shape[1:3])
-                if in_hw != (S, S):
-                    raise ValueError(f"{model_path} takes {in_hw} images but the prepared cohort is {S} x {S}; "
-                                     "call study.prepare with the scale (and overrides) the run was trained at")
-                zca = augment.ZCAWhitening.from_state(json.loads((fd / "zca.json").read_text()))
-                arrays = explain_fold(model, prepared.images[idx], labels_all[sel], zca, params)
-                stored = fd / f"proba_{params.regime}.npy"
-                if stored.exists():
-                    ref = np.load(stored)[sel]
-                    arrays["proba_stored"] = ref
-                _save_npz(cache, arrays, key)
-            secs = time.perf_counter() - t0
-            folds.setdefault(name, []).append(FoldExplanation(name, k, idx, ids, labels_all[sel], arrays,
-                                                               cached, secs))
-            done += 1
-            el = time.perf_counter() - t_start
-            echo(f"[{done}/{total}] xai {name} fold {k}: {len(idx)} cells, "
-                 + ("read from cache" if cached else
-                    f"{secs:.1f} s (Grad-CAM {arrays['gradcam_images_per_s']:.0f} images/s)")
-                 + f"; {el:.0f} s elapsed")
-            timing_rows.append({"network": name, "fold": k, "n_cells": len(idx), "cached": cached,
-                                "reused_model": reused,
-                                "seconds": secs, "gradcam_images_per_s": arrays["gradcam_images_per_s"],
-                                **{f"seconds_{m}": v for m, v in arrays["seconds"].items()}})
+        _explain_network(coh, name, ks, params, S, out, on_fold)
     res = XaiRun(out_dir=out, params=params, networks=list(folds), missing=missing, folds=folds,
                  cells=pd.DataFrame(), ratios=pd.DataFrame(), faithfulness=pd.DataFrame(),
                  channel_importance=pd.DataFrame(), channel_importance_cells=pd.DataFrame(),
                  gallery=pd.DataFrame(), timings=pd.DataFrame(timing_rows), images=prepared.images)
     _summarise(res, radius, threshold, gmean_eps, n_gallery)
+    res.seconds_wall, res.workers = time.perf_counter() - t_wall, n_workers
     _write(res)
     return res
 

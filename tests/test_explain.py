@@ -265,3 +265,33 @@ def test_figure_errors():
     # the overlay of a zero map is the grey image
     o = xai_figures.overlay(np.random.default_rng(0).random((8, 8, 3)), np.ones((8, 8)), alpha=0.0)
     assert np.allclose(o[..., 0], o[..., 1]) and np.allclose(o[..., 1], o[..., 2])
+
+
+def test_worker_processes_give_the_same_explanations(trained, explained, tmp_path):
+    """workers=2 explains the two networks in spawned processes through the same cache: the
+    arrays equal the single-process run's, and the timings say which folds a worker computed."""
+    import shutil
+
+    res, _, _ = explained
+    twin = tmp_path / "twin"
+    for part in ("folds", "training"):
+        shutil.copytree(trained.run_dir / part, twin / part)
+    import copy
+    p = copy.copy(trained)
+    p.run_dir = twin
+    p.folds_path = twin / "folds" / trained.folds_path.name
+    lines = []
+    par = explain.explain_run(p, max_cells=MAX_CELLS, params=FAST, workers=2, echo=lines.append)
+    assert par.workers == 2 and par.timings.worker.all() and not par.timings.cached.any()
+    assert any("2 worker processes" in s for s in lines)
+    assert any("computed by a worker process" in s for s in lines)
+    for net in res.networks:
+        a, b = res.stacked(net), par.stacked(net)
+        np.testing.assert_array_equal(a["cell_id"], b["cell_id"])
+        for key in ("proba", "cam/combined", "ig", "occlusion"):
+            np.testing.assert_allclose(a[key], b[key], atol=1e-5)
+    # a second call finds everything cached: no worker is started
+    again = explain.explain_run(p, max_cells=MAX_CELLS, params=FAST, workers=2, echo=lambda s: None)
+    assert again.workers == 0 and again.timings.cached.all()
+    with pytest.raises(ValueError, match="workers"):
+        explain.explain_run(p, workers=0, echo=lambda s: None)
