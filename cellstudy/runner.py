@@ -354,6 +354,17 @@ def notebook_errors(nb_path: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # The whole study
 # ---------------------------------------------------------------------------------------------
+def start_order(steps: list[str], needs: dict[str, list[str]]) -> list[str]:
+    """The order in which ready steps are started: steps that more later steps wait for
+    (directly or not) first, then config order. With two workers this starts the training
+    steps, which the results, XAI and statistics wait for, before a step nothing waits for
+    (06_gpu_training), so that one overlaps with the XAI instead of delaying it."""
+    def dependents(step: str) -> set[str]:
+        direct = {s for s in steps if step in needs[s]}
+        return direct.union(*(dependents(d) for d in direct)) if direct else set()
+    return sorted(steps, key=lambda s: (-len(dependents(s)), steps.index(s)))
+
+
 def _run_steps(cfg: StudyConfig, run_dir: Path, status: dict[str, Any], params: dict[str, Any],
                log_output: bool, echo: Callable[[str], None]) -> None:
     """Execute the config's steps that are not done yet, up to ``cfg.workers`` at once, each as
@@ -363,6 +374,7 @@ def _run_steps(cfg: StudyConfig, run_dir: Path, status: dict[str, Any], params: 
     n = len(cfg.steps)
     pos = {s: i for i, s in enumerate(cfg.steps, 1)}
     needs = {s: step_needs(s, cfg.steps) for s in cfg.steps}
+    order = {s: i for i, s in enumerate(start_order(cfg.steps, needs))}
 
     def is_done(step: str) -> bool:
         return (status["steps"].get(step, {}).get("state") == "done"
@@ -395,7 +407,8 @@ def _run_steps(cfg: StudyConfig, run_dir: Path, status: dict[str, Any], params: 
         with kernel_env(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cellstudy-step") as pool:
             while pending or running:
                 if failure is None:
-                    for step in [s for s in pending if all(is_done(d) for d in needs[s])]:
+                    ready = [s for s in pending if all(is_done(d) for d in needs[s])]
+                    for step in sorted(ready, key=order.get):
                         if len(running) >= workers:
                             break
                         pending.remove(step)

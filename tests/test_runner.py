@@ -191,3 +191,16 @@ def test_shipped_notebooks_declare_what_they_need():
         assert all(d in steps and d < step for d in needs), (step, needs)
     assert runner.step_needs("08_xai", steps) == ["02_dl_family", "03_vit", "04_rgb_family", "05_mhl_family"]
     assert "08_xai" in runner.step_needs("09_statistics", steps)
+
+
+def test_start_order_prefers_steps_that_others_wait_for():
+    steps = runner.available_steps()
+    needs = {s: runner.step_needs(s, steps) for s in steps}
+    order = runner.start_order(steps, needs)
+    # the four training steps come before 06 (nothing waits for it), in config order
+    assert [s for s in order if s in ("02_dl_family", "03_vit", "04_rgb_family", "05_mhl_family", "06_gpu_training")] \
+        == ["02_dl_family", "03_vit", "04_rgb_family", "05_mhl_family", "06_gpu_training"]
+    assert order.index("08_xai") < order.index("07_results")  # 09 waits for 08
+    # with nothing declared (each step needs all before it) the order is the config's
+    seq = ["a", "b", "c"]
+    assert runner.start_order(seq, {"a": [], "b": ["a"], "c": ["a", "b"]}) == seq
