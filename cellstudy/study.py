@@ -84,6 +84,28 @@ def prepare(cohort: str, scale: str, run_dir: str | os.PathLike, data_root: str 
                     folds_path=fp, seconds={"load": t1 - t0, "preprocess": t2 - t1, "folds": t3 - t2})
 
 
+def run_workers(run_dir: str | os.PathLike) -> int:
+    """How many notebooks the runner ran at once in this run: ``workers`` of the run's
+    ``study.yaml`` (written by the runner), 1 when there is none (a notebook run by hand)."""
+    import yaml
+
+    p = Path(run_dir) / "study.yaml"
+    if not p.is_file():
+        return 1
+    w = (yaml.safe_load(p.read_text()) or {}).get("workers", 1)
+    return int(w) if isinstance(w, int) and w >= 1 else 1
+
+
+def shared_cpu_note(run_dir: str | os.PathLike, what: str = "These speeds") -> str:
+    """A sentence for timings measured in a run whose steps ran at once ("" otherwise)."""
+    w = run_workers(run_dir)
+    if w <= 1:
+        return ""
+    return (f"{what} were measured while up to {w} notebooks ran at once on this machine (the study "
+            "config's `workers`): the steps shared its cores, so they are the speeds within this run, "
+            "not each network's speed alone (`benchmarks/train_throughput.py` measures that).")
+
+
 def preprocess_stages(img: np.ndarray, size: int, params: dict[str, Any]) -> dict[str, np.ndarray]:
     """Every intermediate image of the preprocessing of one (H, W, 3) cell, in order: raw,
     binomial blur, Landweber deconvolution, curvature anisotropic diffusion, resampled to

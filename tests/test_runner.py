@@ -204,3 +204,13 @@ def test_start_order_prefers_steps_that_others_wait_for():
     # with nothing declared (each step needs all before it) the order is the config's
     seq = ["a", "b", "c"]
     assert runner.start_order(seq, {"a": [], "b": ["a"], "c": ["a", "b"]}) == seq
+
+
+def test_shared_cpu_note_follows_the_runs_workers(tmp_path):
+    from cellstudy.study import run_workers, shared_cpu_note
+
+    assert run_workers(tmp_path) == 1 and shared_cpu_note(tmp_path) == ""  # a notebook run by hand
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "x", "workers": 1}))
+    assert shared_cpu_note(tmp_path) == ""
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "x", "workers": 2}))
+    assert run_workers(tmp_path) == 2 and "up to 2 notebooks ran at once" in shared_cpu_note(tmp_path)
