@@ -40,6 +40,16 @@ def _book(a: argparse.Namespace) -> int:
     return 0
 
 
+#: papermill's cell-boundary lines, also when tagged with the step ("[08_xai] ...") by the runner
+_NOISE = re.compile(r"(\[\w+\] )?((Executing|Ending) Cell|(Input|Output) Notebook|Working directory|"
+                    r"Executing notebook with kernel)")
+
+
+def is_noise(message: str) -> bool:
+    """Whether a log line is papermill bookkeeping that the terminal does not show."""
+    return bool(_NOISE.match(message))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cellstudy", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -65,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="  | %(message)s", stream=sys.stdout)
     for h in logging.getLogger().handlers:  # papermill's cell-boundary lines are noise here
-        h.addFilter(lambda r: not re.match(r"(Executing|Ending) Cell|(Input|Output) Notebook|Working directory|"
-                                           r"Executing notebook with kernel|Executing Cell", str(r.getMessage())))
+        h.addFilter(lambda r: not is_noise(str(r.getMessage())))
     for noisy in ("traitlets", "asyncio", "blib2to3", "nbclient"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -16,7 +16,8 @@ Files written in ``out_dir`` (one folder per network x fold):
 ``checkpoint.npz``     last finished epoch: model variables (incl. dropout RNG state), optimiser
                        variables, and JSON metadata (network, input shape, parameter count,
                        seed, hyper-parameters, history). Removed when the run is done unless
-                       ``keep_checkpoint=True``. ``checkpoint.json``: the same metadata, readable.
+                       ``keep_checkpoint=True`` (without it the last epoch's is not written:
+                       the run's models and done.json follow at once). ``checkpoint.json``: the same metadata, readable.
 ``done.json``          marker of a finished run, with timings; a re-run with it present is skipped
 ``failed.json``        a run stopped by a NaN / inf loss: reason and epoch
 =====================  ===================================================================
@@ -698,8 +699,11 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
                     evaluate("short", epoch + 1)
                 if epoch + 1 == epochs_long:
                     evaluate("long", epoch + 1)
-                _save_checkpoint(out, model, {**meta, "epoch": epoch + 1, "history": history,
-                                              "test_accuracy": test_acc})
+                if epoch + 1 < epochs_long or keep_checkpoint:
+                    # the last epoch's checkpoint would be deleted right after done.json: not
+                    # written (a kill before done.json resumes from the previous epoch's)
+                    _save_checkpoint(out, model, {**meta, "epoch": epoch + 1, "history": history,
+                                                  "test_accuracy": test_acc})
         except _NaNStop as stop:
             failure = {**meta, "status": "failed", "reason": stop.reason,
                        "epoch": stop.epoch if stop.epoch is not None else len(history),

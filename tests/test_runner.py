@@ -214,3 +214,12 @@ def test_shared_cpu_note_follows_the_runs_workers(tmp_path):
     assert shared_cpu_note(tmp_path) == ""
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "x", "workers": 2}))
     assert run_workers(tmp_path) == 2 and "up to 2 notebooks ran at once" in shared_cpu_note(tmp_path)
+
+
+def test_terminal_drops_papermill_bookkeeping_tagged_or_not():
+    from cellstudy.cli import is_noise
+
+    for m in ("Input Notebook:  /a/09.ipynb", "[09_statistics] Output Notebook: /x", "[08_xai] Executing Cell 3"):
+        assert is_noise(m), m
+    for m in ("[08_xai] [1/11] xai resnet50: 5 fold(s) in 105 s", "resnet50 fold 0 done in 0:29"):
+        assert not is_noise(m), m

@@ -405,3 +405,39 @@ def test_mirrored_strategy_two_logical_cpus(tmp_path):
     assert out["kind"] == "mirrored" and out["replicas"] == 2 and len(out["devices"]) == 2
     assert out["status"] == "done" and out["shapes"] == {"short": [8, 2], "long": [8, 2]}
     assert out["sums"] < 1e-5 and out["strategy"]["replicas"] == 2
+
+
+def test_last_epoch_checkpoint_is_written_only_when_kept(tmp_path, monkeypatch):
+    """A finished run deletes its checkpoint, so the last epoch's is not written at all (it is
+    the biggest file a fold writes); with keep_checkpoint=True it is, and holds the last epoch."""
+    written = []
+    real = train._save_checkpoint
+    monkeypatch.setattr(train, "_save_checkpoint",
+                        lambda out, model, meta: (written.append(meta["epoch"]), real(out, model, meta)))
+    train.train_fold(tiny_cnn(), *DATA, tmp_path / "a", network_name="tiny", fold=0, **COMMON)
+    n_long = COMMON["epochs_long"]
+    assert written == list(range(1, n_long)) and not (tmp_path / "a" / "checkpoint.npz").exists()
+    written.clear()
+    train.train_fold(tiny_cnn(), *DATA, tmp_path / "b", network_name="tiny", fold=0, keep_checkpoint=True, **COMMON)
+    assert written == list(range(1, n_long + 1))
+    assert train._read_checkpoint_meta(tmp_path / "b" / "checkpoint.npz")["epoch"] == n_long
+
+
+def test_explain_load_weights_reads_a_keras_archive_like_keras(tmp_path):
+    """explain.load_weights (extracts the archive's weights file first) gives exactly the weights
+    Keras' own load_weights gives; a mismatching archive raises; other files go to Keras."""
+    from cellstudy import explain
+
+    src, dst = tiny_cnn()(), tiny_cnn()()
+    src.save(tmp_path / "m.keras")
+    explain.load_weights(dst, tmp_path / "m.keras")
+    ref = tiny_cnn()()
+    ref.load_weights(tmp_path / "m.keras")
+    for a, b, c in zip(src.weights, dst.weights, ref.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(b.numpy(), c.numpy())
+    src.save_weights(tmp_path / "w.weights.h5")
+    explain.load_weights(tiny_cnn()(), tmp_path / "w.weights.h5")
+    with pytest.raises(ValueError):
+        other = keras.Sequential([keras.Input((S, S, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
+        explain.load_weights(other, tmp_path / "m.keras")
