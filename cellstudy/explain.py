@@ -264,7 +264,7 @@ class XaiRun:
     gmeans: dict[str, dict[int, dict[str, np.ndarray]]] = field(default_factory=dict)
     curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     images: np.ndarray | None = None      # prepared.images (stain space)
-    seconds_wall: float = float("nan")    # explain_run's wall time (timings.seconds sum over processes)
+    seconds_wall: float = float("nan")    # explain_run's wall time (timings.seconds: per-fold work)
     workers: int = 0                      # worker processes used (0: all in this process)
 
     def stacked(self, network: str) -> dict[str, np.ndarray]:
@@ -343,6 +343,18 @@ def _save_npz(path: Path, arrays: dict[str, Any], key: str) -> None:
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez_compressed(tmp, **flat)
     os.replace(tmp, path)
+
+
+def _cache_is_current(path: Path, key: str) -> bool:
+    """Whether the cached fold at ``path`` was made for ``key``, reading only its key member (not
+    the arrays: the worker pool's to-do list checks every fold before any work)."""
+    if not path.exists():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return str(z["__key__"]) == key
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def _load_npz(path: Path, key: str) -> dict[str, Any] | None:
@@ -514,7 +526,7 @@ def _prefill_in_workers(coh: _Cohort, found: dict[str, list[int]], params: XaiPa
     todo = {}
     for name, ks in found.items():
         plans = [_fold_plan(coh, name, k, params, S, out) for k in ks]
-        if any(_load_npz(p["cache"], p["key"]) is None for p in plans):
+        if not all(_cache_is_current(p["cache"], p["key"]) for p in plans):
             todo[name] = sum(p["model_path"].stat().st_size for p in plans)
     if len(todo) < 2:
         return {}, 0

@@ -17,7 +17,8 @@ Files written in ``out_dir`` (one folder per network x fold):
                        variables, and JSON metadata (network, input shape, parameter count,
                        seed, hyper-parameters, history). Removed when the run is done unless
                        ``keep_checkpoint=True`` (without it the last epoch's is not written:
-                       the run's models and done.json follow at once). ``checkpoint.json``: the same metadata, readable.
+                       the run's models and done.json follow at once). ``checkpoint.json``: the
+                       same metadata, readable.
 ``done.json``          marker of a finished run, with timings; a re-run with it present is skipped
 ``failed.json``        a run stopped by a NaN / inf loss: reason and epoch
 =====================  ===================================================================

@@ -153,9 +153,10 @@ def test_second_call_is_served_from_cache(trained, explained):
     cache = trained.run_dir / "08_xai" / "cache" / "mhl" / "fold0_long.npz"
     ids = res.folds["mhl"][0].cell_ids
     key = explain._key(fd / "model_long.keras", ids, again.params, 32)
-    assert explain._load_npz(cache, key) is not None
+    assert explain._load_npz(cache, key) is not None and explain._cache_is_current(cache, key)
     other = explain._key(fd / "model_long.keras", ids, explain.replace(again.params, ig_steps=5), 32)
-    assert explain._load_npz(cache, other) is None
+    assert explain._load_npz(cache, other) is None and not explain._cache_is_current(cache, other)
+    assert not explain._cache_is_current(cache.with_name("absent.npz"), key)
     st = (fd / "model_long.keras").stat()
     os.utime(fd / "model_long.keras", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     try:
