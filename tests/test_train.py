@@ -295,6 +295,44 @@ def test_weight_resetter_reuses_model_without_retracing(reference, tmp_path):
         np.testing.assert_array_equal(r1.proba[regime], res.proba[regime])
 
 
+def _counting(build_fn, traces: list):
+    """``build_fn`` whose model records every Python trace of its training step."""
+    def build():
+        model = build_fn()
+        step = model.train_step
+        model.train_step = lambda data: (traces.append(1), step(data))[1]
+        return model
+    return build
+
+
+def test_training_step_is_traced_once(reference, tmp_path):
+    """Keras would create the optimiser / metric variables inside the first trace and tf.function
+    would then trace the step again; train_fold builds them first, so one trace per model."""
+    res, _, _ = reference
+    traces: list = []
+    r = train.train_fold(_counting(tiny_cnn(), traces), *DATA, tmp_path / "f0",
+                         network_name="tiny", fold=0, **COMMON)
+    assert len(traces) == 1
+    np.testing.assert_array_equal(r.proba["long"], res.proba["long"])
+    # what it avoids: the same model compiled the plain Keras way traces its step twice
+    plain: list = []
+    model = train._compiled(_counting(tiny_cnn(), plain))
+    model.fit(DATA[0], DATA[1], batch_size=8, epochs=1, verbose=0)
+    assert len(plain) == 2
+
+
+def test_pipelines_do_not_autotune():
+    """tf.data autotuning made every fit / predict wait for the autotuner's next wake-up when its
+    iterator was deleted (epochs stuck at 1.28, 2.56, 5.12 ... s): the pipelines turn it off."""
+    x, y = DATA[0], DATA[1]
+    ds = train.make_train_dataset(x, y, batch_size=8, seed=0, epoch=0)
+    assert ds.options().autotune.enabled is False
+    assert train._test_dataset(x, 8).options().autotune.enabled is False
+    # same batches as before: the option changes scheduling, not data
+    got = np.concatenate([b[1].numpy() for b in ds])
+    assert sorted(got.tolist()) == sorted(y.tolist()) and len(got) == len(y)
+
+
 def test_reused_model_keeps_tensorflow_kernels(reference, tmp_path, monkeypatch):
     """Re-setting TF's global seed clears its kernel caches (every compiled function is
     re-instantiated): a reused model must not trigger it, a fresh build must, and the reused
