@@ -197,3 +197,27 @@ def test_channel_importance_bad_input():
         channel_importance(m, x, y, np.zeros(3), methods=("blur",))
     with pytest.raises(ValueError, match=r"labels holds \[2\]"):
         channel_importance(m, x, np.array([0, 1, 2, 0]), np.zeros(3))
+
+
+def test_compiled_functions_trace_once_for_any_batch_size():
+    """Predict (8 cells), occlusion / IG / faithfulness (batches of 64) and Grad-CAM share one
+    trace per function: a second batch size used to trace the network again."""
+    from cellstudy.xai import _keras as XK
+    from cellstudy.xai import gradcam
+
+    inp = keras.Input((S, S, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="feat")(inp)
+    m = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(
+        keras.layers.GlobalAveragePooling2D()(h)))
+    x = _images(5)
+    p_small = XK.predict_proba(m, x[:3], batch_size=2)
+    p_big = XK.predict_proba(m, x, batch_size=64)
+    np.testing.assert_allclose(p_small, p_big[:3], rtol=1e-6)
+    occlusion(m, x, 0, patch=4, batch_size=7)
+    integrated_gradients(m, x, 1, steps=3, batch_size=4)
+    integrated_gradients(m, x[:2], 1, steps=2, batch_size=64)
+    gradcam(m, x[:2], 0, "feat", batch_size=2)
+    gradcam(m, x, 1, "feat", batch_size=64)
+    counts = {k[0]: f.experimental_get_tracing_count() for k, f in XK.model_cache(m).items()
+              if hasattr(f, "experimental_get_tracing_count")}
+    assert counts == {"forward": 1, "ig": 1, "gradcam": 1}

@@ -24,7 +24,7 @@ def _ig_step(model):
     head = K.find_softmax_head(model)
     sub = keras.Model(model.inputs, head.tensor)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[K.image_spec(model), K.class_spec()])
     def grads(x, cls):
         with tf.GradientTape() as tape:
             tape.watch(x)

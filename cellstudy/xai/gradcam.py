@@ -94,7 +94,7 @@ def _build_step(model, layers: tuple, token_grids: tuple | None = None):
     grad_model = keras.Model(model.inputs, [*feats, head.tensor])
     H, W = K.input_shape(model)[:2]
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[K.image_spec(model), K.class_spec()])
     def step(x, cls):
         with tf.GradientTape() as tape:
             outs = grad_model(x, training=False)
