@@ -296,3 +296,23 @@ def test_worker_processes_give_the_same_explanations(trained, explained, tmp_pat
     assert again.workers == 0 and again.timings.cached.all()
     with pytest.raises(ValueError, match="workers"):
         explain.explain_run(p, workers=0, echo=lambda s: None)
+
+
+def test_worker_tasks_start_with_the_slowest_network(tmp_path):
+    """Ordered by training seconds per epoch (then file size): a small but slow network goes
+    before a large but fast one; a fold without done.json counts by its file only."""
+    def plan(name, k, epoch_s, size):
+        fd = tmp_path / name / f"fold{k}"
+        fd.mkdir(parents=True)
+        (fd / "model_long.keras").write_bytes(b"x" * size)
+        if epoch_s is not None:
+            (fd / "done.json").write_text(json.dumps({"timings": {"seconds_per_epoch_median": epoch_s}}))
+        return {"fd": fd, "model_path": fd / "model_long.keras"}
+    slow_small = [plan("slow", k, 20.0, 10) for k in range(2)]
+    fast_big = [plan("fast", k, 2.0, 1000) for k in range(2)]
+    no_done = [plan("nodone", 0, None, 5000)]
+    assert explain._expected_cost(slow_small) == (40.0, 20)
+    assert explain._expected_cost(no_done) == (0.0, 5000)
+    costs = {"fast": explain._expected_cost(fast_big), "slow": explain._expected_cost(slow_small),
+             "nodone": explain._expected_cost(no_done)}
+    assert sorted(costs, key=costs.get, reverse=True) == ["slow", "fast", "nodone"]
