@@ -23,8 +23,6 @@ Steps run one after another (``workers: 1``) or several at once (``workers: N`` 
 ``--workers N`` on the command line): each notebook declares the steps it needs in its metadata
 (``"cellstudy": {"needs": ["01_preprocessing"]}``; a notebook without that waits for every step
 listed before it), and a step starts as soon as the steps it needs are done and a worker is free.
-Of the ready steps, those more later steps wait for start first, then the costlier (metadata
-``cellstudy.cost``: the seconds the step took in the default study, a hint only), then config order.
 Each running step is its own Jupyter kernel (its own process). On 2 cores, two at once pay off
 because much of a step's time is single-threaded (TensorFlow tracing a network's graph, Python):
 measured 1.6x on two training runs side by side (README). The results do not depend on ``workers``.
@@ -111,18 +109,6 @@ def step_needs(step: str, steps: list[str]) -> list[str]:
     return [d for d in declared if d in steps]
 
 
-def step_cost(step: str) -> float:
-    """The notebook's metadata ``cellstudy.cost``: roughly how long the step takes (the seconds it
-    took in the default study on 2 cores), used only to start the longer of two otherwise equal
-    ready steps first; 0 when not declared. A number >= 0, else ConfigError."""
-    nb = json.loads((NOTEBOOK_DIR / f"{step}.ipynb").read_text())
-    cost = (nb.get("metadata", {}).get("cellstudy") or {}).get("cost", 0)
-    if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not cost >= 0:
-        raise config.ConfigError(f"notebook {step}.ipynb: metadata cellstudy.cost must be a number >= 0 "
-                                 f"(seconds), got {cost!r}")
-    return float(cost)
-
-
 def load_config(path: str | os.PathLike, **override: Any) -> StudyConfig:
     """Read and validate a study config; keyword overrides (cohort, scale, data_root, ...) win
     over the file's values when not None. Every value is checked here, before any work."""
@@ -172,7 +158,6 @@ def load_config(path: str | os.PathLike, **override: Any) -> StudyConfig:
         raise config.ConfigError(f"study config {path}: workers={cfg.workers!r}; expected an int >= 1 "
                                  "(how many notebooks run at once)")
     for i, step in enumerate(cfg.steps):
-        step_cost(step)
         later = [d for d in step_needs(step, cfg.steps) if cfg.steps.index(d) > i]
         if later:
             raise config.ConfigError(f"study config {path}: step {step} needs {later}, listed after it; "
@@ -369,21 +354,15 @@ def notebook_errors(nb_path: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # The whole study
 # ---------------------------------------------------------------------------------------------
-def start_order(steps: list[str], needs: dict[str, list[str]],
-                costs: dict[str, float] | None = None) -> list[str]:
+def start_order(steps: list[str], needs: dict[str, list[str]]) -> list[str]:
     """The order in which ready steps are started: steps that more later steps wait for
-    (directly or not) first, then the costlier (``costs``, seconds; longest first), then config
-    order. With two workers this starts the training steps, which the results, XAI and
-    statistics wait for, before a step nothing waits for (06_gpu_training), so that one overlaps
-    with the XAI instead of delaying it; and of the training steps the two long ones first, so
-    the short ones fill in beside them instead of one long step running alone at the end (in
-    config order, 05_mhl_family started last and ran alone for 2 min of a 30 min study)."""
-    costs = costs or {}
-
+    (directly or not) first, then config order. With two workers this starts the training
+    steps, which the results, XAI and statistics wait for, before a step nothing waits for
+    (06_gpu_training), so that one overlaps with the XAI instead of delaying it."""
     def dependents(step: str) -> set[str]:
         direct = {s for s in steps if step in needs[s]}
         return direct.union(*(dependents(d) for d in direct)) if direct else set()
-    return sorted(steps, key=lambda s: (-len(dependents(s)), -costs.get(s, 0.0), steps.index(s)))
+    return sorted(steps, key=lambda s: (-len(dependents(s)), steps.index(s)))
 
 
 def _run_steps(cfg: StudyConfig, run_dir: Path, status: dict[str, Any], params: dict[str, Any],
@@ -395,8 +374,7 @@ def _run_steps(cfg: StudyConfig, run_dir: Path, status: dict[str, Any], params: 
     n = len(cfg.steps)
     pos = {s: i for i, s in enumerate(cfg.steps, 1)}
     needs = {s: step_needs(s, cfg.steps) for s in cfg.steps}
-    order = {s: i for i, s in enumerate(start_order(cfg.steps, needs,
-                                                    {s: step_cost(s) for s in cfg.steps}))}
+    order = {s: i for i, s in enumerate(start_order(cfg.steps, needs))}
 
     def is_done(step: str) -> bool:
         return (status["steps"].get(step, {}).get("state") == "done"
