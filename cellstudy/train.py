@@ -218,7 +218,7 @@ def _pipeline_options():
     background loop, which sleeps in doubling periods (10 ms, 20 ms, ...) from the iterator's
     start; every ``fit`` / ``predict`` then returned only at the next wake-up. A default study's
     epoch times clustered at 1.28, 2.56, 5.12, 10.24, 20.48 and 40.96 s. Measured on DenseNet121
-    at 32 px (352 images, 6 epochs, ``/tmp/p5/at4.py``): 0.0-4.3 s between the last step and
+    at 32 px (352 images, 6 epochs per setting): 0.0-4.3 s between the last step and
     ``fit`` returning with autotuning, 0.01 s without. The pipelines here are fixed (cached
     tensors, shuffle, batch), so a fixed prefetch depth loses nothing."""
     import tensorflow as tf
