@@ -505,12 +505,18 @@ def _explain_network(coh: _Cohort, name: str, ks: Sequence[int], params: XaiPara
                      **{f"seconds_{m}": v for m, v in arrays["seconds"].items()}})
 
 
+def _init_worker(env: dict[str, str]) -> None:
+    """Worker process start, before TensorFlow loads: its thread settings (``cellstudy.threads``)."""
+    os.environ.update(env)
+
+
 @_quiet_tensorflow
 def _worker_explain(coh: _Cohort, name: str, ks: list[int], params: XaiParams, S: int, out: Path) -> list[dict]:
     """Worker process: fill the cache of one network's folds; returns the timing rows."""
     import cellstudy.models  # noqa: F401  (registers the custom layers for load_model)
     rows: list[dict] = []
-    _explain_network(coh, name, ks, params, S, out, lambda fe, row: rows.append({**row, "worker": True}))
+    _explain_network(coh, name, ks, params, S, out, lambda fe, row: rows.append(
+        {**row, "worker": True, "tf_threads": os.environ.get("TF_NUM_INTRAOP_THREADS")}))
     return rows
 
 
@@ -550,7 +556,10 @@ def _prefill_in_workers(coh: _Cohort, found: dict[str, list[int]], params: XaiPa
     echo(f"explaining {len(todo)} networks in {n} worker processes (slowest networks first) ...")
     rows: dict[tuple[str, int], dict] = {}
     t_start = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # each worker's TensorFlow gets cores // n threads (unless the environment already says)
+    from . import threads
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(threads.thread_env(n),)) as pool:
         futs = {pool.submit(_worker_explain, coh, name, found[name], params, S, out): name
                 for name in sorted(todo, key=todo.get, reverse=True)}
         for i, fut in enumerate(as_completed(futs), 1):

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import ONEDNN_ENV, config
+from . import ONEDNN_ENV, config, threads
 
 #: The packages whose versions are shown on the provenance page (all installed ones are stored).
 KEY_PACKAGES = (
@@ -76,6 +76,8 @@ def hardware() -> dict[str, Any]:
         "hostname": platform.node(),
         # cellstudy sets it to 1 unless the user did (TensorFlow's oneDNN CPU kernels)
         "tf_enable_onednn_opts": os.environ.get(ONEDNN_ENV),
+        # TensorFlow's thread pools (None: its default, all cores); see cellstudy.threads
+        "tf_threads": threads.current(),
     }
 
 

@@ -51,7 +51,7 @@ from typing import Any, Callable
 
 import yaml
 
-from . import config, provenance
+from . import config, provenance, threads
 
 log = logging.getLogger("cellstudy.runner")
 
@@ -271,11 +271,13 @@ _ENV_BACKUP: dict[str, str] = {}
 
 
 @contextmanager
-def kernel_env():
+def kernel_env(workers: int = 1):
     """The environment the notebook kernels start with (they inherit ``os.environ``): TensorFlow's
     C++ log level, the inline Matplotlib backend, this repository on PYTHONPATH and this
-    interpreter's folder first on PATH. Re-entrant and shared by concurrent steps: the first
-    entry sets it, the last exit restores ``os.environ`` as it was."""
+    interpreter's folder first on PATH; with ``workers`` > 1 notebooks at once, each kernel's
+    TensorFlow gets ``cores // workers`` threads (``cellstudy.threads``; exported values kept).
+    Re-entrant and shared by concurrent steps: the first entry sets it, the last exit restores
+    ``os.environ`` as it was."""
     global _ENV_DEPTH, _ENV_BACKUP
     with _ENV_LOCK:
         if _ENV_DEPTH == 0:
@@ -285,6 +287,7 @@ def kernel_env():
             os.environ["PYTHONPATH"] = str(config.REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
             # The kernel runs this interpreter (jupyter_client maps the spec's "python" to sys.executable).
             os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+            os.environ.update(threads.thread_env(workers))
         _ENV_DEPTH += 1
     try:
         yield
@@ -404,7 +407,7 @@ def _run_steps(cfg: StudyConfig, run_dir: Path, status: dict[str, Any], params: 
     failure: StudyError | None = None
     running: dict[Any, str] = {}
     try:
-        with kernel_env(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cellstudy-step") as pool:
+        with kernel_env(workers), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cellstudy-step") as pool:
             while pending or running:
                 if failure is None:
                     ready = [s for s in pending if all(is_done(d) for d in needs[s])]

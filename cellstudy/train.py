@@ -49,7 +49,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import ONEDNN_ENV, onednn_enabled
+from . import ONEDNN_ENV, onednn_enabled, threads
 from .distribute import (StrategyInfo, op_determinism_enabled, precision_policy,
                          resolve_strategy, select_strategy, set_determinism)
 
@@ -769,7 +769,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
     }
     done = {**meta, "status": "done", "test_accuracy": test_acc, "timings": timings,
             "strategy": sinfo.as_dict(), "op_determinism": op_determinism_enabled(),
-            "onednn": onednn_enabled(),
+            "onednn": onednn_enabled(), "tf_threads": threads.current(),
             "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
                          "keras": keras.__version__, "numpy": np.__version__},
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -286,6 +286,10 @@ def test_worker_processes_give_the_same_explanations(trained, explained, tmp_pat
     assert par.workers == 2 and par.timings.worker.all() and not par.timings.cached.any()
     assert any("2 worker processes" in s for s in lines)
     assert any("computed by a worker process" in s for s in lines)
+    # each of the 2 workers' TensorFlow got half the cores (unless the environment said otherwise)
+    from cellstudy import threads
+    if "TF_NUM_INTRAOP_THREADS" not in os.environ:
+        assert set(par.timings.tf_threads) == {str(threads.threads_per_process(2))}
     for net in res.networks:
         a, b = res.stacked(net), par.stacked(net)
         np.testing.assert_array_equal(a["cell_id"], b["cell_id"])

@@ -6,7 +6,7 @@ import nbformat
 import pytest
 import yaml
 
-from cellstudy import config, runner
+from cellstudy import config, runner, threads
 
 
 def _nb(path, *sources, needs=None):
@@ -139,7 +139,9 @@ def test_steps_run_at_once_in_dependency_order(tmp_path, fake_notebooks):
     _nb(fake_notebooks / "02_c.ipynb", "import pathlib, time\n"
         "d = pathlib.Path(run_dir)\n"
         "assert (d / '00_a.ended').exists() and (d / '01_b.ended').exists()\n"
-        "(d / '02_c.started').write_text(str(time.time()))", needs=["00_a", "01_b"])
+        "(d / '02_c.started').write_text(str(time.time()))\n"
+        "import os\n(d / 'threads.txt').write_text(os.environ.get('TF_NUM_INTRAOP_THREADS', 'unset'))",
+        needs=["00_a", "01_b"])
     lines = []
     run = runner.run_study(_config(tmp_path, ["00_a", "01_b", "02_c"], workers=2), runs_dir=tmp_path / "runs",
                            build=False, log_output=False, echo=lines.append)
@@ -148,6 +150,9 @@ def test_steps_run_at_once_in_dependency_order(tmp_path, fake_notebooks):
     t = {p.name: float(p.read_text()) for p in run.glob("*.*ed")}
     assert t["02_c.started"] >= max(t["00_a.ended"], t["01_b.ended"])
     assert any("2 notebooks at once" in x for x in lines)
+    # two kernels at once: each kernel's TensorFlow gets half the cores (cellstudy.threads)
+    if "TF_NUM_INTRAOP_THREADS" not in os.environ:
+        assert (run / "threads.txt").read_text() == str(threads.threads_per_process(2))
     assert runner.step_needs("02_c", ["00_a", "01_b", "02_c"]) == ["00_a", "01_b"]
     assert runner.step_needs("02_c", ["01_b", "02_c"]) == ["01_b"]  # a step not in the config is not waited for
 
