@@ -91,8 +91,8 @@ SCALES: dict[str, dict[str, Any]] = {
     },
     # The CPU default of `make study`: all eleven networks x 5 folds x both regimes on a 2-core
     # machine: S = 32 (the smallest size the stride-32 backbones take) and 1 + 1 epochs (the fewest
-    # that keep both regimes). Measured (README): 31-34 min end to end on 2 cores (fresh clone,
-    # oneDNN on, two notebooks at once), 12-322 training images/s at 32 px (two at once).
+    # that keep both regimes). Measured (README): 23 min end to end on 2 cores (fresh clone,
+    # oneDNN on, two notebooks at once, 1 TensorFlow thread each), 19-437 training images/s at 32 px.
     "cpu": {
         "image_size": 32,
         "preprocess": dict(_PREPROCESS_FULL),

@@ -25,7 +25,10 @@ Steps run one after another (``workers: 1``) or several at once (``workers: N`` 
 listed before it), and a step starts as soon as the steps it needs are done and a worker is free.
 Each running step is its own Jupyter kernel (its own process). On 2 cores, two at once pay off
 because much of a step's time is single-threaded (TensorFlow tracing a network's graph, Python):
-measured 1.6x on two training runs side by side (README). The results do not depend on ``workers``.
+measured 1.6x on two training runs side by side (README). With ``workers`` > 1 each kernel's
+TensorFlow gets ``cores // workers`` threads (``cellstudy.threads``); the thread count changes
+floating-point summation order, so a run repeats exactly at the same ``workers`` (or with the
+thread variables exported), not across different ``workers``.
 
 Runs are never overwritten: a new run gets a new folder. An *incomplete* run of the same config
 (interrupted or failed) is resumed instead, unless ``new=True``: finished steps are kept and the

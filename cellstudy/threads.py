@@ -13,6 +13,12 @@ default scale, alternating the settings three times, wall of the pair): 1 thread
 90.7 / 84.1 s, TensorFlow's default 110.4 / 104.0 / 99.0 s (medians 90.7 vs 104.0 s, 0.87x; CPU
 time per process 87 vs 103 s). One process alone with 1 thread instead of 2 was ~10 % slower
 (79 / 85 vs 77 / 70 s), which is why this applies only when processes share the machine.
+
+Numbers. The thread count decides how TensorFlow splits its sums, so it changes the rounding of
+every training step; after the cpu scale's 2 epochs that is visible for some networks (MHL-Den fold
+0, 1 vs 2 threads: probabilities up to 0.13 apart, 6 of 44 test predictions changed; MHL 2e-6).
+A run repeats exactly with the same seed and the same thread settings, which ``done.json``
+(``tf_threads``) and the run's provenance record; exporting both variables pins them.
 """
 from __future__ import annotations
 
