@@ -490,6 +490,8 @@ def run_study(
         "all_packages": provenance.package_versions(all_packages=True),
         "started": status.get("started"),
     }
+    # the kernels' TensorFlow threads (the runner process itself does not train)
+    prov["hardware"]["tf_threads"] = threads.settings_for(cfg.workers)
     provenance.write_json(run_dir / "provenance.json", prov)
     (run_dir / "study.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
 

@@ -61,3 +61,11 @@ def thread_env(n_processes: int, cpus: int | None = None,
 def current() -> dict[str, str | None]:
     """This process's settings, for provenance: the two variables (None: TensorFlow's default)."""
     return {INTRA_ENV: os.environ.get(INTRA_ENV) or None, INTER_ENV: os.environ.get(INTER_ENV) or None}
+
+
+def settings_for(n_processes: int, environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """What each of ``n_processes`` processes started now gets, as :func:`current` reports it:
+    the exported values, else :func:`thread_env`'s (None: TensorFlow's default)."""
+    environ = os.environ if environ is None else environ
+    env = thread_env(n_processes, environ=environ)
+    return {k: environ.get(k) or env.get(k) or None for k in (INTRA_ENV, INTER_ENV)}

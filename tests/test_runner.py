@@ -153,6 +153,9 @@ def test_steps_run_at_once_in_dependency_order(tmp_path, fake_notebooks):
     # two kernels at once: each kernel's TensorFlow gets half the cores (cellstudy.threads)
     if "TF_NUM_INTRAOP_THREADS" not in os.environ:
         assert (run / "threads.txt").read_text() == str(threads.threads_per_process(2))
+        hw = json.loads((run / "provenance.json").read_text())["hardware"]
+        assert hw["tf_threads"] == {threads.INTRA_ENV: str(threads.threads_per_process(2)),
+                                    threads.INTER_ENV: str(threads.threads_per_process(2))}
     assert runner.step_needs("02_c", ["00_a", "01_b", "02_c"]) == ["00_a", "01_b"]
     assert runner.step_needs("02_c", ["01_b", "02_c"]) == ["01_b"]  # a step not in the config is not waited for
 
@@ -182,7 +185,8 @@ def test_serial_is_the_default_and_bad_workers_or_order_fail_early(tmp_path, fak
             runner.load_config(_config(tmp_path, ["00_a", "01_b"], workers=bad))
     with pytest.raises(config.ConfigError, match=r"step 01_b needs \['00_a'\], listed after it"):
         runner.load_config(_config(tmp_path, ["01_b", "00_a"]))
-    # workers does not change what a run computes: a run started with 1 is resumed with 2
+    # workers is not part of a run's identity: a run started with 1 is resumed with 2 (the
+    # thread count it implies is recorded per fold, done.json tf_threads)
     a = runner.load_config(_config(tmp_path, ["00_a", "01_b"], workers=1))
     b = runner.load_config(_config(tmp_path, ["00_a", "01_b"], workers=2))
     assert a.digest() == b.digest()

@@ -43,3 +43,11 @@ def test_kernel_env_sets_the_threads_for_concurrent_kernels_and_restores(monkeyp
     with runner.kernel_env(2):
         assert os.environ[threads.INTRA_ENV] == "3" and os.environ[threads.INTER_ENV] == expected
     assert os.environ[threads.INTRA_ENV] == "3" and threads.INTER_ENV not in os.environ
+
+
+def test_settings_for_reports_what_started_processes_get():
+    t = str(threads.threads_per_process(2))
+    assert threads.settings_for(1, environ={}) == {threads.INTRA_ENV: None, threads.INTER_ENV: None}
+    assert threads.settings_for(2, environ={}) == {threads.INTRA_ENV: t, threads.INTER_ENV: t}
+    assert threads.settings_for(2, environ={threads.INTRA_ENV: "4"}) == {threads.INTRA_ENV: "4", threads.INTER_ENV: t}
+    assert threads.settings_for(1, environ={threads.INTER_ENV: "2"}) == {threads.INTRA_ENV: None, threads.INTER_ENV: "2"}
