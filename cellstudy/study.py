@@ -101,9 +101,24 @@ def shared_cpu_note(run_dir: str | os.PathLike, what: str = "These speeds") -> s
     w = run_workers(run_dir)
     if w <= 1:
         return ""
+    t = kernel_tf_threads(run_dir)
+    each = f", each notebook's TensorFlow with {t} thread(s)" if t else ""
     return (f"{what} were measured while up to {w} notebooks ran at once on this machine (the study "
-            "config's `workers`): the steps shared its cores, so they are the speeds within this run, "
-            "not each network's speed alone (`benchmarks/train_throughput.py` measures that).")
+            f"config's `workers`{each}): the steps shared its cores, so they are the speeds within this "
+            "run, not each network's speed alone (`benchmarks/train_throughput.py` measures that).")
+
+
+def kernel_tf_threads(run_dir: str | os.PathLike) -> str | None:
+    """The intra-op TensorFlow threads the runner gave this run's notebooks (``provenance.json``,
+    ``hardware.tf_threads``; ``cellstudy.threads``); None: TensorFlow's default or no record."""
+    import json
+
+    p = Path(run_dir) / "provenance.json"
+    try:
+        t = (json.loads(p.read_text()).get("hardware") or {}).get("tf_threads") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return t.get("TF_NUM_INTRAOP_THREADS") if isinstance(t, dict) else None
 
 
 def preprocess_stages(img: np.ndarray, size: int, params: dict[str, Any]) -> dict[str, np.ndarray]:

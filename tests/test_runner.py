@@ -223,6 +223,10 @@ def test_shared_cpu_note_follows_the_runs_workers(tmp_path):
     assert shared_cpu_note(tmp_path) == ""
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "x", "workers": 2}))
     assert run_workers(tmp_path) == 2 and "up to 2 notebooks ran at once" in shared_cpu_note(tmp_path)
+    assert "thread" not in shared_cpu_note(tmp_path)  # no provenance.json: nothing said about threads
+    (tmp_path / "provenance.json").write_text(json.dumps(
+        {"hardware": {"tf_threads": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}}}))
+    assert "each notebook's TensorFlow with 1 thread(s)" in shared_cpu_note(tmp_path)
 
 
 def test_terminal_drops_papermill_bookkeeping_tagged_or_not():
