@@ -66,7 +66,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import config
+from . import config, threads
 
 STEP = "08_xai"
 METHODS = ("gradcam", "integrated_gradients", "occlusion")
@@ -516,7 +516,7 @@ def _worker_explain(coh: _Cohort, name: str, ks: list[int], params: XaiParams, S
     import cellstudy.models  # noqa: F401  (registers the custom layers for load_model)
     rows: list[dict] = []
     _explain_network(coh, name, ks, params, S, out, lambda fe, row: rows.append(
-        {**row, "worker": True, "tf_threads": os.environ.get("TF_NUM_INTRAOP_THREADS")}))
+        {**row, "worker": True, "tf_threads": os.environ.get(threads.INTRA_ENV)}))
     return rows
 
 
@@ -557,7 +557,6 @@ def _prefill_in_workers(coh: _Cohort, found: dict[str, list[int]], params: XaiPa
     rows: dict[tuple[str, int], dict] = {}
     t_start = time.perf_counter()
     # each worker's TensorFlow gets cores // n threads (unless the environment already says)
-    from . import threads
     with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_init_worker, initargs=(threads.thread_env(n),)) as pool:
         futs = {pool.submit(_worker_explain, coh, name, found[name], params, S, out): name

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import config, data, folds as folds_mod, preprocess
+from . import config, data, folds as folds_mod, preprocess, threads
 
 
 @dataclass
@@ -118,7 +118,7 @@ def kernel_tf_threads(run_dir: str | os.PathLike) -> str | None:
         t = (json.loads(p.read_text()).get("hardware") or {}).get("tf_threads") or {}
     except (OSError, ValueError, AttributeError):
         return None
-    return t.get("TF_NUM_INTRAOP_THREADS") if isinstance(t, dict) else None
+    return t.get(threads.INTRA_ENV) if isinstance(t, dict) else None
 
 
 def preprocess_stages(img: np.ndarray, size: int, params: dict[str, Any]) -> dict[str, np.ndarray]:

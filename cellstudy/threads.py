@@ -60,7 +60,7 @@ def thread_env(n_processes: int, cpus: int | None = None,
 
 def current() -> dict[str, str | None]:
     """This process's settings, for provenance: the two variables (None: TensorFlow's default)."""
-    return {INTRA_ENV: os.environ.get(INTRA_ENV) or None, INTER_ENV: os.environ.get(INTER_ENV) or None}
+    return settings_for(1)
 
 
 def settings_for(n_processes: int, environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
