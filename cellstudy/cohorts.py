@@ -11,6 +11,9 @@ Cohorts
 ``bbbc021-full``  every BBBC021 MCF-7 crop: 640 DMSO (normal, 16 fields) + 720
                   protein_synthesis (abnormal, 18 fields); group = source field.
 ``bbbc021-paper`` the paper-sized draw: 100 normal + 120 abnormal (see ``draw_paper_cells``).
+``bbbc021-unseen`` the external test set: every BBBC021 crop of the source fields that
+                  ``bbbc021-paper`` does not use (see ``unseen_cells``): 240 normal (6 fields) +
+                  320 abnormal (8 fields), 40 crops per field.
 ``rxrx1-cells``   single cells cut from the 36 RxRx1 fields: nuclear segmentation of w1, a
                   64 x 64 crop per nucleus, at most 40 crops per field (seeded); normal = HUVEC +
                   RPE, abnormal ("cancer") = HepG2 + U2OS; group = experiment/plate/site.
@@ -37,6 +40,9 @@ COHORTS: dict[str, str] = {
                      "inhibitor (abnormal) cells, 10 fields per class, seeded draw",
     "bbbc021-full": "BBBC021 MCF-7, every crop: 640 DMSO (normal, 16 fields) + 720 "
                     "protein-synthesis inhibitor (abnormal, 18 fields)",
+    "bbbc021-unseen": "BBBC021 MCF-7, the external test set: every crop of the fields "
+                      "bbbc021-paper does not use (240 DMSO in 6 fields + 320 "
+                      "protein-synthesis inhibitor in 8 fields)",
     "rxrx1-cells": "RxRx1 single cells: 64 px crops around segmented nuclei, <= 40 per field; "
                    "HUVEC + RPE (normal) vs HepG2 + U2OS (cancer)",
 }
@@ -185,6 +191,33 @@ def build_bbbc021_paper(root: str | Path | None = None, seed: int = PAPER_SEED) 
     return draw_paper_cells(build_bbbc021_full(root), seed=seed)
 
 
+def unseen_cells(full: pd.DataFrame, cohort: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``full`` whose ``group`` (source field) is not a group of ``cohort``.
+
+    Whole fields only: a field that ``cohort`` draws even one cell from is left out entirely,
+    since the cells of one field are correlated (same well, site, exposure). Returns the rows in
+    ``full``'s order, re-indexed; deterministic. ``DataError`` when ``cohort`` lacks the
+    ``group`` column or when nothing is left.
+    """
+    for what, df in (("full", full), ("cohort", cohort)):
+        if "group" not in df.columns:
+            raise DataError(f"{what} table lacks the 'group' column; it has {list(df.columns)}")
+    used = set(cohort["group"].astype(str))
+    keep = ~full["group"].astype(str).isin(used)
+    if not keep.any():
+        raise DataError(f"every one of the {full['group'].nunique()} fields of the full table is "
+                        f"used by the cohort; expected at least one unseen field")
+    return full[keep].reset_index(drop=True)
+
+
+def build_bbbc021_unseen(root: str | Path | None = None, seed: int = PAPER_SEED) -> pd.DataFrame:
+    """The ``bbbc021-unseen`` manifest (the study's external test set): every
+    ``build_bbbc021_full(root)`` row whose field is not a field of the ``bbbc021-paper`` draw
+    (``draw_paper_cells(full, seed=seed)``): 240 normal (6 fields) + 320 abnormal (8 fields)."""
+    full = build_bbbc021_full(root)
+    return unseen_cells(full, draw_paper_cells(full, seed=seed))
+
+
 # ---------------------------------------------------------------------------------------------
 # RxRx1
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +282,7 @@ def build_rxrx1_cells(root: str | Path | None = None, size: int = RXRX1_CROP_SIZ
 BUILDERS = {
     "bbbc021-paper": build_bbbc021_paper,
     "bbbc021-full": build_bbbc021_full,
+    "bbbc021-unseen": build_bbbc021_unseen,
     "rxrx1-cells": build_rxrx1_cells,
 }
 

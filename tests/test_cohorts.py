@@ -168,3 +168,38 @@ def test_load_rxrx1_cells(shared_data):
     centre = c.images[:, 24:40, 24:40, 2].mean()
     edge = c.images[:, :8, :, 2].mean()
     assert centre > edge
+
+
+# ---------------------------------------------------------------------------------------------
+# bbbc021-unseen: the external test set (the fields bbbc021-paper does not use)
+# ---------------------------------------------------------------------------------------------
+def test_unseen_cells_rule_whole_fields_only():
+    full = _synthetic_full()
+    paper = cohorts.draw_paper_cells(full, seed=0)
+    u = cohorts.unseen_cells(full, paper)
+    assert not set(u.group) & set(paper.group) and not set(u.cell_id) & set(paper.cell_id)
+    assert set(u.group) | set(paper.group) == set(full.group)
+    assert u.groupby("group").size().eq(40).all()               # whole fields
+    assert u.label.value_counts().to_dict() == {0: 6 * 40, 1: 8 * 40}
+    pd.testing.assert_frame_equal(u, cohorts.unseen_cells(full, paper))
+    with pytest.raises(DataError, match="expected at least one unseen field"):
+        cohorts.unseen_cells(full, full)
+    with pytest.raises(DataError, match="lacks the 'group' column"):
+        cohorts.unseen_cells(full, paper.drop(columns="group"))
+
+
+def test_unseen_manifest_counts_and_disjoint_from_paper():
+    paper, full, unseen = _read("bbbc021-paper"), _read("bbbc021-full"), _read("bbbc021-unseen")
+    assert unseen.label.value_counts().to_dict() == {"0": 240, "1": 320}
+    assert unseen.groupby("label").group.nunique().to_dict() == {"0": 6, "1": 8}
+    assert not set(unseen.group) & set(paper.group)
+    assert not set(unseen.cell_id) & set(paper.cell_id)
+    pd.testing.assert_frame_equal(cohorts.unseen_cells(full, paper), unseen)
+    assert "bbbc021-unseen" in cohorts.COHORTS and "bbbc021-unseen" in cohorts.BUILDERS
+
+
+def test_unseen_manifest_verifies_and_is_reproducible(shared_data, tmp_path):
+    data.verify_manifest(data.load_manifest("bbbc021-unseen"), shared_data, check_sha=True)
+    assert cohorts.main(["build", "--root", str(shared_data), "--out", str(tmp_path),
+                         "--cohort", "bbbc021-unseen"]) == 0
+    assert (tmp_path / "bbbc021-unseen.csv").read_bytes() == (MANIFESTS / "bbbc021-unseen.csv").read_bytes()
