@@ -267,3 +267,77 @@ def step_times(overhead: dict, title: str | None = None) -> Figure:
     ratio = float(np.median(series["tf.data pipeline"]) / np.median(series["in-memory batches"]))
     fig.suptitle(title or f"Input pipeline: median step ratio {ratio:.2f} (pipeline / in-memory)")
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# the external test (cellstudy.external): reliability diagrams and AUC with its CI
+# ---------------------------------------------------------------------------------------------
+def reliability(calibration_df: pd.DataFrame, networks: Sequence[str] | None = None, ncols: int = 4,
+                title: str | None = None) -> Figure:
+    """Reliability diagrams from :func:`cellstudy.external.calibration_table` rows (columns
+    ``network, mean_predicted, fraction_positive, count``): one panel per network, the observed
+    fraction of abnormal cells against the mean predicted p(abnormal) per bin (empty bins left
+    out), marker area proportional to the bin's cell count (one scale for all panels), the
+    diagonal of perfect calibration, and the ECE in the panel title. Panels ordered like
+    ``metrics.NETWORK_ORDER`` (others after) unless ``networks`` is given."""
+    _need(calibration_df, ["network", "mean_predicted", "fraction_positive", "count"], "calibration_df")
+    if not len(calibration_df):
+        raise ValueError("calibration_df has no rows; expected external.calibration_table rows per network")
+    have = list(dict.fromkeys(calibration_df["network"]))
+    nets = _ordered(have, NETWORK_ORDER) if networks is None else list(networks)
+    unknown = sorted(set(nets) - set(have))
+    if unknown:
+        raise ValueError(f"network(s) {unknown} not in calibration_df; it has {have}")
+    fig, axes = _grid(len(nets), ncols, 3.0, 3.0)
+    biggest = max(float(calibration_df["count"].max()), 1.0)
+    colour = sns.color_palette("colorblind", 1)[0]
+    for ax, net in zip(axes, nets):
+        s = calibration_df[(calibration_df["network"] == net) & (calibration_df["count"] > 0)]
+        n = float(s["count"].sum())
+        ece = float((s["count"] * (s["fraction_positive"] - s["mean_predicted"]).abs()).sum() / n) if n else math.nan
+        ax.plot([0, 1], [0, 1], ls="--", color="0.5", lw=1)
+        ax.plot(s["mean_predicted"], s["fraction_positive"], color=colour, lw=1)
+        ax.scatter(s["mean_predicted"], s["fraction_positive"], s=10 + 190 * s["count"] / biggest,
+                   color=colour, alpha=0.8, edgecolor="0.2", lw=0.5, zorder=3)
+        ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), xlabel="mean predicted p(abnormal)",
+               ylabel="fraction abnormal", title=f"{DISPLAY_NAMES.get(net, net)}: ECE {ece:.3f} (n={int(n)})")
+        ax.set_aspect("equal")
+    fig.suptitle(title or "Reliability on the external test set (marker area: cells in the bin)")
+    return fig
+
+
+def external_auc(metrics_df: pd.DataFrame, title: str | None = None) -> Figure:
+    """AUC of each model on the external test set with its confidence interval (columns
+    ``network, auc, auc_ci_low, auc_ci_high``, optionally ``family``, ``n_fields``; from
+    :func:`cellstudy.external.evaluate`): one row per model, ordered like
+    ``metrics.NETWORK_ORDER`` (others, e.g. the baselines, after), coloured by family, with a line
+    at chance (0.5)."""
+    _need(metrics_df, ["network", "auc", "auc_ci_low", "auc_ci_high"], "metrics_df")
+    if not len(metrics_df):
+        raise ValueError("metrics_df has no rows; expected one row per network (external.evaluate)")
+    order = _ordered(metrics_df["network"], NETWORK_ORDER)
+    m = metrics_df.drop_duplicates("network").set_index("network").loc[order]
+    fams = list(m["family"].fillna("")) if "family" in m.columns else [""] * len(m)
+    fam_order = _ordered(fams, _FAMILY_ORDER)
+    palette = dict(zip(fam_order, sns.color_palette("colorblind", len(fam_order))))
+    fig = Figure(figsize=(6.0, 0.9 + 0.38 * len(m)), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(m))[::-1]
+    auc = m["auc"].to_numpy(float)
+    err = np.vstack([auc - m["auc_ci_low"].to_numpy(float), m["auc_ci_high"].to_numpy(float) - auc])
+    for fam in fam_order:
+        k = np.array([f == fam for f in fams])
+        ax.errorbar(auc[k], y[k], xerr=np.clip(err[:, k], 0, None), fmt="o", capsize=3,
+                    color=palette[fam], label=fam or None)
+    ax.axvline(0.5, ls="--", color="0.5", lw=1)
+    ax.set_yticks(y, [DISPLAY_NAMES.get(n, n) for n in m.index])
+    lo = np.nanmin(np.r_[m["auc_ci_low"].to_numpy(float), auc, 0.5])
+    ax.set(xlim=(max(0.0, lo - 0.05), 1.01), xlabel="AUC (95% CI)")
+    if any(fams):
+        ax.legend(title="family", fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    nf = f" ({int(m['n_fields'].max())} fields)" if "n_fields" in m.columns and m["n_fields"].notna().any() else ""
+    fig.suptitle(title or f"External test set{nf}: AUC with a field-bootstrap CI")
+    return fig
+
+
+__all__ += ["reliability", "external_auc"]
