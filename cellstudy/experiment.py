@@ -122,7 +122,8 @@ def run_networks(prepared, family: str | Sequence[str], step: str, *, seed: int 
             res = train.train_fold(
                 builder, fa["x_train"], fa["y_train"], fa["x_test"], fa["y_test"], d,
                 int(sc["epochs_short"]), int(sc["epochs_long"]), batch_size=int(sc["batch_size"]),
-                learning_rate=float(sc["learning_rate"]), momentum=float(sc["momentum"]), seed=seed,
+                learning_rate=float(sc["learning_rate"]), momentum=float(sc["momentum"]),
+                warmup_epochs=int(sc.get("warmup_epochs", 0)), seed=seed,
                 deterministic=deterministic, strategy=strategy, mixed_precision=mixed_precision,
                 jit_compile=jit_compile, progress=progress, network_name=name, fold=k)
             done_runs += 1
@@ -156,8 +157,7 @@ def _collect_one(res, cells: pd.DataFrame, name: str, k: int, records, preds, hi
 
 
 def _write(out: Path, records, preds, hist, fails, times) -> FamilyResults:
-    from .models import FAMILIES
-    tidy = metrics.tidy_metrics(records, families=FAMILIES) if records else pd.DataFrame(
+    tidy = metrics.tidy_metrics(records, families=metrics.NETWORK_FAMILY) if records else pd.DataFrame(
         columns=["network", "family", "fold", "regime", "metric", "value"])
     if len(tidy):
         metrics.write_tables(tidy, out)

@@ -449,8 +449,10 @@ def _compare_meta(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
             f"{path} was written by {_ckpt_identity(old)} but this run is "
             f"{_ckpt_identity(new)}; use another out_dir or delete the old files")
     keys = ("fold", "seed", "batch_size", "learning_rate", "momentum", "n_train", "n_test",
-            "epochs_short")
-    diff = {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+            "epochs_short", "warmup_epochs")
+    defaults = {"warmup_epochs": 0}  # checkpoints written before the warm-up existed
+    diff = {k: (old.get(k, defaults.get(k)), new.get(k)) for k in keys
+            if old.get(k, defaults.get(k)) != new.get(k)}
     if diff:
         raise CheckpointMismatchError(
             f"{path} ({_ckpt_identity(old)}) was written with other settings: "
@@ -482,8 +484,25 @@ def _restore_checkpoint(path: Path, model, meta_now: dict[str, Any]) -> dict[str
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
-def _compile_cfg(learning_rate, momentum, jit_compile, strategy, policy) -> tuple:
-    return (float(learning_rate), float(momentum), bool(jit_compile), id(strategy), policy)
+def _compile_cfg(learning_rate, momentum, jit_compile, strategy, policy, warmup_steps=0) -> tuple:
+    return (float(learning_rate), float(momentum), bool(jit_compile), id(strategy), policy,
+            int(warmup_steps))
+
+
+def learning_rate_schedule(learning_rate: float, warmup_steps: int = 0):
+    """SGD's learning rate: the fixed ``learning_rate`` (paper 4.3), reached after a linear
+    warm-up from 0 over ``warmup_steps`` optimiser steps when ``warmup_steps`` > 0.
+
+    With a warm-up this is Keras' own ``CosineDecay`` with ``alpha=1`` (no decay: constant at
+    ``learning_rate`` after the warm-up), a built-in schedule, so saved models load without
+    cellstudy. The step count is the optimiser's ``iterations`` variable, saved in every
+    checkpoint, so a resumed run continues the schedule where it stopped."""
+    if int(warmup_steps) <= 0:
+        return float(learning_rate)
+    import keras
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0, decay_steps=1, alpha=1.0, warmup_target=float(learning_rate),
+        warmup_steps=int(warmup_steps))
 
 
 def build_training_state(model, x_example, y_example) -> None:
@@ -502,7 +521,7 @@ def build_training_state(model, x_example, y_example) -> None:
 
 
 def _prepare_model(model, cfg: tuple, learning_rate, momentum, jit_compile, x_example,
-                   y_example) -> bool:
+                   y_example, warmup_steps: int = 0) -> bool:
     """Compile (first time / other settings) or reset the optimiser of an already-compiled model.
     Returns True when the compiled functions were reused."""
     import keras
@@ -511,7 +530,9 @@ def _prepare_model(model, cfg: tuple, learning_rate, momentum, jit_compile, x_ex
         for v, a in zip(_optimizer_variables(model), model._cellstudy_opt_init):
             v.assign(a)
         return True
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum),
+    model.compile(optimizer=keras.optimizers.SGD(
+                      learning_rate=learning_rate_schedule(learning_rate, warmup_steps),
+                      momentum=momentum),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                   jit_compile=bool(jit_compile))
     build_training_state(model, x_example, y_example)
@@ -540,7 +561,7 @@ def _warn_if_onednn_off(sinfo: StrategyInfo) -> None:
 def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
                out_dir: str | os.PathLike, epochs_short: int, epochs_long: int, *,
                batch_size: int = 16, learning_rate: float = 1e-3, momentum: float = 0.9,
-               seed: int = 0, deterministic: bool = False, strategy: Any = None,
+               warmup_epochs: int = 0, seed: int = 0, deterministic: bool = False, strategy: Any = None,
                mixed_precision: str | None = None, jit_compile: bool = False,
                progress: Callable[[dict[str, Any]], None] | None = None,
                network_name: str = "network", fold: int = 0,
@@ -555,6 +576,8 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
     out_dir: this run's folder (created); see the module docstring for its files.
     epochs_short < epochs_long: the regimes (epoch counts, >= 1).
     batch_size: global batch size (split over replicas); learning_rate, momentum: SGD.
+    warmup_epochs: linear learning-rate warm-up over this many epochs (0: the fixed rate from the
+        first step; see ``learning_rate_schedule``).
     seed: weights, dropout and shuffling; deterministic: TensorFlow op determinism (process-wide).
     strategy: None (default strategy), "auto" / "default" / "mirrored" / "multiworker", a
         ``StrategyInfo`` or a ``tf.distribute.Strategy``.
@@ -584,6 +607,10 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
                          f"for {where}: the two regimes come from one run")
     if not (learning_rate > 0 and math.isfinite(learning_rate)):
         raise TrainError(f"learning_rate for {where} must be > 0, got {learning_rate!r}")
+    if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, (int, np.integer)) \
+            or not 0 <= warmup_epochs < epochs_long:
+        raise TrainError(f"warmup_epochs for {where} must be an int in [0, epochs_long), got "
+                         f"{warmup_epochs!r}")
     if not (0 <= momentum < 1):
         raise TrainError(f"momentum for {where} must be in [0, 1), got {momentum!r}")
     x_train, y_train = _check_arrays(x_train, y_train, "train", network_name, fold)
@@ -642,16 +669,18 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
             if tuple(model.output_shape[1:]) != (2,):
                 raise TrainError(f"model {network_name!r} outputs {model.output_shape}; expected "
                                  "(None, 2) class probabilities (2-way softmax)")
-            cfg = _compile_cfg(learning_rate, momentum, jit_compile, sinfo.strategy, policy)
+            warmup_steps = int(warmup_epochs) * math.ceil(len(x_train) / int(batch_size))
+            cfg = _compile_cfg(learning_rate, momentum, jit_compile, sinfo.strategy, policy,
+                               warmup_steps)
             reused = _prepare_model(model, cfg, learning_rate, momentum, jit_compile,
-                                    x_train[:1], y_train[:1])
+                                    x_train[:1], y_train[:1], warmup_steps)
 
         meta = {
             "format": FORMAT_VERSION, "network": network_name, "fold": int(fold),
             "input_shape": list(x_train.shape[1:]), "n_params": _n_params(model),
             "seed": int(seed), "batch_size": int(batch_size),
             "learning_rate": float(learning_rate), "momentum": float(momentum),
-            "n_train": int(len(x_train)), "n_test": int(len(x_test)),
+            "warmup_epochs": int(warmup_epochs), "n_train": int(len(x_train)), "n_test": int(len(x_test)),
             "epochs_short": int(epochs_short), "epochs_long": int(epochs_long),
             "deterministic": bool(deterministic), "mixed_precision": policy,
             "jit_compile": bool(jit_compile),

@@ -479,3 +479,28 @@ def test_explain_load_weights_reads_a_keras_archive_like_keras(tmp_path):
     with pytest.raises(ValueError):
         other = keras.Sequential([keras.Input((S, S, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
         explain.load_weights(other, tmp_path / "m.keras")
+
+
+def test_learning_rate_warmup_schedule():
+    assert train.learning_rate_schedule(1e-3, 0) == 1e-3      # no warm-up: the paper's fixed rate
+    sched = train.learning_rate_schedule(1e-2, 10)
+    lr = [float(sched(s)) for s in (0, 5, 10, 11, 500)]
+    np.testing.assert_allclose(lr, [0.0, 5e-3, 1e-2, 1e-2, 1e-2], rtol=1e-6, atol=1e-9)
+    # a built-in Keras schedule: saved models load without cellstudy
+    assert type(sched).__module__.startswith("keras")
+
+
+def test_warmup_resume_equals_uninterrupted(tmp_path):
+    """The warm-up follows the optimiser's step count, which the checkpoint restores."""
+    kw = {**COMMON, "warmup_epochs": 2, "learning_rate": 1e-2}
+    ref = train.train_fold(tiny_cnn(), *DATA, tmp_path / "ref", network_name="tiny", fold=0, **kw)
+    assert json.loads((tmp_path / "ref" / "done.json").read_text())["warmup_epochs"] == 2
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0, callbacks=[KillAfter(1)], **kw)
+    resumed = train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0, **kw)
+    assert resumed.resumed_from == 1
+    np.testing.assert_array_equal(resumed.proba["long"], ref.proba["long"])
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        train.train_fold(tiny_cnn(), *DATA, tmp_path / "bad", network_name="tiny", fold=0,
+                         **{**kw, "warmup_epochs": 4})
