@@ -63,12 +63,16 @@ TABLE_METRICS: tuple[str, ...] = (
 #: Numeric fields returned by :func:`fold_metrics`, in table order.
 METRIC_NAMES: tuple[str, ...] = TABLE_METRICS + ("accuracy", "balanced_accuracy", "tn", "fp", "fn", "tp", "n")
 
-#: Network -> family (``study.md`` section 5). Kept here so that this module needs no TensorFlow.
+#: Network -> family (``study.md`` section 5), then the classical baseline's classifiers (family
+#: ``"Classical"``, ``cellstudy.baseline``; study.md section 11). Kept here so that this module
+#: needs no TensorFlow.
 NETWORK_FAMILY: dict[str, str] = {
     "vgg16": "DL", "resnet50": "DL", "densenet121": "DL", "denres131": "DL",
     "vit": "ViT",
     "rgb": "RGB", "rgb_res": "RGB", "rgb_den": "RGB",
     "mhl": "MHL", "mhl_res": "MHL", "mhl_den": "MHL",
+    # the classical baseline (cellstudy.baseline), after the networks
+    "rf": "Classical", "logreg": "Classical",
 }
 
 #: Registry name -> the paper's name, for tables and figures.
@@ -76,6 +80,7 @@ DISPLAY_NAMES: dict[str, str] = {
     "vgg16": "VGG16", "resnet50": "ResNet50", "densenet121": "DenseNet121", "denres131": "DenRes-131",
     "vit": "ViT", "rgb": "RGB", "rgb_res": "RGB-Res", "rgb_den": "RGB-Den",
     "mhl": "MHL", "mhl_res": "MHL-Res", "mhl_den": "MHL-Den",
+    "rf": "Random forest", "logreg": "Logistic regression",
 }
 #: Row order of the summary tables (unknown networks follow, alphabetically).
 NETWORK_ORDER: tuple[str, ...] = tuple(NETWORK_FAMILY)

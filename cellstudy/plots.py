@@ -25,7 +25,7 @@ from .metrics import DISPLAY_NAMES, NETWORK_ORDER, PROBA_COLUMNS
 
 __all__ = ["roc_summary", "roc_curves", "metric_boxplots", "training_curves", "step_times"]
 
-_FAMILY_ORDER = ("DL", "ViT", "RGB", "MHL")
+_FAMILY_ORDER = ("DL", "ViT", "RGB", "MHL", "Classical")
 
 
 def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
