@@ -1,4 +1,5 @@
 """The family runner on the real cohort at a tiny scale: files, metrics, read-back, no re-training."""
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -58,3 +59,26 @@ def test_run_networks_writes_tables_and_reads_back(tmp_path, shared_data):
     pd.testing.assert_frame_equal(again.tidy, res.tidy)
     col = experiment.collect(tmp_path)
     pd.testing.assert_frame_equal(col.tidy.reset_index(drop=True), res.tidy.reset_index(drop=True))
+
+
+def test_set_bn_momentum_changes_only_the_moving_average_rate():
+    import keras
+
+    from cellstudy.experiment import set_bn_momentum
+
+    def tiny():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(2, 3)(inp)
+        x = keras.layers.BatchNormalization()(x)
+        return keras.Model(inp, keras.layers.GlobalAveragePooling2D()(x))
+
+    ref, m = tiny(), set_bn_momentum(tiny(), 0.9)
+    bn = [l for l in m.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert [l.momentum for l in bn] == [0.9]
+    assert [w.shape for w in m.weights] == [w.shape for w in ref.weights]
+    for a, b in zip(m.get_weights(), ref.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert set_bn_momentum(ref, None) is ref and ref.layers[2].momentum == 0.99
+    with pytest.raises(ValueError, match="bn_momentum"):
+        set_bn_momentum(tiny(), 1.0)

@@ -1,0 +1,26 @@
+import keras
+import pytest
+
+import cellstudy  # noqa: F401  (oneDNN before TensorFlow)
+from cellstudy import flops
+
+
+def test_flops_of_a_tiny_model_by_hand():
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inp)          # 2*8*8*3*3*3*4 = 13824
+    x = keras.layers.MaxPooling2D()(x)                          # not counted
+    x = keras.layers.Conv2D(2, 1)(x)                            # 2*4*4*1*1*4*2 = 256
+    x = keras.layers.Flatten()(x)
+    out = keras.layers.Dense(5)(x)                              # 2*32*5 = 320
+    m = keras.Model(inp, out)
+    assert flops.forward_flops(m) == 13824 + 256 + 320
+    assert flops.training_flops(m) == 3 * (13824 + 256 + 320)
+
+
+def test_attention_flops_by_hand():
+    q = keras.Input((4, 6))
+    att = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3)
+    m = keras.Model(q, att(q, q))
+    # projections: q, k, v 4*6*2*3 each, output 4*2*3*6; scores + sum 2*4*4*(3+3)
+    expect = 2 * (3 * 4 * 6 * 2 * 3 + 4 * 2 * 3 * 6) + 2 * 2 * 4 * 4 * 6
+    assert flops.forward_flops(m) == pytest.approx(expect)
