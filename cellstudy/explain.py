@@ -11,11 +11,16 @@ Per (network, fold) (:func:`explain_fold`), on up to ``max_cells`` test cells (s
 ``xai_max_cells``; drawn per fold, balanced over the classes, seeded by (seed, fold) only, so every
 network explains the same cells):
 
-* Grad-CAM (eq. 12-13) at the network's recorded layers (``cellstudy.models.gradcam_layers``) and
-  their ``combined`` map, for both classes: per isolated channel (``feat_r/g/b``) for the RGB
-  family, per backbone for DenRes-131, and for the ViT at ``vit_grid`` (the last block's patch
-  tokens after the final LayerNorm, laid back on their patch grid as a 4-D map by the model
-  itself, so the ordinary Grad-CAM applies: token Grad-CAM);
+* Grad-CAM (eq. 12-13) at the network's Grad-CAM layers and their ``combined`` map, for both
+  classes: ``cellstudy.models.gradcam_layers(model, min_size=gradcam_min_size)``, per backbone
+  the deepest layer whose map is at least ``gradcam_min_size`` x ``gradcam_min_size`` (the scale's
+  key, 4 by default; study.md section 12: the last conv layer at 512 px, an earlier stage at
+  32-64 px where the last map is 1 x 1 or 2 x 2); per isolated channel (``feat_r/g/b``, or their
+  ``_s<stride>`` stages) for the RGB family, per backbone for DenRes-131, and for the ViT at
+  ``vit_grid`` (the last block's patch tokens after the final LayerNorm, laid back on their patch
+  grid as a 4-D map by the model itself, so the ordinary Grad-CAM applies: token Grad-CAM). A
+  cell's per-layer maps share one maximum (their relative strength is kept); ``combined`` is the
+  mean of the raw maps of the layers with a spatial map (>= 2 x 2), min-max scaled once;
 * Integrated Gradients (signed sum over channels, ``ig_steps`` midpoint steps from the training
   mean) and occlusion (patch S/8 set to the training mean, stride = patch: 8 x 8 positions) of
   the true class;
@@ -42,15 +47,23 @@ results (:func:`explain_run`), over the folds of each network:
   paper); for the RGB family also each stain's Gmean-Shape against that channel's map.
 * Faithfulness (AUCs vs random, with a bootstrap CI over cells of the paired difference),
   channel importance with bootstrap CIs over all explained cells, ranked galleries.
+* Exclusions (:func:`map_exclusions`): a Grad-CAM map below 2 x 2 (no spatial resolution) is left
+  out of the Gmean, the correlation ratios and the faithfulness altogether, and a cell whose map
+  is constant (e.g. all zero after the ReLU) is left out of that map's Gmean (and, for
+  ``combined``, of Grad-CAM's faithfulness); never silently: each exclusion is a row of
+  ``exclusions.csv`` and of ``missing.csv`` (status ``excluded``), shown by the chapter.
+* The Grad-CAM layer table (``gradcam_layers.csv``, ``models.gradcam_table`` of each network's
+  loaded model): per target the layer used, its map size, and the last conv map it replaces.
 
 Written under ``<run>/08_xai/``: ``cells.csv``, ``ratios.csv``, ``faithfulness.csv``,
 ``channel_importance.csv``, ``channel_importance_cells.csv``, ``gallery.csv``, ``timings.csv``,
-``missing.csv``; arrays ``gmean_<network>.npz`` and ``faithfulness_curves.npz``.
+``missing.csv``, ``exclusions.csv``, ``gradcam_layers.csv``; arrays ``gmean_<network>.npz`` and
+``faithfulness_curves.npz``.
 
-Gmean epsilon. Grad-CAM maps are min-max scaled, so every map has zeros (its minimum, and all
-pixels the ReLU removed). With eq. 14's epsilon at 1e-6, one zero among the cells pulls a pixel to
-~1e-6 and the Gmean-GradCam becomes an "all cells agree" mask; ``gmean_eps`` (default 1e-3, i.e.
-0.1 % of a map's range) keeps it graded. The cell images are not affected in practice (their
+Gmean epsilon. The ``combined`` maps are min-max scaled, so every map has zeros (its minimum, and
+all pixels the ReLU removed; the per-layer maps have the latter). With eq. 14's epsilon at 1e-6,
+one zero among the cells pulls a pixel to ~1e-6 and the Gmean-GradCam becomes an "all cells
+agree" mask; ``gmean_eps`` (default 1e-3, i.e. 0.1 % of a map's range) keeps it graded. The cell images are not affected in practice (their
 zeros are background).
 """
 from __future__ import annotations
@@ -58,6 +71,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -71,7 +85,11 @@ from . import config, threads
 STEP = "08_xai"
 METHODS = ("gradcam", "integrated_gradients", "occlusion")
 #: Bump when the cached per-fold content changes meaning.
-CACHE_VERSION = 1
+#: 2: Grad-CAM layers chosen by map size, per-layer maps on a common maximum, map sizes stored.
+CACHE_VERSION = 2
+#: A Grad-CAM map needs at least this many rows and columns to be averaged into the Gmean, the
+#: correlation ratios or the faithfulness (a 1 x 1 map is a constant heat map).
+MIN_MAP_SIDE = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,6 +108,7 @@ class XaiParams:
     faithfulness_steps: int = 10
     n_boot: int = 1000
     batch_size: int = 32
+    gradcam_min_size: int | None = 4        # the scale's gradcam_min_size; None: last conv maps
 
     def check(self) -> "XaiParams":
         if self.regime not in ("short", "long"):
@@ -100,7 +119,7 @@ class XaiParams:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name}={v!r}; expected an int >= 1")
-        for name in ("occlusion_patch", "occlusion_stride"):
+        for name in ("occlusion_patch", "occlusion_stride", "gradcam_min_size"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
                 raise ValueError(f"{name}={v!r}; expected None or an int >= 1")
@@ -147,10 +166,16 @@ def explain_fold(model, images: np.ndarray, labels: np.ndarray, zca, params: Xai
     images : (n, S, S, 3) float32 test cells in **stain space** (before ZCA).
     labels : (n,) int true classes.
     zca : the fold's fitted ``cellstudy.augment.ZCAWhitening`` (what the model was trained with).
-    layers : Grad-CAM layers (default: the model's recorded layers).
+    layers : Grad-CAM layers (default: ``xai.default_layers(model, params.gradcam_min_size)``,
+        i.e. ``models.gradcam_layers(model, min_size=...)``).
 
     Returns a dict of arrays: ``proba`` (n, K) float64; ``cam/<layer>`` (n, K, S, S) float16
-    Grad-CAM of every class in [0, 1] (``cam/combined`` included); ``ig`` (n, S, S) float32 signed
+    Grad-CAM of every class in [0, 1] (per-layer maps on one common maximum per cell and class;
+    ``cam/combined``: the mean of the raw maps of the layers whose feature map is at least
+    ``MIN_MAP_SIDE`` per side, or of all layers when none is, min-max scaled); ``cam_hw/<layer>``
+    (2,) int: the feature map's (h, w) (``combined``: the smallest of its layers');
+    ``gradcam_table`` (a JSON string: ``models.gradcam_table(model, min_size=...)`` rows; "[]"
+    for a model outside the registry); ``ig`` (n, S, S) float32 signed
     IG map of the true class (logit units); ``occlusion`` (n, S, S) float32 (probability drops);
     ``faith/<method>/<curve>`` (n, steps+1) curves, ``faith/<method>/<curve>_auc`` (n,) and the
     random pixel order ``faith/random/<curve>`` (same pixel-fraction grid, ``faith_fractions``);
@@ -171,12 +196,22 @@ def explain_fold(model, images: np.ndarray, labels: np.ndarray, zca, params: Xai
     from .xai import _keras as XK
     out["proba"] = XK.predict_proba(model, xw, bs)
     t["predict"] = time.perf_counter() - t0
-    layers = list(xai.default_layers(model) if layers is None else layers)
+    from .xai.gradcam import map_size
+
+    ms = params.gradcam_min_size
+    layers = list(xai.default_layers(model, ms) if layers is None else layers)
+    hw = {name: map_size(model, name) for name in layers}
+    spatial = [l for l in layers if min(hw[l]) >= MIN_MAP_SIDE]
+    combine = spatial or layers
+    hw["combined"] = (min(hw[l][0] for l in combine), min(hw[l][1] for l in combine))
+    for name, v in hw.items():
+        out[f"cam_hw/{name}"] = np.asarray(v, dtype=np.int64)
+    out["gradcam_table"] = json.dumps(_gradcam_rows(model, ms))
     cams = {name: np.empty((n, K, S, S), np.float16) for name in [*layers, "combined"]}
     class_seconds = []
     for c in range(K):
         tc = time.perf_counter()
-        res = xai.gradcam_multi(model, xw, c, layers, batch_size=bs)
+        res = xai.gradcam_multi(model, xw, c, layers, batch_size=bs, combine=combine)
         class_seconds.append(time.perf_counter() - tc)
         for name, m in res.items():
             cams[name][:, c] = m.astype(np.float16)
@@ -228,6 +263,60 @@ def explain_fold(model, images: np.ndarray, labels: np.ndarray, zca, params: Xai
     return out
 
 
+def _gradcam_rows(model, min_size) -> list[dict]:
+    """``models.gradcam_table(model, min_size=...)`` as JSON-able rows; [] for a model the
+    registry does not know (e.g. a hand-built one)."""
+    from . import models
+
+    try:
+        t = models.gradcam_table(model, min_size=min_size)
+    except (ValueError, KeyError):
+        return []
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
+            for r in t.to_dict("records")]
+
+
+def map_exclusions(maps: dict[str, np.ndarray], map_hw: dict[str, Sequence[int]],
+                   min_side: int = MIN_MAP_SIDE, rtol: float = 1e-6) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Which cells' Grad-CAM maps may be averaged (Gmean, correlation ratios, faithfulness).
+
+    ``maps``: name -> (n, H, W) each cell's map (e.g. of its true class); ``map_hw``: name ->
+    the (h, w) of the feature map it was computed at. A map whose feature map is below
+    ``min_side`` x ``min_side`` is excluded for every cell (an upsampled 1 x 1 map is constant:
+    no spatial information); otherwise a cell's map is excluded when it is constant (range <=
+    ``rtol`` x its largest absolute value, e.g. all zero after the ReLU).
+
+    Returns ``(keep, rows)``: ``keep`` name -> (n,) bool (True: used); ``rows``: one dict per map
+    with exclusions: ``map``, ``map_h``, ``map_w``, ``n_cells``, ``n_excluded``, ``reason``.
+    """
+    keep: dict[str, np.ndarray] = {}
+    rows: list[dict] = []
+    for name, m in maps.items():
+        m = np.asarray(m, dtype=np.float64)
+        if m.ndim != 3:
+            raise ValueError(f"maps[{name!r}] has shape {m.shape}; expected (n, H, W)")
+        if name not in map_hw:
+            raise ValueError(f"map_hw has no size for map {name!r}; expected an (h, w) per map")
+        h, w = (int(v) for v in map_hw[name])
+        n = len(m)
+        if min(h, w) < min_side:
+            keep[name] = np.zeros(n, bool)
+            rows.append({"map": name, "map_h": h, "map_w": w, "n_cells": n, "n_excluded": n,
+                         "reason": f"feature map {h} x {w} is below {min_side} x {min_side}: no spatial "
+                                   "resolution (an upsampled constant); left out of the Gmean, the "
+                                   "correlation ratios and the faithfulness"})
+            continue
+        lo, hi = m.min(axis=(1, 2)), m.max(axis=(1, 2))
+        const = (hi - lo) <= rtol * np.maximum(np.abs(hi), np.abs(lo))
+        keep[name] = ~const
+        if const.any():
+            rows.append({"map": name, "map_h": h, "map_w": w, "n_cells": n, "n_excluded": int(const.sum()),
+                         "reason": f"{int(const.sum())} of {n} cells' maps are constant (e.g. all zero "
+                                   "after the ReLU): those cells are left out of this map's Gmean"
+                                   + (" and of Grad-CAM's faithfulness" if name == "combined" else "")})
+    return keep, rows
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +352,8 @@ class XaiRun:
     timings: pd.DataFrame
     gmeans: dict[str, dict[int, dict[str, np.ndarray]]] = field(default_factory=dict)
     curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    exclusions: pd.DataFrame = field(default_factory=pd.DataFrame)     # map_exclusions rows
+    gradcam_table: pd.DataFrame = field(default_factory=pd.DataFrame)  # layer used per target
     images: np.ndarray | None = None      # prepared.images (stain space)
     seconds_wall: float = float("nan")    # explain_run's wall time (timings.seconds: per-fold work)
     workers: int = 0                      # worker processes used (0: all in this process)
@@ -291,6 +382,19 @@ class XaiRun:
     def layers(self, network: str) -> list[str]:
         """Grad-CAM map names of a network (recorded layers, then ``combined``)."""
         return [k[4:] for k in self.folds[network][0].arrays if k.startswith("cam/")]
+
+    def map_hw(self, network: str) -> dict[str, tuple[int, int]]:
+        """Feature-map size (h, w) of each Grad-CAM map of a network (``combined``: the smallest
+        of the maps averaged into it). ValueError when the folds disagree."""
+        sizes: dict[str, tuple[int, int]] = {}
+        for f in self.folds[network]:
+            for k, v in f.arrays.items():
+                if k.startswith("cam_hw/"):
+                    v = tuple(int(x) for x in np.asarray(v))
+                    if sizes.setdefault(k[7:], v) != v:
+                        raise ValueError(f"{network}: Grad-CAM map {k[7:]!r} is {sizes[k[7:]]} in one fold "
+                                         f"and {v} in fold {f.fold}")
+        return sizes
 
 
 def _fold_dirs(run_dir: Path, regime: str) -> tuple[dict[str, list[int]], list[dict]]:
@@ -580,7 +684,8 @@ def _prefill_in_workers(coh: _Cohort, found: dict[str, list[int]], params: XaiPa
 def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "scale", seed: int = 0,
                 networks: Sequence[str] | None = None, params: XaiParams | None = None,
                 radius: int = 2, threshold: float = 0.5, gmean_eps: float = 1e-3,
-                n_gallery: int = 3, workers: int = 1, echo: Callable[[str], None] = print) -> XaiRun:
+                n_gallery: int = 3, workers: int = 1, echo: Callable[[str], None] = print,
+                gradcam_min_size: int | None | str = "scale") -> XaiRun:
     """Explain every trained (network, fold) of ``prepared.run_dir`` (see the module docstring).
 
     ``prepared``: ``cellstudy.study.prepare(...)`` of the run (same cohort, scale and folds as the
@@ -590,7 +695,9 @@ def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "s
     its regime, max_cells and seed are replaced by the arguments). ``workers``: explain up to this
     many networks at once in separate processes (spawned; each loads its own TensorFlow); the
     results are the same as with 1 (they go through the same cache), only sooner where one
-    process leaves cores idle (graph tracing is single-threaded).
+    process leaves cores idle (graph tracing is single-threaded). ``gradcam_min_size``: the
+    smallest Grad-CAM map side (``"scale"``: the scale's ``gradcam_min_size``, 4 when the scale
+    has none; None: the last conv maps).
     Raises FileNotFoundError when the run has no trained model at all.
     """
     import cellstudy.models  # noqa: F401  (registers the custom layers for load_model)
@@ -601,7 +708,12 @@ def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "s
     run_dir = Path(prepared.run_dir)
     if max_cells == "scale":
         max_cells = prepared.scale.get("xai_max_cells")
-    params = replace(params or XaiParams(), regime=regime, max_cells=max_cells, seed=int(seed)).check()
+    if isinstance(gradcam_min_size, str):
+        if gradcam_min_size != "scale":
+            raise ValueError(f"gradcam_min_size={gradcam_min_size!r}; expected 'scale', None or an int >= 1")
+        gradcam_min_size = prepared.scale.get("gradcam_min_size", 4)
+    params = replace(params or XaiParams(), regime=regime, max_cells=max_cells, seed=int(seed),
+                     gradcam_min_size=gradcam_min_size).check()
     S = int(prepared.images.shape[1])
     out = run_dir / STEP
     (out / "cache").mkdir(parents=True, exist_ok=True)
@@ -659,17 +771,35 @@ def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "s
 # ---------------------------------------------------------------------------------------------
 # Run-level summaries
 # ---------------------------------------------------------------------------------------------
+#: A map of isolated channel c (the RGB family): ``feat_<c>`` or one of its ``feat_<c>_s<stride>``
+#: stages.
+_CHANNEL_MAP = re.compile(r"^feat_([rgb])(_s\d+)?$")
+
+
+def channel_of_map(name: str) -> int | None:
+    """Channel index (0 = R, 1 = G, 2 = B) of an RGB-family per-channel map name (``feat_r``,
+    ``feat_g_s16``, ...), None for any other map."""
+    m = _CHANNEL_MAP.match(name)
+    return None if m is None else "rgb".index(m.group(1))
+
+
 def gmean_per_class(images: np.ndarray, maps: dict[str, np.ndarray], labels: np.ndarray,
                     eps: float = 1e-3, radius: int = 2, threshold: float = 0.5,
-                    n_classes: int = 2) -> dict[int, dict[str, Any]]:
+                    n_classes: int = 2, keep: dict[str, np.ndarray] | None = None) -> dict[int, dict[str, Any]]:
     """Gmean-Shape and Gmean-GradCam of each class, and the correlation image (eq. 14-16).
 
     images: (n, S, S, 3) stain-space cells (negatives clipped to 0); maps: name -> (n, S, S)
-    Grad-CAM maps in [0, 1] (the class's own map per cell; must hold ``combined``); labels (n,).
-    Returns class -> {``shape_rgb`` (S,S,3) per-channel Gmean-Shape, ``shape_gray`` (S,S) its
-    channel mean, ``cam/<name>`` (S,S) Gmean-GradCam, ``corr`` (S,S) local correlation of
-    shape_gray and cam/combined, ``corr/<channel>`` for maps named ``feat_r/g/b`` (that stain's
-    Gmean-Shape vs that channel's Gmean-GradCam), ``n`` cells}. Classes without cells are absent.
+    Grad-CAM maps in [0, 1] (the class's own map per cell; must hold ``combined``); labels (n,);
+    keep: name -> (n,) bool, the cells whose map of that name may be averaged
+    (:func:`map_exclusions`; default: all). A map's Gmean-GradCam is taken over its kept cells and
+    compared with the Gmean-Shape of the same cells; a map without kept cells in a class gives no
+    Gmean and no ratio there (the exclusion table says why).
+    Returns class -> {``shape_rgb`` (S,S,3) per-channel Gmean-Shape (over the cells kept for
+    ``combined``, all the class's cells when none is), ``shape_gray`` (S,S) its channel mean,
+    ``cam/<name>`` (S,S) Gmean-GradCam, ``corr`` (S,S) local correlation of the Gmean-Shape and
+    cam/combined, ``corr/<channel>`` for the per-channel maps (``feat_r/g/b`` or their
+    ``_s<stride>`` stages: that stain's Gmean-Shape vs that channel's Gmean-GradCam), ``n`` cells,
+    ``n_used`` (name -> cells averaged), ``ratios``}. Classes without cells are absent.
     """
     from . import xai
 
@@ -677,23 +807,39 @@ def gmean_per_class(images: np.ndarray, maps: dict[str, np.ndarray], labels: np.
         raise ValueError(f"maps must include 'combined'; got {sorted(maps)}")
     x = np.clip(np.asarray(images, dtype=np.float64), 0, None)
     y = np.asarray(labels)
+    keep = {k: np.asarray(v, bool) for k, v in (keep or {}).items()}
     out: dict[int, dict[str, Any]] = {}
     for c in range(n_classes):
         sel = np.flatnonzero(y == c)
         if not len(sel):
             continue
-        d: dict[str, Any] = {"n": len(sel)}
-        d["shape_rgb"] = xai.gmean(x[sel], eps=eps)
+        shapes: dict[bytes, np.ndarray] = {}
+
+        def shape_of(idx):
+            key = idx.tobytes()
+            if key not in shapes:
+                shapes[key] = xai.gmean(x[idx], eps=eps)
+            return shapes[key]
+
+        used = {name: sel[keep[name][sel]] if name in keep else sel for name in maps}
+        d: dict[str, Any] = {"n": len(sel), "n_used": {k: len(v) for k, v in used.items()}}
+        d["shape_rgb"] = shape_of(used["combined"] if len(used["combined"]) else sel)
         d["shape_gray"] = d["shape_rgb"].mean(axis=-1)
         for name, m in maps.items():
-            d[f"cam/{name}"] = xai.gmean(np.asarray(m, dtype=np.float64)[sel], eps=eps)
-        d["corr"] = xai.local_correlation(d["shape_gray"], d["cam/combined"], radius=radius)
-        d["ratios"] = {("merged", "combined"): xai.correlation_ratios(d["corr"], threshold)}
-        for ci, (feat, ch) in enumerate(zip(("feat_r", "feat_g", "feat_b"), config.CHANNELS)):
-            if feat in maps:
-                r = xai.local_correlation(d["shape_rgb"][..., ci], d[f"cam/{feat}"], radius=radius)
-                d[f"corr/{ch}"] = r
-                d["ratios"][(ch, feat)] = xai.correlation_ratios(r, threshold)
+            if len(used[name]):
+                d[f"cam/{name}"] = xai.gmean(np.asarray(m, dtype=np.float64)[used[name]], eps=eps)
+        d["ratios"] = {}
+        if "cam/combined" in d:
+            d["corr"] = xai.local_correlation(d["shape_gray"], d["cam/combined"], radius=radius)
+            d["ratios"][("merged", "combined")] = xai.correlation_ratios(d["corr"], threshold)
+        for feat in maps:
+            ci = channel_of_map(feat)
+            if ci is None or f"cam/{feat}" not in d:
+                continue
+            ch = config.CHANNELS[ci]
+            r = xai.local_correlation(shape_of(used[feat])[..., ci], d[f"cam/{feat}"], radius=radius)
+            d[f"corr/{ch}"] = r
+            d["ratios"][(ch, feat)] = xai.correlation_ratios(r, threshold)
         out[c] = d
     return out
 
@@ -704,6 +850,7 @@ def _summarise(res: XaiRun, radius: int, threshold: float, eps: float, n_gallery
 
     cls_names = config.CLASS_NAMES
     cell_rows, ratio_rows, faith_rows, ci_rows, cic_rows, gal_rows = [], [], [], [], [], []
+    excl_rows, table_rows = [], []
     for name in res.networks:
         st = res.stacked(name)
         fam = models.FAMILIES.get(name, "?")
@@ -717,15 +864,20 @@ def _summarise(res: XaiRun, radius: int, threshold: float, eps: float, n_gallery
                               "proba_normal": p[:, 0], "proba_abnormal": p[:, 1],
                               "predicted": p.argmax(1), "proba_stored_abnormal": ps[:, 1]})
         cell_rows.append(cells)
-        # Gmean / correlation: each cell's map of its own (true) class
+        table_rows += _table_of(res, name)
+        # Gmean / correlation: each cell's map of its own (true) class, without the maps that
+        # have no spatial resolution and the constant ones (recorded, not silent)
         own = {k[4:]: st[k][np.arange(n), y] for k in st if k.startswith("cam/")}
-        gm = gmean_per_class(st["images"], own, y, eps=eps, radius=radius, threshold=threshold)
+        hw = res.map_hw(name)
+        keep, why = map_exclusions(own, {k: hw.get(k, (MIN_MAP_SIDE, MIN_MAP_SIDE)) for k in own})
+        excl_rows += [{"network": name, "family": fam, **r} for r in why]
+        gm = gmean_per_class(st["images"], own, y, eps=eps, radius=radius, threshold=threshold, keep=keep)
         res.gmeans[name] = gm
         for c, d in gm.items():
             for (shape, cam), (pos, neg) in d["ratios"].items():
                 ratio_rows.append({"network": name, "family": fam, "class": cls_names[c], "shape": shape,
                                    "gradcam": cam, "positive_ratio": pos, "negative_ratio": neg,
-                                   "n_cells": d["n"], "radius": radius, "threshold": threshold})
+                                   "n_cells": d["n_used"][cam], "radius": radius, "threshold": threshold})
         # faithfulness
         fx = res.folds[name]
         fr = fx[0].arrays["faith_fractions"]
@@ -734,9 +886,19 @@ def _summarise(res: XaiRun, radius: int, threshold: float, eps: float, n_gallery
             res.curves[name][f"random/{curve}"] = np.concatenate(
                 [f.arrays[f"faith/random/{curve}"] for f in fx]).mean(0)
         for method in METHODS:
+            # Grad-CAM's saliency is the combined map: its excluded cells are not scored
+            use = keep["combined"] if method == "gradcam" else np.ones(n, bool)
             for curve in ("deletion", "insertion"):
-                auc = np.concatenate([f.arrays[f"faith/{method}/{curve}_auc"] for f in fx])
-                rnd = np.concatenate([f.arrays[f"faith/random/{curve}_auc"] for f in fx])
+                auc = np.concatenate([f.arrays[f"faith/{method}/{curve}_auc"] for f in fx])[use]
+                rnd = np.concatenate([f.arrays[f"faith/random/{curve}_auc"] for f in fx])[use]
+                crv = np.concatenate([f.arrays[f"faith/{method}/{curve}"] for f in fx])[use]
+                if not len(auc):
+                    faith_rows.append({"network": name, "family": fam, "method": method, "curve": curve,
+                                       "auc": np.nan, "random_auc": np.nan, "difference": np.nan,
+                                       "ci_low": np.nan, "ci_high": np.nan, "n_cells": 0,
+                                       "beats_random": False})
+                    res.curves[name][f"{method}/{curve}"] = np.full(len(fr), np.nan)
+                    continue
                 diff = auc - rnd
                 m, lo, hi = bootstrap_ci(diff, res.params.n_boot, res.params.seed)
                 better = (m < 0) if curve == "deletion" else (m > 0)
@@ -744,8 +906,7 @@ def _summarise(res: XaiRun, radius: int, threshold: float, eps: float, n_gallery
                                    "auc": float(auc.mean()), "random_auc": float(rnd.mean()),
                                    "difference": m, "ci_low": lo, "ci_high": hi, "n_cells": len(auc),
                                    "beats_random": bool(better and (hi < 0 if curve == "deletion" else lo > 0))})
-                res.curves[name][f"{method}/{curve}"] = np.concatenate(
-                    [f.arrays[f"faith/{method}/{curve}"] for f in fx]).mean(0)
+                res.curves[name][f"{method}/{curve}"] = crv.mean(0)
         # channel importance (all explained cells of the network, bootstrap over cells)
         drop = np.concatenate([f.arrays["channel_drop"] for f in fx], axis=-1)  # (3, 2, n)
         for ci, ch in enumerate(config.CHANNELS):
@@ -774,13 +935,40 @@ def _summarise(res: XaiRun, radius: int, threshold: float, eps: float, n_gallery
     res.channel_importance = pd.DataFrame(ci_rows)
     res.channel_importance_cells = pd.concat(cic_rows, ignore_index=True)
     res.gallery = pd.DataFrame(gal_rows)
+    res.exclusions = pd.DataFrame(excl_rows, columns=["network", "family", "map", "map_h", "map_w",
+                                                      "n_cells", "n_excluded", "reason"])
+    res.gradcam_table = pd.DataFrame(table_rows)
+    if len(res.exclusions):  # the chapter's not-computed / excluded table
+        extra = pd.DataFrame([{"network": r.network, "fold": None, "status": "excluded",
+                               "detail": f"Grad-CAM map {r.map} ({r.map_h} x {r.map_w}): {r.reason}"}
+                              for r in res.exclusions.itertuples()])
+        res.missing = pd.concat([res.missing, extra], ignore_index=True) if len(res.missing) else extra
+
+
+def _table_of(res: XaiRun, name: str) -> list[dict]:
+    """The network's Grad-CAM layer rows as recorded by its folds (the loaded models' layers);
+    the registry's stride arithmetic for S when a fold recorded none (a non-registry model)."""
+    from . import models
+
+    got = None
+    for f in res.folds[name]:
+        rows = json.loads(str(f.arrays.get("gradcam_table", "[]")))
+        if got is None:
+            got = rows
+        elif rows != got:
+            raise ValueError(f"{name}: the folds' models have different Grad-CAM layers "
+                             f"({got} vs {rows} in fold {f.fold})")
+    if not got and name in models.NETWORKS and res.images is not None:
+        got = models.gradcam_table(name, int(res.images.shape[1]), res.params.gradcam_min_size).to_dict("records")
+    return got or []
 
 
 def _write(res: XaiRun) -> None:
     out = res.out_dir
     for name in ("cells", "ratios", "faithfulness", "channel_importance", "channel_importance_cells",
-                 "gallery", "timings", "missing"):
-        getattr(res, name).to_csv(out / f"{name}.csv", index=False)
+                 "gallery", "timings", "missing", "exclusions", "gradcam_table"):
+        fname = "gradcam_layers" if name == "gradcam_table" else name
+        getattr(res, name).to_csv(out / f"{fname}.csv", index=False)
     for net, gm in res.gmeans.items():
         arrs = {}
         for c, d in gm.items():
@@ -807,3 +995,32 @@ def channel_claim(table: pd.DataFrame, method: str = "mean") -> pd.DataFrame:
                      "third_is_top": top == "third", "third_ci_above_0": bool(third.ci_low > 0),
                      "supports_claim": bool(top == "third" and third.ci_low > 0)})
     return pd.DataFrame(rows)
+
+
+def gradcam_layer_notes(table: pd.DataFrame, size: int | None = None) -> list[str]:
+    """One Markdown line per network of a Grad-CAM layer table (``XaiRun.gradcam_table`` or
+    ``models.gradcam_table``): the layer(s) used and their map size, and what the last conv map
+    would have been, e.g. "**resnet50**: Grad-CAM at `conv4_block6_out` (4 x 4); the last conv
+    map `conv5_block3_out` would have been 2 x 2."."""
+    def ticks(names):
+        return ", ".join(f"`{n}`" for n in dict.fromkeys(names))
+
+    lines = []
+    if table is None or not len(table):
+        return lines
+    for net, g in table.groupby("network", sort=False):
+        used = [f"{ticks(sub.layer)} ({h} x {w})" for (h, w), sub in g.groupby(["map_h", "map_w"], sort=False)]
+        changed = g[g.layer != g.last_conv_layer]
+        last = [f"{ticks(sub.last_conv_layer)} would have been {h} x {w}"
+                for (h, w), sub in changed.groupby(["last_conv_h", "last_conv_w"], sort=False)]
+        at = f" at S = {size}" if size else ""
+        text = f"- **{net}**{at}: Grad-CAM at " + ", ".join(used) + "; "
+        text += (f"the last conv map{'s' if len(changed) > 1 else ''} " + ", ".join(last) + "."
+                 if last else "the patch-token grid itself." if set(g.layer) == {"vit_grid"}
+                 else "this is the last conv map.")
+        small = g[(g.map_h < MIN_MAP_SIDE) | (g.map_w < MIN_MAP_SIDE)]
+        if len(small):
+            text += (f" **No spatial resolution** ({ticks(small.layer)} below {MIN_MAP_SIDE} x "
+                     f"{MIN_MAP_SIDE}): excluded from the Gmean, the ratios and the faithfulness.")
+        lines.append(text)
+    return lines

@@ -94,15 +94,23 @@ def heatmap_examples(images: np.ndarray, maps: np.ndarray, proba: np.ndarray, la
     return fig
 
 
+def _channel_of(name: str) -> int | None:
+    """0 / 1 / 2 for an RGB-family per-channel map (``feat_r``, ``feat_g_s16``, ...), else None."""
+    from .explain import channel_of_map
+
+    return channel_of_map(name)
+
+
 def channel_maps(images: np.ndarray, maps: Mapping[str, np.ndarray], proba: np.ndarray,
-                 labels: np.ndarray, rows: Sequence[int], title: str | None = None) -> Figure:
+                 labels: np.ndarray, rows: Sequence[int], title: str | None = None,
+                 map_hw: Mapping[str, Sequence[int]] | None = None) -> Figure:
     """Per-channel Grad-CAM (RGB family; or per backbone for DenRes): one row per cell; columns:
-    the merged input, then each map (``feat_r``, ``feat_g``, ``feat_b``, ``combined``...) over its
-    own stain (tinted) or over the merged image."""
+    the merged input, then each map (``feat_r``, ``feat_g``, ``feat_b`` or their ``_s<stride>``
+    stages, ``combined``...) over its own stain (tinted) or over the merged image. ``map_hw``:
+    name -> the feature map's (h, w), added to the column titles (e.g. "feat_r_s16 (4 x 4)")."""
     names = list(maps)
     if not names or not len(rows):
         raise ValueError("channel_maps needs at least one map and one row")
-    feat_channel = {"feat_r": 0, "feat_g": 1, "feat_b": 2}
     fig = Figure(figsize=(1.9 * (len(names) + 1), 2.0 * len(rows) + 0.4), layout="constrained")
     axes = fig.subplots(len(rows), len(names) + 1, squeeze=False)
     for r, i in enumerate(rows):
@@ -111,7 +119,7 @@ def channel_maps(images: np.ndarray, maps: Mapping[str, np.ndarray], proba: np.n
         axes[r, 0].set_title(_proba_title(proba[i], labels[i]), fontsize=7)
         for j, name in enumerate(names):
             ax = axes[r, j + 1]
-            c = feat_channel.get(name)
+            c = _channel_of(name)
             if c is not None:
                 base = _tint(disp[..., c], c)
                 col = colormaps["jet"](np.clip(maps[name][i], 0, 1))[..., :3]
@@ -120,6 +128,9 @@ def channel_maps(images: np.ndarray, maps: Mapping[str, np.ndarray], proba: np.n
             else:
                 ax.imshow(overlay(images[i], maps[name][i]))
                 lab = name
+            if map_hw is not None and name in map_hw:
+                h, w = (int(v) for v in map_hw[name])
+                lab += f"\n({h} x {w} map)"
             if r == 0:
                 ax.set_title(lab, fontsize=8)
     for ax in axes.ravel():
@@ -131,7 +142,9 @@ def channel_maps(images: np.ndarray, maps: Mapping[str, np.ndarray], proba: np.n
 
 def gmean_figure(gmeans: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]], cam: str = "combined") -> Figure:
     """Paper Fig. 12: Gmean-Shape (colour, per-channel eq. 14) and Gmean-GradCam per class, one
-    row per network. ``gmeans``: network -> class -> {"shape_rgb", "cam/<cam>", ...}."""
+    row per network. ``gmeans``: network -> class -> {"shape_rgb", "cam/<cam>", ...}; a class
+    whose ``cam/<cam>`` is absent (all its maps excluded: no spatial resolution or constant) shows
+    "excluded" in place of the heat map."""
     nets = list(gmeans)
     if not nets:
         raise ValueError("gmeans is empty")
@@ -144,7 +157,11 @@ def gmean_figure(gmeans: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]], c
             d = gmeans[net].get(c)
             if d is not None:
                 a.imshow(_display(d["shape_rgb"]))
-                b.imshow(d[f"cam/{cam}"], cmap="jet")
+                if f"cam/{cam}" in d:
+                    b.imshow(d[f"cam/{cam}"], cmap="jet")
+                else:  # every map of this class was excluded (see the exclusion table)
+                    b.text(0.5, 0.5, "excluded", ha="center", va="center", fontsize=8,
+                           transform=b.transAxes)
             if r == 0:
                 a.set_title(f"Gmean-Shape\n{CLASS_NAMES[c]}", fontsize=8)
                 b.set_title(f"Gmean-GradCam\n{CLASS_NAMES[c]}", fontsize=8)

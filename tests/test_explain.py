@@ -59,7 +59,13 @@ def test_shapes_ranges_and_files(trained, explained):
         for layer in res.layers(net):
             m = s[f"cam/{layer}"]
             assert m.shape == (n, 2, S, S)
-            assert m.min() >= 0 and m.max() <= 1 and m.max() > 0.99  # min-max scaled maps
+            assert m.min() >= 0 and m.max() <= 1
+        assert s["cam/combined"].max() > 0.99  # min-max scaled once
+        # the per-layer maps of a cell share one maximum: the strongest is 1 (or all are 0)
+        per = np.stack([s[f"cam/{k}"] for k in res.layers(net) if k != "combined"]).max(axis=(0, 3, 4))
+        assert np.all((np.abs(per - 1) < 1e-3) | (per == 0))
+        hw = res.map_hw(net)
+        assert set(hw) == set(res.layers(net)) and all(min(v) >= 4 for v in hw.values())
         assert s["ig"].shape == s["occlusion"].shape == (n, S, S)
         assert np.allclose(s["proba"].sum(1), 1, atol=1e-5)
         # balanced selection: half of each class per fold
@@ -85,8 +91,16 @@ def test_shapes_ranges_and_files(trained, explained):
     assert {"vgg16", "vit", "denres131"} <= set(miss[miss.fold.isna()].network)
     assert set(miss[(miss.network == "mhl")].fold.dropna().astype(int)) == {2, 3, 4}
     out = trained.run_dir / "08_xai"
+    # the Grad-CAM layer table: per target the layer used (the scale's gradcam_min_size) and the
+    # last conv map; at S = 32 the 3-layer CNN's last map (8 x 8) is the one used
+    t = res.gradcam_table
+    assert list(t.network) == ["rgb"] * 3 + ["mhl"] and list(t.layer) == ["feat_r", "feat_g", "feat_b", "cnn_relu3"]
+    assert (t[["map_h", "map_w"]] == S // 4).all().all() and (t.layer == t.last_conv_layer).all()
+    assert set(res.exclusions.columns) >= {"network", "map", "map_h", "map_w", "n_excluded", "reason"}
+    assert (res.exclusions.map_h >= 2).all()  # nothing below 2 x 2 here; only constant maps, if any
     for name in ("cells.csv", "ratios.csv", "faithfulness.csv", "channel_importance.csv", "gallery.csv",
-                 "timings.csv", "missing.csv", "gmean_rgb.npz", "gmean_mhl.npz", "faithfulness_curves.npz"):
+                 "timings.csv", "missing.csv", "exclusions.csv", "gradcam_layers.csv", "gmean_rgb.npz",
+                 "gmean_mhl.npz", "faithfulness_curves.npz"):
         assert (out / name).is_file(), name
     assert len(pd.read_csv(out / "cells.csv")) == 4 * MAX_CELLS
     with np.load(out / "gmean_rgb.npz") as z:
@@ -210,6 +224,102 @@ def test_gmean_per_class_matches_the_numeric_library():
     assert g[1]["n"] == 3 and set(g[1]["ratios"]) == {("merged", "combined"), ("third", "feat_r")}
     with pytest.raises(ValueError, match="combined"):
         explain.gmean_per_class(imgs, {"feat_r": maps["feat_r"]}, y)
+
+
+def test_map_exclusions_records_maps_without_resolution_and_constant_maps():
+    rng = np.random.default_rng(0)
+    maps = {"coarse": rng.random((4, 8, 8)), "fine": rng.random((4, 8, 8)), "combined": rng.random((4, 8, 8))}
+    maps["fine"][1] = 0.0        # all zero after the ReLU
+    maps["fine"][2] = 0.25       # constant, not zero
+    keep, rows = explain.map_exclusions(maps, {"coarse": (1, 1), "fine": (4, 4), "combined": (4, 4)})
+    assert not keep["coarse"].any()
+    assert keep["fine"].tolist() == [True, False, False, True] and keep["combined"].all()
+    by = {r["map"]: r for r in rows}
+    assert set(by) == {"coarse", "fine"}  # nothing to record for combined
+    assert by["coarse"]["n_excluded"] == 4 and "1 x 1 is below 2 x 2" in by["coarse"]["reason"]
+    assert "no spatial resolution" in by["coarse"]["reason"]
+    assert by["fine"]["n_excluded"] == 2 and "constant" in by["fine"]["reason"]
+    # a 2 x 1 map has no resolution along one side: excluded as well
+    keep, rows = explain.map_exclusions({"a": maps["combined"]}, {"a": (2, 1)})
+    assert not keep["a"].any() and "2 x 1" in rows[0]["reason"]
+    with pytest.raises(ValueError, match="map_hw has no size"):
+        explain.map_exclusions({"a": maps["combined"]}, {})
+
+
+def test_gmean_per_class_leaves_out_excluded_cells():
+    rng = np.random.default_rng(1)
+    imgs = rng.random((6, 16, 16, 3))
+    maps = {"feat_r_s16": rng.random((6, 16, 16)), "combined": rng.random((6, 16, 16))}
+    y = np.array([0, 1, 0, 1, 1, 0])
+    keep = {"feat_r_s16": np.array([True, True, True, False, True, False]),
+            "combined": np.array([True, False, True, True, True, True])}
+    g = explain.gmean_per_class(imgs, maps, y, eps=1e-3, keep=keep)
+    np.testing.assert_allclose(g[1]["cam/combined"], xai.gmean(maps["combined"][[3, 4]], eps=1e-3))
+    np.testing.assert_allclose(g[1]["shape_rgb"], xai.gmean(imgs[[3, 4]], eps=1e-3))  # the same cells
+    np.testing.assert_allclose(g[0]["cam/feat_r_s16"], xai.gmean(maps["feat_r_s16"][[0, 2]], eps=1e-3))
+    # the per-channel stage map is R's: compared with R's Gmean-Shape over its own kept cells
+    np.testing.assert_allclose(g[1]["corr/third"], xai.local_correlation(
+        xai.gmean(imgs[[1, 4]], eps=1e-3)[..., 0], g[1]["cam/feat_r_s16"]))
+    assert g[1]["n"] == 3 and g[1]["n_used"] == {"feat_r_s16": 2, "combined": 2}
+    # a map with no kept cell in a class: no Gmean, no ratio
+    none = {"feat_r_s16": np.zeros(6, bool), "combined": np.ones(6, bool)}
+    g = explain.gmean_per_class(imgs, maps, y, keep=none)
+    assert "cam/feat_r_s16" not in g[0] and set(g[0]["ratios"]) == {("merged", "combined")}
+    assert explain.channel_of_map("feat_b_s8") == 2 and explain.channel_of_map("feat_g") == 1
+    assert explain.channel_of_map("res_relu") is None
+
+
+def _two_scale_model(size=16):
+    """A registry-free model with a fine (size x size) and a coarse (1 x 1) Grad-CAM layer."""
+    import keras
+
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((size, size, 3))
+    fine = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="fine")(inp)
+    coarse = keras.layers.Conv2D(4, size, strides=size, activation="relu", name="coarse")(fine)
+    g = keras.layers.Concatenate()([keras.layers.GlobalAveragePooling2D()(fine),
+                                    keras.layers.GlobalAveragePooling2D()(coarse)])
+    out = keras.layers.Dense(2, activation="softmax")(keras.layers.Dense(8, activation="tanh")(g))
+    return keras.Model(inp, out, name="toy")
+
+
+def test_explain_fold_and_summary_exclude_a_1x1_map():
+    """explain_fold records each map's feature size and leaves a 1 x 1 layer out of combined; the
+    summary excludes it from the Gmean / ratios / faithfulness and says so in exclusions and missing."""
+    from pathlib import Path
+
+    from cellstudy.xai.gradcam import gradcam
+
+    model = _two_scale_model()
+    rng = np.random.default_rng(2)
+    x = rng.random((6, 16, 16, 3), dtype=np.float32)
+    y = np.array([0, 1, 0, 1, 0, 1])
+    zca = augment.ZCAWhitening().fit(rng.random((12, 16, 16, 3), dtype=np.float32))
+    params = explain.replace(FAST, occlusion_patch=8, n_boot=50, batch_size=8)
+    arr = explain.explain_fold(model, x, y, zca, params, layers=["fine", "coarse"])
+    assert arr["cam_hw/coarse"].tolist() == [1, 1] and arr["cam_hw/fine"].tolist() == [16, 16]
+    assert arr["cam_hw/combined"].tolist() == [16, 16] and arr["gradcam_table"] == "[]"
+    # combined comes from the spatial layer only
+    xw = zca.transform(x)
+    np.testing.assert_allclose(arr["cam/combined"][:, 1].astype(np.float32),
+                               gradcam(model, xw, 1, layer="fine"), atol=2e-3)
+    fe = explain.FoldExplanation("toy", 0, np.arange(6), np.array(list("abcdef")), y, arr, False, 1.0)
+    res = explain.XaiRun(out_dir=Path("."), params=params, networks=["toy"],
+                         missing=pd.DataFrame(columns=["network", "fold", "status", "detail"]),
+                         folds={"toy": [fe]}, cells=pd.DataFrame(), ratios=pd.DataFrame(),
+                         faithfulness=pd.DataFrame(), channel_importance=pd.DataFrame(),
+                         channel_importance_cells=pd.DataFrame(), gallery=pd.DataFrame(),
+                         timings=pd.DataFrame(), images=x)
+    explain._summarise(res, 2, 0.5, 1e-3, 1)
+    ex = res.exclusions.set_index("map")
+    assert ex.loc["coarse", "n_excluded"] == 6 and "below 2 x 2" in ex.loc["coarse", "reason"]
+    assert ((res.missing.status == "excluded") & res.missing.detail.str.contains("coarse (1 x 1)", regex=False)).any()
+    for d in res.gmeans["toy"].values():
+        assert "cam/coarse" not in d and "cam/fine" in d
+    assert set(res.ratios.gradcam) == {"combined"}
+    n_const = int(ex.loc["combined", "n_excluded"]) if "combined" in ex.index else 0
+    g = res.faithfulness[res.faithfulness.method == "gradcam"]
+    assert (g.n_cells == 6 - n_const).all()
 
 
 def test_channel_claim():

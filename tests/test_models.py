@@ -74,6 +74,20 @@ def test_gradcam_layers_are_4d_and_reachable(net):
     np.testing.assert_allclose(res[-1].numpy(), tf.nn.softmax(res[-2]).numpy(), atol=1e-6)
 
 
+def test_gradcam_chooser_at_32_matches_the_stride_arithmetic(net):
+    """At S = 32 every chosen map is >= 4 x 4 (a 1 x 1 last map for the stride-32 backbones), and
+    the sizes read from the built model equal the name path's stride arithmetic for every
+    candidate layer."""
+    name, model = net
+    chosen = M.gradcam_layers(model, min_size=4)
+    assert chosen == M.gradcam_layers(name, min_size=4, input_size=S)
+    for n in chosen:
+        assert min(model.get_layer(n).output.shape[1:3]) >= 4, (name, n)
+    pd = pytest.importorskip("pandas")
+    pd.testing.assert_frame_equal(M.gradcam_table(model, min_size=4), M.gradcam_table(name, S, 4))
+    _check_candidate_sizes(name, model, S)
+
+
 def test_rgb_family_routes_channels_separately(net):
     name, model = net
     if M.FAMILIES[name] != "RGB":
@@ -105,6 +119,16 @@ def test_save_load_round_trip(net, tmp_path):
     np.testing.assert_allclose(loaded(x, training=False).numpy(), model(x, training=False).numpy(),
                                atol=1e-6)
     assert M.gradcam_layers(loaded) == M.gradcam_layers(name)
+    # the chosen (deeper-than-last) layers survive saving: for the RGB family the per-channel
+    # identity layers feat_<c>_s<stride>, whose outputs are each call's intermediate map
+    chosen = M.gradcam_layers(loaded, min_size=4)
+    assert chosen == M.gradcam_layers(model, min_size=4)
+    if name in ("rgb_res", "rgb_den"):
+        assert chosen == ["feat_r_s8", "feat_g_s8", "feat_b_s8"]
+        sub = keras.Model(loaded.inputs, [loaded.get_layer(n).output for n in chosen])
+        ref = keras.Model(model.inputs, [model.get_layer(n).output for n in chosen])
+        for a, b in zip(sub(x, training=False), ref(x, training=False)):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
 
 
 def test_zz_one_training_step_changes_weights(net):
@@ -121,6 +145,128 @@ def test_zz_one_training_step_changes_weights(net):
     opt.apply(grads, model.trainable_variables)
     changed = sum(not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
     assert changed >= 0.9 * len(before), f"{name}: only {changed}/{len(before)} weights changed"
+
+
+# --- Grad-CAM layers with spatial resolution (study.md section 12) ---------------------------
+
+def _check_candidate_sizes(name, model, size):
+    """Every candidate the model has: its output size equals backbones.stage_size (the name
+    path's arithmetic); the ViT grid equals S / patch."""
+    for _target, bb, cands in M._candidates(name):
+        for layer, base, _stride in cands:
+            got = tuple(int(v) for v in model.get_layer(layer).output.shape[1:3])
+            if bb == "vit":
+                from cellstudy.models.vit import default_patch_size
+                p = default_patch_size((size, size))
+                assert got == (size // p, size // p)
+            else:
+                assert got == bbs.stage_size(bb, base, (size, size)), (name, layer, got)
+
+
+@pytest.mark.parametrize("name", list(M.NETWORKS))
+def test_gradcam_chooser_at_64_gives_4x4_maps(name):
+    """S = 64 (the default study): every network's chosen Grad-CAM maps are >= 4 x 4 and reachable
+    with a gradient, the name path (stride arithmetic) agrees with the built model, and the
+    token grid of the attention networks is read from the model."""
+    import importlib
+
+    D = importlib.import_module("cellstudy.models.describe")  # the module, not models.describe()
+    keras.utils.set_random_seed(0)
+    model = M.build(name, 64)
+    chosen = M.gradcam_layers(model, min_size=4)
+    assert chosen == M.gradcam_layers(name, min_size=4, input_size=64)
+    assert len(chosen) == len(M.gradcam_layers(name))
+    outs = [model.get_layer(n).output for n in chosen]
+    for n, t in zip(chosen, outs):
+        assert len(t.shape) == 4 and min(t.shape[1:3]) >= 4, (name, n, t.shape)
+    table = M.gradcam_table(model, min_size=4)
+    pd = pytest.importorskip("pandas")
+    pd.testing.assert_frame_equal(table, M.gradcam_table(name, 64, 4))
+    assert (table[["map_h", "map_w"]] >= 4).all().all() and list(table.layer) == chosen
+    _check_candidate_sizes(name, model, 64)
+    # gradients reach the chosen maps
+    sub = keras.Model(model.inputs, outs + [model.get_layer("logits").output])
+    with tf.GradientTape() as tape:
+        res = sub([_x(0, 64)[:1]], training=False)
+        score = tf.reduce_sum(res[-1][:, 1])
+    for n, g in zip(chosen, tape.gradient(score, res[:-1])):
+        assert g is not None, (name, n)
+    # the token grid (computed from the model) and the book's sentence
+    grid = D.token_grid(model)
+    expect = {"vit": (16, 16), "rgb": (16, 16), "mhl": (16, 16), "rgb_res": (2, 2), "rgb_den": (2, 2),
+              "mhl_res": (2, 2), "mhl_den": (2, 2)}.get(name)
+    assert grid == expect
+    row = D._row(name, model, 64, False, 1, 4)
+    note = D.resolution_note(row)
+    assert "At S = 64" in note and all(f"`{n}`" in note for n in chosen)
+    if expect:
+        assert f"{expect[0]} x {expect[1]} = {expect[0] * expect[1]} tokens" in note
+    if name in ("resnet50", "mhl_res"):
+        assert "`conv4_block6_out` (a 4 x 4 map)" in note and "`conv5_block3_out` would have been 2 x 2" in note
+
+
+def test_gradcam_chooser_at_512_is_the_last_conv_layer():
+    """The paper's size: stride arithmetic only (no 512 px model is built)."""
+    for name in M.NETWORKS:
+        assert M.gradcam_layers(name, min_size=4, input_size=512) == M.gradcam_layers(name), name
+        t = M.gradcam_table(name, 512, 4)
+        assert (t.layer == t.last_conv_layer).all() and (t.map_h >= 16).all(), name
+    t = M.gradcam_table(list(M.NETWORKS), 512, 4).set_index(["network", "target"])
+    assert tuple(t.loc[("vgg16", "vgg16"), ["map_h", "map_w"]]) == (32, 32)
+    assert tuple(t.loc[("resnet50", "resnet50"), ["map_h", "map_w", "stride"]]) == (16, 16, 32)
+    assert tuple(t.loc[("rgb", "R channel"), ["layer", "map_h"]]) == ("feat_r", 128)
+    assert tuple(t.loc[("vit", "tokens"), ["map_h", "stride"]]) == (16, 32)
+
+
+def test_gradcam_chooser_by_name_and_errors():
+    # S = 32: the stride-32 backbones' last maps are 1 x 1, stride-8 stages are 4 x 4
+    assert M.gradcam_layers("resnet50", 4, 32) == ["conv3_block4_out"]
+    assert M.gradcam_layers("densenet121", 4, 32) == ["pool3_relu"]
+    assert M.gradcam_layers("vgg16", 4, 32) == ["block4_conv3"]
+    assert M.gradcam_layers("denres131", 4, 64) == ["res_conv4_block6_out", "den_pool4_relu"]
+    assert M.gradcam_layers("rgb_den", 4, 64) == ["feat_r_s16", "feat_g_s16", "feat_b_s16"]
+    assert M.gradcam_layers("rgb", 4, 64) == ["feat_r", "feat_g", "feat_b"]
+    assert M.gradcam_layers("mhl_den", 2, 64) == ["relu"]
+    # no candidate big enough: the largest map (the shallowest candidate)
+    assert M.gradcam_layers("resnet50", 64, 64) == ["conv2_block3_out"]
+    # arithmetic at odd sizes (ResNet rounds up, DenseNet's and VGG's poolings round down)
+    assert bbs.stage_size("resnet50", "conv5_block3_out", (40, 48)) == (2, 2)
+    assert bbs.stage_size("densenet121", "pool4_relu", (40, 48)) == (2, 3)
+    assert bbs.stage_size("vgg16", "block5_conv3", (40, 40)) == (2, 2)
+    assert M.gradcam_table("vit", 64, 4, patch_size=8).iloc[0][["map_h", "stride"]].tolist() == [8, 8]
+    with pytest.raises(ValueError, match="input_size is required"):
+        M.gradcam_layers("resnet50", min_size=4)
+    with pytest.raises(ValueError, match="min_size"):
+        M.gradcam_layers("resnet50", min_size=0, input_size=64)
+    with pytest.raises(ValueError, match="unknown network"):
+        M.gradcam_layers("nope", 4, 64)
+    with pytest.raises(ValueError, match="not a Grad-CAM candidate"):
+        bbs.stage_size("resnet50", "conv4_block1_out", (64, 64))
+    assert M.GRADCAM_CANDIDATES["rgb_res"][0] == ("feat_r", "feat_r_s16", "feat_r_s8", "feat_r_s4")
+
+
+def test_rgb_stage_taps_change_no_number(monkeypatch):
+    """The per-channel identity layers (feat_<c>_s<stride>) leave the RGB network's weights,
+    parameter count and forward pass exactly as without them (same seed); a model without them
+    (e.g. saved before they existed) falls back to the last conv maps."""
+    from cellstudy.models import attention
+
+    x = _x(5)
+    keras.utils.set_random_seed(0)
+    with_taps = M.build("rgb_res", S)
+    p_with = with_taps.predict(x, verbose=0)
+    with monkeypatch.context() as mp:
+        mp.setattr(attention, "stage_taps", lambda backbone: {})
+        keras.utils.set_random_seed(0)
+        plain = M.build("rgb_res", S)
+    assert sorted(l.name for l in with_taps.layers if l.name.startswith("feat_")) == sorted(
+        f"feat_{c}{s}" for c in "rgb" for s in ("_s4", "_s8", "_s16", ""))
+    assert not [l.name for l in plain.layers if l.name.startswith("feat_") and "_s" in l.name]
+    assert with_taps.count_params() == plain.count_params()
+    for a, b in zip(with_taps.get_weights(), plain.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(p_with, plain.predict(x, verbose=0))
+    assert M.gradcam_layers(plain, min_size=4) == ["feat_r", "feat_g", "feat_b"]
 
 
 # --- errors ---------------------------------------------------------------------------------

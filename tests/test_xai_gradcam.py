@@ -123,25 +123,77 @@ def test_gradcam_multi_per_branch_and_combined(images):
     res = gradcam_multi(m, images, 0, ["fa", "fb"])
     assert set(res) == {"fa", "fb", "combined"}
     norm = xai.normalize_maps
-    np.testing.assert_allclose(res["fa"], norm(images[..., 0]), atol=1e-5)
-    np.testing.assert_allclose(res["fb"], norm(images[..., 2]), atol=1e-5)
-    np.testing.assert_allclose(res["combined"], norm((norm(images[..., 0]) + norm(images[..., 2])) / 2), atol=1e-5)
+    # class 0: logit = 1 * mean(fa) + 2 * mean(fb) -> raw CAMs x0 / hw and 2 x2 / hw; the two maps
+    # of a cell share one maximum, the combined map is the raw mean min-max scaled once
+    a, b = images[..., 0], 2 * images[..., 2]
+    top = np.maximum(a.max(axis=(1, 2)), b.max(axis=(1, 2)))[:, None, None]
+    np.testing.assert_allclose(res["fa"], a / top, atol=1e-5)
+    np.testing.assert_allclose(res["fb"], b / top, atol=1e-5)
+    assert np.allclose(np.maximum(res["fa"], res["fb"]).max(axis=(1, 2)), 1.0)
+    np.testing.assert_allclose(res["combined"], norm((a + b) / 2), atol=1e-5)
+    # combine= restricts the layers averaged into combined
+    only_a = gradcam_multi(m, images, 0, ["fa", "fb"], combine=["fa"])
+    np.testing.assert_allclose(only_a["combined"], norm(a), atol=1e-5)
+    np.testing.assert_allclose(only_a["fb"], res["fb"], atol=1e-6)
+    with pytest.raises(ValueError, match="combine"):
+        gradcam_multi(m, images, 0, ["fa", "fb"], combine=["fc"])
     # class 1 has negative weights on both -> ReLU kills everything -> zeros
     assert np.all(gradcam_multi(m, images, 1, ["fa", "fb"])["fa"] == 0)
     # gradcam with a list returns the combined map
     np.testing.assert_allclose(gradcam(m, images, 0, ["fa", "fb"]), res["combined"], atol=1e-6)
 
 
+def test_gradcam_channels_of_very_different_strength_keep_their_ratio():
+    """An R map of strength 50 and a G map of strength 1e-4 (the same image in both channels):
+    scaled by one common maximum, G stays 2e-6 of R at every pixel (separate min-max scaling
+    made both 1.0); the combined map is built from the raw maps."""
+    m = _two_branch_model()
+    m.get_layer("out").set_weights([np.array([[50.0, -1.0], [1e-4, -1.0]]), np.zeros(2)])
+    g = np.random.default_rng(3).uniform(0.1, 1, size=(3, S, S)).astype(np.float32)
+    x = np.stack([g, np.zeros_like(g), g], axis=-1)  # fa sees channel 0, fb channel 2: both g
+    res = gradcam_multi(m, x, 0, ["fa", "fb"])
+    np.testing.assert_allclose(res["fa"].max(axis=(1, 2)), 1.0, atol=1e-6)
+    ratio = res["fb"] / res["fa"]
+    np.testing.assert_allclose(ratio, 1e-4 / 50, rtol=1e-3)
+    assert res["fb"].max() < 1e-5
+    raw = [gradcam(m, x, 0, layer=n, normalize=False) for n in ("fa", "fb")]
+    np.testing.assert_allclose(res["combined"], xai.normalize_maps((raw[0] + raw[1]) / 2), atol=1e-5)
+    np.testing.assert_allclose(res["combined"], xai.normalize_maps(g), atol=1e-4)  # R dominates
+
+
+def test_gradcam_default_layer_without_registry_respects_min_size(monkeypatch):
+    """Outside the registry: the last 4-D layer whose map is >= min_size (the last one when
+    none is, or with min_size None)."""
+    monkeypatch.setitem(sys.modules, "cellstudy.models", None)
+    inp = keras.Input((S, S, 3))
+    big = keras.layers.Conv2D(2, 1, name="big")(inp)
+    small = keras.layers.Conv2D(2, 8, strides=8, name="small")(big)  # 2 x 2
+    out = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(small))
+    m = keras.Model(inp, out)
+    assert xai.default_layers(m) == ["big"]  # default min_size 4
+    assert xai.default_layers(m, min_size=2) == ["small"]
+    assert xai.default_layers(m, min_size=None) == ["small"]
+    assert xai.default_layers(m, min_size=32) == ["small"]
+
+
 def test_gradcam_default_layers_from_registry(images, monkeypatch):
     m = _two_branch_model()
     fake = types.ModuleType("cellstudy.models")
-    fake.gradcam_layers = lambda model: ["fa", "fb"]
+    seen = []
+
+    def registry(model, min_size=None):
+        seen.append(min_size)
+        return ["fa", "fb"]
+
+    fake.gradcam_layers = registry
     monkeypatch.setitem(sys.modules, "cellstudy.models", fake)
     np.testing.assert_allclose(gradcam(m, images, 0),
                                gradcam_multi(m, images, 0, ["fa", "fb"])["combined"], atol=1e-6)
     assert set(gradcam_multi(m, images, 0)) == {"fa", "fb", "combined"}
+    gradcam_multi(m, images, 0, min_size=8)
+    assert seen == [4, 4, 8]  # the default smallest map side, then the caller's (a scale's)
 
-    def unknown(model):
+    def unknown(model, min_size=None):
         raise ValueError(f"unknown model {model.name!r}")
 
     fake.gradcam_layers = unknown
@@ -255,6 +307,7 @@ def test_gradcam_equals_naive_on_flat_resnet50():
         assert (naive.max(axis=(1, 2)) > 0).all()  # non-trivial maps for every image
         np.testing.assert_allclose(raw, naive, rtol=2e-3, atol=1e-5 * naive.max())
     both = gradcam_multi(model, x, cls, ["conv3_block4_out", "conv4_block6_out"])
-    np.testing.assert_allclose(both["conv3_block4_out"],
-                               xai.normalize_maps(_naive_gradcam(model, x, cls, "conv3_block4_out")),
-                               atol=2e-3)
+    n3, n4 = (_naive_gradcam(model, x, cls, n) for n in ("conv3_block4_out", "conv4_block6_out"))
+    top = np.maximum(n3.max(axis=(1, 2)), n4.max(axis=(1, 2)))[:, None, None]  # one per cell
+    np.testing.assert_allclose(both["conv3_block4_out"], n3 / top, atol=2e-3)
+    np.testing.assert_allclose(both["combined"], xai.normalize_maps((n3 + n4) / 2), atol=2e-3)

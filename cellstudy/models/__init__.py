@@ -5,12 +5,17 @@ model (every backbone layer lives in the model's own graph; no nested sub-model)
 whose input ``"image"`` is ``(N, H, W, 3)`` float32 in RGB order and whose output ``"probs"`` is the
 ``(N, n_classes)`` float32 softmax (the pre-softmax scores are the output of layer ``"logits"``).
 
-``gradcam_layers(model_or_name)`` gives the Grad-CAM target layer names: each one's
-``model.get_layer(name).output`` is a 4-D ``(N, h, w, C)`` feature map connected to
-``model.inputs``, so ``keras.Model(model.inputs, [model.get_layer(name).output, model.output])``
-works. For the RGB family these are ``feat_r``, ``feat_g``, ``feat_b`` (the shared backbone's last
-conv map for each isolated channel; see :mod:`cellstudy.models.attention`); for DenRes-131 one per
-backbone.
+``gradcam_layers(model_or_name, min_size=None, input_size=None)`` gives the Grad-CAM target
+layer names: each one's ``model.get_layer(name).output`` is a 4-D ``(N, h, w, C)`` feature map
+connected to ``model.inputs``, so
+``keras.Model(model.inputs, [model.get_layer(name).output, model.output])`` works. One target per
+backbone (two for DenRes-131), one per isolated channel for the RGB family. With ``min_size`` None
+each is the backbone's last conv map (``feat_r``, ``feat_g``, ``feat_b`` for the RGB family; see
+:mod:`cellstudy.models.attention`); with ``min_size`` (the scale's ``gradcam_min_size``) each is the
+deepest candidate layer of its backbone whose map is at least ``min_size`` x ``min_size``
+(study.md section 12; :data:`GRADCAM_CANDIDATES`, e.g. ResNet50 at S = 64: ``conv4_block6_out``,
+4 x 4, where the last map ``conv5_block3_out`` is 2 x 2; at S = 512 the last conv map).
+``gradcam_table(...)`` lists, per target, the chosen layer, its map size and the last conv map's.
 
 Parameters (``**params``; unknown keys are rejected):
 
@@ -34,6 +39,7 @@ from collections.abc import Iterable
 from functools import partial
 
 import keras
+import numpy as np
 
 from . import backbones
 from .attention import ATTENTION_DEFAULTS, ChannelSlice, build_mhl, build_rgb
@@ -78,6 +84,32 @@ _GRADCAM: dict[str, tuple[str, ...]] = {
     "rgb_den": ("feat_r", "feat_g", "feat_b"),
     "mhl": ("cnn_relu3",), "mhl_res": ("conv5_block3_out",), "mhl_den": ("relu",),
 }
+
+
+def _candidates(name: str) -> list[tuple[str, str, tuple[tuple[str, str, int], ...]]]:
+    """Per Grad-CAM target of network ``name``: ``(target, backbone, candidates)``, candidates
+    deep -> shallow as ``(layer name in the model, backbone layer name, nominal stride)``; the
+    first candidate is the target's ``_GRADCAM`` layer (the last conv map). The ViT's one
+    candidate has backbone ``"vit"`` and stride None (its patch size)."""
+    from .attention import CHANNEL_KEYS, stage_taps, tap_name
+
+    fam = FAMILIES[check_name(name)]
+    if name == "vit":
+        return [("tokens", "vit", (("vit_grid", "vit_grid", None),))]
+    if name == "denres131":
+        return [(b, b, tuple((p + n, n, st) for n, st in backbones.STAGES[b]))
+                for b, p in (("resnet50", "res_"), ("densenet121", "den_"))]
+    b = BACKBONE_OF[name][0]
+    stages = backbones.STAGES[b]
+    if fam == "RGB":
+        taps = stage_taps(b)
+        return [(f"{c.upper()} channel", b,
+                 tuple((tap_name(c, taps.get(n)), n, st) for n, st in stages)) for c in CHANNEL_KEYS]
+    return [(b, b, tuple((n, n, st) for n, st in stages))]
+
+
+#: Network -> per Grad-CAM target, its candidate layers deep -> shallow (names in the model).
+GRADCAM_CANDIDATES: dict[str, tuple[tuple[str, ...], ...]] = {}
 
 _SPECIFIC: dict[str, dict] = {
     "vgg16": {}, "resnet50": {}, "densenet121": {}, "denres131": DENRES_DEFAULTS,
@@ -173,25 +205,135 @@ def _check_weights(name, weights, sha) -> None:
         resolve_weights_path(weights, sha)
 
 
-def gradcam_layers(model_or_name) -> list[str]:
+def _check_min_size(min_size) -> int | None:
+    if min_size is None:
+        return None
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 1:
+        raise ValueError(f"min_size={min_size!r}; expected None (the last conv map) or an int >= 1 "
+                         "(the scale's gradcam_min_size)")
+    return int(min_size)
+
+
+def _sized_candidates(model_or_name, input_size=None, **params):
+    """``(network, [(target, backbone, [(layer, (h, w), stride), ...]), ...])``: every Grad-CAM
+    candidate with its map size, deep -> shallow. A model: sizes from its layers' output shapes
+    (candidates the model lacks, e.g. the RGB family's ``feat_<c>_s<stride>`` in a model saved
+    before they existed, are left out; the last conv map must exist). A name: sizes from the
+    strides for ``input_size`` (required)."""
+    from .vit import default_patch_size
+
+    if isinstance(model_or_name, str):
+        name = check_name(model_or_name)
+        if input_size is None:
+            raise ValueError(f"{name}: input_size is required to size the Grad-CAM candidates of a "
+                             "network given by name (or pass a built model)")
+        hw = input_hw(input_size)
+        bad = sorted(set(params) - set(valid_params(name)))
+        if bad:
+            raise ValueError(f"unknown parameter(s) {bad} for network {name!r}")
+        model = None
+    else:
+        model = model_or_name
+        name = check_name(model.name)
+        hw = tuple(int(v) for v in model.inputs[0].shape[1:3])
+        if input_size is not None and input_hw(input_size) != hw:
+            raise ValueError(f"input_size={input_size!r} does not match model {name!r}'s input "
+                             f"{hw[0]}x{hw[1]}")
+    out = []
+    for target, bb, cands in _candidates(name):
+        sized = []
+        for layer, base, stride in cands:
+            if model is not None:
+                try:
+                    t = model.get_layer(layer).output
+                except ValueError:
+                    if layer == cands[0][0]:
+                        raise  # the last conv map is always there
+                    continue
+                size = (int(t.shape[1]), int(t.shape[2]))
+            elif bb == "vit":
+                p = params.get("patch_size") or default_patch_size(hw)
+                size = (hw[0] // int(p), hw[1] // int(p))
+            else:
+                size = backbones.stage_size(bb, base, hw)
+            if bb == "vit":
+                stride = -(-hw[0] // size[0]) if size[0] else None
+            sized.append((layer, size, stride))
+        out.append((target, bb, sized))
+    return name, out
+
+
+def _choose(sized, min_size):
+    """The deepest candidate with both sides >= min_size; the shallowest (largest map) when none
+    is; the first (last conv map) when min_size is None."""
+    if min_size is None:
+        return sized[0]
+    for c in sized:
+        if c[1][0] >= min_size and c[1][1] >= min_size:
+            return c
+    return sized[-1]
+
+
+def gradcam_layers(model_or_name, min_size: int | None = None, input_size=None, **params) -> list[str]:
     """Names of the Grad-CAM target layers of a network (a name) or a built model.
 
-    For a model, the names are checked to exist. Each layer's ``.output`` is a 4-D
-    ``(N, h, w, C)`` feature map reachable from ``model.inputs``: the last convolutional map of each
-    backbone; for the RGB family one per isolated channel (``feat_r``, ``feat_g``, ``feat_b``);
-    for DenRes-131 one per backbone; for the ViT the final tokens on their patch grid.
+    Each layer's ``.output`` is a 4-D ``(N, h, w, C)`` feature map reachable from
+    ``model.inputs``; one per backbone (DenRes-131: two), one per isolated channel for the RGB
+    family (``feat_r``, ``feat_g``, ``feat_b`` and their ``_s<stride>`` stages), the final tokens on
+    their patch grid (``vit_grid``) for the ViT.
+
+    ``min_size`` None: the last convolutional map of each backbone (for a model, checked to exist;
+    no size needed). ``min_size`` an int (the scale's ``gradcam_min_size``): per target, the
+    deepest candidate (:data:`GRADCAM_CANDIDATES`, deep -> shallow) whose map is at least
+    ``min_size`` x ``min_size`` (the shallowest candidate, i.e. the largest map, when none is).
+    Sizes are read from a model's layers; for a name ``input_size`` (S, (H, W) or (H, W, 3)) is
+    required and the sizes come from the strides (``params``: build parameters that change them,
+    i.e. the ViT's ``patch_size``). At S = 512 every choice is the last conv map.
     """
-    if isinstance(model_or_name, str):
-        return list(_GRADCAM[check_name(model_or_name)])
-    model = model_or_name
-    names = list(_GRADCAM[check_name(model.name)])
-    for n in names:
-        model.get_layer(n)  # ValueError if absent
-    return names
+    min_size = _check_min_size(min_size)
+    if min_size is None:
+        if isinstance(model_or_name, str):
+            return list(_GRADCAM[check_name(model_or_name)])
+        model = model_or_name
+        names = list(_GRADCAM[check_name(model.name)])
+        for n in names:
+            model.get_layer(n)  # ValueError if absent
+        return names
+    _, targets = _sized_candidates(model_or_name, input_size, **params)
+    return [_choose(sized, min_size)[0] for _, _, sized in targets]
 
 
-from .describe import describe, stage_table  # noqa: E402
+def gradcam_table(name_or_model, input_size=None, min_size: int | None = None, **params):
+    """One row per Grad-CAM target: ``network``, ``target`` (backbone, or "R channel" ... for the
+    RGB family, "tokens" for the ViT), ``layer`` (:func:`gradcam_layers` with ``min_size``),
+    ``map_h``, ``map_w``, ``stride`` (nominal; the patch size for the ViT), ``last_conv_layer``,
+    ``last_conv_h``, ``last_conv_w`` (the map the last conv layer would have given).
 
-__all__ = ["NETWORKS", "FAMILIES", "BACKBONE_OF", "build", "gradcam_layers", "describe",
-           "stage_table", "valid_params", "input_hw", "check_name", "classification_head",
-           "ChannelSlice", "PositionEmbedding", "backbones"]
+    ``name_or_model``: a network name (``input_size`` required; sizes from the strides), a built
+    model (sizes from its layers), or a list of either (rows concatenated). Returns a DataFrame.
+    """
+    import pandas as pd
+
+    items = [name_or_model] if isinstance(name_or_model, str) or hasattr(name_or_model, "layers") \
+        else list(name_or_model)
+    min_size = _check_min_size(min_size)
+    rows = []
+    for item in items:
+        name, targets = _sized_candidates(item, input_size, **params)
+        for target, _, sized in targets:
+            layer, (h, w), stride = _choose(sized, min_size)
+            last, (lh, lw), _ = sized[0]
+            rows.append({"network": name, "target": target, "layer": layer, "map_h": h, "map_w": w,
+                         "stride": stride, "last_conv_layer": last, "last_conv_h": lh, "last_conv_w": lw})
+    return pd.DataFrame(rows, columns=["network", "target", "layer", "map_h", "map_w", "stride",
+                                       "last_conv_layer", "last_conv_h", "last_conv_w"])
+
+
+GRADCAM_CANDIDATES.update({n: tuple(tuple(c[0] for c in cands) for _, _, cands in _candidates(n))
+                           for n in NETWORKS})
+
+from .describe import describe, stage_table, token_grid  # noqa: E402
+
+__all__ = ["NETWORKS", "FAMILIES", "BACKBONE_OF", "GRADCAM_CANDIDATES", "build", "gradcam_layers",
+           "gradcam_table", "describe", "stage_table", "token_grid", "valid_params", "input_hw",
+           "check_name", "classification_head", "ChannelSlice", "PositionEmbedding", "backbones"]

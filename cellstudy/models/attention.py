@@ -20,7 +20,13 @@ goes through an identity layer (``Activation("linear")``) named ``feat_<c>``: th
 ``(N, h, w, C)`` feature map of channel c is ``model.get_layer("feat_r").output`` (``feat_g``,
 ``feat_b``), and ``keras.Model(model.inputs, [model.get_layer("feat_r").output, model.output])``
 gives it with the prediction; its gradient is the gradient w.r.t. the backbone's map for that
-channel.
+channel. The same is done for each call's intermediate stages (the Grad-CAM candidates of
+``backbones.STAGES`` below the last map: ResNet50 ``conv4_block6_out`` / ``conv3_block4_out`` /
+``conv2_block3_out``, DenseNet121 ``pool4_relu`` / ``pool3_relu`` / ``pool2_relu``), named by
+their nominal stride: ``feat_<c>_s16``, ``feat_<c>_s8``, ``feat_<c>_s4`` (:data:`STAGE_TAPS`).
+These identity layers sit inline (the next backbone layer reads their output), so they are part
+of the model, have no weights and change no number: ``gradcam_layers(model, min_size=...)``
+picks among ``feat_<c>`` and ``feat_<c>_s<stride>`` the deepest map of at least min_size.
 
 **MHL family** (``mhl``, ``mhl_res``, ``mhl_den``): the same backbones on the whole RGB image,
 tokens projected to ``d`` (``tokens``), one 2-head self-attention block (eq. 10-11, ``att_self``),
@@ -43,6 +49,19 @@ CHANNEL_KEYS = ("r", "g", "b")
 RGB_BLOCKS = (("r", "r"), ("g", "g"), ("b", "b"), ("r", "g"), ("r", "b"), ("g", "b"))
 ATTENTION_DEFAULTS = {"token_dim": 128, "num_heads": 2, "max_token_grid": 16,
                       "cnn_filters": bbs.CNN3_FILTERS}
+
+
+def stage_taps(backbone: str) -> dict[str, int]:
+    """The intermediate stages of an RGB-family backbone that get per-channel identity layers:
+    ``{backbone layer name: nominal stride}`` (every Grad-CAM candidate but the last conv map,
+    which is ``feat_<c>``). Empty for the 3-layer CNN (its only candidate is its last map)."""
+    return {name: stride for name, stride in bbs.STAGES[backbone][1:]}
+
+
+def tap_name(channel: str, stride: int | None = None) -> str:
+    """Name of the identity layer on channel ``channel``'s map: ``feat_<c>`` (the last conv map,
+    ``stride`` None) or ``feat_<c>_s<stride>``."""
+    return f"feat_{channel}" if stride is None else f"feat_{channel}_s{int(stride)}"
 
 
 @keras.saving.register_keras_serializable(package="cellstudy")
@@ -102,7 +121,9 @@ def build_rgb(network, hw, n_classes=2, head=None, weights=None, weights_sha256=
     toks = {}
     for i, c in enumerate(CHANNEL_KEYS):
         xc = ChannelSlice(i, name=f"isolate_{c}")(inp)
-        f = layers.Activation("linear", name=f"feat_{c}")(bbs.replay(template, xc))
+        taps = {n: layers.Activation("linear", name=tap_name(c, st))
+                for n, st in stage_taps(backbone).items()}
+        f = layers.Activation("linear", name=tap_name(c))(bbs.replay(template, xc, taps))
         toks[c] = _tokens(f, int(max_token_grid), f"_{c}", token_dim)
     pooled = [_attend(toks[a], toks[b], f"att_{a}{b}", num_heads, token_dim,
                       head.get("pooling", "avg")) for a, b in RGB_BLOCKS]

@@ -12,6 +12,14 @@ Backbones (name -> last convolutional feature map, the default Grad-CAM layer):
 - ``densenet121``: ``relu`` (stride 32, the final BN + ReLU).
 - ``cnn3``: the paper's 3-layer CNN for RGB / MHL: three blocks Conv 3x3 -> BatchNorm -> ReLU,
   with 2x2 max pooling after the first two (stride 4): ``cnn_relu3``.
+
+Grad-CAM candidates (:data:`STAGES`, deep -> shallow, with their nominal strides): the last conv
+map, then the stage outputs before each downsampling, e.g. ResNet50 ``conv5_block3_out`` (32),
+``conv4_block6_out`` (16), ``conv3_block4_out`` (8), ``conv2_block3_out`` (4); DenseNet121 ``relu``
+(32) and the transition layers' BN-ReLU before their pooling, ``pool4_relu`` (16), ``pool3_relu``
+(8), ``pool2_relu`` (4). :func:`stage_size` gives each one's map size for an input size without
+building anything (Keras' padding arithmetic: ResNet50's and DenseNet121's stem and ResNet50's
+strided convolutions round up, every 2 x 2 pooling rounds down).
 """
 from __future__ import annotations
 
@@ -34,6 +42,22 @@ LAST_CONV = {"vgg16": "block5_conv3", "resnet50": "conv5_block3_out", "densenet1
 OUTPUT = {"vgg16": "block5_pool", "resnet50": "conv5_block3_out", "densenet121": "relu",
           "cnn3": "cnn_relu3"}
 
+#: Grad-CAM candidates per backbone, deep -> shallow: (layer, nominal stride). The first is the
+#: last convolutional feature map (``LAST_CONV``).
+STAGES = {
+    "vgg16": (("block5_conv3", 16), ("block4_conv3", 8), ("block3_conv3", 4)),
+    "resnet50": (("conv5_block3_out", 32), ("conv4_block6_out", 16), ("conv3_block4_out", 8),
+                 ("conv2_block3_out", 4)),
+    "densenet121": (("relu", 32), ("pool4_relu", 16), ("pool3_relu", 8), ("pool2_relu", 4)),
+    "cnn3": (("cnn_relu3", 4),),
+}
+
+#: The downsampling steps of each backbone, in order: "ceil" (a padded or 1x1 strided conv / a
+#: padded pooling: ceil(n / 2)) or "floor" (a 2x2 valid pooling: floor(n / 2)); a stage of nominal
+#: stride 2^k sits after the first k steps.
+_STEPS = {"vgg16": ("floor",) * 5, "resnet50": ("ceil",) * 5,
+          "densenet121": ("ceil", "ceil", "floor", "floor", "floor"), "cnn3": ("floor", "floor")}
+
 #: Default filters of the 3-layer CNN.
 CNN3_FILTERS = (32, 64, 128)
 
@@ -54,6 +78,25 @@ class Backbone:
     features: Any
     layer_names: list[str]
     prefix: str = ""
+
+
+def stage_size(backbone: str, layer: str, hw: tuple[int, int]) -> tuple[int, int]:
+    """Map size ``(h, w)`` of candidate ``layer`` (a :data:`STAGES` name, no prefix) of
+    ``backbone`` for an ``hw`` input, from the strides alone (checked against built models in
+    the tests). ValueError for a layer that is not a candidate."""
+    check_backbone(backbone)
+    strides = dict(STAGES[backbone])
+    if layer not in strides:
+        raise ValueError(f"{layer!r} is not a Grad-CAM candidate of backbone {backbone!r}; "
+                         f"expected one of {list(strides)}")
+    k = int(strides[layer]).bit_length() - 1
+    out = []
+    for n in hw:
+        n = int(n)
+        for step in _STEPS[backbone][:k]:
+            n = -(-n // 2) if step == "ceil" else n // 2
+        out.append(n)
+    return out[0], out[1]
 
 
 def check_backbone(name: str) -> None:
@@ -144,13 +187,34 @@ def shared_backbone(name: str, hw: tuple[int, int], cnn_filters=CNN3_FILTERS) ->
 
     Apply it flat to several tensors with :func:`replay`: the same layer objects (one set of
     weights) are called on each tensor, so the outer graph holds the backbone once, reused.
+    Its intermediate stages (:data:`STAGES`) are the template's layers of those names.
     """
     inp = keras.Input((hw[0], hw[1], 1), name="shared_backbone_template")
     bb = apply_backbone(name, inp, cnn_filters=cnn_filters)
     return keras.Model(inp, bb.features, name=f"{name}_shared")
 
 
-def replay(template: keras.Model, x):
+def replay(template: keras.Model, x, taps: dict | None = None):
     """Call ``template``'s layers, in graph order, on the symbolic tensor ``x``: a flat (not
-    nested) application of the same layers, returning the template's output for input ``x``."""
-    return template._run_through_graph([x], operation_fn=lambda op: op)
+    nested) application of the same layers, returning the template's output for input ``x``.
+
+    ``taps``: ``{layer name: identity layer}``: the output of that template layer, for this call,
+    goes through the identity layer (e.g. ``Activation("linear", name="feat_r_s16")``) and every
+    later layer reads the identity's output. The computation is unchanged (identity, no weights),
+    but this call's intermediate map is now a layer of its own in the outer graph, with a
+    well-defined ``.output`` (the template layer itself is called once per replay).
+    """
+    if not taps:
+        return template._run_through_graph([x], operation_fn=lambda op: op)
+    missing = sorted(set(taps) - {l.name for l in template.layers})
+    if missing:
+        raise ValueError(f"replay: template {template.name!r} has no layer(s) {missing}")
+    by_id = {id(template.get_layer(n)): ident for n, ident in taps.items()}
+
+    def operation_fn(op):
+        ident = by_id.get(id(op))
+        if ident is None:
+            return op
+        return lambda *args, **kwargs: ident(op(*args, **kwargs))
+
+    return template._run_through_graph([x], operation_fn=operation_fn)

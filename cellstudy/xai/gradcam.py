@@ -8,7 +8,15 @@ how it is located) and a layer with feature maps ``A^k`` (k = 1..K, each h x w):
 
 then ``L^c`` is bilinearly upsampled to the input size H x W (``tf.image.resize``, half-pixel
 centres) and scaled per map to [0, 1] by min-max; a map whose range is below 1e-6 of its maximum
-(constant, e.g. all zero after the ReLU) becomes all zeros.
+(constant, e.g. all zero after the ReLU) becomes all zeros. Several layers of one cell (the RGB
+family's R, G and B maps, DenRes-131's two backbones; :func:`gradcam_multi`) are scaled by ONE
+common maximum, the cell's largest value over all of them, so their relative strength is kept;
+their ``combined`` map is the mean of the raw maps, min-max scaled once.
+
+Default layers (:func:`default_layers`): ``cellstudy.models.gradcam_layers(model,
+min_size=...)``, the deepest layer of each backbone whose map is at least ``min_size`` x
+``min_size`` (the scale's ``gradcam_min_size``; :data:`DEFAULT_MIN_SIZE` = 4 when not given; None:
+the last conv map), so a map has spatial resolution at every image size.
 
 Batching: one forward and one backward pass per batch. The gradient of the *sum* of the batch's
 class scores is taken; the model runs in inference mode (``training=False``: dropout off,
@@ -28,6 +36,8 @@ from . import _keras as K
 
 #: Default batch size for Grad-CAM.
 BATCH_SIZE = 32
+#: Default smallest Grad-CAM map side (the scales' ``gradcam_min_size``; study.md section 12).
+DEFAULT_MIN_SIZE = 4
 
 
 def normalize_maps(maps: np.ndarray, rtol: float = 1e-6) -> np.ndarray:
@@ -45,17 +55,19 @@ def normalize_maps(maps: np.ndarray, rtol: float = 1e-6) -> np.ndarray:
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def default_layers(model) -> list[str]:
-    """The Grad-CAM layers of ``model``: ``cellstudy.models.gradcam_layers(model)`` when the model
-    registry is importable and knows the model, else the last layer with a 4-D output (a warning
-    says why when the registry was importable but failed)."""
+def default_layers(model, min_size: int | None = DEFAULT_MIN_SIZE) -> list[str]:
+    """The Grad-CAM layers of ``model``: ``cellstudy.models.gradcam_layers(model,
+    min_size=min_size)`` when the model registry is importable and knows the model, else the last
+    layer with a 4-D output whose map is at least ``min_size`` x ``min_size`` (the last 4-D layer
+    when none is, or when ``min_size`` is None; a warning says why when the registry was
+    importable but failed)."""
     try:
         from cellstudy.models import gradcam_layers  # noqa: PLC0415  (lazy: registry is optional)
     except (ImportError, AttributeError):
         gradcam_layers = None
     if gradcam_layers is not None:
         try:
-            names = list(gradcam_layers(model))
+            names = list(gradcam_layers(model, min_size=min_size))
             if names:
                 return names
             reason = "it returned no layers"
@@ -72,7 +84,37 @@ def default_layers(model) -> list[str]:
             f"model {model.name!r} has no layer with a 4-D (N, h, w, K) output to take Grad-CAM "
             "at; for token layers (N, T, D), e.g. a ViT, use gradcam_tokens"
         )
+    if min_size is not None:
+        def side_ok(n):
+            shape = model.get_layer(n).output.shape[1:3]
+            return all(v is not None and int(v) >= int(min_size) for v in shape)
+        big = [n for n in cands if side_ok(n)]
+        if big:
+            return [big[-1]]
     return [cands[-1]]
+
+
+def map_size(model, layer: str) -> tuple[int, int]:
+    """``(h, w)`` of the 4-D feature map of ``layer`` (ValueError like :func:`gradcam`)."""
+    t = K.layer_output(model, layer, 4)
+    return int(t.shape[1]), int(t.shape[2])
+
+
+def common_scale(maps: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Scale several (N, H, W) maps of the same cells by ONE maximum per cell (over all maps and
+    pixels) to [0, 1], float32: the maps' relative strength is kept (an R map ten times the G map
+    stays ten times it; no per-map minimum is subtracted). A cell whose maps are all <= 0 gets
+    zeros. Negative values (none after eq. 13's ReLU) are clipped to 0."""
+    ms = [np.asarray(m, dtype=np.float64) for m in maps]
+    if not ms:
+        raise ValueError("maps is empty; expected at least one (N, H, W) array")
+    for m in ms:
+        if m.ndim != 3 or m.shape != ms[0].shape:
+            raise ValueError(f"maps must be (N, H, W) arrays of one shape; got {[x.shape for x in ms]}")
+    top = np.max(np.stack([m.max(axis=(1, 2)) for m in ms]), axis=0)[:, None, None]
+    ok = top > 0
+    return [np.clip(np.where(ok, m / np.where(ok, top, 1.0), 0.0), 0.0, 1.0).astype(np.float32)
+            for m in ms]
 
 
 def _build_step(model, layers: tuple, token_grids: tuple | None = None):
@@ -147,7 +189,9 @@ def _run(model, images, class_index, layers, batch_size, token_grids=None) -> li
 
 
 def gradcam_multi(model, images, class_index, layers: Sequence[str] | str | None = None,
-                  batch_size: int = BATCH_SIZE, normalize: bool = True) -> dict[str, np.ndarray]:
+                  batch_size: int = BATCH_SIZE, normalize: bool = True,
+                  combine: Sequence[str] | None = None,
+                  min_size: int | None = DEFAULT_MIN_SIZE) -> dict[str, np.ndarray]:
     """Grad-CAM maps at several layers from one forward/backward pass per batch.
 
     Parameters
@@ -155,43 +199,52 @@ def gradcam_multi(model, images, class_index, layers: Sequence[str] | str | None
     model : a Keras 3 functional model, one image input, ending in a softmax Dense.
     images : (N, H, W, C) float array, the model's input size.
     class_index : int, (N,) int array, or None (each image's predicted class).
-    layers : layer names (4-D outputs), or None for :func:`default_layers`.
-    normalize : min-max scale each map to [0, 1] (see :func:`normalize_maps`); False returns the
-        upsampled ReLU maps of eq. 13 in the units of the logit times the activations.
+    layers : layer names (4-D outputs), or None for :func:`default_layers` (with ``min_size``).
+    normalize : scale the per-layer maps to [0, 1] by one common maximum per cell
+        (:func:`common_scale`: the largest value of that cell over all ``layers``, so an R map of
+        strength 50 and a G map of strength 1e-4 keep their ratio); False returns the upsampled
+        ReLU maps of eq. 13 in the units of the logit times the activations.
+    combine : the layers averaged into ``combined`` (default: all ``layers``), e.g. only those
+        with a spatial map.
 
     Returns
     -------
-    dict: layer name -> (N, H, W) float32 maps, plus ``"combined"``: the mean of the normalised
-    per-layer maps, re-scaled to [0, 1] (used for the RGB family's R/G/B maps and DenRes's two
-    backbones).
+    dict: layer name -> (N, H, W) float32 maps, plus ``"combined"``: the mean of the *raw*
+    per-layer maps of ``combine``, min-max scaled once to [0, 1] (:func:`normalize_maps`; used for
+    the RGB family's R/G/B maps and DenRes's two backbones).
     """
-    layers = default_layers(model) if layers is None else K.as_sequence(layers)
+    layers = default_layers(model, min_size) if layers is None else K.as_sequence(layers)
     if not layers:
         raise ValueError("layers is empty; expected at least one layer name")
     if "combined" in layers:
         raise ValueError("'combined' is reserved for the combined map; rename that layer")
+    combine = list(layers) if combine is None else K.as_sequence(combine)
+    bad = [c for c in combine if c not in layers]
+    if bad or not combine:
+        raise ValueError(f"combine={combine!r}: expected a non-empty subset of layers {list(layers)}")
     raw = _run(model, images, class_index, layers, batch_size)
-    normed = [normalize_maps(r) for r in raw]
-    result = {name: (m if normalize else r) for name, m, r in zip(layers, normed, raw)}
-    result["combined"] = normalize_maps(np.mean(normed, axis=0))
+    scaled = common_scale(raw) if normalize else raw
+    result = {name: m for name, m in zip(layers, scaled)}
+    result["combined"] = normalize_maps(np.mean([raw[layers.index(c)] for c in combine], axis=0))
     return result
 
 
 def gradcam(model, images, class_index, layer: str | Sequence[str] | None = None,
-            batch_size: int = BATCH_SIZE, normalize: bool = True) -> np.ndarray:
+            batch_size: int = BATCH_SIZE, normalize: bool = True,
+            min_size: int | None = DEFAULT_MIN_SIZE) -> np.ndarray:
     """Grad-CAM (eq. 12-13) of ``class_index`` at ``layer``: (N, H, W) float32 in [0, 1].
 
-    ``layer``: a layer name with a 4-D output (N, h, w, K); None -> the model's recorded Grad-CAM
-    layers (:func:`default_layers`: ``cellstudy.models.gradcam_layers``, else the last 4-D layer);
-    a list of names (or None resolving to several) returns the ``"combined"`` map of
-    :func:`gradcam_multi`. ``class_index``: int, (N,) ints, or None for the predicted class.
-    ``normalize=False`` returns the raw upsampled ReLU map (single layer only).
+    ``layer``: a layer name with a 4-D output (N, h, w, K); None -> the model's Grad-CAM layers
+    (:func:`default_layers` with ``min_size``: ``cellstudy.models.gradcam_layers``, else the last
+    4-D layer of at least ``min_size``); a list of names (or None resolving to several) returns
+    the ``"combined"`` map of :func:`gradcam_multi`. ``class_index``: int, (N,) ints, or None for
+    the predicted class. ``normalize=False`` returns the raw upsampled ReLU map (single layer only).
 
     Errors (ValueError): unknown layer (the message lists the 4-D candidates), a layer that is not
     a 4-D feature map, images of the wrong size (expected vs given), class indices out of range, a
     model that does not end in a softmax Dense (:class:`NoSoftmaxHeadError`).
     """
-    layers = default_layers(model) if layer is None else K.as_sequence(layer)
+    layers = default_layers(model, min_size) if layer is None else K.as_sequence(layer)
     if len(layers) == 1:
         raw = _run(model, images, class_index, layers, batch_size)[0]
         return normalize_maps(raw) if normalize else raw
