@@ -90,6 +90,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "xai_max_cells": 8,
         "warmup_epochs": 0,
         "bn_momentum": None,
+        "he_init": [],
         "gradcam_min_size": 4,
     },
     # A look in ~20 minutes (configs/quick.yaml): the former CPU default, all eleven networks x 5
@@ -112,6 +113,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "xai_max_cells": 8,
         "warmup_epochs": 0,
         "bn_momentum": None,
+        "he_init": [],
         "gradcam_min_size": 4,
     },
     # The CPU default of `make study`: all eleven networks x 5 folds x both regimes on a 2-core
@@ -137,6 +139,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "xai_max_cells": 8,
         "warmup_epochs": 2,
         "bn_momentum": 0.9,
+        "he_init": ["vgg16"],    # He-normal conv kernels: VGG16 (no BatchNorm) does not train from Glorot
         "gradcam_min_size": 4,
     },
     # The paper's scale: S = 512, short (< 100) and long (> 100) regimes. Needs a GPU.
@@ -156,6 +159,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "xai_max_cells": None,
         "warmup_epochs": 0,
         "bn_momentum": None,
+        "he_init": ["vgg16"],    # VGG16 from random weights needs He-normal kernels (experiment.he_initialise),
         "gradcam_min_size": 4,
     },
 }
