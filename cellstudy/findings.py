@@ -31,12 +31,12 @@ CLASSICAL = "Classical"
 
 
 def fold_sizes(folds_csv: str | Path) -> tuple[float, float, int]:
-    """``(n_train, n_test, k)`` of a run's folds file (``<run>/folds/<cohort>.csv``, one row per
-    cell with its test fold in column ``fold``): the mean test-fold size and the rest of the
+    """``(n_train, n_test, k)`` of a run's folds file (``<run>/folds/<cohort>.csv``, read with
+    ``folds.read_folds``: one row per cell with its test fold): the mean test-fold size and the rest of the
     cohort. Read from the folds file, not from the folds that ran."""
-    df = pd.read_csv(folds_csv)
-    if "fold" not in df.columns:
-        raise ValueError(f"{folds_csv}: no column 'fold' (columns: {list(df.columns)})")
+    from .folds import read_folds
+
+    df, _ = read_folds(folds_csv)
     sizes = df["fold"].value_counts()
     n_test = float(sizes.mean())
     return float(len(df) - n_test), n_test, int(len(sizes))

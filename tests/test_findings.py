@@ -56,7 +56,11 @@ def test_one_class_folds_and_fold_sizes(tmp_path):
     assert bad.to_dict("records") == [{"network": "a", "fold": 0, "predicted": 1},
                                       {"network": "b", "fold": 0, "predicted": 0},
                                       {"network": "b", "fold": 1, "predicted": 0}]
+    from cellstudy import folds
+    labels = np.array([0, 1] * 10)
+    groups = np.array([f"g{i}" for i in range(20)])
+    ids = np.array([f"c{i}" for i in range(20)])
     f = tmp_path / "folds.csv"
-    pd.DataFrame({"cell_id": range(10), "fold": [0, 0, 1, 1, 1, 2, 2, 3, 3, 4]}).to_csv(f, index=False)
+    folds.load_or_make_folds(f, ids, labels, groups, n_splits=5, seed=0)
     n_train, n_test, k = findings.fold_sizes(f)
-    assert (n_train, n_test, k) == (8.0, 2.0, 5)
+    assert (n_train, n_test, k) == (16.0, 4.0, 5)
