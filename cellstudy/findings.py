@@ -9,8 +9,8 @@ fold-to-fold spread understates the uncertainty of a mean score. Every interval 
 Nadeau-Bengio corrected variance (``stats.corrected_resampled_ttest``; ``(1/k + n_test/n_train)
 s^2``), as the statistics chapter does:
 
-- a network's AUC: mean over folds, 95% CI = mean ± t_{0.975, k-1} · sqrt((1/k + n_test/n_train) s²);
-  it **beats chance** when the CI's lower end is above 0.5 (a one-sided test at 2.5 %);
+- a network's AUC: mean over folds, 95% CI = mean ± t_{0.975, k-1} · sqrt((1/k + n_test/n_train) s²),
+  clipped to [0, 1] (AUC's range); it **beats chance** when the CI's lower end is above 0.5 (a one-sided test at 2.5 %);
 - against the classical baseline: the paired per-fold difference (network − baseline) with the
   same corrected test, Holm-adjusted over the networks, and Cohen's d_z with its interval.
 """
@@ -85,7 +85,7 @@ def network_verdicts(tidy: pd.DataFrame, n_train: float, n_test: float, metric: 
         half = q(k) * math.sqrt(factor) * sd if k >= 2 else math.nan
         row = {"network": net, "display": DISPLAY_NAMES.get(net, net),
                "family": NETWORK_FAMILY.get(net, "?"), "k": k, "mean": mean, "sd": sd,
-               "ci_low": mean - half, "ci_high": mean + half,
+               "ci_low": max(0.0, mean - half), "ci_high": min(1.0, mean + half),
                "beats_chance": bool(k >= 2 and mean - half > chance), "baseline": base, "note": ""}
         if base is not None and net != base:
             both = wide[[net, base]].dropna()
