@@ -178,3 +178,235 @@ def best_per_family(verdicts: pd.DataFrame) -> pd.DataFrame:
     """The model with the highest mean of each family (book order of families)."""
     idx = verdicts.groupby("family", sort=False)["mean"].idxmax()
     return verdicts.loc[idx].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The book's findings page, written from the run's own files
+# ---------------------------------------------------------------------------------------------
+STAIN_NAMES = {"third": "the third stain (tubulin)", "actin": "F-actin", "dna": "DNA", "shape": "cell / nucleus shape"}
+
+
+def _read(path: Path) -> pd.DataFrame | None:
+    try:
+        return pd.read_csv(path) if path.is_file() else None
+    except (OSError, ValueError, pd.errors.EmptyDataError):
+        return None
+
+
+def _link(text: str, chapter: str) -> str:
+    return f"[{text}]({chapter}.ipynb)"
+
+
+def findings_page(run_dir: str | Path) -> dict:
+    """The findings page of a finished run, from its CSVs: ``{"markdown": str, "numbers": {key:
+    (value, "file:column/row")}, "verdicts": DataFrame}``.
+
+    Reads ``07_results/verdicts_long.csv`` (required), ``external_metrics.csv``,
+    ``convergence.csv``, ``one_class_folds.csv``, ``09_statistics/welch_tests.csv``,
+    ``08_xai/channel_importance.csv`` / ``faithfulness.csv``,
+    ``06_classical_baseline/stain_importance.csv``, the folds file and ``study.yaml``. A missing
+    optional file makes its paragraph say so. Every number on the page is in ``numbers`` with the
+    file it came from (the tests compare them); every paragraph links its chapter."""
+    import yaml
+
+    run = Path(run_dir)
+    v = _read(run / "07_results" / "verdicts_long.csv")
+    if v is None or v.empty:
+        raise FileNotFoundError(f"{run / '07_results' / 'verdicts_long.csv'} is missing: run 07_results first")
+    cfg = yaml.safe_load((run / "study.yaml").read_text()) if (run / "study.yaml").is_file() else {}
+    cohort, scale = cfg.get("cohort", "?"), cfg.get("scale", "?")
+    num: dict[str, tuple] = {}
+    md: list[str] = ["# Findings", ""]
+    # --- the cohort in one line
+    fp = run / "folds" / f"{cohort}.csv"
+    if fp.is_file():
+        from .folds import read_folds
+        ft, _ = read_folds(fp)
+        n0, n1 = int((ft["label"] == 0).sum()), int((ft["label"] == 1).sum())
+        nf = int(ft["group"].nunique())
+        num.update(cells_normal=(n0, fp.name), cells_abnormal=(n1, fp.name), fields=(nf, fp.name))
+        md.append(f"**Cohort** `{cohort}`: {n0} normal-role and {n1} abnormal-role cells from {nf} source fields, "
+                  f"5-fold cross-validation grouped by field ({_link('cohort', '00_cohort')}); scale `{scale}`.")
+    if scale == "quick":
+        md += ["", "```{warning}\nThis run is the `quick` scale (S = 32, 1 + 1 epochs): the networks are not trained to "
+               "their plateau and **its numbers are not conclusive**. Run the default scale for the study's findings.\n```"]
+    md.append("")
+    # --- best of each family and the baseline
+    nets = v[v["family"] != CLASSICAL]
+    cl = v[v["family"] == CLASSICAL]
+    base = v["baseline"].dropna().iloc[0] if v["baseline"].notna().any() else None
+    md.append("## Performance (long regime, AUC-ROC, mean over the test folds, 95% CI)")
+    md.append("")
+    md.append(f"From {_link('the results chapter', '07_results')}:")
+    md.append("")
+    for r in best_per_family(v).itertuples():
+        key = f"best_{r.family}"
+        num[key] = (round(float(r.mean), 3), f"verdicts_long.csv:mean/{r.network}")
+        tag = " (the classical baseline)" if r.family == CLASSICAL else ""
+        md.append(f"- **{r.family}**{tag}: {r.display}, AUC **{r.mean:.3f}** (95% CI {r.ci_low:.3f}–{r.ci_high:.3f})"
+                  + ("" if r.beats_chance else ", *not above chance*"))
+    md.append("")
+    c = summary_counts(v)
+    num.update(n_networks=(c["networks"], "verdicts_long.csv"), above_chance=(c["above_chance"], "verdicts_long.csv"),
+               better=(c["better"], "verdicts_long.csv"), worse=(c["worse"], "verdicts_long.csv"))
+    chance_txt = (f"{c['above_chance']} of {c['networks']} networks beat chance (CI above 0.5)"
+                  + ("" if c["above_chance"] == c["networks"] else "; not above chance: "
+                     + ", ".join(nets[~nets["beats_chance"].astype(bool)]["display"])) + ".")
+    if base is not None and len(cl):
+        b = v.set_index("network").loc[base]
+        bname = DISPLAY_NAMES.get(base, base)
+        if c["better"] == 0:
+            vs = (f"**No network beats the classical baseline** ({bname}, AUC {b['mean']:.3f}): "
+                  f"{c['worse']} {'is' if c['worse'] == 1 else 'are'} significantly worse and "
+                  f"{c['indistinguishable']} cannot be told apart from it "
+                  "(corrected paired t-test per network, Holm-adjusted).")
+        else:
+            vs = (f"{c['better']} network(s) beat the classical baseline ({bname}, AUC {b['mean']:.3f}) significantly; "
+                  f"{c['worse']} are worse, {c['indistinguishable']} indistinguishable (corrected paired t-test, Holm).")
+        md += [chance_txt + " " + vs, ""]
+    else:
+        md += [chance_txt, ""]
+    # --- convergence and one-class folds
+    conv = _read(run / "07_results" / "convergence.csv")
+    one = _read(run / "07_results" / "one_class_folds.csv")
+    if conv is not None and len(conv):
+        nc = int(conv["converged"].astype(bool).sum())
+        num["converged"] = (nc, "convergence.csv:converged")
+        bad = [DISPLAY_NAMES.get(n, n) for n in conv.loc[~conv["converged"].astype(bool), "network"]]
+        md.append(f"**Training:** {nc} of {len(conv)} networks reached their training plateau in every fold"
+                  + (f" (not: {', '.join(bad)})" if bad else "") + "; "
+                  + (f"{len(one)} (network, fold) pairs gave every test cell one class."
+                     if one is not None and len(one) else "no network gave every cell of a test fold one class.")
+                  + f" ({_link('results', '07_results')})")
+        md.append("")
+    # --- unseen fields
+    ext = _read(run / "07_results" / "external_metrics.csv")
+    md.append("## Unseen fields")
+    md.append("")
+    if ext is not None and len(ext):
+        en, ec = ext[ext["family"] != CLASSICAL], ext[ext["family"] == CLASSICAL]
+        parts = [f"On {int(ext['n_cells'].max())} cells of {int(ext['n_fields'].max())} fields the cohort never uses "
+                 f"({_link('external test', '07_results')}):"]
+        if len(en):
+            bi = en["auc"].idxmax()
+            num["external_best_network"] = (round(float(en.loc[bi, "auc"]), 3), f"external_metrics.csv:auc/{en.loc[bi, 'network']}")
+            parts.append(f"the best network ensemble, {DISPLAY_NAMES.get(en.loc[bi, 'network'], en.loc[bi, 'network'])}, "
+                         f"AUC **{en.loc[bi, 'auc']:.3f}** ({en.loc[bi, 'auc_ci_low']:.3f}–{en.loc[bi, 'auc_ci_high']:.3f}); "
+                         f"networks {en['auc'].min():.3f}–{en['auc'].max():.3f}")
+        if len(ec):
+            bj = ec["auc"].idxmax()
+            num["external_best_classical"] = (round(float(ec.loc[bj, "auc"]), 3), f"external_metrics.csv:auc/{ec.loc[bj, 'network']}")
+            parts.append(f"; the classical {DISPLAY_NAMES.get(ec.loc[bj, 'network'], ec.loc[bj, 'network'])} "
+                         f"AUC **{ec.loc[bj, 'auc']:.3f}** ({ec.loc[bj, 'auc_ci_low']:.3f}–{ec.loc[bj, 'auc_ci_high']:.3f})")
+        md.append(" ".join(parts[:2]) + "".join(parts[2:]) + ".")
+    else:
+        md.append("No external test in this run (no external set is defined for this cohort, or the results step did not write it).")
+    md.append("")
+    # --- Table 3
+    md.append("## Families (the paper's Table 3)")
+    md.append("")
+    w = _read(run / "09_statistics" / "welch_tests.csv")
+    if w is not None and len(w):
+        sig = w[w["significant"].astype(bool)]
+        num["table3_significant"] = (int(len(sig)), "welch_tests.csv:significant")
+        if len(sig):
+            label = {"recall_macro": "recall", "f1_macro": "F1", "precision_macro": "precision", "auc_macro": "AUC"}
+            long_ = sig[sig["regime"] == "long"] if (sig["regime"] == "long").any() else sig
+            items = "; ".join(f"{a} vs {b}: " + ", ".join(label.get(m, m) for m in g["metric"])
+                              for (a, b), g in long_.groupby(["family_a", "family_b"], sort=False))
+            md.append(f"{len(sig)} of {int(w['p'].notna().sum())} Welch tests (families x metrics x regimes) are "
+                      f"significant after Bonferroni; in the long regime: {items} "
+                      f"({_link('statistics', '09_statistics')}; the tests treat a family's per-fold values as "
+                      "independent, which they are not: the paired tests there are the honest comparison).")
+        else:
+            md.append(f"None of the {int(w['p'].notna().sum())} Welch tests between families is significant after "
+                      f"Bonferroni ({_link('statistics', '09_statistics')}).")
+    else:
+        md.append("The statistics step did not run.")
+    md.append("")
+    # --- stains
+    md.append("## Which stain drives the call")
+    md.append("")
+    ci = _read(run / "08_xai" / "channel_importance.csv")
+    si = _read(run / "06_classical_baseline" / "stain_importance.csv")
+    lines = []
+    if ci is not None and len(ci):
+        m = ci[ci["method"] == "mean"] if "mean" in set(ci["method"]) else ci
+        top = m.loc[m.groupby("network")["mean_drop"].idxmax()]
+        counts = top["channel"].value_counts()
+        lead = counts.index[0]
+        num["networks_top_stain"] = (str(lead), "channel_importance.csv")
+        lines.append(f"Networks (probability drop when a stain is replaced by its mean, {_link('explanations', '08_xai')}): "
+                     f"{STAIN_NAMES.get(lead, lead)} matters most for {int(counts.iloc[0])} of {len(top)} networks"
+                     + "".join(f", {STAIN_NAMES.get(k, k)} for {int(n)}" for k, n in counts.iloc[1:].items()) + ".")
+    if si is not None and len(si):
+        tops = si.loc[si.groupby("classifier")["auc_drop_mean"].idxmax()]
+        for r in tops.itertuples():
+            num[f"classical_top_stain_{r.classifier}"] = (str(r.group), "stain_importance.csv")
+        lines.append("Classical baseline (AUC drop when a stain's features are permuted, "
+                     f"{_link('baseline', '06_classical_baseline')}): "
+                     + "; ".join(f"{DISPLAY_NAMES.get(r.classifier, r.classifier)}: {STAIN_NAMES.get(r.group, r.group)} "
+                                 f"(−{r.auc_drop_mean:.3f})" for r in tops.itertuples()) + ".")
+    md.append(" ".join(lines) if lines else "No stain-importance results in this run.")
+    md.append("")
+    # --- faithfulness
+    md.append("## Which explanation is faithful")
+    md.append("")
+    fa = _read(run / "08_xai" / "faithfulness.csv")
+    if fa is not None and len(fa):
+        ok = fa.groupby(["network", "method"])["beats_random"].all().reset_index()
+        per = ok.groupby("method")["beats_random"].agg(["sum", "count"])
+        for meth, r in per.iterrows():
+            num[f"faithful_{meth}"] = (int(r["sum"]), "faithfulness.csv:beats_random")
+        md.append("Deletion and insertion curves against a random order of pixels "
+                  f"({_link('explanations', '08_xai')}): "
+                  + "; ".join(f"{meth.replace('_', ' ')} beats random on both curves for {int(r['sum'])} of {int(r['count'])} networks"
+                              for meth, r in per.iterrows()) + ".")
+    else:
+        md.append("No faithfulness results in this run.")
+    md.append("")
+    md.append("```{figure} findings_auc.png\n:name: fig-findings-auc\n\nAUC-ROC per model, long regime: fold mean with "
+              "its 95% corrected CI; the dashed line is the best classical model, the dotted line chance "
+              "(the analog of the paper's Table 2, with intervals).\n```")
+    return {"markdown": "\n".join(md) + "\n", "numbers": num, "verdicts": v}
+
+
+def findings_figure(verdicts: pd.DataFrame):
+    """AUC with its CI per model (book order), a dashed line at the best classical model's mean
+    and a dotted one at 0.5. Returns a matplotlib Figure."""
+    from matplotlib.figure import Figure
+
+    v = verdicts.reset_index(drop=True)
+    fig = Figure(figsize=(7.5, 0.45 * len(v) + 1.2), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(v))[::-1]
+    colours = {f: f"C{i}" for i, f in enumerate(dict.fromkeys(v["family"]))}
+    for yi, r in zip(y, v.itertuples()):
+        ax.errorbar(r.mean, yi, xerr=[[r.mean - r.ci_low], [r.ci_high - r.mean]], fmt="o", capsize=3,
+                    color=colours[r.family], label=r.family)
+    base = v[v["network"] == v["baseline"]]
+    if len(base):
+        ax.axvline(float(base["mean"].iloc[0]), ls="--", color="grey", lw=1)
+    ax.axvline(0.5, ls=":", color="black", lw=1)
+    ax.set_yticks(y, v["display"])
+    ax.set_xlim(0.3, 1.02)
+    ax.set_xlabel("AUC-ROC (long regime), mean over folds with 95% CI")
+    h, lab = ax.get_legend_handles_labels()
+    uniq = dict(zip(lab, h))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=8, frameon=False, loc="lower left")
+    return fig
+
+
+def write_findings_page(run_dir: str | Path, book_dir: str | Path) -> Path:
+    """Write ``findings.md`` and ``findings_auc.png`` into ``book_dir`` (the assembled book) and
+    ``findings_numbers.json`` beside it; returns the page's path."""
+    import json
+
+    book = Path(book_dir)
+    page = findings_page(run_dir)
+    fig = findings_figure(page["verdicts"])
+    fig.savefig(book / "findings_auc.png", dpi=110)
+    p = book / "findings.md"
+    p.write_text(page["markdown"])
+    (book / "findings_numbers.json").write_text(json.dumps({k: list(v) for k, v in page["numbers"].items()}, indent=1))
+    return p

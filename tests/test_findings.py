@@ -64,3 +64,67 @@ def test_one_class_folds_and_fold_sizes(tmp_path):
     folds.load_or_make_folds(f, ids, labels, groups, n_splits=5, seed=0)
     n_train, n_test, k = findings.fold_sizes(f)
     assert (n_train, n_test, k) == (16.0, 4.0, 5)
+
+
+def _fake_run(tmp_path):
+    """A run folder with the CSVs the findings page reads (values chosen by hand)."""
+    from cellstudy import folds
+    run = tmp_path / "run"
+    for d in ("07_results", "09_statistics", "08_xai", "06_classical_baseline", "folds"):
+        (run / d).mkdir(parents=True)
+    (run / "study.yaml").write_text("cohort: toy\nscale: cpu\n")
+    labels = np.array([0, 1] * 10)
+    folds.load_or_make_folds(run / "folds" / "toy.csv", np.array([f"c{i}" for i in range(20)]), labels,
+                             np.array([f"g{i}" for i in range(20)]), n_splits=5, seed=0)
+    tidy = _tidy({"vgg16": [0.45, 0.55, 0.5, 0.52, 0.48], "mhl": [0.9, 0.94, 0.88, 0.93, 0.91],
+                  "rf": [0.99, 0.98, 1.0, 0.97, 0.99], "logreg": [0.95, 0.96, 0.94, 0.97, 0.93]})
+    findings.network_verdicts(tidy, 176, 44).to_csv(run / "07_results" / "verdicts_long.csv", index=False)
+    pd.DataFrame({"network": ["mhl", "rf"], "family": ["MHL", "Classical"], "n_cells": [560, 560], "n_fields": [14, 14],
+                  "auc": [0.912, 0.977], "auc_ci_low": [0.85, 0.95], "auc_ci_high": [0.96, 0.99]}).to_csv(
+        run / "07_results" / "external_metrics.csv", index=False)
+    pd.DataFrame({"network": ["vgg16", "mhl"], "converged": [False, True]}).to_csv(run / "07_results" / "convergence.csv", index=False)
+    pd.DataFrame({"regime": ["long", "long"], "metric": ["auc_macro", "f1_macro"], "family_a": ["DL", "DL"],
+                  "family_b": ["MHL", "Classical"], "p": [0.001, 0.2], "significant": [True, False]}).to_csv(
+        run / "09_statistics" / "welch_tests.csv", index=False)
+    pd.DataFrame({"network": ["mhl"] * 3, "channel": ["third", "actin", "dna"], "method": ["mean"] * 3,
+                  "mean_drop": [0.01, 0.2, 0.05]}).to_csv(run / "08_xai" / "channel_importance.csv", index=False)
+    pd.DataFrame({"network": ["mhl", "mhl"], "method": ["gradcam", "gradcam"], "curve": ["deletion", "insertion"],
+                  "beats_random": [True, True]}).to_csv(run / "08_xai" / "faithfulness.csv", index=False)
+    pd.DataFrame({"classifier": ["rf", "rf"], "group": ["actin", "dna"], "auc_drop_mean": [0.14, 0.01]}).to_csv(
+        run / "06_classical_baseline" / "stain_importance.csv", index=False)
+    return run
+
+
+def test_findings_page_numbers_equal_the_csvs(tmp_path):
+    run = _fake_run(tmp_path)
+    page = findings.findings_page(run)
+    md, num = page["markdown"], page["numbers"]
+    v = pd.read_csv(run / "07_results" / "verdicts_long.csv").set_index("network")
+    assert num["best_MHL"][0] == round(v.loc["mhl", "mean"], 3) and f"**{v.loc['mhl', 'mean']:.3f}**" in md
+    assert num["best_Classical"][0] == round(v.loc["rf", "mean"], 3)
+    assert num["cells_normal"][0] == 10 and num["cells_abnormal"][0] == 10 and num["fields"][0] == 20
+    assert num["external_best_network"][0] == 0.912 and "**0.912**" in md and "**0.977**" in md
+    assert num["converged"][0] == 1 and "(not: VGG16)" in md
+    assert num["table3_significant"][0] == 1 and "DL vs MHL: AUC" in md
+    assert num["networks_top_stain"][0] == "actin" and num["classical_top_stain_rf"][0] == "actin"
+    assert num["faithful_gradcam"][0] == 1
+    assert "No network beats the classical baseline" in md
+    for chapter in ("07_results.ipynb", "09_statistics.ipynb", "08_xai.ipynb", "06_classical_baseline.ipynb"):
+        assert f"]({chapter})" in md                          # every paragraph links its chapter
+    book = tmp_path / "book"
+    book.mkdir()
+    p = findings.write_findings_page(run, book)
+    assert p.read_text() == md and (book / "findings_auc.png").stat().st_size > 1000
+
+
+def test_findings_page_states_missing_parts_and_quick_scale(tmp_path):
+    run = _fake_run(tmp_path)
+    (run / "study.yaml").write_text("cohort: toy\nscale: quick\n")
+    for f in ("07_results/external_metrics.csv", "09_statistics/welch_tests.csv", "08_xai/faithfulness.csv"):
+        (run / f).unlink()
+    md = findings.findings_page(run)["markdown"]
+    assert "not conclusive" in md and "No external test in this run" in md
+    assert "statistics step did not run" in md and "No faithfulness results" in md
+    (run / "07_results" / "verdicts_long.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="verdicts_long.csv"):
+        findings.findings_page(run)
