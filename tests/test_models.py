@@ -125,8 +125,8 @@ def test_save_load_round_trip(net, tmp_path):
     assert chosen == M.gradcam_layers(model, min_size=4)
     if name in ("rgb_res", "rgb_den"):
         assert chosen == ["feat_r_s8", "feat_g_s8", "feat_b_s8"]
-        sub = keras.Model(loaded.inputs, [loaded.get_layer(n).output for n in chosen])
-        ref = keras.Model(model.inputs, [model.get_layer(n).output for n in chosen])
+        sub = keras.Model(loaded.inputs[0], [loaded.get_layer(n).output for n in chosen])
+        ref = keras.Model(model.inputs[0], [model.get_layer(n).output for n in chosen])
         for a, b in zip(sub(x, training=False), ref(x, training=False)):
             np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
 
