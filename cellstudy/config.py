@@ -122,7 +122,9 @@ SCALES: dict[str, dict[str, Any]] = {
     # >= 4 x 4 layer). Epochs, rate and warm-up chosen by measurement (README "Scales"): SGD
     # (momentum 0.9) at 3e-3 after a 2-epoch linear warm-up brings the training accuracy of the
     # backbones to ~0.95 by epoch 6-8 (ResNet50, DenseNet121 fold 0); at the paper's fixed 1e-3
-    # they needed ~15 epochs.
+    # they needed ~15 epochs. Measured 2026-12-02 (README "Time"): five of the networks (configs/
+    # five.yaml) 28 min on 2 cores, long-regime AUC 0.79-0.93, none yet on its plateau after 10
+    # epochs; all eleven estimated at ~95 min (the 60-minute target is not met).
     "cpu": {
         "image_size": 64,
         "preprocess": dict(_PREPROCESS_FULL),
