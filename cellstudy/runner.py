@@ -527,7 +527,10 @@ def run_study(
         if check.ok is False:
             status["state"] = "failed"
             _write_status(run_dir, status)
-            raise StudyError("the built book failed the browser check: " + "; ".join(check.problems[:10]))
+            more = len(check.problems) - 10
+            raise StudyError(f"the built book failed the browser check ({len(check.problems)} problem(s); "
+                             f"screenshots in {run_dir / 'screenshots'}): " + "; ".join(check.problems[:10])
+                             + (f"; and {more} more" if more > 0 else ""))
     status["state"] = "complete"
     status["finished"] = provenance.now()
     _write_status(run_dir, status)

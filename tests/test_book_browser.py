@@ -55,6 +55,19 @@ def handmade_book(tmp_path):
         head=_MJ, title="good", body='<img src="_images/fig.png" alt="a figure">'
         '<div class="math notranslate nohighlight">\\[t = \\frac{\\bar d}{s_d}\\]</div>'
         '<p>inline <span class="math notranslate nohighlight">\\(x^2\\)</span></p>'))
+    from PIL import Image
+    Image.new("RGB", (60, 40), (255, 255, 255)).save(html / "_images" / "blank.png")
+    (html / "overflow.html").write_text(_PAGE.format(
+        head="", title="overflow", body='<main><p>text</p><div class="wide" style="width:3000px">a row of '
+        'nine metric columns</div></main>'))
+    (html / "scrolls.html").write_text(_PAGE.format(   # as wide, but in a scroll container: fine
+        head="", title="scrolls", body='<main><div style="overflow-x:auto"><table style="width:3000px">'
+        '<tr><td>a wide table</td></tr></table></div></main>'))
+    (html / "blank.html").write_text(_PAGE.format(
+        head="", title="blank", body='<img src="_images/fig.png"><img src="_images/blank.png" alt="blank">'))
+    (html / "traceback.html").write_text(_PAGE.format(
+        head="", title="traceback", body='<pre>Traceback (most recent call last):\n  File "x.py", line 1\n'
+        'ValueError: boom</pre>'))
     (html / "bad.html").write_text(_PAGE.format(
         head="", title="bad", body='<img src="_images/missing.png">'
         '<div class="math notranslate nohighlight">\\[x^2\\]</div>'
@@ -67,10 +80,24 @@ def test_checker_passes_a_good_page_and_catches_missing_figure_untypeset_math_an
     _need_chromium()
     report = browser.check_book(handmade_book, tmp_path / "shots")
     pages = {p.page: p for p in report.pages}
-    assert set(pages) == {"good.html", "bad.html"}
+    assert set(pages) == {"good.html", "bad.html", "overflow.html", "scrolls.html", "blank.html", "traceback.html"}
     good, bad = pages["good.html"], pages["bad.html"]
     assert good.ok, good.problems
     assert good.images == 1 and good.math_expected == 2 and good.math_typeset >= 2
+    assert good.layout["scrollWidth"] <= good.layout["clientWidth"] and good.layout["viewportWidth"] == 1280
+    assert pages["scrolls.html"].ok, pages["scrolls.html"].problems
+    # what a reader sees: the column overflows, a figure is one colour, a traceback is shown
+    (over,) = pages["overflow.html"].problems
+    assert "horizontal overflow at 1280 px" in over and "div.wide" in over and "main" in over
+    (blank,) = pages["blank.html"].problems
+    assert "_images/blank.png is blank: every pixel the same colour" in blank
+    (tb,) = pages["traceback.html"].problems
+    assert "Traceback (most recent call last)" in tb and "a Python traceback" in tb
+    # each problem of the book names its page
+    assert "overflow.html: horizontal overflow" in " | ".join(report.problems)
+    assert "blank.html: figure _images/blank.png is blank" in " | ".join(report.problems)
+    assert "traceback.html: an error output is shown" in " | ".join(report.problems)
+    assert not list(handmade_book.glob(".cellstudy-check-*")), "the probe copies are removed"
     assert not bad.ok and report.ok is False
     text = " | ".join(bad.problems)
     assert "missing.png is missing" in text
@@ -79,6 +106,18 @@ def test_checker_passes_a_good_page_and_catches_missing_figure_untypeset_math_an
     for p in report.pages:
         w, h = _png_size(p.screenshot)
         assert (w, h) == (1280, 1600) and p.screenshot.stat().st_size > 5_000
+
+
+def test_image_is_constant_decodes_the_file(tmp_path):
+    from PIL import Image
+    Image.new("RGBA", (8, 8), (10, 20, 30, 255)).save(tmp_path / "one.png")
+    im = Image.new("RGB", (8, 8), (10, 20, 30))
+    im.putpixel((7, 7), (10, 20, 31))
+    im.save(tmp_path / "two.png")
+    (tmp_path / "fig.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    assert browser.image_is_constant(tmp_path / "one.png") is True
+    assert browser.image_is_constant(tmp_path / "two.png") is False
+    assert browser.image_is_constant(tmp_path / "fig.svg") is None      # not a raster: not judged
 
 
 def test_missing_chromium_is_reported_not_crashed(handmade_book, monkeypatch, tmp_path):

@@ -164,9 +164,12 @@ def test_metric_swap_on_our_predictions_equals_accuracy(repro_run):
 def test_reshape_bug_and_head_parameter_counts(repro_run):
     out = repro_run / "10_reproducibility"
     bug = pd.read_csv(out / "reshape_vs_transpose.csv", index_col=0)
+    # the authors' chain (cellstudy.authors_input): every channel they fed holds the three stains
+    # interleaved, from the whole height of the cell but only the left third of each row
     for c in ("third", "actin", "dna"):
-        assert np.allclose(bug[f"share of {c} values"], 1 / 3, atol=0.002)
-    assert list(bug["image rows it holds"]) == ["0-22 of 68", "22-45 of 68", "45-67 of 68"]
+        assert np.allclose(bug[f"share of {c} values"], 1 / 3, atol=0.01)
+    assert set(bug["cell columns per output row"]) == {"23 of 68"}
+    assert len(set(bug["cell rows it shows"])) == 1
     assert (out / "reshape_vs_transpose.png").stat().st_size > 10_000
     heads = pd.read_csv(out / "head_parameters.csv").set_index(["network", "S"])
     # VGG16 by hand: 14,714,688 conv weights; our head 512*1024+1024 + 1024*512+512 + 512*2+2
