@@ -1,8 +1,9 @@
 """The shared classification head of every network (study.md section 5).
 
 Default (the paper's): global average pooling -> Dense 1024 ReLU -> Dropout 0.3 -> Dense 512 ReLU
--> Dropout 0.3 -> Dense ``n_classes`` -> softmax. The dropouts double as Monte Carlo dropout
-(call the model with ``training=True``).
+-> Dropout 0.3 -> Dense ``n_classes`` -> softmax. The dropouts act in training only; calling the
+model with ``training=True`` at test time would give Monte Carlo dropout samples, which no chapter
+computes yet (the prediction issue).
 
 The last Dense is a separate layer named ``"logits"`` (pre-softmax class scores, what Grad-CAM
 eq. 12 differentiates) and the softmax is a separate ``Activation`` named ``"probs"``. Both run in
