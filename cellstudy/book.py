@@ -252,8 +252,8 @@ def report_notebook(nb: dict, step: str) -> tuple[dict, str, dict[str, int]]:
         nb["cells"].append({
             "cell_type": "markdown", "metadata": {"tags": ["cellstudy-log-note"]},
             "source": (":::{container} cellstudy-log-note\n"
-                       f"*Log.* This chapter's progress output ({counts['log_lines']} line(s): what ran, "
-                       "epoch by epoch, and how long it took) is not shown on the page. It is in the run "
+                       f"*Log.* This chapter's progress output ({counts['log_lines']} line(s): what ran and "
+                       "how long it took) is not shown on the page. It is in the run "
                        f"folder as `{LOG_DIR}/{step}.log`, and here: [{step}.log]({LOG_DIR}/{step}.log).\n"
                        ":::"),
         })

@@ -236,3 +236,26 @@ def test_terminal_drops_papermill_bookkeeping_tagged_or_not():
         assert is_noise(m), m
     for m in ("[08_xai] [1/11] xai resnet50: 5 fold(s) in 105 s", "resnet50 fold 0 done in 0:29"):
         assert not is_noise(m), m
+
+
+def test_a_page_failing_the_browser_check_fails_the_study_naming_page_and_problem(tmp_path, fake_notebooks):
+    from cellstudy import browser
+
+    if browser.find_chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install -y --no-install-recommends chromium)")
+    if not (config.REPO_ROOT / "node_modules" / "mathjax" / "es5" / "tex-chtml.js").is_file():
+        pytest.skip("MathJax is not installed (npm install)")
+    _nb(fake_notebooks / "00_ok.ipynb", "print('progress line', 1, 'of', 1)")
+    _nb(fake_notebooks / "01_shows_a_traceback.ipynb", "from IPython.display import Markdown, display\n"
+        "display(Markdown('Traceback (most recent call last): a pasted error'))")
+    cfg = _config(tmp_path, ["00_ok", "01_shows_a_traceback"])
+    with pytest.raises(runner.StudyError, match=r"failed the browser check .*01_shows_a_traceback\.html: an error "
+                                                r"output is shown .*Traceback \(most recent call last\)"):
+        runner.run_study(cfg, runs_dir=tmp_path / "runs", log_output=False, echo=lambda s: None)
+    (run,) = (tmp_path / "runs").iterdir()
+    st = runner.read_status(run)
+    assert st["state"] == "failed" and st["browser_check"]["ok"] is False
+    assert (run / "screenshots" / "01_shows_a_traceback.png").is_file()
+    # the progress line went to the run's log, not onto the page (the code that prints it is folded there)
+    assert "progress line 1 of 1" in (run / "logs" / "00_ok.log").read_text()
+    assert "progress line 1 of 1" not in (run / "book" / "_build" / "html" / "00_ok.html").read_text()
