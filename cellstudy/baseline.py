@@ -97,7 +97,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from . import config
+from . import atomic, config, networks, rundir
 
 __all__ = [
     "FEATURES_VERSION", "STAINS", "GROUPS", "FEATURE_NAMES", "FEATURE_GROUPS", "CLASSIFIERS",
@@ -142,7 +142,7 @@ FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 #: The classifiers of the baseline (``training/<name>``), in table order.
-CLASSIFIERS: tuple[str, ...] = ("rf", "logreg")
+CLASSIFIERS: tuple[str, ...] = networks.CLASSIFIER_NAMES
 
 #: Written into every fold's done.json; a fold is refitted when it differs.
 _FORMAT = "cellstudy-baseline/1"
@@ -360,8 +360,6 @@ def features_for(prepared, cache_dir: str | Path | None = None, echo: Callable[[
     secs = time.perf_counter() - t0
     echo(f"features of {len(ids)} cells computed in {secs:.1f} s ({len(FEATURE_NAMES)} per cell)")
     if cache_dir is not None:
-        from .train import _atomic_write_bytes, _write_json
-
         cache_dir.mkdir(parents=True, exist_ok=True)
         full = pd.concat([pd.DataFrame({"cell_id": ids}), df], axis=1)
 
@@ -370,9 +368,9 @@ def features_for(prepared, cache_dir: str | Path | None = None, echo: Callable[[
             full.to_parquet(buf, engine="pyarrow", index=False)
             f.write(buf.getvalue())
 
-        _atomic_write_bytes(cache_dir / "features.parquet", parquet)
-        _atomic_write_bytes(cache_dir / "features.csv", lambda f: f.write(full.to_csv(index=False).encode()))
-        _write_json(cache_dir / "features.json", {**key, "seconds": secs})
+        atomic.write(cache_dir / "features.parquet", parquet)
+        atomic.write_text(cache_dir / "features.csv", full.to_csv(index=False))
+        atomic.write_json(cache_dir / "features.json", {**key, "seconds": secs})
     return df
 
 
@@ -419,7 +417,7 @@ def _fit_fold(name: str, k: int, feats: pd.DataFrame, prepared, fhash: str, seed
     import joblib
     from sklearn import __version__ as skl_version
 
-    from . import experiment, train
+    from . import train
 
     y_all = np.asarray(prepared.labels).astype(np.int64)
     ids = np.asarray(prepared.cell_ids).astype(str)
@@ -428,12 +426,12 @@ def _fit_fold(name: str, k: int, feats: pd.DataFrame, prepared, fhash: str, seed
     test, tr = folds == k, folds != k
     if not test.any():
         raise ValueError(f"fold {k} has no test cells (folds hold {sorted(set(folds.tolist()))})")
-    d = experiment.training_dir(prepared.run_dir, name, k)
-    d.mkdir(parents=True, exist_ok=True)
+    fd = rundir.Run(prepared.run_dir).fold(name, k, create=True)
+    d = fd.path
     cells = pd.DataFrame({"cell_id": ids[test], "group": groups[test], "label": y_all[test]})
     phash = _params_hash(name, seed)
-    done = d / train.DONE
-    if done.is_file() and (d / "model.joblib").is_file() and (d / "proba_long.npy").is_file():
+    done = fd.done
+    if done.is_file() and fd.classifier_model.is_file() and fd.proba("long").is_file():
         try:
             meta = json.loads(done.read_text())
         except ValueError:
@@ -456,11 +454,11 @@ def _fit_fold(name: str, k: int, feats: pd.DataFrame, prepared, fhash: str, seed
     if classes != [0, 1]:
         raise ValueError(f"{name} fold {k}: the training folds hold class(es) {classes} only; "
                          "expected both 0 and 1")
-    train._save_npy(d / "proba_short.npy", proba)
-    train._save_npy(d / "proba_long.npy", proba)
-    train._save_npy(d / "y_test.npy", y_all[test])
-    train._atomic_write_bytes(d / "test_cells.csv", lambda f: f.write(cells.to_csv(index=False).encode()))
-    train._atomic_write_bytes(d / "model.joblib", lambda f: joblib.dump(pipe, f))
+    for regime in rundir.REGIMES:
+        atomic.save_npy(fd.proba(regime), proba)
+    atomic.save_npy(d / "y_test.npy", y_all[test])
+    atomic.write_text(fd.test_cells, cells.to_csv(index=False))
+    atomic.write(fd.classifier_model, lambda f: joblib.dump(pipe, f))
     timings = {"seconds_training": t1 - t0, "seconds_predict": t2 - t1}
     meta = {"format": _FORMAT, "network": name, "kind": "classical", "fold": int(k), "status": "done",
             "seed": int(seed), "n_train": int(tr.sum()), "n_test": int(test.sum()),
@@ -469,7 +467,7 @@ def _fit_fold(name: str, k: int, feats: pd.DataFrame, prepared, fhash: str, seed
             "params_hash": phash, "classifier": repr(pipe.named_steps["clf"]), "sklearn": skl_version,
             "regimes": "a classifier has no epochs: proba_short.npy and proba_long.npy are the same array",
             "timings": timings, "train_cells": ids[tr].tolist(), "test_cells": ids[test].tolist()}
-    train._write_json(done, meta)
+    atomic.write_json(done, meta)
     res = train.TrainResult(network=name, fold=int(k), status="done", out_dir=d,
                             proba={"short": proba, "long": proba}, y_test=y_all[test], timings=timings)
     return res, cells
@@ -531,24 +529,17 @@ def load_fold_model(run_dir: str | Path, name: str, k: int):
     the fold has not been fitted (no done.json or model.joblib)."""
     import joblib
 
-    from . import experiment, train
-
     if name not in CLASSIFIERS:
         raise ValueError(f"unknown classifier {name!r}; expected one of {list(CLASSIFIERS)}")
-    d = experiment.training_dir(run_dir, name, int(k))
-    if not (d / train.DONE).is_file() or not (d / "model.joblib").is_file():
-        raise FileNotFoundError(f"classifier {name!r} fold {k} is not fitted: no done.json / model.joblib "
-                                f"in {d}; run baseline.run_baseline first")
-    return joblib.load(d / "model.joblib")
+    fd = rundir.Run(run_dir).fold(name, int(k))
+    if fd.problem(classical=True) is not None:
+        raise FileNotFoundError(f"classifier {name!r} fold {k} is not fitted: no {rundir.DONE} / "
+                                f"{rundir.CLASSIFIER_MODEL} in {fd.path}; run baseline.run_baseline first")
+    return joblib.load(fd.classifier_model)
 
 
 def _fitted_folds(run_dir: str | Path, name: str) -> list[int]:
-    root = Path(run_dir) / "training" / name
-    out = []
-    for d in root.glob("fold*"):
-        if d.name[4:].isdigit() and (d / "done.json").is_file() and (d / "model.joblib").is_file():
-            out.append(int(d.name[4:]))
-    return sorted(out)
+    return [fd.fold for fd in rundir.Run(run_dir).usable_folds(name, classical=True)[0]]
 
 
 def predict_proba(run_dir: str | Path, name: str, images: Any, folds: Sequence[int] | None = None
@@ -601,10 +592,10 @@ def stain_importance(prepared, run_dir: str | Path, n_repeats: int = 10, seed: i
         for k in experiment.folds_for(prepared.scale):
             model = load_fold_model(run_dir, name, k)
             test = folds == k
-            d = experiment.training_dir(run_dir, name, k)
-            stored = pd.read_csv(d / "test_cells.csv", dtype={"cell_id": str})["cell_id"].tolist()
+            tc = rundir.Run(run_dir).fold(name, k).test_cells
+            stored = pd.read_csv(tc, dtype={"cell_id": str})["cell_id"].tolist()
             if stored != ids[test].tolist():
-                raise ValueError(f"{d / 'test_cells.csv'} lists other cells than fold {k} of these folds; "
+                raise ValueError(f"{tc} lists other cells than fold {k} of these folds; "
                                  "the model was fitted on other folds")
             x, y = feats.loc[test].reset_index(drop=True), y_all[test]
             if len(np.unique(y)) < 2:

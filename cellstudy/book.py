@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import yaml
 
-from . import config
+from . import config, rundir
 
 BOOK_TEMPLATE_DIR = config.REPO_ROOT / "book"
 MATHJAX_DIR = config.REPO_ROOT / "node_modules" / "mathjax" / "es5"
@@ -75,8 +75,9 @@ def _copy_mathjax(dest: Path) -> None:
 
 def provenance_page(run_dir: Path) -> str:
     """Markdown for the provenance chapter, from provenance.json and status.json."""
-    prov = json.loads((run_dir / "provenance.json").read_text())
-    status = json.loads((run_dir / "status.json").read_text())
+    run = rundir.Run(run_dir)
+    prov = json.loads(run.provenance.read_text())
+    status = json.loads(run.status.read_text())
     cfg = prov["config"]
     lines = [
         "# Provenance",
@@ -283,8 +284,7 @@ def run_parameters_markdown(run_dir: Path) -> str:
     """Markdown: the run's actual parameters as one small table (cohort, scale, seed, overrides,
     the resolved scale's key numbers, git commit, date), from ``provenance.json`` (the config the
     runner used, as in ``study.yaml``, and the scale it resolved)."""
-    run_dir = Path(run_dir)
-    prov = json.loads((run_dir / "provenance.json").read_text())
+    prov = json.loads(rundir.Run(run_dir).provenance.read_text())
     cfg = prov["config"]
     sc = prov.get("scale_parameters", {})
     git = prov.get("git", {})
@@ -353,7 +353,8 @@ def assemble(run_dir: Path, cfg: Any, book_dir: Path | None = None) -> Path:
     """Lay out the book's sources in ``book_dir`` (default ``<run>/book/``; replaced if it exists);
     returns its path. Writes each chapter's log output to ``<run>/logs/<step>.log``."""
     run_dir = Path(run_dir)
-    book = Path(book_dir) if book_dir is not None else run_dir / "book"
+    run = rundir.Run(run_dir)
+    book = Path(book_dir) if book_dir is not None else run.book
     if book.exists():
         shutil.rmtree(book)  # the book is derived from the run's files; rebuilt each time
     book.mkdir(parents=True)
@@ -369,17 +370,17 @@ def assemble(run_dir: Path, cfg: Any, book_dir: Path | None = None) -> Path:
 
     chapters = []
     for step in cfg.steps:
-        src = run_dir / "notebooks" / f"{step}.ipynb"
+        src = run.executed(step)
         if not src.is_file():
             raise BookError(f"executed notebook {src} is missing; the run is incomplete")
         write_report_notebook(src, book / f"{step}.ipynb", run_dir, step)
         chapters.append(step)
     (book / "provenance.md").write_text(provenance_page(run_dir))
-    if (run_dir / "07_results" / "verdicts_long.csv").is_file():
+    if (run.step("07_results", create=False) / "verdicts_long.csv").is_file():
         from . import findings  # the findings page, written from the run's own CSVs
         findings.write_findings_page(run_dir, book)
     intro = book / f"{PAGES_BEFORE[0]}.md"
-    if intro.is_file() and (run_dir / "provenance.json").is_file():
+    if intro.is_file() and run.provenance.is_file():
         intro.write_text(intro.read_text().rstrip("\n") + "\n\n" + run_parameters_markdown(run_dir))
 
     with open(book / "_config.yml") as fh:

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import config
+from . import config, rundir
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -35,7 +35,7 @@ def _book(a: argparse.Namespace) -> int:
     from .runner import load_config
 
     run_dir = Path(a.run_dir)
-    cfg = load_config(run_dir / "study.yaml")
+    cfg = load_config(rundir.Run(run_dir).study_config)
     print(build_book(run_dir, cfg))
     return 0
 

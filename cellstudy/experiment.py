@@ -7,7 +7,7 @@ re-tracing), and for each fold it builds the fold's training set from the traini
 regimes in one run (``train.train_fold``: checkpoint every epoch, resumable, NaN -> recorded
 failure), and evaluates the untouched test fold.
 
-Everything lands in the run folder::
+Everything lands in the run folder (its layout: :mod:`cellstudy.rundir`)::
 
     <run>/training/<network>/fold<k>/   train_fold's files + test_cells.csv (cell id, group, label)
     <run>/<step>/                        metrics_tidy.csv/.parquet, predictions.csv/.parquet,
@@ -18,20 +18,15 @@ Everything lands in the run folder::
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from . import augment, config, metrics
-
-
-def training_dir(run_dir: str | Path, network: str, fold: int) -> Path:
-    return Path(run_dir) / "training" / network / f"fold{fold}"
+from . import atomic, augment, config, metrics, networks, rundir
 
 
 @dataclass
@@ -46,21 +41,16 @@ class FamilyResults:
 def networks_for(family: str | Sequence[str], scale: dict[str, Any]) -> list[str]:
     """The networks of a family (``"DL"``, ``"ViT"``, ``"RGB"``, ``"MHL"``) or an explicit list,
     restricted to ``scale["networks"]`` when that is set. Unknown names: ValueError."""
-    from . import models
-
     if isinstance(family, str):
-        fams = sorted(set(models.FAMILIES.values()))
-        if family not in fams:
-            raise ValueError(f"unknown family {family!r}; expected one of {fams}")
-        names = [n for n in models.NETWORKS if models.FAMILIES[n] == family]
+        names = networks.networks_of(family)
     else:
-        names = [models.check_name(n) for n in family]
+        names = [networks.check_network(n) for n in family]
     allowed = scale.get("networks")
     if allowed:
-        bad = [n for n in allowed if n not in models.NETWORKS]
+        bad = [n for n in allowed if n not in networks.NETWORK_NAMES]
         if bad:
             raise ValueError(f"scale parameter networks lists unknown network(s) {bad}; "
-                             f"expected names from {list(models.NETWORKS)}")
+                             f"expected names from {list(networks.NETWORK_NAMES)}")
         names = [n for n in names if n in allowed]
     return names
 
@@ -142,8 +132,8 @@ def run_networks(prepared, family: str | Sequence[str], step: str, *, seed: int 
         raise ValueError(f"no network of {family!r} is selected by the scale's networks={sc.get('networks')}")
     S = int(sc["image_size"])
     shift = config.max_shift_px(sc)
-    out = Path(prepared.run_dir) / step
-    out.mkdir(parents=True, exist_ok=True)
+    run = rundir.Run(prepared.run_dir)
+    out = run.step(step)
     progress = train.print_progress if progress is None else progress
     records, preds, hist, fails, times = [], [], [], [], []
     total = len(names) * len(folds)
@@ -157,15 +147,14 @@ def run_networks(prepared, family: str | Sequence[str], step: str, *, seed: int 
         for k in folds:
             fa = augment.fold_arrays(prepared.images, prepared.labels, prepared.folds, k, max_shift_px=shift,
                                      max_rotation_deg=sc["max_rotation_deg"], seed=seed)
-            d = training_dir(prepared.run_dir, name, k)
-            d.mkdir(parents=True, exist_ok=True)
+            fd = run.fold(name, k, create=True)
             test_idx = fa["test_index"]
             cells = pd.DataFrame({"cell_id": prepared.cell_ids[test_idx], "group": prepared.groups[test_idx],
                                   "label": prepared.labels[test_idx]})
-            cells.to_csv(d / "test_cells.csv", index=False)
-            (d / "zca.json").write_text(json.dumps(fa["zca_state"], default=lambda o: np.asarray(o).tolist()))
+            atomic.write_text(fd.test_cells, cells.to_csv(index=False))
+            atomic.write_json(fd.zca, fa["zca_state"], default=lambda o: np.asarray(o).tolist(), indent=None)
             res = train.train_fold(
-                builder, fa["x_train"], fa["y_train"], fa["x_test"], fa["y_test"], d,
+                builder, fa["x_train"], fa["y_train"], fa["x_test"], fa["y_test"], fd.path,
                 int(sc["epochs_short"]), int(sc["epochs_long"]), batch_size=int(sc["batch_size"]),
                 learning_rate=float(sc["learning_rate"]), momentum=float(sc["momentum"]),
                 warmup_epochs=int(sc.get("warmup_epochs", 0)), seed=seed,
@@ -224,19 +213,14 @@ def collect(run_dir: str | Path, out: str | Path | None = None) -> FamilyResults
     ``out`` the tables are written there too."""
     from . import train
 
-    run_dir = Path(run_dir)
+    run = rundir.Run(run_dir)
     records, preds, hist, fails, times = [], [], [], [], []
-    from . import models
-    order = {n: i for i, n in enumerate(models.NETWORKS)}
-    root = run_dir / "training"
-    dirs = sorted(root.glob("*/fold*"), key=lambda p: (order.get(p.parent.name, 99), p.parent.name, p.name))
-    for d in dirs:
-        try:
-            res = train.load_result(d)
-        except FileNotFoundError:
+    for fd in run.all_folds():
+        if not fd.is_finished():
             continue  # unfinished
-        cells = pd.read_csv(d / "test_cells.csv", dtype={"cell_id": str, "group": str})
-        _collect_one(res, cells, d.parent.name, int(d.name[4:]), records, preds, hist, fails, times)
-    target = Path(out) if out is not None else run_dir / "results"
+        res = train.load_result(fd.path)
+        cells = pd.read_csv(fd.test_cells, dtype={"cell_id": str, "group": str})
+        _collect_one(res, cells, fd.network, fd.fold, records, preds, hist, fails, times)
+    target = Path(out) if out is not None else run.root / "results"
     target.mkdir(parents=True, exist_ok=True)
     return _write(target, records, preds, hist, fails, times)

@@ -80,7 +80,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import config, threads
+from . import config, rundir, threads
+from . import networks as catalogue
 
 STEP = "08_xai"
 METHODS = ("gradcam", "integrated_gradients", "occlusion")
@@ -398,37 +399,16 @@ class XaiRun:
 
 
 def _fold_dirs(run_dir: Path, regime: str) -> tuple[dict[str, list[int]], list[dict]]:
-    """Trained (network, fold) pairs with a model for ``regime``, and the missing / failed ones."""
-    from . import models
-
+    """Trained (network, fold) pairs with a model for ``regime``, and the missing / failed ones
+    (``rundir.Run.usable_folds``: done, the regime's model, the whitening and the test cells)."""
+    run = rundir.Run(run_dir)
     found: dict[str, list[int]] = {}
     notes: list[dict] = []
-    root = run_dir / "training"
-    for name in models.NETWORKS:
-        d = root / name
-        if not d.is_dir():
-            notes.append({"network": name, "fold": None, "status": "not trained",
-                          "detail": f"no folder {d}"})
-            continue
-        for fd in sorted(d.glob("fold*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1):
-            if not fd.name[4:].isdigit():
-                continue
-            k = int(fd.name[4:])
-            model = fd / f"model_{regime}.keras"
-            if (fd / "failed.json").exists():
-                notes.append({"network": name, "fold": k, "status": "failed",
-                              "detail": (fd / "failed.json").read_text()[:200]})
-            elif not (fd / "done.json").exists() or not model.exists():
-                notes.append({"network": name, "fold": k, "status": "unfinished",
-                              "detail": f"no done.json or {model.name} in {fd}"})
-            elif not (fd / "zca.json").exists() or not (fd / "test_cells.csv").exists():
-                notes.append({"network": name, "fold": k, "status": "incomplete",
-                              "detail": f"zca.json or test_cells.csv missing in {fd}"})
-            else:
-                found.setdefault(name, []).append(k)
-        if name not in found and not any(r["network"] == name for r in notes):
-            notes.append({"network": name, "fold": None, "status": "not trained",
-                          "detail": f"no finished fold in {d}"})
+    for name in catalogue.NETWORK_NAMES:
+        usable, why = run.usable_folds(name, regime)
+        if usable:
+            found[name] = [fd.fold for fd in usable]
+        notes += why
     return found, notes
 
 
@@ -478,19 +458,20 @@ def _load_npz(path: Path, key: str) -> dict[str, Any] | None:
 
 def _fold_cells(prepared, fd: Path, network: str, k: int) -> np.ndarray:
     """Rows of ``prepared`` for the fold's test cells, checked against the run's folds."""
-    cells = pd.read_csv(fd / "test_cells.csv", dtype={"cell_id": str, "group": str})
+    tc = fd / rundir.TEST_CELLS
+    cells = pd.read_csv(tc, dtype={"cell_id": str, "group": str})
     ids = np.asarray(prepared.cell_ids).astype(str)
     pos = {c: i for i, c in enumerate(ids)}
     missing = [c for c in cells["cell_id"] if c not in pos]
     if missing:
-        raise ValueError(f"{fd / 'test_cells.csv'} lists {len(missing)} cell(s) not in the prepared cohort "
+        raise ValueError(f"{tc} lists {len(missing)} cell(s) not in the prepared cohort "
                          f"(e.g. {missing[:3]}); expected the cohort the run was trained on")
     idx = np.array([pos[c] for c in cells["cell_id"]])
     if not np.all(np.asarray(prepared.folds)[idx] == k):
-        raise ValueError(f"{fd / 'test_cells.csv'}: these cells are not all in test fold {k} of the run's "
+        raise ValueError(f"{tc}: these cells are not all in test fold {k} of the run's "
                          f"folds file {prepared.folds_path}; expected the folds {network} was trained with")
     if not np.array_equal(np.asarray(prepared.labels)[idx], cells["label"].to_numpy()):
-        raise ValueError(f"{fd / 'test_cells.csv'}: labels differ from the prepared cohort's labels")
+        raise ValueError(f"{tc}: labels differ from the prepared cohort's labels")
     return idx
 
 
@@ -554,13 +535,13 @@ class _Cohort:
 
 def _fold_plan(coh: _Cohort, name: str, k: int, params: XaiParams, S: int, out: Path) -> dict[str, Any]:
     """The cells, model file, cache file and cache key of one (network, fold)."""
-    fd = coh.run_dir / "training" / name / f"fold{k}"
+    fd = rundir.Run(coh.run_dir).fold(name, k).path
     idx_all = _fold_cells(coh, fd, name, k)
     labels_all = np.asarray(coh.labels)[idx_all]
     sel = select_cells(labels_all, params.max_cells, params.seed, k)
     idx = idx_all[sel]
     ids = np.asarray(coh.cell_ids).astype(str)[idx]
-    model_path = fd / f"model_{params.regime}.keras"
+    model_path = fd / rundir.model_file(params.regime)
     cache = out / "cache" / name / f"fold{k}_{params.regime}.npz"
     return {"fd": fd, "idx": idx, "sel": sel, "labels": labels_all[sel], "ids": ids,
             "model_path": model_path, "cache": cache, "key": _key(model_path, ids, params, S)}
@@ -595,9 +576,9 @@ def _explain_network(coh: _Cohort, name: str, ks: Sequence[int], params: XaiPara
             if in_hw != (S, S):
                 raise ValueError(f"{model_path} takes {in_hw} images but the prepared cohort is {S} x {S}; "
                                  "call study.prepare with the scale (and overrides) the run was trained at")
-            zca = augment.ZCAWhitening.from_state(json.loads((plan["fd"] / "zca.json").read_text()))
+            zca = augment.ZCAWhitening.from_state(json.loads((plan["fd"] / rundir.ZCA).read_text()))
             arrays = explain_fold(model, coh.images[plan["idx"]], plan["labels"], zca, params)
-            stored = plan["fd"] / f"proba_{params.regime}.npy"
+            stored = plan["fd"] / rundir.proba_file(params.regime)
             if stored.exists():
                 arrays["proba_stored"] = np.load(stored)[plan["sel"]]
             _save_npz(plan["cache"], arrays, plan["key"])
@@ -633,7 +614,7 @@ def _expected_cost(plans: list[dict[str, Any]]) -> tuple[float, int]:
     for p in plans:
         size += p["model_path"].stat().st_size
         try:
-            done = json.loads((p["fd"] / "done.json").read_text())
+            done = json.loads((p["fd"] / rundir.DONE).read_text())
             epoch_s += float(done["timings"]["seconds_per_epoch_median"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
@@ -701,7 +682,6 @@ def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "s
     Raises FileNotFoundError when the run has no trained model at all.
     """
     import cellstudy.models  # noqa: F401  (registers the custom layers for load_model)
-    from . import models
 
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
         raise ValueError(f"workers={workers!r}; expected an int >= 1")
@@ -720,7 +700,7 @@ def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "s
     found, notes = _fold_dirs(run_dir, params.regime)
     if networks is not None:
         for n in networks:
-            models.check_name(n)
+            catalogue.check_network(n)
         found = {n: f for n, f in found.items() if n in networks}
     if not found:
         raise FileNotFoundError(
@@ -731,7 +711,7 @@ def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "s
         for k in range(prepared.n_splits):
             if k not in ks and (name, k) not in noted:
                 notes.append({"network": name, "fold": k, "status": "not trained",
-                              "detail": f"no folder {run_dir / 'training' / name / f'fold{k}'}"})
+                              "detail": f"no folder {rundir.Run(run_dir).fold(name, k).path}"})
     missing = pd.DataFrame(notes, columns=["network", "fold", "status", "detail"])
     coh = _Cohort.of(prepared)
     t_wall = time.perf_counter()
@@ -845,7 +825,6 @@ def gmean_per_class(images: np.ndarray, maps: dict[str, np.ndarray], labels: np.
 
 
 def _summarise(res: XaiRun, radius: int, threshold: float, eps: float, n_gallery: int) -> None:
-    from . import models
     from .xai import bootstrap_ci
 
     cls_names = config.CLASS_NAMES
@@ -853,7 +832,7 @@ def _summarise(res: XaiRun, radius: int, threshold: float, eps: float, n_gallery
     excl_rows, table_rows = [], []
     for name in res.networks:
         st = res.stacked(name)
-        fam = models.FAMILIES.get(name, "?")
+        fam = catalogue.family(name, "?")
         n = len(st["label"])
         y = st["label"].astype(int)
         p = st["proba"]
@@ -958,7 +937,7 @@ def _table_of(res: XaiRun, name: str) -> list[dict]:
         elif rows != got:
             raise ValueError(f"{name}: the folds' models have different Grad-CAM layers "
                              f"({got} vs {rows} in fold {f.fold})")
-    if not got and name in models.NETWORKS and res.images is not None:
+    if not got and name in catalogue.NETWORK_NAMES and res.images is not None:
         got = models.gradcam_table(name, int(res.images.shape[1]), res.params.gradcam_min_size).to_dict("records")
     return got or []
 

@@ -35,7 +35,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import config
+from . import config, rundir
+from . import networks as catalogue
 
 __all__ = ["EXTERNAL_COHORTS", "BASELINES", "ExternalResult", "external_cohort_for", "check_disjoint",
            "field_bootstrap_auc", "calibration_table", "expected_calibration_error", "brier_score",
@@ -47,7 +48,7 @@ EXTERNAL_COHORTS: dict[str, str] = {"bbbc021-paper": "bbbc021-unseen"}
 #: The classical baseline's models (``<run>/training/<name>``, ``cellstudy.baseline``).
 BASELINES: tuple[str, ...] = ("rf", "logreg")
 #: Family label of the baseline rows (``metrics.NETWORK_FAMILY`` holds the networks').
-BASELINE_FAMILY = "Classical"
+BASELINE_FAMILY = catalogue.CLASSICAL
 
 N_BOOT = 2000
 N_BINS = 10
@@ -132,11 +133,13 @@ def _run_tables(run_dir: Path, cohort: str) -> list[tuple[str, pd.DataFrame]]:
         out.append((f"cohort {cohort!r} (manifest {m.attrs.get('manifest')})", m))
     except (data.DataError, FileNotFoundError):
         pass
-    fp = run_dir / "folds" / f"{cohort}.csv"
+    run = rundir.Run(run_dir)
+    fp = run.folds_file(cohort, create=False)
     if fp.is_file():
         out.append((f"the run's folds file {fp}", folds.read_folds(fp)[0]))
-    for tc in sorted((run_dir / "training").glob("*/fold*/test_cells.csv")):
-        out.append((f"{tc}", pd.read_csv(tc, dtype={"cell_id": str, "group": str})))
+    for fd in run.all_folds():
+        if fd.test_cells.is_file():
+            out.append((f"{fd.test_cells}", pd.read_csv(fd.test_cells, dtype={"cell_id": str, "group": str})))
     return out
 
 
@@ -301,41 +304,16 @@ def score(y_true, proba, groups, n_boot: int = N_BOOT, seed: int = 0,
 # ---------------------------------------------------------------------------------------------
 # Scoring a run
 # ---------------------------------------------------------------------------------------------
-def _fold_number(p: Path) -> int | None:
-    return int(p.name[4:]) if p.name.startswith("fold") and p.name[4:].isdigit() else None
-
-
-def _finished_folds(net_dir: Path, name: str, regime: str, notes: list[dict]) -> list[tuple[int, Path]]:
-    """(fold, folder) of the folds of one network that can be scored; the others as notes."""
-    found = []
-    dirs = sorted((d for d in net_dir.glob("fold*") if _fold_number(d) is not None), key=_fold_number)
-    for fd in dirs:
-        k = _fold_number(fd)
-        model = fd / f"model_{regime}.keras"
-        if (fd / "failed.json").exists():
-            notes.append({"network": name, "fold": k, "status": "failed",
-                          "detail": (fd / "failed.json").read_text()[:200]})
-        elif not (fd / "done.json").exists() or not model.exists():
-            notes.append({"network": name, "fold": k, "status": "unfinished",
-                          "detail": f"no done.json or {model.name} in {fd}"})
-        elif not (fd / "zca.json").exists():
-            notes.append({"network": name, "fold": k, "status": "incomplete",
-                          "detail": f"zca.json missing in {fd}: the fold's whitening is unknown"})
-        else:
-            found.append((k, fd))
-    return found
-
-
 def _whitener(fd: Path) -> Callable[[np.ndarray], np.ndarray]:
     """The fold's input transform from ``zca.json``: its ZCA fit, or the identity when the fold
     was trained without whitening (``null``)."""
     from . import augment
 
-    state = json.loads((fd / "zca.json").read_text())
+    state = json.loads((fd / rundir.ZCA).read_text())
     if state is None:
         return lambda x: np.asarray(x, dtype=np.float32)
     if not isinstance(state, dict) or not state.get("fitted"):
-        raise ValueError(f"{fd / 'zca.json'}: expected a fitted ZCAWhitening state (augment.ZCAWhitening"
+        raise ValueError(f"{fd / rundir.ZCA}: expected a fitted ZCAWhitening state (augment.ZCAWhitening"
                          f".state()) or null, got {str(state)[:120]}")
     return augment.ZCAWhitening.from_state(state).transform
 
@@ -363,7 +341,7 @@ def _network_probas(name: str, folds: list[tuple[int, Path]], regime: str, image
     S = images.shape[1]
     model, used, probas = None, [], []
     for k, fd in folds:
-        path = fd / f"model_{regime}.keras"
+        path = fd / rundir.model_file(regime)
         t0 = time.perf_counter()
         try:
             if model is None:
@@ -423,19 +401,16 @@ def _baseline_probas(mod, run_dir: Path, name: str, images: np.ndarray, cache: d
     ``baseline.load_fold_model`` every fitted fold (``done.json`` and ``model.joblib``) predicts
     them; otherwise ``baseline.predict_proba(run_dir, name, images)`` gives the fold-ensemble mean
     (no per-fold spread)."""
-    d = run_dir / "training" / name
+    run = rundir.Run(run_dir)
+    d = run.training / name
     if not d.is_dir():
         notes.append({"network": name, "fold": None, "status": "not trained", "detail": f"no folder {d}"})
         return [], [], None
     if callable(getattr(mod, "load_fold_model", None)):
-        dirs = sorted((p for p in d.glob("fold*") if _fold_number(p) is not None), key=_fold_number)
+        fitted, why = run.usable_folds(name, classical=True)
+        notes += [r for r in why if r["fold"] is not None]
         used, probas = [], []
-        for fd in dirs:
-            k = _fold_number(fd)
-            if not (fd / "done.json").is_file() or not (fd / "model.joblib").is_file():
-                notes.append({"network": name, "fold": k, "status": "unfinished",
-                              "detail": f"no done.json or model.joblib in {fd}"})
-                continue
+        for k in (fd.fold for fd in fitted):
             if "features" not in cache:
                 t0 = time.perf_counter()
                 cache["features"] = mod.cell_features(images)
@@ -462,7 +437,7 @@ def _baseline_probas(mod, run_dir: Path, name: str, images: np.ndarray, cache: d
         notes.append({"network": name, "fold": None, "status": "bad output",
                       "detail": f"baseline.predict_proba returned shape {a.shape}; expected ({len(images)}, 2)"})
         return [], [], None
-    ks = sorted(k for k in (_fold_number(p) for p in d.glob("fold*")) if k is not None)
+    ks = [fd.fold for fd in run.folds(name)]
     notes.append({"network": name, "fold": None, "status": "ensemble only",
                   "detail": "baseline.predict_proba gives the fold-ensemble mean only: fold_sd is NaN"})
     return ks, [], a
@@ -545,9 +520,7 @@ def evaluate(run_dir: str | Path, cohort: str, scale_name: str, overrides: dict[
     ext_manifest = data.load_manifest(ext)
     for what, table in _run_tables(run_dir, cohort):
         check_disjoint(table, ext_manifest, cohort=what, external=f"external cohort {ext!r}")
-    from .models import NETWORKS
-    from .metrics import NETWORK_FAMILY
-    nets, bases = _select(networks, list(NETWORKS))
+    nets, bases = _select(networks, list(catalogue.NETWORK_NAMES))
 
     sc = config.get_scale(scale_name, overrides)
     t0 = time.perf_counter()
@@ -560,12 +533,15 @@ def evaluate(run_dir: str | Path, cohort: str, scale_name: str, overrides: dict[
 
     notes: list[dict] = []
     preds, rows, cals = [], [], []
+    run = rundir.Run(run_dir)
     for name in nets:
-        d = run_dir / "training" / name
+        d = run.training / name
         if not d.is_dir():
             notes.append({"network": name, "fold": None, "status": "not trained", "detail": f"no folder {d}"})
             continue
-        folds = _finished_folds(d, name, regime, notes)
+        usable, why = run.usable_folds(name, regime, need_test_cells=False)
+        notes += [r for r in why if r["fold"] is not None]
+        folds = [(fd.fold, fd.path) for fd in usable]
         if not folds:
             notes.append({"network": name, "fold": None, "status": "not scored",
                           "detail": f"no finished fold with model_{regime}.keras in {d}"})
@@ -573,7 +549,7 @@ def evaluate(run_dir: str | Path, cohort: str, scale_name: str, overrides: dict[
         used, probas = _network_probas(name, folds, regime, images, int(batch_size), notes, echo)
         if not used:
             continue
-        p, r, c = _model_rows(coh, name, NETWORK_FAMILY.get(name, ""), used, probas, None, n_boot, seed, n_bins)
+        p, r, c = _model_rows(coh, name, catalogue.family(name, ""), used, probas, None, n_boot, seed, n_bins)
         preds.append(p), rows.append(r), cals.append(c)
     if bases:
         mod = _baseline_module(notes)
@@ -582,7 +558,7 @@ def evaluate(run_dir: str | Path, cohort: str, scale_name: str, overrides: dict[
             used, probas, ens = _baseline_probas(mod, run_dir, name, coh.images, cache, notes)
             if not probas and ens is None:
                 continue
-            p, r, c = _model_rows(coh, name, NETWORK_FAMILY.get(name, BASELINE_FAMILY), used, probas, ens,
+            p, r, c = _model_rows(coh, name, catalogue.family(name, BASELINE_FAMILY), used, probas, ens,
                                   n_boot, seed, n_bins)
             preds.append(p), rows.append(r), cals.append(c)
             echo(f"external: baseline {name}: AUC {r['auc']:.3f}")

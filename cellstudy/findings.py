@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from . import stats
+from . import networks, rundir, stats
 from .metrics import DISPLAY_NAMES, NETWORK_FAMILY, NETWORK_ORDER
 
-CLASSICAL = "Classical"
+CLASSICAL = networks.CLASSICAL
 
 
 def fold_sizes(folds_csv: str | Path) -> tuple[float, float, int]:
@@ -209,16 +209,17 @@ def findings_page(run_dir: str | Path) -> dict:
     file it came from (the tests compare them); every paragraph links its chapter."""
     import yaml
 
-    run = Path(run_dir)
+    layout = rundir.Run(run_dir)
+    run = layout.root
     v = _read(run / "07_results" / "verdicts_long.csv")
     if v is None or v.empty:
         raise FileNotFoundError(f"{run / '07_results' / 'verdicts_long.csv'} is missing: run 07_results first")
-    cfg = yaml.safe_load((run / "study.yaml").read_text()) if (run / "study.yaml").is_file() else {}
+    cfg = yaml.safe_load(layout.study_config.read_text()) if layout.study_config.is_file() else {}
     cohort, scale = cfg.get("cohort", "?"), cfg.get("scale", "?")
     num: dict[str, tuple] = {}
     md: list[str] = ["# Findings", ""]
     # --- the cohort in one line
-    fp = run / "folds" / f"{cohort}.csv"
+    fp = layout.folds_file(cohort, create=False)
     if fp.is_file():
         from .folds import read_folds
         ft, _ = read_folds(fp)

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
+from . import networks
 from .config import CLASS_NAMES
 
 __all__ = [
@@ -63,27 +64,12 @@ TABLE_METRICS: tuple[str, ...] = (
 #: Numeric fields returned by :func:`fold_metrics`, in table order.
 METRIC_NAMES: tuple[str, ...] = TABLE_METRICS + ("accuracy", "balanced_accuracy", "tn", "fp", "fn", "tp", "n")
 
-#: Network -> family (``study.md`` section 5), then the classical baseline's classifiers (family
-#: ``"Classical"``, ``cellstudy.baseline``; study.md section 11). Kept here so that this module
-#: needs no TensorFlow.
-NETWORK_FAMILY: dict[str, str] = {
-    "vgg16": "DL", "resnet50": "DL", "densenet121": "DL", "denres131": "DL",
-    "vit": "ViT",
-    "rgb": "RGB", "rgb_res": "RGB", "rgb_den": "RGB",
-    "mhl": "MHL", "mhl_res": "MHL", "mhl_den": "MHL",
-    # the classical baseline (cellstudy.baseline), after the networks
-    "rf": "Classical", "logreg": "Classical",
-}
-
-#: Registry name -> the paper's name, for tables and figures.
-DISPLAY_NAMES: dict[str, str] = {
-    "vgg16": "VGG16", "resnet50": "ResNet50", "densenet121": "DenseNet121", "denres131": "DenRes-131",
-    "vit": "ViT", "rgb": "RGB", "rgb_res": "RGB-Res", "rgb_den": "RGB-Den",
-    "mhl": "MHL", "mhl_res": "MHL-Res", "mhl_den": "MHL-Den",
-    "rf": "Random forest", "logreg": "Logistic regression",
-}
+#: Model -> family, the paper's display names and the tables' row order: the catalogue's
+#: (:mod:`cellstudy.networks`, networks then the classical baseline), named here for the tables.
+NETWORK_FAMILY: dict[str, str] = networks.FAMILY
+DISPLAY_NAMES: dict[str, str] = networks.DISPLAY
 #: Row order of the summary tables (unknown networks follow, alphabetically).
-NETWORK_ORDER: tuple[str, ...] = tuple(NETWORK_FAMILY)
+NETWORK_ORDER: tuple[str, ...] = networks.ORDER
 
 #: Probability columns of :func:`predictions_frame`, one per class in ``CLASS_NAMES`` order.
 PROBA_COLUMNS: tuple[str, ...] = tuple(f"proba_{c}" for c in CLASS_NAMES)

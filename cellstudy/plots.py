@@ -20,12 +20,13 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from . import networks
 from .config import CLASS_NAMES
 from .metrics import DISPLAY_NAMES, NETWORK_ORDER, PROBA_COLUMNS
 
 __all__ = ["roc_summary", "roc_curves", "metric_boxplots", "training_curves", "step_times"]
 
-_FAMILY_ORDER = ("DL", "ViT", "RGB", "MHL", "Classical")
+_FAMILY_ORDER = networks.FAMILY_ORDER
 
 
 def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
@@ -36,9 +37,7 @@ def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
         raise ValueError(f"{what} lacks column(s) {missing}; it has {list(df.columns)}")
 
 
-def _ordered(names, order: Sequence[str]) -> list[str]:
-    rank = {n: i for i, n in enumerate(order)}
-    return sorted(set(names), key=lambda n: (rank.get(n, len(rank)), str(n)))
+_ordered = networks.ordered
 
 
 def _grid(n: int, ncols: int, width: float, height: float) -> tuple[Figure, list]:

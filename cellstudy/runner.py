@@ -41,8 +41,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -54,7 +52,7 @@ from typing import Any, Callable
 
 import yaml
 
-from . import config, provenance, threads
+from . import atomic, config, provenance, rundir, threads
 
 log = logging.getLogger("cellstudy.runner")
 
@@ -86,10 +84,13 @@ class StudyConfig:
     workers: int = 1
 
     def digest(self) -> str:
-        """A short hash identifying what this config computes (used to match runs to resume)."""
+        """A short hash identifying what this config computes (used to match runs to resume): the
+        config without its title and workers, and the scale's resolved values (an edited scale in
+        config.py makes a new digest, so a run is never resumed at other values)."""
         d = asdict(self)
         d.pop("title", None)
         d.pop("workers", None)
+        d["resolved_scale"] = config.get_scale(self.scale, self.overrides)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -172,7 +173,7 @@ def load_config(path: str | os.PathLike, **override: Any) -> StudyConfig:
 # Run folders and status
 # ---------------------------------------------------------------------------------------------
 def _status_path(run_dir: Path) -> Path:
-    return run_dir / "status.json"
+    return rundir.Run(run_dir).status
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:
@@ -325,14 +326,15 @@ def execute_step(step: str, run_dir: Path, params: dict[str, Any], log_output: b
     import papermill as pm
 
     src = NOTEBOOK_DIR / f"{step}.ipynb"
-    out = run_dir / "notebooks" / f"{step}.ipynb"
+    run = rundir.Run(run_dir)
+    out = run.executed(step)
     out.parent.mkdir(parents=True, exist_ok=True)
-    (run_dir / step).mkdir(parents=True, exist_ok=True)
+    run.step(step)
     t0 = time.perf_counter()
     try:
         with kernel_env():
             pm.execute_notebook(
-                str(src), str(out), parameters=params, kernel_name="python3", cwd=str(run_dir / step),
+                str(src), str(out), parameters=params, kernel_name="python3", cwd=str(run.step(step)),
                 log_output=log_output, progress_bar=False, extra_arguments=KERNEL_ARGS,
             )
     except pm.PapermillExecutionError as e:
@@ -384,7 +386,7 @@ def _run_steps(cfg: StudyConfig, run_dir: Path, status: dict[str, Any], params: 
 
     def is_done(step: str) -> bool:
         return (status["steps"].get(step, {}).get("state") == "done"
-                and (run_dir / "notebooks" / f"{step}.ipynb").is_file())
+                and rundir.Run(run_dir).executed(step).is_file())
 
     pending = []
     for step in cfg.steps:
@@ -478,7 +480,9 @@ def run_study(
     status["state"] = "running"
     _write_status(run_dir, status)
 
-    scale = config.get_scale(cfg.scale, cfg.overrides)
+    # the resolved scale, once for the run (scale.json; every step reads it back, a resumed run is
+    # checked against it)
+    scale = rundir.Run(run_dir).scale(cfg.scale, cfg.overrides)
     prov = {
         "config": asdict(cfg),
         "config_file": str(Path(config_path).resolve()),
@@ -492,8 +496,9 @@ def run_study(
     }
     # the kernels' TensorFlow threads (the runner process itself does not train)
     prov["hardware"]["tf_threads"] = threads.settings_for(cfg.workers)
-    provenance.write_json(run_dir / "provenance.json", prov)
-    (run_dir / "study.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    run = rundir.Run(run_dir)
+    provenance.write_json(run.provenance, prov)
+    atomic.write_text(run.study_config, yaml.safe_dump(asdict(cfg), sort_keys=False))
 
     params = {
         "run_dir": str(run_dir.resolve()),
@@ -506,7 +511,7 @@ def run_study(
     t_study = time.perf_counter()
     _run_steps(cfg, run_dir, status, params, log_output, echo)
 
-    errors = [e for s in cfg.steps for e in notebook_errors(run_dir / "notebooks" / f"{s}.ipynb")]
+    errors = [e for s in cfg.steps for e in notebook_errors(run.executed(s))]
     if errors:
         status["state"] = "failed"
         _write_status(run_dir, status)
@@ -520,7 +525,7 @@ def run_study(
         status["book"] = str(index)
         from .browser import check_book
         echo("checking the book in headless Chromium ...")
-        check = check_book(index.parent, run_dir / "screenshots")
+        check = check_book(index.parent, run.screenshots)
         status["browser_check"] = {"ok": check.ok, "skipped": check.skipped, "problems": check.problems,
                                    "screenshots": [str(p) for p in check.screenshots]}
         echo(check.summary())
@@ -529,7 +534,7 @@ def run_study(
             _write_status(run_dir, status)
             more = len(check.problems) - 10
             raise StudyError(f"the built book failed the browser check ({len(check.problems)} problem(s); "
-                             f"screenshots in {run_dir / 'screenshots'}): " + "; ".join(check.problems[:10])
+                             f"screenshots in {run.screenshots}): " + "; ".join(check.problems[:10])
                              + (f"; and {more} more" if more > 0 else ""))
     status["state"] = "complete"
     status["finished"] = provenance.now()

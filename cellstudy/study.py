@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import config, data, folds as folds_mod, preprocess, threads
+from . import data, folds as folds_mod, preprocess, rundir, threads
 
 
 @dataclass
@@ -54,23 +54,27 @@ class Prepared:
 
 
 def step_dir(run_dir: str | os.PathLike, step: str) -> Path:
-    """``<run_dir>/<step>/``, created: where a notebook writes its tables, figures and arrays."""
-    p = Path(run_dir) / step
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+    """``<run_dir>/<step>/``, created: where a notebook writes its tables, figures and arrays
+    (``rundir.Run.step``)."""
+    return rundir.Run(run_dir).step(step)
 
 
 def folds_path(run_dir: str | os.PathLike, cohort: str) -> Path:
-    """The run's folds file for a cohort: ``<run_dir>/folds/<cohort>.csv``."""
-    p = Path(run_dir) / "folds"
-    p.mkdir(parents=True, exist_ok=True)
-    return p / f"{cohort}.csv"
+    """The run's folds file for a cohort: ``<run_dir>/folds/<cohort>.csv`` (``rundir.Run.folds_file``)."""
+    return rundir.Run(run_dir).folds_file(cohort)
+
+
+def run_scale(run_dir: str | os.PathLike, scale: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's resolved scale (``<run>/scale.json``, written by the first step, read back by
+    every later one; ``rundir.Run.scale``): what a notebook uses after its parameters cell."""
+    return rundir.Run(run_dir).scale(scale, overrides)
 
 
 def prepare(cohort: str, scale: str, run_dir: str | os.PathLike, data_root: str | None = None,
             seed: int = 0, overrides: dict[str, Any] | None = None, progress: bool = True) -> Prepared:
-    """Load, verify and preprocess ``cohort`` at ``scale``; make or reuse the run's folds."""
-    sc = config.get_scale(scale, overrides)
+    """Load, verify and preprocess ``cohort`` at ``scale``; make or reuse the run's folds. The
+    scale is the run's (``run_scale``: a run folder made at other scale values is refused)."""
+    sc = run_scale(run_dir, scale, overrides)
     t0 = time.perf_counter()
     coh = data.load_cohort(cohort, root=data_root)
     t1 = time.perf_counter()
@@ -89,7 +93,7 @@ def run_workers(run_dir: str | os.PathLike) -> int:
     ``study.yaml`` (written by the runner), 1 when there is none (a notebook run by hand)."""
     import yaml
 
-    p = Path(run_dir) / "study.yaml"
+    p = rundir.Run(run_dir).study_config
     if not p.is_file():
         return 1
     w = (yaml.safe_load(p.read_text()) or {}).get("workers", 1)
@@ -113,7 +117,7 @@ def kernel_tf_threads(run_dir: str | os.PathLike) -> str | None:
     ``hardware.tf_threads``; ``cellstudy.threads``); None: TensorFlow's default or no record."""
     import json
 
-    p = Path(run_dir) / "provenance.json"
+    p = rundir.Run(run_dir).provenance
     try:
         t = (json.loads(p.read_text()).get("hardware") or {}).get("tf_threads") or {}
     except (OSError, ValueError, AttributeError):

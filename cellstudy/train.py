@@ -49,7 +49,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import ONEDNN_ENV, onednn_enabled, threads
+from . import ONEDNN_ENV, atomic, onednn_enabled, rundir, threads
 from .distribute import (StrategyInfo, op_determinism_enabled, precision_policy,
                          resolve_strategy, select_strategy, set_determinism)
 
@@ -62,8 +62,8 @@ __all__ = [
 REGIMES = ("short", "long")
 CHECKPOINT = "checkpoint.npz"
 CHECKPOINT_JSON = "checkpoint.json"
-DONE = "done.json"
-FAILED = "failed.json"
+DONE = rundir.DONE
+FAILED = rundir.FAILED
 HISTORY = "history.csv"
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "seconds", "images_per_s")
 FORMAT_VERSION = 1
@@ -73,7 +73,7 @@ class TrainError(ValueError):
     """A training run cannot start or go on (bad input, bad output folder, bad checkpoint)."""
 
 
-class OutputError(TrainError):
+class OutputError(TrainError, atomic.OutputError):
     """The output folder cannot be written (unwritable, not a folder, disk full)."""
 
 
@@ -128,44 +128,12 @@ def print_progress(ev: dict[str, Any]) -> None:
     print(line, flush=True)
 
 
-def _atomic_write_bytes(path: Path, writer: Callable[[Any], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder, then rename (a crash or a
-    full disk leaves the previous file intact). ``OSError`` -> ``OutputError`` naming the file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            writer(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise OutputError(f"could not write {path}: {e.strerror or e} (disk full or folder "
-                          "not writable?); the previous version, if any, is kept") from e
-
-
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    _atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, default=_json_default)
-                                                .encode()))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+    atomic.write_json(path, obj)
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    _atomic_write_bytes(path, lambda f: np.save(f, arr, allow_pickle=False))
+    atomic.save_npy(path, arr)
 
 
 def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -177,7 +145,7 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
         for r in rows:
             wr.writerow({k: r[k] for k in HISTORY_COLUMNS})
         f.write(s.getvalue().encode())
-    _atomic_write_bytes(path, w)
+    atomic.write(path, w)
 
 
 def check_writable(out_dir: str | os.PathLike) -> Path:
@@ -427,9 +395,8 @@ def _save_checkpoint(out: Path, model, meta: dict[str, Any]) -> None:
     arrays = {f"m{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(_state_variables(model))}
     arrays.update({f"o{i:05d}": np.asarray(v.numpy())
                    for i, v in enumerate(_optimizer_variables(model))})
-    blob = json.dumps(meta, default=_json_default)
-    _atomic_write_bytes(out / CHECKPOINT,
-                        lambda f: np.savez(f, __meta__=np.array(blob), **arrays))
+    blob = json.dumps(meta, default=atomic.json_default)
+    atomic.write(out / CHECKPOINT, lambda f: np.savez(f, __meta__=np.array(blob), **arrays))
     _write_json(out / CHECKPOINT_JSON, meta)
 
 

@@ -3,21 +3,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellstudy import experiment, metrics, models, study
+from cellstudy import experiment, metrics, study
 
 pytestmark = pytest.mark.slow
-
-
-def test_family_map_is_one_source_of_truth():
-    # every network has its models.FAMILIES family; the only extra entries are the classical
-    # baseline's classifiers (cellstudy.baseline), listed after the networks
-    from cellstudy import baseline
-
-    assert {n: metrics.NETWORK_FAMILY[n] for n in models.NETWORKS} == models.FAMILIES
-    extra = [n for n in metrics.NETWORK_FAMILY if n not in models.FAMILIES]
-    assert extra == list(baseline.CLASSIFIERS) and {metrics.NETWORK_FAMILY[n] for n in extra} == {"Classical"}
-    assert set(metrics.DISPLAY_NAMES) == set(models.NETWORKS) | set(baseline.CLASSIFIERS)
-    assert list(metrics.NETWORK_ORDER) == list(models.NETWORKS) + list(baseline.CLASSIFIERS)
 
 
 def test_unknown_family_or_network_is_a_clear_error():

@@ -395,3 +395,16 @@ def test_weights_legacy_h5_vgg16(tmp_path):
     for n in ("block1_conv1", "block3_conv2", "block5_conv3"):
         for a, b in zip(ref.get_layer(n).get_weights(), m.get_layer(n).get_weights()):
             np.testing.assert_array_equal(a, b)
+
+
+def test_registry_is_the_catalogues():
+    # models reads the catalogue: names, families, backbones, parameters, last conv maps
+    from cellstudy import networks
+
+    assert list(M.NETWORKS) == list(networks.NETWORK_NAMES)
+    assert M.FAMILIES == {n: networks.family(n) for n in networks.NETWORK_NAMES}
+    assert M.BACKBONE_OF["denres131"] == ("resnet50", "densenet121")
+    assert M.valid_params("vit")["depth"] == networks.VIT_DEFAULTS["depth"]
+    assert all(M.gradcam_layers(n) == list(networks.spec(n).gradcam_last) for n in networks.NETWORK_NAMES)
+    with pytest.raises(ValueError, match="unknown network 'rf'"):
+        M.build("rf", 32)

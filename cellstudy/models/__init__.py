@@ -35,61 +35,32 @@ downloaded. Saved models load with ``keras.saving.load_model(path)`` after
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-from functools import partial
 
 import keras
 import numpy as np
 
+from .. import networks as catalogue
 from . import backbones
-from .attention import ATTENTION_DEFAULTS, ChannelSlice, build_mhl, build_rgb
-from .denres import DENRES_DEFAULTS, build_denres
+from .attention import ChannelSlice, build_mhl, build_rgb
+from .denres import build_denres
 from .dl import build_dl
 from .head import HEAD_DEFAULTS, classification_head
-from .vit import VIT_DEFAULTS, PositionEmbedding, build_vit
+from .vit import PositionEmbedding, build_vit
 
-#: network name -> one-line description (the registry; order = the book's order).
-NETWORKS: dict[str, str] = {
-    "vgg16": "VGG16 backbone + head",
-    "resnet50": "ResNet50 backbone + head",
-    "densenet121": "DenseNet121 backbone + head",
-    "denres131": "ResNet50 and DenseNet121 side by side, four levels fused at stride 32 + head",
-    "vit": "Vision Transformer (patch embedding, encoder blocks) + head",
-    "rgb": "isolated R, G, B through one shared 3-layer CNN, six 2-head attention blocks + head",
-    "rgb_res": "isolated R, G, B through one shared ResNet50, six 2-head attention blocks + head",
-    "rgb_den": "isolated R, G, B through one shared DenseNet121, six 2-head attention blocks + head",
-    "mhl": "3-layer CNN on the RGB image, one 2-head self-attention block over its tokens + head",
-    "mhl_res": "ResNet50 on the RGB image, one 2-head self-attention block over its tokens + head",
-    "mhl_den": "DenseNet121 on the RGB image, one 2-head self-attention block over its tokens + head",
-}
+#: network name -> one-line description (from the catalogue, cellstudy.networks; order = the book's).
+NETWORKS: dict[str, str] = {n: catalogue.SPECS[n].description for n in catalogue.NETWORK_NAMES}
 
-#: network name -> family ("DL", "ViT", "RGB", "MHL"), used by the statistics.
-FAMILIES: dict[str, str] = {
-    "vgg16": "DL", "resnet50": "DL", "densenet121": "DL", "denres131": "DL", "vit": "ViT",
-    "rgb": "RGB", "rgb_res": "RGB", "rgb_den": "RGB", "mhl": "MHL", "mhl_res": "MHL", "mhl_den": "MHL",
-}
+#: network name -> family ("DL", "ViT", "RGB", "MHL").
+FAMILIES: dict[str, str] = {n: catalogue.FAMILY[n] for n in catalogue.NETWORK_NAMES}
 
 #: network name -> backbone(s) whose weights ``weights=`` loads.
-BACKBONE_OF: dict[str, tuple[str, ...]] = {
-    "vgg16": ("vgg16",), "resnet50": ("resnet50",), "densenet121": ("densenet121",),
-    "denres131": ("resnet50", "densenet121"), "vit": (),
-    "rgb": ("cnn3",), "rgb_res": ("resnet50",), "rgb_den": ("densenet121",),
-    "mhl": ("cnn3",), "mhl_res": ("resnet50",), "mhl_den": ("densenet121",),
-}
-
-_GRADCAM: dict[str, tuple[str, ...]] = {
-    "vgg16": ("block5_conv3",), "resnet50": ("conv5_block3_out",), "densenet121": ("relu",),
-    "denres131": ("res_conv5_block3_out", "den_relu"), "vit": ("vit_grid",),
-    "rgb": ("feat_r", "feat_g", "feat_b"), "rgb_res": ("feat_r", "feat_g", "feat_b"),
-    "rgb_den": ("feat_r", "feat_g", "feat_b"),
-    "mhl": ("cnn_relu3",), "mhl_res": ("conv5_block3_out",), "mhl_den": ("relu",),
-}
+BACKBONE_OF: dict[str, tuple[str, ...]] = {n: catalogue.SPECS[n].backbones for n in catalogue.NETWORK_NAMES}
 
 
 def _candidates(name: str) -> list[tuple[str, str, tuple[tuple[str, str, int], ...]]]:
     """Per Grad-CAM target of network ``name``: ``(target, backbone, candidates)``, candidates
     deep -> shallow as ``(layer name in the model, backbone layer name, nominal stride)``; the
-    first candidate is the target's ``_GRADCAM`` layer (the last conv map). The ViT's one
+    first candidate is the target's ``ModelSpec.gradcam_last`` layer (the last conv map). The ViT's one
     candidate has backbone ``"vit"`` and stride None (its patch size)."""
     from .attention import CHANNEL_KEYS, stage_taps, tap_name
 
@@ -111,18 +82,9 @@ def _candidates(name: str) -> list[tuple[str, str, tuple[tuple[str, str, int], .
 #: Network -> per Grad-CAM target, its candidate layers deep -> shallow (names in the model).
 GRADCAM_CANDIDATES: dict[str, tuple[tuple[str, ...], ...]] = {}
 
-_SPECIFIC: dict[str, dict] = {
-    "vgg16": {}, "resnet50": {}, "densenet121": {}, "denres131": DENRES_DEFAULTS,
-    "vit": VIT_DEFAULTS, **{n: ATTENTION_DEFAULTS for n in ("rgb", "rgb_res", "rgb_den")},
-    **{n: ATTENTION_DEFAULTS for n in ("mhl", "mhl_res", "mhl_den")},
-}
-
-
 def check_name(name: str) -> str:
     """Return ``name`` if it is a registered network, else raise ValueError listing them."""
-    if name not in NETWORKS:
-        raise ValueError(f"unknown network {name!r}; expected one of {list(NETWORKS)}")
-    return name
+    return catalogue.check_network(name)
 
 
 def input_hw(input_size) -> tuple[int, int]:
@@ -151,7 +113,7 @@ def input_hw(input_size) -> tuple[int, int]:
 
 def valid_params(name: str) -> dict:
     """The ``**params`` ``build(name, ...)`` accepts, with their defaults."""
-    return {**HEAD_DEFAULTS, "weights_sha256": None, **_SPECIFIC[check_name(name)]}
+    return {**HEAD_DEFAULTS, "weights_sha256": None, **catalogue.SPECS[check_name(name)].defaults}
 
 
 def build(name: str, input_size, n_classes: int = 2, weights=None, **params) -> keras.Model:
@@ -175,15 +137,16 @@ def build(name: str, input_size, n_classes: int = 2, weights=None, **params) -> 
     sha = params.pop("weights_sha256", None)
     if weights is not None:
         _check_weights(name, weights, sha)
-    if name in ("vgg16", "resnet50", "densenet121"):
-        return build_dl(name, hw, n_classes, head, weights, sha)
-    if name == "denres131":
-        return build_denres(hw, n_classes, head, weights, sha, **params)
-    if name == "vit":
-        return build_vit(hw, n_classes, head, weights, sha, **params)
-    if FAMILIES[name] == "RGB":
-        return build_rgb(name, hw, n_classes, head, weights, sha, **params)
-    return build_mhl(name, hw, n_classes, head, weights, sha, **params)
+    return _BUILDERS[catalogue.SPECS[name].builder](name, hw, n_classes, head, weights, sha, **params)
+
+
+_BUILDERS = {
+    "dl": build_dl,
+    "denres": lambda name, *a, **kw: build_denres(*a, **kw),
+    "vit": lambda name, *a, **kw: build_vit(*a, **kw),
+    "rgb": build_rgb,
+    "mhl": build_mhl,
+}
 
 
 def _check_weights(name, weights, sha) -> None:
@@ -293,9 +256,9 @@ def gradcam_layers(model_or_name, min_size: int | None = None, input_size=None, 
     min_size = _check_min_size(min_size)
     if min_size is None:
         if isinstance(model_or_name, str):
-            return list(_GRADCAM[check_name(model_or_name)])
+            return list(catalogue.SPECS[check_name(model_or_name)].gradcam_last)
         model = model_or_name
-        names = list(_GRADCAM[check_name(model.name)])
+        names = list(catalogue.SPECS[check_name(model.name)].gradcam_last)
         for n in names:
             model.get_layer(n)  # ValueError if absent
         return names

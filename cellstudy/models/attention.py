@@ -47,8 +47,6 @@ MHL_BACKBONE = {"mhl": "cnn3", "mhl_res": "resnet50", "mhl_den": "densenet121"}
 CHANNEL_KEYS = ("r", "g", "b")
 #: The six attention blocks of the RGB family (query channel, key/value channel).
 RGB_BLOCKS = (("r", "r"), ("g", "g"), ("b", "b"), ("r", "g"), ("r", "b"), ("g", "b"))
-ATTENTION_DEFAULTS = {"token_dim": 128, "num_heads": 2, "max_token_grid": 16,
-                      "cnn_filters": bbs.CNN3_FILTERS}
 
 
 def stage_taps(backbone: str) -> dict[str, int]:

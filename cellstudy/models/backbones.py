@@ -29,6 +29,8 @@ from typing import Any
 import keras
 from keras import layers
 
+from ..networks import CNN3_FILTERS  # the paper's 3-layer CNN's filters (the catalogue's)
+
 BACKBONES = ("vgg16", "resnet50", "densenet121", "cnn3")
 
 #: Smallest input side each backbone accepts (pixels).
@@ -59,7 +61,6 @@ _STEPS = {"vgg16": ("floor",) * 5, "resnet50": ("ceil",) * 5,
           "densenet121": ("ceil", "ceil", "floor", "floor", "floor"), "cnn3": ("floor", "floor")}
 
 #: Default filters of the 3-layer CNN.
-CNN3_FILTERS = (32, 64, 128)
 
 _APPS = {"vgg16": "VGG16", "resnet50": "ResNet50", "densenet121": "DenseNet121"}
 

@@ -22,7 +22,6 @@ from .head import classification_head
 
 RES_LEVELS = ("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out")
 DEN_LEVELS = ("pool2_relu", "pool3_relu", "pool4_relu", "relu")
-DENRES_DEFAULTS = {"level_filters": 256, "level_kernel": 3}
 
 
 def pool_to(x, size: tuple[int, int], name: str):

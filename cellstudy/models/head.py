@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import keras
 from keras import layers
 
-#: Head parameters accepted by ``cellstudy.models.build`` and their paper defaults.
-HEAD_DEFAULTS = {"head_pooling": "avg", "head_units": (1024, 512), "head_dropout": 0.3}
+from ..networks import HEAD_DEFAULTS  # noqa: F401  (re-exported: the head's parameters and paper defaults)
+
 POOLINGS = ("avg", "max", "flatten")
 
 

@@ -17,8 +17,6 @@ from keras import layers, ops
 
 from .head import classification_head
 
-VIT_DEFAULTS = {"patch_size": None, "width": 64, "depth": 4, "num_heads": 4, "mlp_dim": 128,
-                "attention_dropout": 0.0}
 
 
 @keras.saving.register_keras_serializable(package="cellstudy")

@@ -1,0 +1,154 @@
+"""The study's catalogue of models: one record per network (study.md section 5) and per classical
+classifier (section 11), read by every module that names, orders, groups or builds them.
+
+No TensorFlow: the metrics, plots, statistics, findings and run-folder code import this module
+without loading Keras; :mod:`cellstudy.models` builds a record's network from its ``builder``.
+Adding a network is one :class:`ModelSpec` in :data:`CATALOGUE` (and its builder in
+``cellstudy.models`` when the builder is new).
+
+Order matters: :data:`CATALOGUE`'s order is the book's order (tables, figures, the runner), the
+networks first, then the classical baseline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The study's families, in the book's order; ``"Classical"`` is the feature-based baseline.
+FAMILY_ORDER: tuple[str, ...] = ("DL", "ViT", "RGB", "MHL", "Classical")
+#: The baseline's family label.
+CLASSICAL = "Classical"
+
+#: The paper's 3-layer CNN (RGB / MHL families): filters of its three conv blocks.
+CNN3_FILTERS: tuple[int, int, int] = (32, 64, 128)
+
+#: Parameters of the shared classification head (cellstudy.models.head) and their paper defaults.
+HEAD_DEFAULTS: dict[str, Any] = {"head_pooling": "avg", "head_units": (1024, 512), "head_dropout": 0.3}
+#: DenRes-131's fusion parameters.
+DENRES_DEFAULTS: dict[str, Any] = {"level_filters": 256, "level_kernel": 3}
+#: The ViT's parameters (``patch_size`` None: chosen from the input size).
+VIT_DEFAULTS: dict[str, Any] = {"patch_size": None, "width": 64, "depth": 4, "num_heads": 4,
+                                "mlp_dim": 128, "attention_dropout": 0.0}
+#: The RGB / MHL families' attention parameters.
+ATTENTION_DEFAULTS: dict[str, Any] = {"token_dim": 128, "num_heads": 2, "max_token_grid": 16,
+                                      "cnn_filters": CNN3_FILTERS}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the study.
+
+    ``name``: registry name (folder names in a run, config values); ``family``: one of
+    :data:`FAMILY_ORDER`; ``display``: the paper's name for tables and figures; ``description``:
+    one line; ``backbones``: the backbones whose weights a local file can supply (``()`` none);
+    ``gradcam_last``: per Grad-CAM target the last convolutional map's layer name (the paper's
+    choice; ``cellstudy.models.gradcam_layers`` picks a shallower one by map size); ``builder``:
+    which builder of ``cellstudy.models`` makes it (``"dl"``, ``"denres"``, ``"vit"``, ``"rgb"``,
+    ``"mhl"``; ``""`` for a classical classifier, built by ``cellstudy.baseline``); ``defaults``:
+    its own build parameters (besides the head's) and their defaults."""
+
+    name: str
+    family: str
+    display: str
+    description: str
+    backbones: tuple[str, ...] = ()
+    gradcam_last: tuple[str, ...] = ()
+    builder: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_network(self) -> bool:
+        """True for a neural network (trained by cellstudy.train), False for a classical classifier."""
+        return self.family != CLASSICAL
+
+
+_RGB_FEATS = ("feat_r", "feat_g", "feat_b")
+
+#: Every model of the study, in the book's order.
+CATALOGUE: tuple[ModelSpec, ...] = (
+    ModelSpec("vgg16", "DL", "VGG16", "VGG16 backbone + head", ("vgg16",), ("block5_conv3",), "dl"),
+    ModelSpec("resnet50", "DL", "ResNet50", "ResNet50 backbone + head", ("resnet50",),
+              ("conv5_block3_out",), "dl"),
+    ModelSpec("densenet121", "DL", "DenseNet121", "DenseNet121 backbone + head", ("densenet121",),
+              ("relu",), "dl"),
+    ModelSpec("denres131", "DL", "DenRes-131",
+              "ResNet50 and DenseNet121 side by side, four levels fused at stride 32 + head",
+              ("resnet50", "densenet121"), ("res_conv5_block3_out", "den_relu"), "denres", DENRES_DEFAULTS),
+    ModelSpec("vit", "ViT", "ViT", "Vision Transformer (patch embedding, encoder blocks) + head", (),
+              ("vit_grid",), "vit", VIT_DEFAULTS),
+    ModelSpec("rgb", "RGB", "RGB",
+              "isolated R, G, B through one shared 3-layer CNN, six 2-head attention blocks + head",
+              ("cnn3",), _RGB_FEATS, "rgb", ATTENTION_DEFAULTS),
+    ModelSpec("rgb_res", "RGB", "RGB-Res",
+              "isolated R, G, B through one shared ResNet50, six 2-head attention blocks + head",
+              ("resnet50",), _RGB_FEATS, "rgb", ATTENTION_DEFAULTS),
+    ModelSpec("rgb_den", "RGB", "RGB-Den",
+              "isolated R, G, B through one shared DenseNet121, six 2-head attention blocks + head",
+              ("densenet121",), _RGB_FEATS, "rgb", ATTENTION_DEFAULTS),
+    ModelSpec("mhl", "MHL", "MHL",
+              "3-layer CNN on the RGB image, one 2-head self-attention block over its tokens + head",
+              ("cnn3",), ("cnn_relu3",), "mhl", ATTENTION_DEFAULTS),
+    ModelSpec("mhl_res", "MHL", "MHL-Res",
+              "ResNet50 on the RGB image, one 2-head self-attention block over its tokens + head",
+              ("resnet50",), ("conv5_block3_out",), "mhl", ATTENTION_DEFAULTS),
+    ModelSpec("mhl_den", "MHL", "MHL-Den",
+              "DenseNet121 on the RGB image, one 2-head self-attention block over its tokens + head",
+              ("densenet121",), ("relu",), "mhl", ATTENTION_DEFAULTS),
+    ModelSpec("rf", CLASSICAL, "Random forest",
+              "random forest on 67 per-cell shape, intensity and texture features (cellstudy.baseline)"),
+    ModelSpec("logreg", CLASSICAL, "Logistic regression",
+              "standardised logistic regression on the same features (cellstudy.baseline)"),
+)
+
+#: name -> record, every model.
+SPECS: dict[str, ModelSpec] = {s.name: s for s in CATALOGUE}
+#: The eleven networks' names, in the book's order.
+NETWORK_NAMES: tuple[str, ...] = tuple(s.name for s in CATALOGUE if s.is_network)
+#: The classical classifiers' names (cellstudy.baseline), in the book's order.
+CLASSIFIER_NAMES: tuple[str, ...] = tuple(s.name for s in CATALOGUE if not s.is_network)
+#: Every model's name in the book's order (networks, then the classifiers): table row order.
+ORDER: tuple[str, ...] = tuple(s.name for s in CATALOGUE)
+#: name -> family, every model.
+FAMILY: dict[str, str] = {s.name: s.family for s in CATALOGUE}
+#: name -> the paper's display name, every model.
+DISPLAY: dict[str, str] = {s.name: s.display for s in CATALOGUE}
+
+
+def spec(name: str) -> ModelSpec:
+    """The record of model ``name``; ValueError listing the known names otherwise."""
+    try:
+        return SPECS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown model {name!r}; expected one of {list(SPECS)}") from None
+
+
+def check_network(name: str) -> str:
+    """Return ``name`` if it is one of the eleven networks, else raise ValueError listing them."""
+    if name not in NETWORK_NAMES:
+        raise ValueError(f"unknown network {name!r}; expected one of {list(NETWORK_NAMES)}")
+    return name
+
+
+def display(name: str) -> str:
+    """The paper's name of ``name`` (the name itself for a model outside the catalogue)."""
+    return DISPLAY.get(name, name)
+
+
+def family(name: str, default: str = "other") -> str:
+    """The family of ``name`` (``default`` for a model outside the catalogue)."""
+    return FAMILY.get(name, default)
+
+
+def networks_of(family_name: str) -> list[str]:
+    """The networks of one family, in the book's order; ValueError for an unknown family."""
+    fams = [f for f in FAMILY_ORDER if f != CLASSICAL]
+    if family_name not in fams:
+        raise ValueError(f"unknown family {family_name!r}; expected one of {sorted(fams)}")
+    return [n for n in NETWORK_NAMES if FAMILY[n] == family_name]
+
+
+def ordered(names, order=ORDER) -> list[str]:
+    """The distinct ``names`` sorted by ``order`` (the book's order by default); names outside it
+    follow, alphabetically."""
+    rank = {n: i for i, n in enumerate(order)}
+    return sorted(set(names), key=lambda n: (rank.get(n, len(rank)), str(n)))

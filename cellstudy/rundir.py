@@ -1,0 +1,294 @@
+"""The run folder: every path and file name of a study run, and the questions asked of it.
+
+One owner for the layout. Modules and notebooks ask a :class:`Run` for a path instead of joining
+names themselves::
+
+    <run>/
+      study.yaml          the study config the runner ran        Run.study_config
+      scale.json          the resolved scale, written once       Run.scale_file / Run.scale()
+      provenance.json     config, scale, versions, checksums     Run.provenance
+      status.json         steps, timings, state                  Run.status
+      logs/<step>.log     a step's progress output               Run.log(step)
+      notebooks/<step>.ipynb  the executed notebooks             Run.executed(step)
+      screenshots/ book/  the browser check's pages, the book    Run.screenshots, Run.book
+      folds/<cohort>.csv  the run's folds (one per cohort)       Run.folds_file(cohort)
+      <step>/             what notebook <step> writes            Run.step(step)
+      training/<model>/fold<k>/                                  Run.fold(model, k) -> FoldDir
+          done.json | failed.json, zca.json, test_cells.csv,
+          model_<regime>.keras, proba_<regime>.npy, model.joblib (classical), ...
+
+No TensorFlow, no pandas: paths, JSON and the folder's state only.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import atomic, config
+
+#: A (model, fold) folder's markers: finished, failed.
+DONE = "done.json"
+FAILED = "failed.json"
+#: The fold's whitening (``augment.ZCAWhitening`` state, fitted on the fold's training cells).
+ZCA = "zca.json"
+#: The fold's test cells: cell_id, group, label.
+TEST_CELLS = "test_cells.csv"
+#: A classical classifier's fitted pipeline (cellstudy.baseline).
+CLASSIFIER_MODEL = "model.joblib"
+#: The training regimes (study.md section 6): short and long.
+REGIMES: tuple[str, ...] = ("short", "long")
+#: The run's resolved scale.
+SCALE_FILE = "scale.json"
+
+
+class RunFolderError(ValueError):
+    """The run folder does not hold what was asked for, or holds something else (another scale)."""
+
+
+def model_file(regime: str) -> str:
+    """``model_<regime>.keras``: a network's whole saved model at the end of ``regime``."""
+    if regime not in REGIMES:
+        raise ValueError(f"regime {regime!r}; expected one of {REGIMES}")
+    return f"model_{regime}.keras"
+
+
+def proba_file(regime: str) -> str:
+    """``proba_<regime>.npy``: the fold's test-cell probabilities, (n_test, n_classes) float32."""
+    if regime not in REGIMES:
+        raise ValueError(f"regime {regime!r}; expected one of {REGIMES}")
+    return f"proba_{regime}.npy"
+
+
+@dataclass(frozen=True)
+class FoldDir:
+    """One (model, fold) folder: ``<run>/training/<network>/fold<k>/``."""
+
+    path: Path
+    network: str
+    fold: int
+
+    @property
+    def done(self) -> Path:
+        return self.path / DONE
+
+    @property
+    def failed(self) -> Path:
+        return self.path / FAILED
+
+    @property
+    def zca(self) -> Path:
+        return self.path / ZCA
+
+    @property
+    def test_cells(self) -> Path:
+        return self.path / TEST_CELLS
+
+    @property
+    def classifier_model(self) -> Path:
+        return self.path / CLASSIFIER_MODEL
+
+    def model(self, regime: str) -> Path:
+        return self.path / model_file(regime)
+
+    def proba(self, regime: str) -> Path:
+        return self.path / proba_file(regime)
+
+    def is_finished(self) -> bool:
+        """``done.json`` or ``failed.json`` is there: the (model, fold) will not train further."""
+        return self.done.exists() or self.failed.exists()
+
+    def problem(self, regime: str | None = None, *, need_test_cells: bool = True,
+                classical: bool = False) -> dict[str, Any] | None:
+        """None when this fold can be used for ``regime`` (a network: done, its model for the
+        regime, its whitening and, with ``need_test_cells``, its test cells; a classical classifier:
+        done and its fitted model), else ``{"network", "fold", "status", "detail"}`` saying why not
+        (``status``: failed / unfinished / incomplete)."""
+        row = {"network": self.network, "fold": self.fold}
+        if self.failed.exists():
+            return {**row, "status": "failed", "detail": self.failed.read_text()[:200]}
+        if classical:
+            if not self.done.is_file() or not self.classifier_model.is_file():
+                return {**row, "status": "unfinished", "detail": f"no {DONE} or {CLASSIFIER_MODEL} in {self.path}"}
+            return None
+        model = self.model(regime or "long")
+        if not self.done.exists() or not model.exists():
+            return {**row, "status": "unfinished", "detail": f"no {DONE} or {model.name} in {self.path}"}
+        if not self.zca.exists():
+            return {**row, "status": "incomplete",
+                    "detail": f"{ZCA} missing in {self.path}: the fold's whitening is unknown"}
+        if need_test_cells and not self.test_cells.exists():
+            return {**row, "status": "incomplete", "detail": f"{TEST_CELLS} missing in {self.path}"}
+        return None
+
+    def read_done(self) -> dict[str, Any]:
+        """The parsed ``done.json``."""
+        return json.loads(self.done.read_text())
+
+
+def _fold_number(p: Path) -> int | None:
+    return int(p.name[4:]) if p.name.startswith("fold") and p.name[4:].isdigit() else None
+
+
+class Run:
+    """A run folder (it need not exist yet). ``Run(path)``; ``str(run)`` is the path."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.root)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    # -- files at the top ------------------------------------------------------------------------
+    @property
+    def study_config(self) -> Path:
+        return self.root / "study.yaml"
+
+    @property
+    def scale_file(self) -> Path:
+        return self.root / SCALE_FILE
+
+    @property
+    def provenance(self) -> Path:
+        return self.root / "provenance.json"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def notebooks(self) -> Path:
+        return self.root / "notebooks"
+
+    @property
+    def screenshots(self) -> Path:
+        return self.root / "screenshots"
+
+    @property
+    def training(self) -> Path:
+        return self.root / "training"
+
+    @property
+    def book(self) -> Path:
+        return self.root / "book"
+
+    def executed(self, step: str) -> Path:
+        """``<run>/notebooks/<step>.ipynb``: the executed copy of notebook ``step``."""
+        return self.notebooks / f"{step}.ipynb"
+
+    def log(self, step: str) -> Path:
+        """``<run>/logs/<step>.log``: a step's stream output, kept out of the book."""
+        return self.logs / f"{step}.log"
+
+    # -- steps and folds -------------------------------------------------------------------------
+    def step(self, step: str, create: bool = True) -> Path:
+        """``<run>/<step>/`` (created unless ``create`` is False): where notebook ``step`` writes."""
+        p = self.root / step
+        if create:
+            p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def folds_file(self, cohort: str, create: bool = True) -> Path:
+        """The run's folds file for ``cohort``: ``<run>/folds/<cohort>.csv`` (its folder created
+        unless ``create`` is False)."""
+        d = self.root / "folds"
+        if create:
+            d.mkdir(parents=True, exist_ok=True)
+        return d / f"{cohort}.csv"
+
+    def fold(self, network: str, fold: int, create: bool = False) -> FoldDir:
+        """The folder of ``network``'s fold ``fold`` (created with ``create``)."""
+        p = self.training / network / f"fold{int(fold)}"
+        if create:
+            p.mkdir(parents=True, exist_ok=True)
+        return FoldDir(p, network, int(fold))
+
+    def folds(self, network: str) -> list[FoldDir]:
+        """The fold folders of ``network`` that exist, by fold number."""
+        d = self.training / network
+        if not d.is_dir():
+            return []
+        ks = sorted(k for k in (_fold_number(p) for p in d.iterdir() if p.is_dir()) if k is not None)
+        return [self.fold(network, k) for k in ks]
+
+    def models(self) -> list[str]:
+        """The models (networks and classifiers) with a folder under ``training/``, in the
+        catalogue's order (others after, alphabetically)."""
+        from . import networks
+
+        if not self.training.is_dir():
+            return []
+        return networks.ordered(p.name for p in self.training.iterdir() if p.is_dir())
+
+    def all_folds(self) -> list[FoldDir]:
+        """Every fold folder of every model, in the catalogue's then the folds' order."""
+        return [fd for name in self.models() for fd in self.folds(name)]
+
+    def usable_folds(self, network: str, regime: str | None = None, *, need_test_cells: bool = True,
+                     classical: bool = False) -> tuple[list[FoldDir], list[dict[str, Any]]]:
+        """Which folds of ``network`` can be used for ``regime`` (:meth:`FoldDir.problem`), and a
+        note for each of the others; one "not trained" note when the network has no usable fold."""
+        found, notes = [], []
+        for fd in self.folds(network):
+            prob = fd.problem(regime, need_test_cells=need_test_cells, classical=classical)
+            (notes.append(prob) if prob else found.append(fd))
+        if not found and not notes:
+            d = self.training / network
+            detail = f"no folder {d}" if not d.is_dir() else f"no finished fold in {d}"
+            notes.append({"network": network, "fold": None, "status": "not trained", "detail": detail})
+        return found, notes
+
+    # -- the resolved scale ----------------------------------------------------------------------
+    def scale(self, name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The run's resolved scale. The first call writes ``scale.json`` (``name``, the
+        overrides, and every value resolved by ``config.get_scale``); later calls read it back and
+        check that ``name`` and ``overrides`` still resolve to the same values, so that one run never
+        mixes two scales (an edited scale in config.py, other overrides): RunFolderError naming the
+        file and the differing keys otherwise."""
+        resolved = config.get_scale(name, overrides)
+        if not self.scale_file.is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(self.scale_file, scale_record(name, overrides, resolved))
+            return resolved
+        rec = read_scale_file(self.scale_file)
+        stored = rec["values"]
+        now = json.loads(json.dumps(resolved))
+        if rec.get("name") != name or stored != now:
+            diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+            raise RunFolderError(
+                f"{self.scale_file} holds scale {rec.get('name')!r} with other values than scale {name!r} "
+                f"with overrides {overrides or {}} resolves to now (differing: {diff or ['the name']}); "
+                "a run keeps one scale: start a new run folder, or pass the scale and overrides it was made with")
+        return resolved
+
+
+def scale_record(name: str, overrides: dict[str, Any] | None, resolved: dict[str, Any]) -> dict[str, Any]:
+    """What ``scale.json`` holds: the scale's name, the overrides and the resolved values."""
+    return json.loads(json.dumps({"name": name, "overrides": overrides or {}, "values": resolved}))
+
+
+def read_scale_file(path: str | os.PathLike) -> dict[str, Any]:
+    """``scale.json`` parsed; RunFolderError naming the file when it is not one."""
+    p = Path(path)
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise RunFolderError(f"{p}: cannot read the run's resolved scale ({e})") from e
+    if not isinstance(rec, dict) or not isinstance(rec.get("values"), dict):
+        raise RunFolderError(f"{p}: expected {{'name', 'overrides', 'values'}} written by cellstudy")
+    return rec
+
+
+def as_run(run: "Run | str | os.PathLike") -> Run:
+    """``run`` as a :class:`Run` (a path or a Run)."""
+    return run if isinstance(run, Run) else Run(run)
+

@@ -1,0 +1,124 @@
+"""The run folder's owner (cellstudy.rundir) and the package's atomic writer (cellstudy.atomic)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cellstudy import atomic, config, rundir
+
+
+def _fold(run, name, k, *files):
+    fd = run.fold(name, k, create=True)
+    for f in files:
+        (fd.path / f).write_text("{}")
+    return fd
+
+
+def test_paths_of_a_run(tmp_path):
+    run = rundir.Run(tmp_path / "r")
+    assert not run.root.exists()
+    assert run.step("07_results") == tmp_path / "r" / "07_results" and run.root.is_dir()
+    assert run.step("08_xai", create=False) == tmp_path / "r" / "08_xai" and not (tmp_path / "r" / "08_xai").exists()
+    assert run.folds_file("bbbc021-paper") == tmp_path / "r" / "folds" / "bbbc021-paper.csv"
+    assert run.executed("00_cohort") == tmp_path / "r" / "notebooks" / "00_cohort.ipynb"
+    assert run.log("08_xai") == tmp_path / "r" / "logs" / "08_xai.log"
+    fd = run.fold("mhl", 3)
+    assert fd.path == tmp_path / "r" / "training" / "mhl" / "fold3" and not fd.path.exists()
+    assert (fd.done.name, fd.failed.name, fd.zca.name, fd.test_cells.name) == (
+        "done.json", "failed.json", "zca.json", "test_cells.csv")
+    assert fd.model("short").name == "model_short.keras" and fd.proba("long").name == "proba_long.npy"
+    with pytest.raises(ValueError, match="regime 'medium'"):
+        fd.model("medium")
+    assert os.fspath(run) == str(tmp_path / "r")
+
+
+def test_usable_folds_say_why_the_others_are_not(tmp_path):
+    run = rundir.Run(tmp_path)
+    _fold(run, "mhl", 0, "done.json", "model_long.keras", "zca.json", "test_cells.csv")
+    _fold(run, "mhl", 1, "failed.json")
+    _fold(run, "mhl", 2, "done.json", "model_short.keras", "zca.json", "test_cells.csv")   # no long model
+    _fold(run, "mhl", 3, "done.json", "model_long.keras", "test_cells.csv")                # no whitening
+    _fold(run, "mhl", 4, "done.json", "model_long.keras", "zca.json")                      # no test cells
+    (run.training / "mhl" / "foldx").mkdir()                                               # not a fold
+    ok, notes = run.usable_folds("mhl", "long")
+    assert [fd.fold for fd in ok] == [0]
+    assert [(n["fold"], n["status"]) for n in notes] == [(1, "failed"), (2, "unfinished"), (3, "incomplete"),
+                                                         (4, "incomplete")]
+    ok, notes = run.usable_folds("mhl", "long", need_test_cells=False)
+    assert [fd.fold for fd in ok] == [0, 4]
+    ok, notes = run.usable_folds("vit", "long")
+    assert ok == [] and notes == [{"network": "vit", "fold": None, "status": "not trained",
+                                   "detail": f"no folder {run.training / 'vit'}"}]
+    (run.training / "mhl_den").mkdir()
+    assert run.usable_folds("mhl_den", "long")[1][0]["status"] == "not trained"
+    # a classical classifier: done.json and its fitted model
+    _fold(run, "rf", 0, "done.json", "model.joblib")
+    _fold(run, "rf", 2, "done.json")
+    ok, notes = run.usable_folds("rf", classical=True)
+    assert [fd.fold for fd in ok] == [0] and [(n["fold"], n["status"]) for n in notes] == [(2, "unfinished")]
+    # every model folder in the catalogue's order, folds by number
+    _fold(run, "vgg16", 10)
+    _fold(run, "vgg16", 2)
+    assert run.models() == ["vgg16", "mhl", "mhl_den", "rf"]
+    assert [(fd.network, fd.fold) for fd in run.all_folds()][:3] == [("vgg16", 2), ("vgg16", 10), ("mhl", 0)]
+
+
+def test_scale_is_written_once_and_checked(tmp_path):
+    run = rundir.Run(tmp_path / "r")
+    sc = run.scale("ci", {"image_size": 48})
+    assert sc == config.get_scale("ci", {"image_size": 48})
+    rec = json.loads(run.scale_file.read_text())
+    assert rec["name"] == "ci" and rec["overrides"] == {"image_size": 48} and rec["values"]["image_size"] == 48
+    assert run.scale("ci", {"image_size": 48}) == sc            # read back, same values
+    with pytest.raises(rundir.RunFolderError, match=r"scale.json holds scale 'ci'.*differing: \['image_size'\]"):
+        run.scale("ci")
+    with pytest.raises(rundir.RunFolderError, match="differing: .*epochs_long"):
+        run.scale("cpu", {"image_size": 48})
+    # an edited scale (the same name resolving to other values) is refused too
+    rec["values"]["epochs_long"] = 99
+    run.scale_file.write_text(json.dumps(rec))
+    with pytest.raises(rundir.RunFolderError, match="epochs_long"):
+        run.scale("ci", {"image_size": 48})
+    run.scale_file.write_text("not json")
+    with pytest.raises(rundir.RunFolderError, match="cannot read the run's resolved scale"):
+        run.scale("ci", {"image_size": 48})
+
+
+def test_prepare_uses_the_runs_scale(tmp_path, shared_data):
+    from cellstudy import study
+
+    p = study.prepare("bbbc021-paper", "ci", tmp_path, data_root=str(shared_data), progress=False)
+    assert rundir.Run(tmp_path).scale_file.is_file() and p.scale == config.get_scale("ci")
+    with pytest.raises(rundir.RunFolderError, match="scale.json"):
+        study.prepare("bbbc021-paper", "ci", tmp_path, data_root=str(shared_data),
+                      overrides={"image_size": 64}, progress=False)
+
+
+def test_atomic_writes_are_whole_or_absent(tmp_path):
+    p = tmp_path / "sub" / "x.json"
+    atomic.write_json(p, {"a": np.int64(3), "b": np.float32(0.5), "c": np.arange(2), "d": tmp_path})
+    assert json.loads(p.read_text()) == {"a": 3, "b": 0.5, "c": [0, 1], "d": str(tmp_path)}
+    atomic.save_npy(tmp_path / "a.npy", np.eye(2))
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.eye(2))
+
+    def broken(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(atomic.OutputError, match=r"could not write .*x.json.*previous version"):
+        atomic.write(p, broken)
+    assert json.loads(p.read_text())["a"] == 3                          # the old file is intact
+    assert sorted(q.name for q in p.parent.iterdir()) == ["x.json"]     # no temporary left
+    with pytest.raises(TypeError, match="not JSON serialisable"):
+        atomic.write_json(tmp_path / "y.json", {"s": {1, 2}})
+
+
+def test_digest_includes_the_resolved_scale(monkeypatch):
+    from cellstudy import runner
+
+    cfg = runner.StudyConfig(name="t", cohort="bbbc021-paper", scale="ci", steps=["00_cohort"])
+    before = cfg.digest()
+    assert cfg.digest() == before
+    monkeypatch.setitem(config.SCALES["ci"], "epochs_long", 7)     # the scale edited in config.py
+    assert cfg.digest() != before
