@@ -80,7 +80,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import config, rundir, threads
+from . import atomic, config, rundir, threads
 from . import networks as catalogue
 
 STEP = "08_xai"
@@ -424,9 +424,7 @@ def _save_npz(path: Path, arrays: dict[str, Any], key: str) -> None:
     flat = {k: np.asarray(v) for k, v in arrays.items() if k != "seconds"}
     flat["__key__"] = np.asarray(key)
     flat["__seconds__"] = np.asarray(json.dumps(arrays.get("seconds", {})))
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **flat)
-    os.replace(tmp, path)
+    atomic.write(path, lambda f: np.savez_compressed(f, **flat))
 
 
 def _cache_is_current(path: Path, key: str) -> bool:

@@ -23,13 +23,14 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
+
+from . import atomic
 
 FOLDS_MAGIC = "# cellstudy-folds v1"
 
@@ -157,13 +158,7 @@ def save_folds(path: str | os.PathLike, cell_ids: Sequence[str], labels: Sequenc
     buf.write("# " + json.dumps(header, sort_keys=True) + "\n")
     pd.DataFrame({"cell_id": ids, "group": g, "label": y.astype(int), "fold": f}).to_csv(
         buf, index=False)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as fh:
-        fh.write(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, buf.getvalue())
 
 
 def read_folds(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]:

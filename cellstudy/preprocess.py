@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -34,6 +33,8 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 import SimpleITK as sitk
+
+from . import atomic
 
 #: The parameter names of :func:`preprocess_image` (the keys of a scale's "preprocess" dict).
 PARAM_NAMES: tuple[str, ...] = (
@@ -323,21 +324,6 @@ def cache_path(cache_dir: str | os.PathLike, params: dict[str, Any], size: int, 
     return sub / (hashlib.sha256(str(key).encode()).hexdigest()[:32] + ".npy")
 
 
-def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _try_load(path: Path, size: int) -> np.ndarray | None:
     """A cached array, or None when absent or unreadable / of the wrong shape (then recomputed)."""
     if not path.is_file():
@@ -434,7 +420,7 @@ def preprocess_batch(images: np.ndarray, keys: Sequence[str], size: int, params:
         meta = paths[todo[0]].parent / "params.json"
         if not meta.is_file():
             meta.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(meta, json.dumps({"version": CACHE_VERSION, "size": size,
+            atomic.write_text(meta, json.dumps({"version": CACHE_VERSION, "size": size,
                                                  "params": p}, indent=1, sort_keys=True))
     prog = _Progress(len(todo), f"preprocess (S={size})", progress and len(todo) > 0)
     done_by_key: dict[str, int] = {}
@@ -446,16 +432,9 @@ def preprocess_batch(images: np.ndarray, keys: Sequence[str], size: int, params:
             out[i] = preprocess_image(imgs[i], size, **p)
             done_by_key[k] = i
             if cache:
-                _atomic_save(paths[i], out[i])
+                atomic.save_npy(paths[i], out[i])
         prog.update(n)
     return out
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _default_cache_dir() -> Path:

@@ -5,7 +5,6 @@ checksums, git commit, hardware) so a result can be traced back to its inputs.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -15,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import ONEDNN_ENV, config, threads
+from . import ONEDNN_ENV, atomic, config, threads
 
 #: The packages whose versions are shown on the provenance page (all installed ones are stored).
 KEY_PACKAGES = (
@@ -90,10 +89,7 @@ def sha256_file(path: Path) -> str:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, default=str)
 
 
 def now() -> str:
