@@ -24,6 +24,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from . import seeds
+
 BORDER_MODE = cv2.BORDER_REFLECT_101
 INTERPOLATION = cv2.INTER_LINEAR
 
@@ -189,7 +191,7 @@ class ZCAWhitening:
 
 def fold_seed(seed: int, k: int) -> int:
     """The augmentation seed of fold ``k``: independent streams per (seed, fold)."""
-    return int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1)[0])
+    return seeds.int_seed(seed, "augment", k)
 
 
 def fold_arrays(images: np.ndarray, labels: np.ndarray, folds: np.ndarray, k: int,

@@ -97,7 +97,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from . import atomic, config, networks, rundir
+from . import atomic, config, networks, rundir, seeds
 
 __all__ = [
     "FEATURES_VERSION", "STAINS", "GROUPS", "FEATURE_NAMES", "FEATURE_GROUPS", "CLASSIFIERS",
@@ -606,7 +606,7 @@ def stain_importance(prepared, run_dir: str | Path, n_repeats: int = 10, seed: i
             for gi, g in enumerate(GROUPS):
                 cols = list(FEATURE_GROUPS[g])
                 for r in range(int(n_repeats)):
-                    rng = np.random.default_rng([int(seed), int(k), int(r), gi])
+                    rng = seeds.rng(seed, "permutation", k, r, gi)
                     xp = x.copy()
                     xp[cols] = x[cols].to_numpy()[rng.permutation(len(x))]
                     drops[g].append(base - _auc(y, model.predict_proba(xp)[:, 1]))

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import config
+from . import config, seeds
 from .data import (MANIFEST_DIR, DataError, decode_image, load_manifest,
                    sha256_file, verify_manifest)
 from .segment import SEGMENT_DEFAULTS, nucleus_table, segment_nuclei
@@ -259,7 +259,7 @@ def build_rxrx1_cells(root: str | Path | None = None, size: int = RXRX1_CROP_SIZ
         t = t[t["inside"].astype(bool)]
         n_inside = len(t)
         group = f"{r['experiment']}/{r['plate']}/{r['well_site']}"
-        rng = np.random.default_rng([int(seed), zlib.crc32(group.encode())])
+        rng = seeds.rng(seed, "cohort_cells", zlib.crc32(group.encode()))
         if n_inside > cap:
             t = t.loc[np.sort(rng.choice(t.index.to_numpy(), size=cap, replace=False))]
         shas = ";".join(sums(rel) for rel in rels)

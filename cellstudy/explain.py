@@ -80,7 +80,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import atomic, config, rundir, threads
+from . import atomic, config, rundir, seeds, threads
 from . import networks as catalogue
 
 STEP = "08_xai"
@@ -138,7 +138,7 @@ def select_cells(labels: np.ndarray, max_cells: int | None, seed: int, fold: int
     n = len(y)
     if max_cells is None or max_cells >= n:
         return np.arange(n)
-    rng = np.random.default_rng([int(seed), int(fold), 8])
+    rng = seeds.rng(seed, "xai_cells", fold)
     classes = np.unique(y)
     pools = {c: list(rng.permutation(np.flatnonzero(y == c))) for c in classes}
     chosen: list[int] = []

@@ -49,7 +49,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import ONEDNN_ENV, atomic, onednn_enabled, rundir, threads
+from . import ONEDNN_ENV, atomic, onednn_enabled, rundir, seeds, threads
 from .distribute import (StrategyInfo, op_determinism_enabled, precision_policy,
                          resolve_strategy, select_strategy, set_determinism)
 
@@ -87,8 +87,7 @@ class CheckpointMismatchError(TrainError):
 def epoch_seed(seed: int, epoch: int) -> int:
     """The shuffle seed of 0-based ``epoch`` for run seed ``seed``: a 31-bit int that depends on
     ``(seed, epoch)`` only (NumPy SeedSequence), so a resumed run reshuffles as the original."""
-    return int(np.random.SeedSequence([int(seed), int(epoch), 0x5EED]).generate_state(1)[0]
-               & 0x7FFFFFFF)
+    return seeds.int_seed(seed, "shuffle", epoch, bits=31)
 
 
 def _fmt_s(s: float) -> str:
