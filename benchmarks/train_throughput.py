@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pandas as pd  # noqa: E402
 
-from cellstudy import config, flops, models, train  # noqa: E402
+from cellstudy import benchmark, config, flops, models  # noqa: E402
 from cellstudy.models.describe import forward_time_ms  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     for size in a.sizes:
         for name in a.networks:
             t0 = time.perf_counter()
-            r = train.throughput(lambda: models.build(name, size), size=size, batch_size=a.batch,
+            r = benchmark.throughput(lambda: models.build(name, size), size=size, batch_size=a.batch,
                                  steps=a.steps, warmup=a.warmup)
             m = models.build(name, size)
             fwd = forward_time_ms(m)

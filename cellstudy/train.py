@@ -35,50 +35,30 @@ initialised weights and the optimiser's initial state instead of rebuilding.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import platform
 import statistics
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from . import ONEDNN_ENV, atomic, onednn_enabled, rundir, seeds, threads
+from . import ONEDNN_ENV, atomic, onednn_enabled, seeds, threads
+from . import checkpoints as ck
+from .checkpoints import (DONE, FAILED, HISTORY, HISTORY_COLUMNS, REGIMES,  # noqa: F401  (re-exported)
+                          CheckpointMismatchError, OutputError, TrainError, TrainResult, load_result)
 from .distribute import (StrategyInfo, op_determinism_enabled, precision_policy,
                          resolve_strategy, select_strategy, set_determinism)
 
 __all__ = [
     "TrainError", "OutputError", "CheckpointMismatchError", "TrainResult", "WeightResetter",
-    "train_fold", "make_train_dataset", "epoch_seed", "print_progress", "pipeline_overhead",
-    "throughput", "load_result", "select_strategy", "set_determinism", "precision_policy",
+    "train_fold", "make_train_dataset", "epoch_seed", "print_progress", "load_result", "select_strategy", "set_determinism", "precision_policy",
 ]
 
-REGIMES = ("short", "long")
-CHECKPOINT = "checkpoint.npz"
-CHECKPOINT_JSON = "checkpoint.json"
-DONE = rundir.DONE
-FAILED = rundir.FAILED
-HISTORY = "history.csv"
-HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "seconds", "images_per_s")
 FORMAT_VERSION = 1
-
-
-class TrainError(ValueError):
-    """A training run cannot start or go on (bad input, bad output folder, bad checkpoint)."""
-
-
-class OutputError(TrainError, atomic.OutputError):
-    """The output folder cannot be written (unwritable, not a folder, disk full)."""
-
-
-class CheckpointMismatchError(TrainError):
-    """A checkpoint / finished run in ``out_dir`` belongs to another network, size or setting."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,18 +113,6 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     atomic.save_npy(path, arr)
-
-
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    def w(f):
-        import io
-        s = io.StringIO()
-        wr = csv.DictWriter(s, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-        wr.writeheader()
-        for r in rows:
-            wr.writerow({k: r[k] for k in HISTORY_COLUMNS})
-        f.write(s.getvalue().encode())
-    atomic.write(path, w)
 
 
 def check_writable(out_dir: str | os.PathLike) -> Path:
@@ -219,29 +187,6 @@ def _test_dataset(x: np.ndarray, batch_size: int):
 # ---------------------------------------------------------------------------------------------
 # model state helpers
 # ---------------------------------------------------------------------------------------------
-def _state_variables(model) -> list:
-    """The model's own state: weights plus seed-generator (dropout RNG) states, in a stable
-    order. Excludes optimiser and metric variables."""
-    return list(model.variables)
-
-
-def _optimizer_variables(model) -> list:
-    opt = model.optimizer
-    return list(opt.variables) if opt is not None else []
-
-
-def _n_params(model) -> int:
-    return int(sum(int(np.prod(v.shape)) for v in model.weights))
-
-
-def _input_shape(model) -> list[int | None]:
-    shp = model.input_shape
-    if isinstance(shp, list):
-        raise TrainError(f"model {model.name!r} has {len(shp)} inputs; expected one "
-                         "(N, S, S, 3) image input")
-    return list(shp[1:])
-
-
 class WeightResetter:
     """Build a network once per process and reset it for every fold.
 
@@ -266,7 +211,7 @@ class WeightResetter:
         if self.model is None:
             t = time.perf_counter()
             self.model = self.build_fn()
-            self._init = [np.array(v.numpy()) for v in _state_variables(self.model)]
+            self._init = [np.array(v.numpy()) for v in ck.state_variables(self.model)]
             self.build_seconds = time.perf_counter() - t
             self.builds += 1
         else:
@@ -277,77 +222,13 @@ class WeightResetter:
         """Assign the stored initial state back to the model."""
         if self.model is None or self._init is None:
             raise TrainError("WeightResetter.reset() before the first build")
-        vars_ = _state_variables(self.model)
+        vars_ = ck.state_variables(self.model)
         if len(vars_) != len(self._init):
             raise TrainError(f"model {self.model.name!r} now has {len(vars_)} state variables, "
                              f"{len(self._init)} when first built; was it modified?")
         for v, a in zip(vars_, self._init):
             v.assign(a)
         self.resets += 1
-
-
-# ---------------------------------------------------------------------------------------------
-# results
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class TrainResult:
-    """What ``train_fold`` returns.
-
-    ``status``: ``"done"`` or ``"failed"``; ``proba``: regime -> (N_test, 2) float32 (a failed
-    run holds the regimes it finished); ``history``: list of per-epoch dicts
-    (``HISTORY_COLUMNS``); ``timings``: seconds (total, to short, per epoch, images/s);
-    ``skipped``: the run was already finished or failed on disk and was not re-run;
-    ``resumed_from``: epochs taken from a checkpoint; ``failure``: failed.json content."""
-
-    network: str
-    fold: int
-    status: str
-    out_dir: Path
-    proba: dict[str, np.ndarray] = field(default_factory=dict)
-    y_test: np.ndarray | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    timings: dict[str, Any] = field(default_factory=dict)
-    skipped: bool = False
-    resumed_from: int = 0
-    failure: dict[str, Any] | None = None
-    strategy: dict[str, Any] | None = None
-
-    @property
-    def failed(self) -> bool:
-        return self.status == "failed"
-
-    def history_frame(self):
-        import pandas as pd
-        return pd.DataFrame(self.history, columns=list(HISTORY_COLUMNS))
-
-
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            rows.append({"epoch": int(r["epoch"]), **{k: float(r[k]) for k in HISTORY_COLUMNS[1:]}})
-    return rows
-
-
-def load_result(out_dir: str | os.PathLike) -> TrainResult:
-    """Read a finished (``done.json``) or failed (``failed.json``) run back from its folder."""
-    out = Path(out_dir)
-    if (out / DONE).exists():
-        meta, status = json.loads((out / DONE).read_text()), "done"
-    elif (out / FAILED).exists():
-        meta, status = json.loads((out / FAILED).read_text()), "failed"
-    else:
-        raise FileNotFoundError(f"no {DONE} or {FAILED} in {out}: the run has not finished")
-    proba = {r: np.load(out / f"proba_{r}.npy") for r in REGIMES
-             if (out / f"proba_{r}.npy").exists()}
-    y = np.load(out / "y_test.npy") if (out / "y_test.npy").exists() else None
-    return TrainResult(network=meta.get("network"), fold=meta.get("fold"), status=status,
-                       out_dir=out, proba=proba, y_test=y, history=_read_history(out / HISTORY),
-                       timings=meta.get("timings", {}), skipped=True,
-                       failure=meta if status == "failed" else None,
-                       strategy=meta.get("strategy"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,72 +260,6 @@ def _check_arrays(x, y, what: str, network: str, fold: int) -> tuple[np.ndarray,
         bad = int((~np.isfinite(x)).reshape(len(x), -1).any(1).sum())
         raise TrainError(f"x_{what} for {where} has NaN/inf values in {bad} image(s)")
     return x, y.astype(np.int32)
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------------
-def _ckpt_identity(meta: dict[str, Any]) -> str:
-    shp = "x".join(str(s) for s in meta.get("input_shape", []))
-    return (f"network {meta.get('network')!r} (input {shp}, {meta.get('n_params')} parameters, "
-            f"fold {meta.get('fold')})")
-
-
-def _save_checkpoint(out: Path, model, meta: dict[str, Any]) -> None:
-    arrays = {f"m{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(_state_variables(model))}
-    arrays.update({f"o{i:05d}": np.asarray(v.numpy())
-                   for i, v in enumerate(_optimizer_variables(model))})
-    blob = json.dumps(meta, default=atomic.json_default)
-    atomic.write(out / CHECKPOINT, lambda f: np.savez(f, __meta__=np.array(blob), **arrays))
-    _write_json(out / CHECKPOINT_JSON, meta)
-
-
-def _read_checkpoint_meta(path: Path) -> dict[str, Any]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return json.loads(str(z["__meta__"]))
-    except Exception as e:  # noqa: BLE001 - a truncated / foreign file
-        raise CheckpointMismatchError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
-                                      f"{e}); delete it to start this run over") from e
-
-
-def _compare_meta(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
-    ident = ("network", "input_shape", "n_params")
-    if any(old.get(k) != new.get(k) for k in ident):
-        raise CheckpointMismatchError(
-            f"{path} was written by {_ckpt_identity(old)} but this run is "
-            f"{_ckpt_identity(new)}; use another out_dir or delete the old files")
-    keys = ("fold", "seed", "batch_size", "learning_rate", "momentum", "n_train", "n_test",
-            "epochs_short", "warmup_epochs")
-    defaults = {"warmup_epochs": 0}  # checkpoints written before the warm-up existed
-    diff = {k: (old.get(k, defaults.get(k)), new.get(k)) for k in keys
-            if old.get(k, defaults.get(k)) != new.get(k)}
-    if diff:
-        raise CheckpointMismatchError(
-            f"{path} ({_ckpt_identity(old)}) was written with other settings: "
-            + ", ".join(f"{k} {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
-            + "; use another out_dir or delete the old files")
-
-
-def _restore_checkpoint(path: Path, model, meta_now: dict[str, Any]) -> dict[str, Any]:
-    meta = _read_checkpoint_meta(path)
-    _compare_meta(path, meta, meta_now)
-    vars_m, vars_o = _state_variables(model), _optimizer_variables(model)
-    with np.load(path, allow_pickle=False) as z:
-        mk = sorted(k for k in z.files if k.startswith("m"))
-        ok = sorted(k for k in z.files if k.startswith("o"))
-        if len(mk) != len(vars_m) or len(ok) != len(vars_o):
-            raise CheckpointMismatchError(
-                f"checkpoint {path} holds {len(mk)} model / {len(ok)} optimiser variables; "
-                f"{_ckpt_identity(meta_now)} has {len(vars_m)} / {len(vars_o)}")
-        for v, k in zip(vars_m + vars_o, mk + ok):
-            a = z[k]
-            if tuple(a.shape) != tuple(v.shape):
-                raise CheckpointMismatchError(
-                    f"checkpoint {path} variable {k} has shape {a.shape}; {v.path} of "
-                    f"{_ckpt_identity(meta_now)} has {tuple(v.shape)}")
-            v.assign(a)
-    return meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,7 +308,7 @@ def _prepare_model(model, cfg: tuple, learning_rate, momentum, jit_compile, x_ex
     import keras
 
     if getattr(model, "_cellstudy_cfg", None) == cfg and model.optimizer is not None:
-        for v, a in zip(_optimizer_variables(model), model._cellstudy_opt_init):
+        for v, a in zip(ck.optimizer_variables(model), model._cellstudy_opt_init):
             v.assign(a)
         return True
     model.compile(optimizer=keras.optimizers.SGD(
@@ -502,7 +317,7 @@ def _prepare_model(model, cfg: tuple, learning_rate, momentum, jit_compile, x_ex
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                   jit_compile=bool(jit_compile))
     build_training_state(model, x_example, y_example)
-    model._cellstudy_opt_init = [np.array(v.numpy()) for v in _optimizer_variables(model)]
+    model._cellstudy_opt_init = [np.array(v.numpy()) for v in ck.optimizer_variables(model)]
     model._cellstudy_cfg = cfg
     return False
 
@@ -606,7 +421,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
             if (old.get("network"), old.get("fold"), old.get("input_shape")) != (
                     network_name, int(fold), list(x_train.shape[1:])):
                 raise CheckpointMismatchError(
-                    f"{p} belongs to {_ckpt_identity(old)}, not {_ckpt_identity(ident_now)}; "
+                    f"{p} belongs to {ck.identity(old)}, not {ck.identity(ident_now)}; "
                     "use another out_dir")
             emit({"event": "skipped", "network": network_name, "fold": fold,
                   "status": status, "path": str(p)})
@@ -628,7 +443,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
             if not isinstance(model, keras.Model):
                 raise TrainError(f"build_fn for {where} returned {type(model).__name__}; "
                                  "expected a keras.Model")
-            in_shape = _input_shape(model)
+            in_shape = ck.input_shape(model)
             if in_shape != list(x_train.shape[1:]):
                 raise TrainError(f"model {network_name!r} expects input {in_shape}; the images "
                                  f"of fold {fold} are {list(x_train.shape[1:])}")
@@ -643,7 +458,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
 
         meta = {
             "format": FORMAT_VERSION, "network": network_name, "fold": int(fold),
-            "input_shape": list(x_train.shape[1:]), "n_params": _n_params(model),
+            "input_shape": list(x_train.shape[1:]), "n_params": ck.n_params(model),
             "seed": int(seed), "batch_size": int(batch_size),
             "learning_rate": float(learning_rate), "momentum": float(momentum),
             "warmup_epochs": int(warmup_epochs), "n_train": int(len(x_train)), "n_test": int(len(x_test)),
@@ -656,9 +471,9 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
         history: list[dict[str, Any]] = []
         start_epoch = 0
         test_acc: dict[str, float] = {}
-        ckpt = out / CHECKPOINT
+        ckpt = out / ck.CHECKPOINT
         if ckpt.exists():
-            old = _restore_checkpoint(ckpt, model, meta)
+            old = ck.restore_checkpoint(ckpt, model, meta)
             start_epoch = int(old["epoch"])
             history = list(old.get("history", []))[:start_epoch]
             test_acc = dict(old.get("test_accuracy", {}))
@@ -670,7 +485,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
                 raise CheckpointMismatchError(
                     f"checkpoint {ckpt} is past the short regime (epoch {start_epoch}) but "
                     f"{out / 'proba_short.npy'} is missing; delete the folder to start over")
-            _write_history(out / HISTORY, history)
+            ck.write_history(out / HISTORY, history)
         _save_npy(out / "y_test.npy", y_test.astype(np.int64))
 
         emit({"event": "start", "network": network_name, "fold": fold,
@@ -720,7 +535,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
                 row = {"epoch": epoch + 1, "loss": loss, "accuracy": acc, "seconds": dt,
                        "images_per_s": n / dt if dt > 0 else float("nan")}
                 history.append(row)
-                _write_history(out / HISTORY, history)
+                ck.write_history(out / HISTORY, history)
                 done_s = [r["seconds"] for r in history[start_epoch:]]
                 # time left: mean of this session's epochs, the first (tracing) one excluded
                 per = statistics.mean(done_s[1:]) if len(done_s) > 1 else done_s[0]
@@ -735,7 +550,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
                 if epoch + 1 < epochs_long or keep_checkpoint:
                     # the last epoch's checkpoint would be deleted right after done.json: not
                     # written (a kill before done.json resumes from the previous epoch's)
-                    _save_checkpoint(out, model, {**meta, "epoch": epoch + 1, "history": history,
+                    ck.save_checkpoint(out, model, {**meta, "epoch": epoch + 1, "history": history,
                                                   "test_accuracy": test_acc})
         except _NaNStop as stop:
             failure = {**meta, "status": "failed", "reason": stop.reason,
@@ -770,7 +585,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_json(out / DONE, done)
     if not keep_checkpoint:
-        for p in (out / CHECKPOINT, out / CHECKPOINT_JSON):
+        for p in (out / ck.CHECKPOINT, out / ck.CHECKPOINT_JSON):
             p.unlink(missing_ok=True)
     emit({"event": "done", "network": network_name, "fold": fold, "seconds": total})
     res = load_result(out)
@@ -786,142 +601,3 @@ class _NaNStop(Exception):
         self.epoch = epoch
 
 
-# ---------------------------------------------------------------------------------------------
-# benchmarks
-# ---------------------------------------------------------------------------------------------
-def _compiled(build_fn, learning_rate=1e-3, momentum=0.9, jit_compile=False):
-    import keras
-    model = build_fn()
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=momentum),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                  jit_compile=bool(jit_compile))
-    return model
-
-
-def throughput(build_fn: Callable[[], Any], size: int | None = None, batch_size: int = 16,
-               steps: int = 10, warmup: int = 3, seed: int = 0,
-               mixed_precision: str | None = None, jit_compile: bool = False,
-               strategy: Any = None) -> dict[str, Any]:
-    """Training throughput of ``build_fn()``'s model: median over ``steps`` timed
-    ``train_on_batch`` calls (after ``warmup`` untimed ones, which include tracing) on one
-    random in-memory batch of shape (batch_size, size, size, 3).
-
-    Returns ``{"images_per_s", "step_s_median", "step_s": [...], "size", "batch_size"}``."""
-    import tensorflow as tf
-
-    set_determinism(seed)
-    sinfo = resolve_strategy(strategy)
-    with precision_policy(mixed_precision), sinfo.strategy.scope():
-        model = _compiled(build_fn, jit_compile=jit_compile)
-    s = _input_shape(model)[0] if size is None else int(size)
-    if _input_shape(model)[:2] != [s, s]:
-        raise TrainError(f"throughput: the model expects {_input_shape(model)}, size is {s}")
-    rng = np.random.default_rng(seed)
-    xb = tf.constant(rng.random((batch_size, s, s, 3), dtype=np.float32))
-    yb = tf.constant(np.arange(batch_size) % 2, dtype=tf.int32)
-    with sinfo.strategy.scope():
-        build_training_state(model, xb, yb)
-    for _ in range(warmup):
-        model.train_on_batch(xb, yb)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        model.train_on_batch(xb, yb)
-        times.append(time.perf_counter() - t)
-    med = statistics.median(times)
-    return {"images_per_s": batch_size / med, "step_s_median": med, "step_s": times,
-            "size": s, "batch_size": batch_size}
-
-
-def pipeline_overhead(build_fn: Callable[[], Any], x, y, batch_size: int = 16, steps: int = 20,
-                      warmup: int = 3, seed: int = 0, rounds: int = 2,
-                      cache: bool = True) -> dict[str, Any]:
-    """Cost of the input pipeline: median step time of ``model.fit`` on the real training
-    pipeline (``make_train_dataset``, repeated) vs ``model.train_on_batch`` on pre-sliced
-    in-memory batches (tensors made before timing), same model, after warm-up, alternating
-    ``rounds`` times. Steps are timed end to end (between consecutive batch ends).
-
-    x: (N, S, S, 3) float32; y: (N,) int. Returns ``{"pipeline_step_s", "memory_step_s",
-    "ratio"}`` (ratio = pipeline / memory; 1.05 means 5% overhead) and the raw times."""
-    import keras
-    import tensorflow as tf
-
-    x, y = _check_arrays(x, y, "bench", "pipeline_overhead", 0)
-    set_determinism(seed)
-    model = _compiled(build_fn)
-    build_training_state(model, x[:1], y[:1])
-    n = len(x)
-    nb = n // batch_size
-    if nb < 1:
-        raise TrainError(f"pipeline_overhead needs at least batch_size={batch_size} images, "
-                         f"got {n}")
-    batches = [(tf.constant(x[i * batch_size:(i + 1) * batch_size]),
-                tf.constant(y[i * batch_size:(i + 1) * batch_size]))
-               for i in range(nb)]
-
-    class _StepTimer(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.ends: list[float] = []
-
-        def on_train_batch_end(self, batch, logs=None):
-            if logs:  # force the step's results to be ready
-                [float(np.asarray(v)) for v in logs.values()]
-            self.ends.append(time.perf_counter())
-
-    pipe_t: list[float] = []
-    mem_t: list[float] = []
-    for r in range(rounds):
-        # pipeline: whole batches only, so every timed step has batch_size images
-        ds = _epoch_dataset(_base_dataset(x[:nb * batch_size], y[:nb * batch_size], cache),
-                            nb * batch_size, batch_size, seed, r).repeat()
-        timer = _StepTimer()
-        model.fit(ds, steps_per_epoch=warmup + steps, epochs=1, verbose=0, shuffle=False,
-                  callbacks=[timer])
-        d = np.diff(timer.ends)[warmup - 1:] if warmup >= 1 else np.diff(timer.ends)
-        pipe_t += [float(v) for v in d]
-        # in-memory
-        for i in range(warmup):
-            model.train_on_batch(*batches[i % nb])
-        for i in range(steps):
-            t = time.perf_counter()
-            model.train_on_batch(*batches[i % nb])
-            mem_t.append(time.perf_counter() - t)
-    p, m = statistics.median(pipe_t), statistics.median(mem_t)
-    return {"pipeline_step_s": p, "memory_step_s": m, "ratio": p / m,
-            "pipeline_times": pipe_t, "memory_times": mem_t, "batch_size": batch_size,
-            "image_shape": list(x.shape[1:])}
-
-
-def measure_reuse(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
-                  out_root: str | os.PathLike, batch_size: int = 16, seed: int = 0,
-                  **kwargs) -> dict[str, Any]:
-    """What ``WeightResetter`` saves: time to (build +) train one epoch + evaluate for a second
-    fold with a fresh build vs with the reused, reset model. Runs 3 tiny ``train_fold`` calls
-    (1 + 1 epochs each) under ``out_root``; returns seconds for each and the saving."""
-    out_root = Path(out_root)
-    common = dict(epochs_short=1, epochs_long=2, batch_size=batch_size, seed=seed,
-                  network_name="reuse-bench", **kwargs)
-    t = time.perf_counter()
-    train_fold(build_fn, x_train, y_train, x_test, y_test, out_root / "fresh0", fold=0, **common)
-    fresh_first = time.perf_counter() - t
-    t = time.perf_counter()
-    r_fresh = train_fold(build_fn, x_train, y_train, x_test, y_test, out_root / "fresh1", fold=1,
-                         **common)
-    fresh = time.perf_counter() - t
-    wr = WeightResetter(build_fn)
-    train_fold(wr, x_train, y_train, x_test, y_test, out_root / "reuse0", fold=0, **common)
-    t = time.perf_counter()
-    r_reuse = train_fold(wr, x_train, y_train, x_test, y_test, out_root / "reuse1", fold=1,
-                         **common)
-    reuse = time.perf_counter() - t
-    return {"fresh_first_run_s": fresh_first, "fresh_run_s": fresh, "reused_run_s": reuse,
-            "saved_s": fresh - reuse,
-            "fresh_first_epoch_s": r_fresh.history[0]["seconds"],
-            "reused_first_epoch_s": r_reuse.history[0]["seconds"],
-            "same_predictions": bool(np.array_equal(r_fresh.proba["long"],
-                                                    r_reuse.proba["long"]))}
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("cellstudy.train is a library; see train_fold")

@@ -14,7 +14,7 @@ import pytest
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-from cellstudy import train  # noqa: E402
+from cellstudy import benchmark, checkpoints, train  # noqa: E402
 from cellstudy.distribute import precision_policy, select_strategy  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -316,7 +316,7 @@ def test_training_step_is_traced_once(reference, tmp_path):
     np.testing.assert_array_equal(r.proba["long"], res.proba["long"])
     # what it avoids: the same model compiled the plain Keras way traces its step twice
     plain: list = []
-    model = train._compiled(_counting(tiny_cnn(), plain))
+    model = benchmark._compiled(_counting(tiny_cnn(), plain))
     model.fit(DATA[0], DATA[1], batch_size=8, epochs=1, verbose=0)
     assert len(plain) == 2
 
@@ -374,11 +374,11 @@ def test_epoch_seed_and_dataset_order():
 
 def test_benchmarks_return_sane_numbers():
     x, y = DATA[0][:32], DATA[1][:32]
-    po = train.pipeline_overhead(tiny_cnn(), x, y, batch_size=8, steps=6, warmup=2, rounds=1)
+    po = benchmark.pipeline_overhead(tiny_cnn(), x, y, batch_size=8, steps=6, warmup=2, rounds=1)
     assert po["pipeline_step_s"] > 0 and po["memory_step_s"] > 0
     assert po["ratio"] == pytest.approx(po["pipeline_step_s"] / po["memory_step_s"])
     assert len(po["pipeline_times"]) == 6 and len(po["memory_times"]) == 6
-    tp = train.throughput(tiny_cnn(), S, batch_size=8, steps=4, warmup=2)
+    tp = benchmark.throughput(tiny_cnn(), S, batch_size=8, steps=4, warmup=2)
     assert tp["images_per_s"] == pytest.approx(8 / tp["step_s_median"]) and tp["size"] == S
 
 
@@ -449,8 +449,8 @@ def test_last_epoch_checkpoint_is_written_only_when_kept(tmp_path, monkeypatch):
     """A finished run deletes its checkpoint, so the last epoch's is not written at all (it is
     the biggest file a fold writes); with keep_checkpoint=True it is, and holds the last epoch."""
     written = []
-    real = train._save_checkpoint
-    monkeypatch.setattr(train, "_save_checkpoint",
+    real = checkpoints.save_checkpoint
+    monkeypatch.setattr(checkpoints, "save_checkpoint",
                         lambda out, model, meta: (written.append(meta["epoch"]), real(out, model, meta)))
     train.train_fold(tiny_cnn(), *DATA, tmp_path / "a", network_name="tiny", fold=0, **COMMON)
     n_long = COMMON["epochs_long"]
@@ -458,7 +458,7 @@ def test_last_epoch_checkpoint_is_written_only_when_kept(tmp_path, monkeypatch):
     written.clear()
     train.train_fold(tiny_cnn(), *DATA, tmp_path / "b", network_name="tiny", fold=0, keep_checkpoint=True, **COMMON)
     assert written == list(range(1, n_long + 1))
-    assert train._read_checkpoint_meta(tmp_path / "b" / "checkpoint.npz")["epoch"] == n_long
+    assert checkpoints.read_checkpoint_meta(tmp_path / "b" / "checkpoint.npz")["epoch"] == n_long
 
 
 def test_explain_load_weights_reads_a_keras_archive_like_keras(tmp_path):
