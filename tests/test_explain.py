@@ -310,7 +310,7 @@ def test_explain_fold_and_summary_exclude_a_1x1_map():
                          faithfulness=pd.DataFrame(), channel_importance=pd.DataFrame(),
                          channel_importance_cells=pd.DataFrame(), gallery=pd.DataFrame(),
                          timings=pd.DataFrame(), images=x)
-    explain._summarise(res, 2, 0.5, 1e-3, 1)
+    explain.summarise(res, 2, 0.5, 1e-3, 1)
     ex = res.exclusions.set_index("map")
     assert ex.loc["coarse", "n_excluded"] == 6 and "below 2 x 2" in ex.loc["coarse", "reason"]
     assert ((res.missing.status == "excluded") & res.missing.detail.str.contains("coarse (1 x 1)", regex=False)).any()
