@@ -37,6 +37,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 from urllib.parse import unquote, urlparse
 
 __all__ = ["BrowserUnavailable", "PageCheck", "BookCheck", "find_chromium", "chromium_flags", "dump_dom",
@@ -46,6 +47,8 @@ __all__ = ["BrowserUnavailable", "PageCheck", "BookCheck", "find_chromium", "chr
 BASE_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
               "--hide-scrollbars", "--mute-audio")
+#: The findings page (cellstudy.findings), whose numbers the check compares with the run's CSVs.
+FINDINGS_PAGE = "findings.html"
 #: Pages of a Jupyter Book build that are not chapters.
 NON_CHAPTER_PAGES = ("genindex.html", "search.html", "py-modindex.html")
 #: Markers of an error output in a rendered notebook (MyST-NB / nbsphinx classes, Python tracebacks).
@@ -287,10 +290,13 @@ def _layout_problems(layout: dict | None) -> list[str]:
 
 
 def check_page(page: str | os.PathLike, out_dir: str | os.PathLike | None = None, chromium: str | None = None,
-               timeout: float = 120, window: tuple[int, int] = WINDOW) -> PageCheck:
+               timeout: float = 120, window: tuple[int, int] = WINDOW,
+               expect: Sequence[tuple[str, str]] = ()) -> PageCheck:
     """Open one HTML page in headless Chromium and check layout, figures, equations and error
     outputs (see the module docstring); with ``out_dir`` also save ``<out_dir>/<page stem>.png``.
-    ``window``: (width, height) of the window in CSS pixels (the layout is checked at its width)."""
+    ``window``: (width, height) of the window in CSS pixels (the layout is checked at its width).
+    ``expect``: ``(text, what)`` pairs: each text must be in the rendered page's text (e.g. the
+    findings page's numbers, recomputed from the run's CSVs), else a problem naming ``what``."""
     chromium = chromium or _require()
     page = Path(page).resolve()
     if not page.is_file():
@@ -342,6 +348,12 @@ def check_page(page: str | os.PathLike, out_dir: str | os.PathLike | None = None
                             "(is MathJax reachable offline?)")
     if "<mjx-merror" in dom or 'data-mjx-error' in dom:
         chk.problems.append("MathJax reported a TeX error (mjx-merror)")
+    # the texts the page must show (numbers recomputed from the run's files)
+    if expect:
+        text = " ".join(html_mod.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
+        for token, what in expect:
+            if token not in text:
+                chk.problems.append(f"the page does not show {what}")
     # no error outputs, no Python traceback text
     for marker in ERROR_MARKERS:
         if marker in dom:
@@ -353,7 +365,7 @@ def check_page(page: str | os.PathLike, out_dir: str | os.PathLike | None = None
 
 def check_book(html_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, pages=None,
                screenshot_pages=None, require: bool = False, timeout: float = 120,
-               window: tuple[int, int] = WINDOW) -> BookCheck:
+               window: tuple[int, int] = WINDOW, run_dir: str | os.PathLike | None = None) -> BookCheck:
     """Open every chapter page of a built book in headless Chromium and check it.
 
     html_dir: the build's ``_build/html`` folder. out_dir: where the screenshots go (e.g.
@@ -361,7 +373,9 @@ def check_book(html_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     :func:`chapter_pages`). screenshot_pages: which of them get a screenshot (default: all).
     require: raise :class:`BrowserUnavailable` when no Chromium is found; otherwise the report is
     returned with ``skipped`` set and ``ok`` None. window: (width, height) of the browser window
-    (default :data:`WINDOW`, 1280 x 1600; the layout is checked at its width).
+    (default :data:`WINDOW`, 1280 x 1600; the layout is checked at its width). run_dir: the run the
+    book was built from; with it the findings page must show every number
+    ``findings.findings_page`` computes from the run's CSVs now (``findings.expected_on_page``).
 
     Returns a :class:`BookCheck` (``ok``, ``problems``, ``screenshots``, ``summary()``).
     Raises FileNotFoundError when ``html_dir`` has no ``index.html`` or a named page is missing.
@@ -386,5 +400,9 @@ def check_book(html_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     shots = None if screenshot_pages is None else set(screenshot_pages)
     for f in files:
         target = out_dir if (out_dir is not None and (shots is None or f.name in shots)) else None
-        report.pages.append(check_page(f, target, chromium, timeout, window))
+        expect = ()
+        if run_dir is not None and f.name == FINDINGS_PAGE:
+            from .findings import expected_on_page
+            expect = expected_on_page(run_dir)
+        report.pages.append(check_page(f, target, chromium, timeout, window, expect))
     return report

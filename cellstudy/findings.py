@@ -398,6 +398,26 @@ def findings_figure(verdicts: pd.DataFrame):
     return fig
 
 
+def shown_as(value) -> str:
+    """How a recorded number of the findings page is written on it: a float with 3 decimals, an
+    int as is, a stain by its name (``STAIN_NAMES``)."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return STAIN_NAMES.get(str(value), str(value))
+
+
+def expected_on_page(run_dir: str | Path) -> list[tuple[str, str]]:
+    """What the rendered findings page must show, recomputed from the run's CSVs now:
+    ``[(text, "key = text from source"), ...]`` for every number :func:`findings_page` records
+    (the browser check looks for each text in the page)."""
+    nums = findings_page(run_dir)["numbers"]
+    return [(shown_as(v), f"{k} = {shown_as(v)} (from {src})") for k, (v, src) in nums.items()]
+
+
 def write_findings_page(run_dir: str | Path, book_dir: str | Path) -> Path:
     """Write ``findings.md`` and ``findings_auc.png`` into ``book_dir`` (the assembled book) and
     ``findings_numbers.json`` beside it; returns the page's path."""

@@ -525,7 +525,7 @@ def run_study(
         status["book"] = str(index)
         from .browser import check_book
         echo("checking the book in headless Chromium ...")
-        check = check_book(index.parent, run.screenshots)
+        check = check_book(index.parent, run.screenshots, run_dir=run_dir)
         status["browser_check"] = {"ok": check.ok, "skipped": check.skipped, "problems": check.problems,
                                    "screenshots": [str(p) for p in check.screenshots]}
         echo(check.summary())

@@ -108,6 +108,17 @@ def test_checker_passes_a_good_page_and_catches_missing_figure_untypeset_math_an
         assert (w, h) == (1280, 1600) and p.screenshot.stat().st_size > 5_000
 
 
+def test_findings_page_must_show_the_runs_numbers(handmade_book, tmp_path):
+    # the check recomputes the findings from the run's CSVs and looks for each number on the page
+    _need_chromium()
+    (handmade_book / "findings.html").write_text(_PAGE.format(
+        head="", title="findings", body="<p>MHL, AUC <strong>0.912</strong>; 3 of 4 networks</p>"))
+    ok = browser.check_page(handmade_book / "findings.html", expect=[("0.912", "best = 0.912"), ("3", "n = 3")])
+    assert ok.ok, ok.problems
+    bad = browser.check_page(handmade_book / "findings.html", expect=[("0.913", "best_MHL = 0.913 (from x.csv)")])
+    assert bad.problems == ["the page does not show best_MHL = 0.913 (from x.csv)"]
+
+
 def test_image_is_constant_decodes_the_file(tmp_path):
     from PIL import Image
     Image.new("RGBA", (8, 8), (10, 20, 30, 255)).save(tmp_path / "one.png")

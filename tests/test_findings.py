@@ -128,3 +128,16 @@ def test_findings_page_states_missing_parts_and_quick_scale(tmp_path):
     (run / "07_results" / "verdicts_long.csv").unlink()
     with pytest.raises(FileNotFoundError, match="verdicts_long.csv"):
         findings.findings_page(run)
+
+
+def test_expected_on_page_is_what_the_page_writes(tmp_path):
+    # every recorded number, as the page writes it, is in the page's markdown; a stain by its name
+    run = _fake_run(tmp_path)
+    md = findings.findings_page(run)["markdown"]
+    exp = findings.expected_on_page(run)
+    assert len(exp) == len(findings.findings_page(run)["numbers"]) and exp
+    for token, what in exp:
+        assert token in md, what
+    assert ("0.912", "external_best_network = 0.912 (from external_metrics.csv:auc/mhl)") in exp
+    assert findings.shown_as(0.5) == "0.500" and findings.shown_as(3) == "3"
+    assert findings.shown_as("actin") == findings.STAIN_NAMES["actin"]
