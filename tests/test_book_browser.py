@@ -149,7 +149,7 @@ def test_every_chapter_of_the_ci_book_renders_with_figures_and_equations(ci_run)
     _need_chromium()
     html = ci_run / "book" / "_build" / "html"
     shots = ci_run / "screenshots"
-    report = browser.check_book(html, shots)
+    report = browser.check_book(html, shots, run_dir=ci_run)   # the findings page's numbers vs the CSVs too
     print(report.summary())
     assert report.ok, report.summary()
     pages = {p.page: p for p in report.pages}
@@ -157,7 +157,7 @@ def test_every_chapter_of_the_ci_book_renders_with_figures_and_equations(ci_run)
     for step in cfg.steps:  # every notebook chapter has its figures
         assert f"{step}.html" in pages, f"{step} was not checked"
         assert pages[f"{step}.html"].images >= 1, f"{step} shows no figure"
-    for page in ("intro.html", "provenance.html"):
+    for page in ("intro.html", "provenance.html", "findings.html"):
         assert page in pages
     with_math = [p for p in report.pages if p.math_expected]
     assert with_math, "no chapter has an equation"
