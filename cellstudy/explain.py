@@ -326,7 +326,7 @@ def _explain_network(coh: _Cohort, name: str, ks: Sequence[int], params: XaiPara
     explanation, timing row)`` after each. One model object per network: later folds load their
     weights into it, so the traced Grad-CAM / IG / occlusion / forward functions (cached per model
     object) are reused instead of being traced again for every fold."""
-    import keras
+    from .models import load as load_saved
 
     from . import augment
 
@@ -342,7 +342,7 @@ def _explain_network(coh: _Cohort, name: str, ks: Sequence[int], params: XaiPara
             reused = model is not None
             model_path = plan["model_path"]
             if model is None:
-                model = keras.saving.load_model(model_path, compile=False)
+                model = load_saved(model_path)
             else:  # same network and size: a mismatching file raises in load_weights
                 load_weights(model, model_path)
             in_hw = tuple(model.inputs[0].shape[1:3])

@@ -332,11 +332,8 @@ def _network_probas(name: str, folds: list[tuple[int, Path]], regime: str, image
     """Per-fold (N, 2) probabilities of one network: one model object, loaded from the first
     fold's archive; later folds load their weights into it. An unreadable fold becomes a note; a
     model of another input size raises ValueError."""
-    import keras
-
-    import cellstudy.models  # noqa: F401  (registers the custom layers for load_model)
-
     from .explain import load_weights
+    from .models import load as load_saved
 
     S = images.shape[1]
     model, used, probas = None, [], []
@@ -345,7 +342,7 @@ def _network_probas(name: str, folds: list[tuple[int, Path]], regime: str, image
         t0 = time.perf_counter()
         try:
             if model is None:
-                model = keras.saving.load_model(path, compile=False)
+                model = load_saved(path)
             else:
                 load_weights(model, path)
         except Exception as e:  # unreadable or mismatching archive: note it, score the other folds

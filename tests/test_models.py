@@ -408,3 +408,24 @@ def test_registry_is_the_catalogues():
     assert all(M.gradcam_layers(n) == list(networks.spec(n).gradcam_last) for n in networks.NETWORK_NAMES)
     with pytest.raises(ValueError, match="unknown network 'rf'"):
         M.build("rf", 32)
+
+
+def test_load_needs_no_knowledge_of_custom_layers(tmp_path):
+    # a saved RGB-family network (custom ChannelSlice) loads through models.load, in a fresh
+    # process that never imported cellstudy.models itself
+    import subprocess
+    import sys
+
+    m = M.build("rgb", 32)
+    p = tmp_path / "rgb.keras"
+    m.save(p)
+    code = ("import numpy as np; from cellstudy.models import load; m = load(%r); "
+            "print(m.name, m(np.zeros((1, 32, 32, 3), 'float32')).shape)" % str(p))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("rgb (1, 2)")
+    with pytest.raises(FileNotFoundError, match="no saved model at .*nothing.keras"):
+        M.load(tmp_path / "nothing.keras")
+    (tmp_path / "x.keras").write_text("not a zip")
+    with pytest.raises(ValueError, match="is not a Keras model archive"):
+        M.load(tmp_path / "x.keras")

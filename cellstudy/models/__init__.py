@@ -29,9 +29,9 @@ Parameters (``**params``; unknown keys are rejected):
 
 ``weights``: None (random initialisation) or a local ``.h5`` / ``.weights.h5`` file of backbone
 weights (for ``denres131`` a mapping ``{"resnet50": path, "densenet121": path}``). Nothing is ever
-downloaded. Saved models load with ``keras.saving.load_model(path)`` after
-``import cellstudy.models`` (two custom layers are registered: ``ChannelSlice``,
-``PositionEmbedding``).
+downloaded. ``load(path)`` loads any saved network of the study (its two custom layers,
+``ChannelSlice`` and ``PositionEmbedding``, are registered when this module is imported; plain
+``keras.saving.load_model`` fails with "Could not locate class 'ChannelSlice'" without it).
 """
 from __future__ import annotations
 
@@ -147,6 +147,24 @@ _BUILDERS = {
     "rgb": build_rgb,
     "mhl": build_mhl,
 }
+
+
+def load(path, compile: bool = False) -> keras.Model:
+    """Load a saved network of the study (``model_<regime>.keras`` of a run's fold folder, or any
+    ``.keras`` file ``build`` made) with its custom layers; ``compile=False`` (default) for
+    prediction and explanation. FileNotFoundError naming the path when there is no such file;
+    ValueError naming it when the file is not a Keras model archive."""
+    import zipfile
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no saved model at {p}; expected a .keras file, e.g. "
+                                "<run>/training/<network>/fold<k>/model_long.keras")
+    if p.suffix != ".keras" or not zipfile.is_zipfile(p):
+        raise ValueError(f"{p} is not a Keras model archive (.keras); expected a file written by "
+                         "model.save(...) or cellstudy.train")
+    return keras.saving.load_model(p, compile=compile)
 
 
 def _check_weights(name, weights, sha) -> None:
@@ -297,6 +315,6 @@ GRADCAM_CANDIDATES.update({n: tuple(tuple(c[0] for c in cands) for _, _, cands i
 
 from .describe import describe, stage_table, token_grid  # noqa: E402
 
-__all__ = ["NETWORKS", "FAMILIES", "BACKBONE_OF", "GRADCAM_CANDIDATES", "build", "gradcam_layers",
+__all__ = ["NETWORKS", "FAMILIES", "BACKBONE_OF", "GRADCAM_CANDIDATES", "build", "load", "gradcam_layers",
            "gradcam_table", "describe", "stage_table", "token_grid", "valid_params", "input_hw",
            "check_name", "classification_head", "ChannelSlice", "PositionEmbedding", "backbones"]
