@@ -10,7 +10,12 @@ Spec: ``study.md`` section 9 (paper section 3.3, Table 3). Pure NumPy / SciPy / 
 * :func:`corrected_resampled_ttest` (Nadeau & Bengio 2003), :func:`paired_effect_size`
   (Cohen's d_z with a noncentral-t interval), :func:`paired_network_comparisons` - paired
   comparisons that use the shared folds.
-* :func:`minimum_detectable_effect`, :func:`power_statement` - what k = 5 folds can support.
+* :func:`table3_tests` - the assembly of the paper's Table 3 for a run: every pair of families,
+  a family the run lacks reported instead of failing, Bonferroni over all pairs.
+* :func:`naive_paired_p` - the plain paired t-test's p for a comparison of
+  :func:`paired_network_comparisons`, for contrast with the corrected one.
+* :func:`minimum_detectable_effect`, :func:`minimum_detectable_effect_or_nan`,
+  :func:`minimum_detectable_effect_table`, :func:`power_statement` - what k = 5 folds can support.
 
 The per-fold input is the tidy results table of :func:`cellstudy.metrics.tidy_metrics`: columns
 ``network, family, fold, regime, metric, value``.
@@ -32,13 +37,17 @@ __all__ = [
     "TEST_METRICS",
     "welch_family_tests",
     "table3",
+    "table3_tests",
     "shapiro_then_correlate",
     "zscore",
     "describe",
     "corrected_resampled_ttest",
     "paired_effect_size",
     "paired_network_comparisons",
+    "naive_paired_p",
     "minimum_detectable_effect",
+    "minimum_detectable_effect_or_nan",
+    "minimum_detectable_effect_table",
     "power_statement",
 ]
 
@@ -174,6 +183,71 @@ def table3(welch: pd.DataFrame, regime: str, digits: int = 3) -> pd.DataFrame:
     wide["threshold"] = float(sub["threshold"].iloc[0])
     wide.columns.name = None
     return wide
+
+
+def table3_tests(
+    per_fold: pd.DataFrame,
+    families: Sequence[str] = FAMILIES,
+    metrics: Sequence[str] = TEST_METRICS,
+    alpha: float = 0.05,
+) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """The Welch tests behind the paper's Table 3 (paper section 3.3; ``study.md`` section 9) for a
+    run that may lack some families, with Bonferroni over ALL pairs of ``families``.
+
+    ``per_fold``: the tidy table of :func:`cellstudy.metrics.tidy_metrics` (columns ``network,
+    family, fold, regime, metric, value``; other metrics may be present), possibly empty (then
+    without columns: every pair is reported as not computed).
+    ``families``: the families of the table, e.g. :data:`FAMILIES` or ``FAMILIES + ("Classical",)``;
+    their ``m = C(len(families), 2)`` pairs are the family of tests. Each pair whose two families
+    both have results is tested with :func:`welch_family_tests` (per regime and metric); a pair
+    with a family absent from ``per_fold`` gets rows with ``n_a = n_b = 0`` and NaN statistics
+    (one per regime of ``per_fold`` and metric) and is reported as not computed. Then, over the m
+    pairs (whether computed or not, so the threshold means the same at every scale):
+    ``threshold = alpha / m``, ``p_bonferroni = min(1, m p)``, ``significant = p < alpha / m``.
+
+    Returns ``(welch, not_computed)``: ``welch`` has :func:`welch_family_tests`' columns (one row per
+    regime x metric x pair; empty without regimes); ``not_computed`` is a list of ``{"what",
+    "why"}``: first the pairs with a missing family (in pair order), then every computed pair,
+    metric and regime whose p is NaN (fewer than 2 values or no variance in both families;
+    sorted by regime, metric, family_a, family_b).
+    """
+    if not isinstance(per_fold, pd.DataFrame):
+        raise ValueError(f"per_fold must be a pandas DataFrame, got {type(per_fold).__name__}")
+    if len(per_fold):  # an empty table (a run without results) may lack the columns
+        _check_per_fold(per_fold)
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    families = list(families)
+    if len(families) < 2 or len(set(families)) != len(families):
+        raise ValueError(f"families must name at least 2 distinct families, got {families}")
+    present = set(per_fold["family"]) if len(per_fold) else set()
+    regimes = list(dict.fromkeys(per_fold["regime"])) if len(per_fold) else []
+    pairs = list(itertools.combinations(families, 2))
+    m = len(pairs)
+    rows: list[dict[str, Any]] = []
+    not_computed: list[dict[str, str]] = []
+    for fa, fb in pairs:
+        if fa not in present or fb not in present or not regimes:
+            missing = [f for f in (fa, fb) if f not in present]
+            not_computed.append({"what": f"Welch {fa} vs {fb}",
+                                 "why": f"family {', '.join(missing)} has no results in this run"})
+            for regime in regimes:
+                for metric in metrics:
+                    rows.append({"regime": regime, "metric": metric, "family_a": fa, "family_b": fb,
+                                 "n_a": 0, "n_b": 0, "t": np.nan, "df": np.nan, "p": np.nan})
+            continue
+        w = welch_family_tests(per_fold, families=[fa, fb], metrics=metrics, alpha=alpha)
+        rows += w.to_dict("records")
+    welch = pd.DataFrame(rows)
+    if len(welch):
+        welch["threshold"] = alpha / m
+        welch["p_bonferroni"] = np.minimum(1.0, welch["p"] * m)
+        welch["significant"] = welch["p"] < alpha / m
+        for (r, met, a, b), g in welch.groupby(["regime", "metric", "family_a", "family_b"]):
+            if g["n_a"].iloc[0] and g["n_b"].iloc[0] and not np.isfinite(g["p"].iloc[0]):
+                not_computed.append({"what": f"Welch {a} vs {b}, {met}, {r}",
+                                     "why": "fewer than 2 values or no variance in both families"})
+    return welch, not_computed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +505,28 @@ def paired_network_comparisons(
     return pd.DataFrame(rows).reindex(columns=cols)
 
 
+def naive_paired_p(t_corrected: Any, k: Any, ratio: float) -> np.ndarray:
+    """The p-value the plain paired t-test would give for a comparison whose Nadeau-Bengio
+    corrected t (:func:`corrected_resampled_ttest`, as in :func:`paired_network_comparisons`'
+    ``t`` and ``k`` columns) is ``t_corrected``.
+
+    Both tests divide the mean difference by a standard error from the same sample variance
+    ``s_d^2``; the corrected one uses ``(1/k + ratio) s_d^2``, the plain one ``s_d^2 / k``, so
+    ``t_plain = t_corrected * sqrt((1/k + ratio) * k)`` and ``p = 2 P(T_{k-1} > |t_plain|)``
+    (equal to ``scipy.stats.ttest_rel`` on the same folds). ``t_corrected``, ``k``: scalars or
+    ``(n,)`` arrays (broadcast); ``ratio``: the n_test/n_train the corrected t was computed with
+    (>= 0; 0 gives back the corrected p). Returns float64 p-values with the broadcast shape; NaN
+    where ``t_corrected`` is NaN.
+    """
+    t = np.asarray(t_corrected, dtype=np.float64)
+    kk = np.asarray(k, dtype=np.float64)
+    if np.any(kk < 2) or np.any(kk != np.round(kk)):
+        raise ValueError(f"k must be integers >= 2 (the shared folds), got {k}")
+    if not ratio >= 0:
+        raise ValueError(f"ratio (n_test/n_train) must be >= 0, got {ratio}")
+    return 2 * sps.t.sf(np.abs(t) * np.sqrt((1 / kk + ratio) * kk), kk - 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # what n = 5 folds can support
 # ---------------------------------------------------------------------------------------------
@@ -467,6 +563,51 @@ def minimum_detectable_effect(
     while pw(hi) < power:
         hi *= 2
     return float(optimize.brentq(lambda dz: pw(dz) - power, 0.0, hi, xtol=1e-10))
+
+
+def minimum_detectable_effect_or_nan(
+    k: int, alpha: float = 0.05, power: float = 0.8, ratio: float | None = 0.0
+) -> tuple[float, str]:
+    """:func:`minimum_detectable_effect`, or NaN with the reason when it cannot be computed.
+
+    Returns ``(d_z, "")`` or ``(nan, message of the ValueError)``, e.g. for k < 2 or an alpha
+    outside (0, 1), so a chapter can report the gap instead of stopping.
+    """
+    try:
+        return minimum_detectable_effect(k, alpha, power, ratio), ""
+    except ValueError as e:
+        return math.nan, str(e)
+
+
+def minimum_detectable_effect_table(
+    ks: Sequence[int] = (3, 4, 5, 10),
+    alphas: Sequence[float] = (0.05, 0.05 / 3),
+    power: float = 0.8,
+    k_run: int | None = None,
+    ratio_run: float | None = None,
+) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """Minimum detectable standardised paired effect d_z for several fold counts and levels.
+
+    One row per ``k`` in ``ks`` and ``alpha`` in ``alphas`` (index ``["folds k", "alpha"]``), with
+    columns ``"d_z, plain paired t"`` (ratio 0) and ``"d_z, Nadeau-Bengio"``: the corrected test
+    with ``ratio_run`` (this run's n_test/n_train) where ``k == k_run``, else the k-fold ratio
+    1/(k-1). Two-sided tests at power ``power`` (:func:`minimum_detectable_effect`); a value that
+    cannot be computed is NaN and listed in the returned ``not_computed`` (``{"what", "why"}``,
+    in row order, plain before corrected).
+    """
+    rows, not_computed = [], []
+
+    def one(k: int, a: float, ratio: float | None) -> float:
+        v, why = minimum_detectable_effect_or_nan(k, a, power, ratio)
+        if why:
+            not_computed.append({"what": f"minimum detectable effect, k = {k}, alpha = {a:.4g}", "why": why})
+        return v
+
+    for k in ks:
+        for a in alphas:
+            rows.append({"folds k": k, "alpha": a, "d_z, plain paired t": one(k, a, 0.0),
+                         "d_z, Nadeau-Bengio": one(k, a, ratio_run if k == k_run else None)})
+    return pd.DataFrame(rows).set_index(["folds k", "alpha"]), not_computed
 
 
 def power_statement(

@@ -275,3 +275,95 @@ def test_minimum_detectable_effect_small_k_does_not_crash():
         for alpha in (0.05, 0.05 / 3):
             d = S.minimum_detectable_effect(k=k, alpha=alpha, ratio=None)
             assert np.isfinite(d) and d > S.minimum_detectable_effect(k=k + 1, alpha=alpha, ratio=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 3 assembly, the naive paired p, the minimum-detectable-effect table (from 09_statistics)
+# ---------------------------------------------------------------------------------------------
+def test_table3_tests_missing_family_and_bonferroni_over_all_pairs():
+    pf = make_per_fold()
+    # a constant family in one (regime, metric): Welch undefined there
+    pf.loc[(pf.family == "MHL") & (pf.regime == "long") & (pf.metric == "auc_macro"), "value"] = 0.5
+    pf.loc[(pf.family == "RGB") & (pf.regime == "long") & (pf.metric == "auc_macro"), "value"] = 0.75  # exact in binary: variance 0
+    fams = ("DL", "RGB", "MHL", "Classical")  # Classical has no results: 3 of 6 pairs missing
+    welch, nc = S.table3_tests(pf, families=fams, metrics=("recall_macro", "auc_macro"), alpha=0.05)
+    assert len(welch) == 6 * 2 * 2  # pairs x regimes x metrics, missing pairs included
+    assert [d["what"] for d in nc] == ["Welch DL vs Classical", "Welch RGB vs Classical", "Welch MHL vs Classical",
+                                       "Welch RGB vs MHL, auc_macro, long"]
+    assert nc[0]["why"] == "family Classical has no results in this run"
+    assert np.allclose(welch["threshold"], 0.05 / 6)
+    missing = welch[welch.family_b == "Classical"]
+    assert (missing[["n_a", "n_b"]] == 0).all().all() and missing["p"].isna().all()
+    assert not missing["significant"].any()
+    done = welch[welch.family_b != "Classical"].dropna(subset=["p"])
+    assert len(done) == 3 * 2 * 2 - 1
+    for r in done.itertuples():
+        sel = (pf.regime == r.regime) & (pf.metric == r.metric)
+        a = pf.loc[sel & (pf.family == r.family_a), "value"]
+        b = pf.loc[sel & (pf.family == r.family_b), "value"]
+        ref = sps.ttest_ind(a, b, equal_var=False)
+        assert (r.t, r.p) == pytest.approx((ref.statistic, ref.pvalue), rel=1e-10)
+        assert r.p_bonferroni == pytest.approx(min(1.0, 6 * ref.pvalue))
+        assert r.significant == (ref.pvalue < 0.05 / 6)
+    # the paper's layout reads it: the missing pairs are "n/a", the threshold is over 6 pairs
+    t3 = S.table3(welch, "short")
+    assert (t3["DL vs Classical"] == "n/a").all() and t3["threshold"].iloc[0] == pytest.approx(0.05 / 6)
+
+
+def test_table3_tests_empty_run_and_bad_input():
+    empty = pd.DataFrame(columns=["network", "family", "fold", "regime", "metric", "value"])
+    for run_without_results in (empty, pd.DataFrame()):
+        welch, nc = S.table3_tests(run_without_results)
+        assert welch.empty and len(nc) == 3
+    assert nc[0] == {"what": "Welch DL vs RGB", "why": "family DL, RGB has no results in this run"}
+    with pytest.raises(ValueError, match="alpha"):
+        S.table3_tests(make_per_fold(), alpha=1.5)
+    with pytest.raises(ValueError, match="distinct"):
+        S.table3_tests(make_per_fold(), families=("DL", "DL"))
+
+
+def test_naive_paired_p_equals_scipy_ttest_rel():
+    rng = np.random.default_rng(3)
+    ts, ks, refs = [], [], []
+    for k in (3, 5, 8):
+        a = rng.normal(0.85, 0.03, k)
+        b = a - rng.normal(0.02, 0.02, k)
+        corrected = S.corrected_resampled_ttest(a, b, n_train=176, n_test=44)
+        ts.append(corrected["t"])
+        ks.append(k)
+        refs.append(sps.ttest_rel(a, b).pvalue)
+        assert float(S.naive_paired_p(corrected["t"], k, 44 / 176)) == pytest.approx(refs[-1], rel=1e-9)
+        assert refs[-1] < corrected["p"]  # the plain test is the more liberal one
+    assert S.naive_paired_p(ts, ks, 44 / 176) == pytest.approx(refs, rel=1e-9)  # vectorised
+    assert np.isnan(S.naive_paired_p(np.nan, 5, 0.25))
+    with pytest.raises(ValueError, match="k must be"):
+        S.naive_paired_p(1.0, 1, 0.25)
+    with pytest.raises(ValueError, match="ratio"):
+        S.naive_paired_p(1.0, 5, -0.1)
+
+
+def _power(dz, k, alpha, ratio):
+    """Two-sided power of the (corrected) paired t-test, written out with SciPy's noncentral t."""
+    crit = sps.t.ppf(1 - alpha / 2, k - 1)
+    nc = dz / math.sqrt(1 / k + ratio)
+    return sps.nct.sf(crit, k - 1, nc) + sps.nct.cdf(-crit, k - 1, nc)
+
+
+def test_minimum_detectable_effect_table():
+    tab, nc = S.minimum_detectable_effect_table(ks=(1, 5, 10), alphas=(0.05, 0.05 / 3), k_run=5, ratio_run=0.3)
+    assert list(tab.index.names) == ["folds k", "alpha"] and len(tab) == 6
+    assert list(tab.columns) == ["d_z, plain paired t", "d_z, Nadeau-Bengio"]
+    for k in (5, 10):
+        for a in (0.05, 0.05 / 3):
+            plain, corr = tab.loc[(k, a)]
+            ref = TTestPower().solve_power(nobs=k, alpha=a, power=0.8, alternative="two-sided")
+            assert plain == pytest.approx(ref, rel=1e-5)
+            ratio = 0.3 if k == 5 else 1 / (k - 1)  # the run's ratio only at the run's k
+            assert _power(corr, k, a, ratio) == pytest.approx(0.8, abs=1e-6)
+    assert tab.loc[(1, 0.05)].isna().all()
+    assert [d["what"] for d in nc] == ["minimum detectable effect, k = 1, alpha = 0.05"] * 2 + [
+        "minimum detectable effect, k = 1, alpha = 0.01667"] * 2
+    assert "k must be an integer >= 2" in nc[0]["why"]
+    assert S.minimum_detectable_effect_or_nan(5, 0.05, 0.8, 0.0) == (S.minimum_detectable_effect(5), "")
+    d, why = S.minimum_detectable_effect_or_nan(5, 1.2)
+    assert np.isnan(d) and "alpha" in why

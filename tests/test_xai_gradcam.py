@@ -311,3 +311,49 @@ def test_gradcam_equals_naive_on_flat_resnet50():
     top = np.maximum(n3.max(axis=(1, 2)), n4.max(axis=(1, 2)))[:, None, None]  # one per cell
     np.testing.assert_allclose(both["conv3_block4_out"], n3 / top, atol=2e-3)
     np.testing.assert_allclose(both["combined"], xai.normalize_maps((n3 + n4) / 2), atol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# the authors' variant: the gradient of the softmax probability (chapter 10)
+# ---------------------------------------------------------------------------------------------
+def _closed_form_authors(x, cls):
+    """dp_c/dA^k_ij = p_c (1 - p_c) (W[k, c] - W[k, c']) / (h w) for the linear model, so
+    CAM = ReLU(sum_k p_c (1 - p_c) (W[k, c] - W[k, c']) x_k) / (h w) and
+    max |grad| = p_c (1 - p_c) max_k |W[k, c] - W[k, c']| / (h w)."""
+    logits = x.mean(axis=(1, 2)) @ WEIGHTS + BIAS
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    pc = p[np.arange(len(cls)), cls]
+    dw = (WEIGHTS[:, cls] - WEIGHTS[:, 1 - cls]).T  # (N, K)
+    scale = (pc * (1 - pc))[:, None]
+    cam = np.maximum(np.einsum("nhwk,nk->nhw", x, scale * dw), 0) / (S * S)
+    gmax = (scale * np.abs(dw)).max(axis=1) / (S * S)
+    return cam, p, gmax
+
+
+@pytest.mark.parametrize("head", ["dense_softmax", "separate_softmax"])
+def test_gradcam_authors_matches_closed_form(images, head):
+    model = _linear_cam_model(head)
+    cls = np.array([0, 1, 1, 0, 1])
+    cam, p, gmax = _closed_form_authors(images.astype(np.float64), cls)
+    res = xai.gradcam_authors(model, images, cls, layer="feat", normalize=False, batch_size=2)
+    assert set(res) == {"maps", "proba", "max_abs_grad"}
+    np.testing.assert_allclose(res["maps"], cam, rtol=1e-4, atol=1e-7)  # float32 sums
+    np.testing.assert_allclose(res["proba"], p, rtol=1e-5)
+    np.testing.assert_allclose(res["max_abs_grad"], gmax, rtol=1e-4)
+    # normalised, and through gradcam(variant="authors")
+    maps = gradcam(model, images, cls, layer="feat", variant="authors")
+    np.testing.assert_allclose(maps, xai.normalize_maps(cam), atol=1e-5)
+    # not the paper's map: the softmax gradient weighs channel k by W[k, c] - W[k, c'], eq. 12 by W[k, c]
+    assert np.abs(maps - gradcam(model, images, cls, layer="feat")).max() > 0.1
+
+
+def test_gradcam_authors_errors(images):
+    model = _linear_cam_model()
+    with pytest.raises(ValueError, match="variant='nope'"):
+        gradcam(model, images, 0, layer="feat", variant="nope")
+    with pytest.raises(ValueError, match="single layer"):
+        gradcam(model, images, 0, layer=["feat", "feat"], variant="authors")
+    with pytest.raises(ValueError, match="one layer name"):
+        xai.gradcam_authors(model, images, 0, layer=["feat"])
+    with pytest.raises(NoSoftmaxHeadError):
+        xai.gradcam_authors(_linear_cam_model("no_softmax"), images, 0, layer="feat")

@@ -82,6 +82,45 @@ def _row(name: str, m, size: int, timed: bool, n_runs: int, min_size: int | None
     }
 
 
+def head_parameter_counts(name: str, S, **params) -> dict:
+    """Parameters of network ``name`` built at input size ``S`` with cellstudy's head (global
+    average pooling, the paper's text) and with the authors' Flatten head (their code).
+
+    The head (:func:`cellstudy.models.head.classification_head`) is ``head_pool`` -> Dense
+    ``head_dense1`` (u_1 = 1024 units) -> ``head_dense2`` (512) -> ``logits``. Its pooling layer
+    takes the last feature map, ``h x w x C`` (or ``T x C`` tokens); with pooling the first Dense
+    has ``C u_1 + u_1`` weights, with a Flatten ``h w C u_1 + u_1``, so the Flatten network has
+    ``(h w C - C) u_1`` more. This is computed from the built model's shapes (one build; equal to
+    ``build(name, S, head_pooling="flatten").count_params()``). Networks whose head input is
+    already a pooled vector (the RGB and MHL families) have no ``head_pool``: the count is then
+    read at ``head_dense1``'s input and a Flatten changes nothing.
+
+    ``S``: the input size (S or (H, W)); ``params`` go to :func:`cellstudy.models.build`. Returns
+    a dict (the book's column names): ``"feature map into the head"`` (e.g. ``"16x16x512"``),
+    ``"params (ours)"`` (the whole network), ``"head (ours)"`` (the Dense layers ``head_dense*``
+    and ``logits``), ``"params (Flatten head)"``, ``"head (Flatten)"``.
+    """
+    from . import build, check_name
+
+    if params.get("head_pooling", "avg") == "flatten":
+        raise ValueError("head_parameter_counts compares the pooled head with a Flatten one; got "
+                         "head_pooling='flatten', expected 'avg' or 'max'")
+    m = build(check_name(name), S, **params)
+    total = int(m.count_params())
+    u1 = int(m.get_layer("head_dense1").units)
+    try:
+        pool_in = m.get_layer("head_pool").input.shape[1:]
+    except ValueError:  # no pooling layer: the head starts from a pooled vector
+        pool_in = m.get_layer("head_dense1").input.shape[1:]
+    C = int(pool_in[-1])
+    flat_in = int(np.prod([int(d) for d in pool_in]))
+    dense = [l for l in m.layers if l.name.startswith("head_dense") or l.name == "logits"]
+    head = sum(int(l.count_params()) for l in dense)
+    extra = (flat_in - C) * u1
+    return {"feature map into the head": "x".join(str(int(d)) for d in pool_in), "params (ours)": total,
+            "head (ours)": head, "params (Flatten head)": total + extra, "head (Flatten)": head + extra}
+
+
 #: Network family -> the layer whose input (RGB: ``_r``; its 4-D map before flattening) or output
 #: (ViT) is the grid of tokens the attention runs over.
 _TOKEN_LAYER = {"RGB": ("tokens_flat_r", "input"), "MHL": ("tokens_flat", "input"),

@@ -10,11 +10,12 @@ from .channels import bootstrap_ci, channel_importance
 from .correlation import correlation_ratios, local_correlation
 from .faithfulness import Faithfulness, deletion_insertion
 from .gmean import gmean
-from .gradcam import (attention_rollout, default_layers, gradcam, gradcam_multi, gradcam_tokens,
-                      normalize_maps)
+from .gradcam import (attention_rollout, default_layers, gradcam, gradcam_authors, gradcam_multi,
+                      gradcam_tokens, normalize_maps)
 
 __all__ = [
-    "NoSoftmaxHeadError", "find_softmax_head", "gradcam", "gradcam_multi", "gradcam_tokens",
+    "NoSoftmaxHeadError", "find_softmax_head", "gradcam", "gradcam_authors", "gradcam_multi",
+    "gradcam_tokens",
     "attention_rollout", "default_layers", "normalize_maps", "gmean", "local_correlation",
     "correlation_ratios", "integrated_gradients", "occlusion", "attribution_map",
     "deletion_insertion", "Faithfulness", "channel_importance", "bootstrap_ci",

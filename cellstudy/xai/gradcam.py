@@ -13,6 +13,12 @@ family's R, G and B maps, DenRes-131's two backbones; :func:`gradcam_multi`) are
 common maximum, the cell's largest value over all of them, so their relative strength is kept;
 their ``combined`` map is the mean of the raw maps, min-max scaled once.
 
+The authors' variant (:func:`gradcam_authors`, or ``gradcam(..., variant="authors")``): their
+code differentiates the softmax *probability* ``p^c`` instead of the class score ``y^c`` (eq. 12
+with ``dp^c / dA^k_ij``), otherwise the same pooling, ReLU, upsampling and scaling; with two
+classes ``dp^c/dA = p^c (1 - p^c) d(y^c - y^c')/dA``, which vanishes for confident cells. It is
+provided to show that difference (the reproducibility chapter), not for the study's maps.
+
 Default layers (:func:`default_layers`): ``cellstudy.models.gradcam_layers(model,
 min_size=...)``, the deepest layer of each backbone whose map is at least ``min_size`` x
 ``min_size`` (the scale's ``gradcam_min_size``; :data:`DEFAULT_MIN_SIZE` = 4 when not given; None:
@@ -229,9 +235,93 @@ def gradcam_multi(model, images, class_index, layers: Sequence[str] | str | None
     return result
 
 
+#: Grad-CAM variants: ``"paper"`` (eq. 12-13, the class score before the softmax) and
+#: ``"authors"`` (the authors' code: the softmax probability; :func:`gradcam_authors`).
+VARIANTS = ("paper", "authors")
+
+
+def _build_authors_step(model, layer: str):
+    """A cached function(x, cls) -> (raw (B, H, W) upsampled ReLU maps, (B, n_classes)
+    probabilities, (B,) max |dp_c/dA|) for the softmax-probability variant at one 4-D layer.
+
+    It runs eagerly (not a tf.function): the variant is a one-off demonstration on a few cells,
+    and eager execution gives the same float32 values as a plain ``tf.GradientTape`` over the
+    model (a compiled graph may fuse operations and differ in the last bits)."""
+    key = ("gradcam_authors", layer)
+    cache = K.model_cache(model)
+    if key in cache:
+        return cache[key]
+    tf, keras = K._tf(), K._keras()
+    K.find_softmax_head(model)  # the same check as the paper's variant: a softmax output
+    feat = K.layer_output(model, layer, 4)
+    sub = keras.Model(model.inputs, [feat, model.outputs[0]])
+    H, W = K.input_shape(model)[:2]
+
+    def step(x, cls):
+        with tf.GradientTape() as tape:
+            a, prob = sub(x, training=False)
+            score = tf.reduce_sum(tf.gather(prob, cls, axis=1, batch_dims=1))  # sum_n p_{c_n}
+        g = tape.gradient(score, a)
+        w = tf.reduce_mean(g, axis=(1, 2), keepdims=True)  # eq. 12 with dp^c/dA
+        cam = tf.nn.relu(tf.reduce_sum(w * a, axis=-1))[..., None]  # eq. 13
+        cam = tf.image.resize(cam, (H, W), method="bilinear")[..., 0]
+        gmax = tf.reduce_max(tf.abs(tf.reshape(g, (tf.shape(g)[0], -1))), axis=1)
+        return cam, tf.cast(prob, tf.float32), gmax
+
+    cache[key] = step
+    return step
+
+
+def gradcam_authors(model, images, class_index, layer: str, batch_size: int = BATCH_SIZE,
+                    normalize: bool = True) -> dict[str, np.ndarray]:
+    """Grad-CAM as the authors' code computes it: the gradient of the softmax probability.
+
+    Eq. 12-13 with ``p^c`` (the model's softmax output for class ``c``) in place of the class
+    score ``y^c``: ``alpha_k = 1/(h w) sum_ij dp^c/dA^k_ij``, ``L = ReLU(sum_k alpha_k A^k)``,
+    bilinearly upsampled to the input's H x W and, with ``normalize``, min-max scaled per map to
+    [0, 1] (:func:`normalize_maps`). For two classes ``dp^c/dA = p^c (1 - p^c) d(y^c - y^c')/dA``:
+    the map of a confidently classified cell (p^c -> 1) is scaled towards zero. The authors also
+    took it at intermediate layers (``block4_pool``, ``conv5_block3_1_bn``, ...): pass the layer.
+    One eager forward and backward pass per batch of ``batch_size`` (not compiled: the values are
+    those of a plain ``tf.GradientTape`` over the model).
+
+    Parameters
+    ----------
+    model : a Keras 3 functional model ending in a softmax (as for :func:`gradcam`).
+    images : (N, H, W, C) float array, the model's input size.
+    class_index : int, (N,) int array, or None (each image's predicted class).
+    layer : one layer name with a 4-D output (N, h, w, K).
+
+    Returns
+    -------
+    dict with ``"maps"``: (N, H, W) float32 (in [0, 1] with ``normalize``, else the raw upsampled
+    ReLU maps in units of probability times activation); ``"proba"``: (N, n_classes) float32, the
+    softmax output of the same forward pass; ``"max_abs_grad"``: (N,) float32, the largest
+    ``|dp^c/dA^k_ij|`` of each image over the layer's positions and channels.
+    """
+    tf = K._tf()
+    if not isinstance(layer, str):
+        raise ValueError(f"layer must be one layer name (str) with a 4-D output; got {layer!r}")
+    x = K.check_images(model, images)
+    batch_size = K.check_batch_size(batch_size)
+    n = len(x)
+    if class_index is None:
+        cls = K.predict_proba(model, x, batch_size).argmax(axis=1).astype(np.int32)
+    else:
+        cls = K.check_class_index(class_index, n, K.n_classes(model))
+    step = _build_authors_step(model, layer)
+    maps = np.empty((n, *x.shape[1:3]), np.float32)
+    proba = np.empty((n, K.n_classes(model)), np.float32)
+    gmax = np.empty(n, np.float32)
+    for s in range(0, n, batch_size):
+        cam, p, g = step(tf.constant(x[s:s + batch_size]), tf.constant(cls[s:s + batch_size]))
+        maps[s:s + batch_size], proba[s:s + batch_size], gmax[s:s + batch_size] = cam.numpy(), p.numpy(), g.numpy()
+    return {"maps": normalize_maps(maps) if normalize else maps, "proba": proba, "max_abs_grad": gmax}
+
+
 def gradcam(model, images, class_index, layer: str | Sequence[str] | None = None,
             batch_size: int = BATCH_SIZE, normalize: bool = True,
-            min_size: int | None = DEFAULT_MIN_SIZE) -> np.ndarray:
+            min_size: int | None = DEFAULT_MIN_SIZE, variant: str = "paper") -> np.ndarray:
     """Grad-CAM (eq. 12-13) of ``class_index`` at ``layer``: (N, H, W) float32 in [0, 1].
 
     ``layer``: a layer name with a 4-D output (N, h, w, K); None -> the model's Grad-CAM layers
@@ -242,9 +332,21 @@ def gradcam(model, images, class_index, layer: str | Sequence[str] | None = None
 
     Errors (ValueError): unknown layer (the message lists the 4-D candidates), a layer that is not
     a 4-D feature map, images of the wrong size (expected vs given), class indices out of range, a
-    model that does not end in a softmax Dense (:class:`NoSoftmaxHeadError`).
+    model that does not end in a softmax Dense (:class:`NoSoftmaxHeadError`), an unknown
+    ``variant``.
+
+    ``variant``: ``"paper"`` (eq. 12-13: the gradient of the class score before the softmax) or
+    ``"authors"`` (the gradient of the softmax probability, as the authors' code computes it;
+    single layer only; :func:`gradcam_authors`, which also returns the probabilities and the
+    gradients' size).
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}; expected one of {VARIANTS}")
     layers = default_layers(model, min_size) if layer is None else K.as_sequence(layer)
+    if variant == "authors":
+        if len(layers) != 1:
+            raise ValueError(f"variant='authors' needs a single layer; got {layers}")
+        return gradcam_authors(model, images, class_index, layers[0], batch_size, normalize)["maps"]
     if len(layers) == 1:
         raw = _run(model, images, class_index, layers, batch_size)[0]
         return normalize_maps(raw) if normalize else raw
