@@ -8,13 +8,17 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: study test venv assets clean-venv
+.PHONY: study test test-fast venv assets clean-venv
 
 study: venv assets
 	$(VENV)/bin/cellstudy run $(CONFIG)
 
 test: venv assets
 	$(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
+
+# The fast tier (under ~2 minutes, for the edit-test loop): the tests not marked slow.
+test-fast: venv assets
+	$(VENV)/bin/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 venv: $(STAMP)
 

@@ -76,6 +76,7 @@ def handmade_book(tmp_path):
     return html
 
 
+@pytest.mark.slow  # Chromium on six pages (~12 s on 2 loaded cores)
 def test_checker_passes_a_good_page_and_catches_missing_figure_untypeset_math_and_errors(handmade_book, tmp_path):
     _need_chromium()
     report = browser.check_book(handmade_book, tmp_path / "shots")

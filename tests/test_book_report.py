@@ -178,6 +178,7 @@ def test_assemble_writes_the_report_copy_the_logs_and_the_parameters(tmp_path):
     assert toc["root"] == "intro" and {"file": "00_a"} in toc["chapters"]
 
 
+@pytest.mark.slow  # a Sphinx build (~10 s on 2 loaded cores); the report copy: test_assemble_*
 def test_the_built_book_folds_code_and_links_the_log(tmp_path):
     from cellstudy import config
 

@@ -58,6 +58,21 @@ def _onednn_in_fresh_process(env_value):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def test_importing_cellstudy_sets_the_onednn_variable_unless_the_user_set_it():
+    """The fast check (no TensorFlow in the fresh process): the variable TensorFlow will read."""
+    code = ("import json, os, sys, cellstudy\n"
+            "print(json.dumps([os.environ.get('TF_ENABLE_ONEDNN_OPTS'), 'tensorflow' in sys.modules]))")
+    for env_value, expected in ((None, "1"), ("0", "0"), ("1", "1")):
+        env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+        if env_value is not None:
+            env["TF_ENABLE_ONEDNN_OPTS"] = env_value
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                             text=True, timeout=300, check=True).stdout
+        # set before TensorFlow is loaded (importing cellstudy does not load it)
+        assert json.loads(out.strip().splitlines()[-1]) == [expected, False], env_value
+
+
+@pytest.mark.slow  # two fresh processes import TensorFlow (~10-30 s on 2 loaded cores)
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's x86 kernels")
 def test_importing_cellstudy_turns_on_onednn_unless_the_user_opted_out():
     # TensorFlow leaves oneDNN off on CPUs without AVX512-VNNI (this machine: AVX2), where it

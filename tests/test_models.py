@@ -24,7 +24,17 @@ def _x(seed=0, size=S):
     return np.random.default_rng(seed).random((BATCH, size, size, 3), dtype=np.float32)
 
 
-@pytest.fixture(scope="module", params=list(M.NETWORKS))
+# The networks on a ResNet50 / DenseNet121 backbone take 5-35 s per check on 2 CPU cores: their
+# parametrizations are marked slow (run by `make test`, not by `pytest -m "not slow"`). The fast
+# tier keeps one network per family: vgg16 (DL), vit (ViT), rgb (RGB), mhl (MHL).
+HEAVY = ("resnet50", "densenet121", "denres131", "rgb_res", "rgb_den", "mhl_res", "mhl_den")
+
+
+def _networks(slow=HEAVY):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in M.NETWORKS]
+
+
+@pytest.fixture(scope="module", params=_networks())
 def net(request):
     keras.utils.set_random_seed(0)
     model = M.build(request.param, S)
@@ -163,7 +173,7 @@ def _check_candidate_sizes(name, model, size):
                 assert got == bbs.stage_size(bb, base, (size, size)), (name, layer, got)
 
 
-@pytest.mark.parametrize("name", list(M.NETWORKS))
+@pytest.mark.parametrize("name", _networks(HEAVY + ("vgg16",)))  # vgg16 at 64 px: ~14 s
 def test_gradcam_chooser_at_64_gives_4x4_maps(name):
     """S = 64 (the default study): every network's chosen Grad-CAM maps are >= 4 x 4 and reachable
     with a gradient, the name path (stride arithmetic) agrees with the built model, and the
@@ -245,6 +255,7 @@ def test_gradcam_chooser_by_name_and_errors():
     assert M.GRADCAM_CANDIDATES["rgb_res"][0] == ("feat_r", "feat_r_s16", "feat_r_s8", "feat_r_s4")
 
 
+@pytest.mark.slow  # builds rgb_res twice (~55 s on 2 loaded cores)
 def test_rgb_stage_taps_change_no_number(monkeypatch):
     """The per-channel identity layers (feat_<c>_s<stride>) leave the RGB network's weights,
     parameter count and forward pass exactly as without them (same seed); a model without them

@@ -65,6 +65,8 @@ def test_shipped_configs_are_valid():
         assert cfg.steps[:2] == ["00_cohort", "01_preprocessing"]
 
 
+@pytest.mark.slow  # executes notebooks three times and builds a book (~35 s on 2 loaded cores); the failure
+# message alone: test_parallel_failure_keeps_the_running_step_and_starts_nothing_after
 def test_failing_notebook_names_notebook_and_cell_and_blocks_the_book(tmp_path, fake_notebooks):
     _nb(fake_notebooks / "00_ok.ipynb", "import pathlib\npathlib.Path(run_dir, '00_ok', 'out.txt').write_text(scale)")
     _nb(fake_notebooks / "01_bad.ipynb", "x = 1", "raise ValueError('broken on purpose')")
@@ -238,6 +240,7 @@ def test_terminal_drops_papermill_bookkeeping_tagged_or_not():
         assert not is_noise(m), m
 
 
+@pytest.mark.slow  # a study, a book build and Chromium (~38 s on 2 loaded cores)
 def test_a_page_failing_the_browser_check_fails_the_study_naming_page_and_problem(tmp_path, fake_notebooks):
     from cellstudy import browser
 

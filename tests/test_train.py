@@ -430,6 +430,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh process imports TensorFlow and trains (~22 s on 2 loaded cores)
 def test_mirrored_strategy_two_logical_cpus(tmp_path):
     script = tmp_path / "mirrored.py"
     script.write_text(MIRRORED_SCRIPT)
@@ -490,6 +491,7 @@ def test_learning_rate_warmup_schedule():
     assert type(sched).__module__.startswith("keras")
 
 
+@pytest.mark.slow  # three training runs (~10 s on 2 loaded cores); resume itself: test_resume_after_kill_*
 def test_warmup_resume_equals_uninterrupted(tmp_path):
     """The warm-up follows the optimiser's step count, which the checkpoint restores."""
     kw = {**COMMON, "warmup_epochs": 2, "learning_rate": 1e-2}
