@@ -6,7 +6,7 @@ ResNet50's training step comes to the machine's matrix-multiply peak.
 
 Median of timed `train_on_batch` steps after warm-up (which includes tracing), all networks in
 one process so the numbers compare with each other; single-image forward time; the training FLOPs
-per image counted from the layers' shapes (`cellstudy.flops`: 3 x the convolutions', dense layers'
+per image counted from the layers' shapes (`cellstudy.learning.flops`: 3 x the convolutions', dense layers'
 and attention's forward multiply-adds x 2) and the effective GFLOP/s they imply; the fp32 (and
 bf16) matmul peak measured in TensorFlow in the same process. This machine's memory is cold after
 idling: compare only numbers from the same run.
@@ -21,8 +21,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pandas as pd  # noqa: E402
 
-from cellstudy import benchmark, config, flops, models  # noqa: E402
-from cellstudy.models.describe import forward_time_ms  # noqa: E402
+from cellstudy.learning import benchmark, flops, models  # noqa: E402
+from cellstudy import config
+from cellstudy.learning.models.describe import forward_time_ms  # noqa: E402
 
 
 def main() -> None:

@@ -8,11 +8,11 @@ import re
 import sys
 from pathlib import Path
 
-from . import config, rundir
+from cellstudy import config, rundir
 
 
 def _run(a: argparse.Namespace) -> int:
-    from .runner import run_study
+    from cellstudy.runner import run_study
 
     run_study(a.config, runs_dir=a.runs_dir, new=a.new, build=not a.no_book, log_output=not a.quiet,
               cohort=a.cohort, scale=a.scale, data_root=a.data_root, workers=a.workers)
@@ -20,7 +20,7 @@ def _run(a: argparse.Namespace) -> int:
 
 
 def _verify(a: argparse.Namespace) -> int:
-    from . import data
+    from cellstudy import data
 
     root = config.data_root(a.data_root)
     table = data.load_manifest(a.cohort)
@@ -31,8 +31,8 @@ def _verify(a: argparse.Namespace) -> int:
 
 
 def _book(a: argparse.Namespace) -> int:
-    from .book import build_book
-    from .runner import load_config
+    from cellstudy.report.book import build_book
+    from cellstudy.runner import load_config
 
     run_dir = Path(a.run_dir)
     cfg = load_config(rundir.Run(run_dir).study_config)

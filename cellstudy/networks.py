@@ -2,9 +2,9 @@
 classifier (section 11), read by every module that names, orders, groups or builds them.
 
 No TensorFlow: the metrics, plots, statistics, findings and run-folder code import this module
-without loading Keras; :mod:`cellstudy.models` builds a record's network from its ``builder``.
+without loading Keras; :mod:`cellstudy.learning.models` builds a record's network from its ``builder``.
 Adding a network is one :class:`ModelSpec` in :data:`CATALOGUE` (and its builder in
-``cellstudy.models`` when the builder is new).
+``cellstudy.learning.models`` when the builder is new).
 
 Order matters: :data:`CATALOGUE`'s order is the book's order (tables, figures, the runner), the
 networks first, then the classical baseline.
@@ -22,7 +22,7 @@ CLASSICAL = "Classical"
 #: The paper's 3-layer CNN (RGB / MHL families): filters of its three conv blocks.
 CNN3_FILTERS: tuple[int, int, int] = (32, 64, 128)
 
-#: Parameters of the shared classification head (cellstudy.models.head) and their paper defaults.
+#: Parameters of the shared classification head (cellstudy.learning.models.head) and their paper defaults.
 HEAD_DEFAULTS: dict[str, Any] = {"head_pooling": "avg", "head_units": (1024, 512), "head_dropout": 0.3}
 #: DenRes-131's fusion parameters.
 DENRES_DEFAULTS: dict[str, Any] = {"level_filters": 256, "level_kernel": 3}
@@ -42,9 +42,9 @@ class ModelSpec:
     :data:`FAMILY_ORDER`; ``display``: the paper's name for tables and figures; ``description``:
     one line; ``backbones``: the backbones whose weights a local file can supply (``()`` none);
     ``gradcam_last``: per Grad-CAM target the last convolutional map's layer name (the paper's
-    choice; ``cellstudy.models.gradcam_layers`` picks a shallower one by map size); ``builder``:
-    which builder of ``cellstudy.models`` makes it (``"dl"``, ``"denres"``, ``"vit"``, ``"rgb"``,
-    ``"mhl"``; ``""`` for a classical classifier, built by ``cellstudy.baseline``); ``defaults``:
+    choice; ``cellstudy.learning.models.gradcam_layers`` picks a shallower one by map size); ``builder``:
+    which builder of ``cellstudy.learning.models`` makes it (``"dl"``, ``"denres"``, ``"vit"``, ``"rgb"``,
+    ``"mhl"``; ``""`` for a classical classifier, built by ``cellstudy.learning.baseline``); ``defaults``:
     its own build parameters (besides the head's) and their defaults."""
 
     name: str
@@ -58,7 +58,7 @@ class ModelSpec:
 
     @property
     def is_network(self) -> bool:
-        """True for a neural network (trained by cellstudy.train), False for a classical classifier."""
+        """True for a neural network (trained by cellstudy.learning.train), False for a classical classifier."""
         return self.family != CLASSICAL
 
 
@@ -95,16 +95,16 @@ CATALOGUE: tuple[ModelSpec, ...] = (
               "DenseNet121 on the RGB image, one 2-head self-attention block over its tokens + head",
               ("densenet121",), ("relu",), "mhl", ATTENTION_DEFAULTS),
     ModelSpec("rf", CLASSICAL, "Random forest",
-              "random forest on 67 per-cell shape, intensity and texture features (cellstudy.baseline)"),
+              "random forest on 67 per-cell shape, intensity and texture features (cellstudy.learning.baseline)"),
     ModelSpec("logreg", CLASSICAL, "Logistic regression",
-              "standardised logistic regression on the same features (cellstudy.baseline)"),
+              "standardised logistic regression on the same features (cellstudy.learning.baseline)"),
 )
 
 #: name -> record, every model.
 SPECS: dict[str, ModelSpec] = {s.name: s for s in CATALOGUE}
 #: The eleven networks' names, in the book's order.
 NETWORK_NAMES: tuple[str, ...] = tuple(s.name for s in CATALOGUE if s.is_network)
-#: The classical classifiers' names (cellstudy.baseline), in the book's order.
+#: The classical classifiers' names (cellstudy.learning.baseline), in the book's order.
 CLASSIFIER_NAMES: tuple[str, ...] = tuple(s.name for s in CATALOGUE if not s.is_network)
 #: Every model's name in the book's order (networks, then the classifiers): table row order.
 ORDER: tuple[str, ...] = tuple(s.name for s in CATALOGUE)

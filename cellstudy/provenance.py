@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import ONEDNN_ENV, atomic, config, threads
+from cellstudy import ONEDNN_ENV, atomic, config, threads
 
 #: The packages whose versions are shown on the provenance page (all installed ones are stored).
 KEY_PACKAGES = (
@@ -82,7 +82,7 @@ def hardware() -> dict[str, Any]:
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file (``cellstudy.data.sha256_file``)."""
-    from .data import sha256_file as _sha
+    from cellstudy.data import sha256_file as _sha
 
     return _sha(path)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import atomic, config
+from cellstudy import atomic, config
 
 #: A (model, fold) folder's markers: finished, failed.
 DONE = "done.json"
@@ -36,7 +36,7 @@ FAILED = "failed.json"
 ZCA = "zca.json"
 #: The fold's test cells: cell_id, group, label.
 TEST_CELLS = "test_cells.csv"
-#: A classical classifier's fitted pipeline (cellstudy.baseline).
+#: A classical classifier's fitted pipeline (cellstudy.learning.baseline).
 CLASSIFIER_MODEL = "model.joblib"
 #: The training regimes (study.md section 6): short and long.
 REGIMES: tuple[str, ...] = ("short", "long")
@@ -223,7 +223,7 @@ class Run:
     def models(self) -> list[str]:
         """The models (networks and classifiers) with a folder under ``training/``, in the
         catalogue's order (others after, alphabetically)."""
-        from . import networks
+        from cellstudy import networks
 
         if not self.training.is_dir():
             return []

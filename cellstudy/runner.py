@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 import yaml
 
-from . import atomic, config, provenance, rundir, threads
+from cellstudy import atomic, config, provenance, rundir, threads
 
 log = logging.getLogger("cellstudy.runner")
 
@@ -140,7 +140,7 @@ def load_config(path: str | os.PathLike, **override: Any) -> StudyConfig:
         raise config.ConfigError(f"study config {path}: name {cfg.name!r} must be letters, digits, '_', '-', '.'")
     cfg.overrides = dict(cfg.overrides or {})
     config.get_scale(cfg.scale, cfg.overrides)  # raises on an unknown scale or parameter
-    from . import cohorts
+    from cellstudy.data import cohorts
     if cfg.cohort not in cohorts.COHORTS:
         raise config.ConfigError(f"unknown cohort {cfg.cohort!r}; expected one of {sorted(cohorts.COHORTS)}")
     steps = available_steps()
@@ -229,7 +229,7 @@ def _check_writable(folder: Path) -> None:
 def preflight(cfg: StudyConfig) -> dict[str, Any]:
     """Resolve the data root and verify the cohort's manifest (files, checksums) before any
     notebook runs. Returns the data provenance (root, manifest checksum, counts)."""
-    from . import data
+    from cellstudy import data
 
     root = config.data_root(cfg.data_root)
     table = data.load_manifest(cfg.cohort)
@@ -520,10 +520,10 @@ def run_study(
     status["notebooks_seconds"] = round(time.perf_counter() - t_study, 1)
     _write_status(run_dir, status)
     if build:
-        from .book import build_book
+        from cellstudy.report.book import build_book
         index = build_book(run_dir, cfg, echo=echo)
         status["book"] = str(index)
-        from .browser import check_book
+        from cellstudy.report.browser import check_book
         echo("checking the book in headless Chromium ...")
         check = check_book(index.parent, run.screenshots, run_dir=run_dir)
         status["browser_check"] = {"ok": check.ok, "skipped": check.skipped, "problems": check.problems,

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from . import data, folds as folds_mod, preprocess, rundir, threads
+from cellstudy import data, rundir, threads
+from cellstudy.learning import folds as folds_mod
+from cellstudy.data import preprocess
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Tests for cellstudy.augment: augmented copies, channel ZCA, and no test-fold leakage."""
+"""Tests for cellstudy.learning.augment: augmented copies, channel ZCA, and no test-fold leakage."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from cellstudy import augment as A
+from cellstudy.learning import augment as A
 
 
 def cells(n=12, s=32, seed=0):

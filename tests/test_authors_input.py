@@ -1,9 +1,9 @@
-"""The authors' input chain (cellstudy.authors_input) on images whose values are unique ids: each
+"""The authors' input chain (cellstudy.data.authors_input) on images whose values are unique ids: each
 output value names the input pixel and channel it came from."""
 import numpy as np
 import pytest
 
-from cellstudy.authors_input import authors_input, authors_source_index, flat_source
+from cellstudy.data.authors_input import authors_input, authors_source_index, flat_source
 
 
 def _ids(h, w, dtype=np.int32):

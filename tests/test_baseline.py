@@ -1,4 +1,4 @@
-"""The classical baseline (cellstudy.baseline) on synthetic cells: features, folds, files, read-back."""
+"""The classical baseline (cellstudy.learning.baseline) on synthetic cells: features, folds, files, read-back."""
 import json
 import subprocess
 import sys
@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from cellstudy import baseline, config, folds as folds_mod, metrics
+from cellstudy.learning import baseline, folds as folds_mod, metrics
+from cellstudy import config
 
 
 def _cells(n=60, size=32, seed=0, n_groups=12):
@@ -116,7 +117,7 @@ def test_nan_input_names_the_cells():
 
 
 def test_no_tensorflow():
-    code = ("import sys, numpy as np; import cellstudy.baseline as b; "
+    code = ("import sys, numpy as np; import cellstudy.learning.baseline as b; "
             "b.cell_features(np.zeros((1, 16, 16, 3), np.float32)); b.make_classifier('rf'); "
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TensorFlow imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=config.REPO_ROOT)
@@ -215,7 +216,7 @@ def test_another_seed_refits(tmp_path):
 
 
 def test_collect_lists_the_baseline_as_family_classical(fitted):
-    from cellstudy import experiment
+    from cellstudy.learning import experiment
 
     p, res = fitted
     col = experiment.collect(p.run_dir, out=p.run_dir / "results")

@@ -1,4 +1,4 @@
-"""The book as a reader sees it: every chapter opened in headless Chromium (cellstudy.browser).
+"""The book as a reader sees it: every chapter opened in headless Chromium (cellstudy.report.browser).
 
 Needs Debian's `chromium` (`apt-get install -y --no-install-recommends chromium`). Without it the
 tests skip with that reason, except under CI=true, where a missing browser is a failure.
@@ -9,7 +9,8 @@ import struct
 
 import pytest
 
-from cellstudy import browser, config, runner
+from cellstudy.report import browser
+from cellstudy import config, runner
 
 MATHJAX = config.REPO_ROOT / "node_modules" / "mathjax" / "es5"
 

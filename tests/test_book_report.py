@@ -1,4 +1,4 @@
-"""The book is a report (cellstudy.book): code folded, parameter cells removed and shown once as a
+"""The book is a report (cellstudy.report.book): code folded, parameter cells removed and shown once as a
 table, log output moved to the run folder, blank figures replaced. Pure notebook-dict tests (fast)
 and one small book build from a hand-made run folder."""
 import base64
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from cellstudy import book, runner
+from cellstudy.report import book
+from cellstudy import runner
 
 
 def _png(array) -> bytes:

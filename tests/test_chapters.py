@@ -1,14 +1,15 @@
-"""cellstudy.chapters (the family chapters' shared code) on small synthetic tables; no model is built."""
+"""cellstudy.report.chapters (the family chapters' shared code) on small synthetic tables; no model is built."""
 import importlib
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from cellstudy import chapters, metrics
+from cellstudy.report import chapters
+from cellstudy.learning import metrics
 
-describe = importlib.import_module("cellstudy.models.describe")  # the module (cellstudy.models.describe is
-# also the name of a function re-exported by cellstudy.models)
+describe = importlib.import_module("cellstudy.learning.models.describe")  # the module (cellstudy.learning.models.describe is
+# also the name of a function re-exported by cellstudy.learning.models)
 
 
 def _tidy():

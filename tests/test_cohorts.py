@@ -1,4 +1,4 @@
-"""cellstudy.cohorts: the committed manifests match the real data; the draws are reproducible."""
+"""cellstudy.data.cohorts: the committed manifests match the real data; the draws are reproducible."""
 from __future__ import annotations
 
 import time
@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellstudy import cohorts, data
+from cellstudy.data import cohorts
+from cellstudy import data
 from cellstudy.data import DataError
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "data_manifest"

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellstudy import convergence
+from cellstudy.learning import convergence
 
 
 def test_plateau_on_hand_made_histories():

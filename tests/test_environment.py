@@ -93,8 +93,8 @@ def test_notebooks_import_cellstudy_before_tensorflow():
 
 
 def test_training_warns_when_tensorflow_came_first(monkeypatch):
-    from cellstudy import train
-    from cellstudy.distribute import resolve_strategy
+    from cellstudy.learning import train
+    from cellstudy.learning.distribute import resolve_strategy
 
     sinfo = resolve_strategy(None)
     monkeypatch.setattr(train, "onednn_enabled", lambda: False)

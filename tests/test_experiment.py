@@ -3,7 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellstudy import experiment, metrics, study
+from cellstudy.learning import experiment, metrics
+from cellstudy import study
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def test_run_networks_writes_tables_and_reads_back(tmp_path, shared_data):
 def test_set_bn_momentum_changes_only_the_moving_average_rate():
     import keras
 
-    from cellstudy.experiment import set_bn_momentum
+    from cellstudy.learning.experiment import set_bn_momentum
 
     def tiny():
         keras.utils.set_random_seed(0)
@@ -75,7 +76,7 @@ def test_set_bn_momentum_changes_only_the_moving_average_rate():
 def test_he_initialise_draws_he_normal_kernels_reproducibly():
     import keras
 
-    from cellstudy.experiment import he_initialise
+    from cellstudy.learning.experiment import he_initialise
 
     def tiny():
         inp = keras.Input((16, 16, 8))

@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from cellstudy import augment, config, explain, xai, xai_figures
+from cellstudy.learning import augment
+from cellstudy import config, explain
+from cellstudy.explain import xai, figures as xai_figures
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +23,8 @@ def trained(tmp_path_factory, shared_data, ci_run):
     """mhl and rgb on folds 0-1, copied from the session's ci run (read back, not retrained)."""
     import shutil
 
-    from cellstudy import experiment, study
+    from cellstudy.learning import experiment
+    from cellstudy import study
 
     run = tmp_path_factory.mktemp("xai_run")
     shutil.copytree(ci_run / "folds", run / "folds")
@@ -288,7 +291,7 @@ def test_explain_fold_and_summary_exclude_a_1x1_map():
     summary excludes it from the Gmean / ratios / faithfulness and says so in exclusions and missing."""
     from pathlib import Path
 
-    from cellstudy.xai.gradcam import gradcam
+    from cellstudy.explain.xai.gradcam import gradcam
 
     model = _two_scale_model()
     rng = np.random.default_rng(2)

@@ -1,4 +1,4 @@
-"""cellstudy.external: the unseen-field test set, its metrics and the scoring of a run."""
+"""cellstudy.report.external: the unseen-field test set, its metrics and the scoring of a run."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cellstudy import config, data, external
+from cellstudy import config, data
+from cellstudy.report import external
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "data_manifest"
 
@@ -156,7 +157,7 @@ def _make_run(tmp_path: Path, train_cells: pd.DataFrame, folds=(0, 1), network="
     test_cells.csv. Returns (run_dir, {fold: model}, {fold: ZCAWhitening})."""
     import keras
 
-    from cellstudy import augment, models
+    from cellstudy.learning import augment, models
 
     run = tmp_path / "run"
     mods, zcas = {}, {}
@@ -212,9 +213,9 @@ def synthetic(monkeypatch):
 
     monkeypatch.setattr(data, "load_manifest", load_manifest)
     monkeypatch.setattr(data, "load_cohort", load_cohort)
-    from cellstudy import preprocess
+    from cellstudy.data import preprocess
     monkeypatch.setattr(preprocess, "preprocess_batch", preprocess_batch)
-    monkeypatch.setitem(sys.modules, "cellstudy.baseline", None)   # no baseline: a note
+    monkeypatch.setitem(sys.modules, "cellstudy.learning.baseline", None)   # no baseline: a note
     return coh, calls
 
 
@@ -280,10 +281,10 @@ def test_evaluate_scores_the_baseline_per_fold(tmp_path, synthetic, monkeypatch)
     run = _baseline_run(tmp_path)
     (run / "training" / "rf" / "fold2").mkdir()                         # unfitted: a note
     seen = []
-    fake = types.ModuleType("cellstudy.baseline")
+    fake = types.ModuleType("cellstudy.learning.baseline")
     fake.cell_features = lambda images: (seen.append(images.shape), images.mean(axis=(1, 2)))[1]
     fake.load_fold_model = lambda run_dir, name, k: _FoldModel(0.1 * k)
-    monkeypatch.setitem(sys.modules, "cellstudy.baseline", fake)
+    monkeypatch.setitem(sys.modules, "cellstudy.learning.baseline", fake)
     res = external.evaluate(run, "synthetic-run", "ci", overrides={"image_size": S}, external="synthetic-ext",
                             n_boot=100, echo=lambda s: None)
     assert seen == [coh.images.shape]                                  # stored size, computed once
@@ -298,10 +299,10 @@ def test_evaluate_scores_the_baseline_per_fold(tmp_path, synthetic, monkeypatch)
     assert ((n.network == "mhl") & (n.status == "not trained")).any()
 
     # only predict_proba (the fold-ensemble mean): scored, fold_sd NaN, a note says so
-    old = types.ModuleType("cellstudy.baseline")
+    old = types.ModuleType("cellstudy.learning.baseline")
     old.cell_features = fake.cell_features
     old.predict_proba = lambda run_dir, name, images: _FoldModel(0.2).predict_proba(images.mean(axis=(1, 2)))
-    monkeypatch.setitem(sys.modules, "cellstudy.baseline", old)
+    monkeypatch.setitem(sys.modules, "cellstudy.learning.baseline", old)
     res = external.evaluate(run, "synthetic-run", "ci", overrides={"image_size": S}, external="synthetic-ext",
                             networks=["logreg"], n_boot=100, echo=lambda s: None)
     np.testing.assert_allclose(res.predictions.proba_abnormal, b + 0.2, atol=1e-9)
@@ -309,11 +310,11 @@ def test_evaluate_scores_the_baseline_per_fold(tmp_path, synthetic, monkeypatch)
 
 
 def test_evaluate_with_the_real_baseline_module(tmp_path, synthetic, monkeypatch):
-    monkeypatch.delitem(sys.modules, "cellstudy.baseline", raising=False)
-    baseline = pytest.importorskip("cellstudy.baseline")
+    monkeypatch.delitem(sys.modules, "cellstudy.learning.baseline", raising=False)
+    baseline = pytest.importorskip("cellstudy.learning.baseline")
     if not all(callable(getattr(baseline, f, None)) for f in ("cell_features", "load_fold_model",
                                                                 "make_classifier")):
-        pytest.skip("cellstudy.baseline lacks cell_features / load_fold_model / make_classifier")
+        pytest.skip("cellstudy.learning.baseline lacks cell_features / load_fold_model / make_classifier")
     import joblib
 
     coh, _ = synthetic
@@ -350,7 +351,7 @@ def test_evaluate_refuses_the_full_cohort(tmp_path):
 
 
 def test_evaluate_checks_the_runs_folds_file(tmp_path):
-    from cellstudy import folds
+    from cellstudy.learning import folds
 
     unseen = _read("bbbc021-unseen")
     rows = unseen.groupby("group").head(1).iloc[:2].assign(fold=[0, 1])[["cell_id", "group", "label", "fold"]]
@@ -368,7 +369,7 @@ def test_evaluate_on_the_real_unseen_cells(tmp_path, shared_data, monkeypatch):
     preprocessing at 32 px): 560 predictions, both classes, one fold model."""
     paper = _read("bbbc021-paper")
     run, mods, zcas = _make_run(tmp_path, paper[["cell_id", "group", "label"]], folds=(0,))
-    monkeypatch.setitem(sys.modules, "cellstudy.baseline", None)
+    monkeypatch.setitem(sys.modules, "cellstudy.learning.baseline", None)
     res = external.evaluate(run, "bbbc021-paper", "ci", overrides={"image_size": S}, data_root=shared_data,
                             networks=["mhl"], n_boot=100, echo=lambda s: None)
     assert res.external == "bbbc021-unseen"
@@ -386,7 +387,8 @@ def test_evaluate_on_the_real_unseen_cells(tmp_path, shared_data, monkeypatch):
 def test_reliability_and_external_auc_figures(tmp_path):
     from matplotlib.figure import Figure
 
-    from cellstudy import metrics, plots
+    from cellstudy.learning import metrics
+    from cellstudy.report import plots
 
     rng = np.random.default_rng(0)
     g, y = _fields(3, 3, 20)

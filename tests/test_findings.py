@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellstudy import findings, stats
+from cellstudy.report import findings, stats
 
 
 def _tidy(values: dict[str, list[float]]) -> pd.DataFrame:
@@ -56,7 +56,7 @@ def test_one_class_folds_and_fold_sizes(tmp_path):
     assert bad.to_dict("records") == [{"network": "a", "fold": 0, "predicted": 1},
                                       {"network": "b", "fold": 0, "predicted": 0},
                                       {"network": "b", "fold": 1, "predicted": 0}]
-    from cellstudy import folds
+    from cellstudy.learning import folds
     labels = np.array([0, 1] * 10)
     groups = np.array([f"g{i}" for i in range(20)])
     ids = np.array([f"c{i}" for i in range(20)])
@@ -68,7 +68,7 @@ def test_one_class_folds_and_fold_sizes(tmp_path):
 
 def _fake_run(tmp_path):
     """A run folder with the CSVs the findings page reads (values chosen by hand)."""
-    from cellstudy import folds
+    from cellstudy.learning import folds
     run = tmp_path / "run"
     for d in ("07_results", "09_statistics", "08_xai", "06_classical_baseline", "folds"):
         (run / d).mkdir(parents=True)

@@ -2,7 +2,7 @@ import keras
 import pytest
 
 import cellstudy  # noqa: F401  (oneDNN before TensorFlow)
-from cellstudy import flops
+from cellstudy.learning import flops
 
 
 def test_flops_of_a_tiny_model_by_hand():

@@ -1,4 +1,4 @@
-"""Tests for cellstudy.folds: stratified, grouped, seeded folds and the folds file."""
+"""Tests for cellstudy.learning.folds: stratified, grouped, seeded folds and the folds file."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellstudy import folds as F
+from cellstudy.learning import folds as F
 
 BBBC = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc021-mcf7"
 

@@ -1,4 +1,4 @@
-"""cellstudy.metrics against hand-computed cases."""
+"""cellstudy.learning.metrics against hand-computed cases."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellstudy import metrics as M
+from cellstudy.learning import metrics as M
 
 # ---------------------------------------------------------------------------------------------
 # The hand example: 10 cells, 4 normal (label 0) + 6 abnormal (label 1).

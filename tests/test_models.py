@@ -1,4 +1,4 @@
-"""Tests for cellstudy.models: the eleven networks at tiny sizes (32 px, batch 2).
+"""Tests for cellstudy.learning.models: the eleven networks at tiny sizes (32 px, batch 2).
 
 Each network is built once (module-scoped, parametrized fixture; pytest groups the tests by
 network) and reused by every check; the training step runs last for each network because it
@@ -12,9 +12,9 @@ import pytest
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-from cellstudy import models as M  # noqa: E402
-from cellstudy.models import backbones as bbs  # noqa: E402
-from cellstudy.models.weights import sha256_file  # noqa: E402
+from cellstudy.learning import models as M  # noqa: E402
+from cellstudy.learning.models import backbones as bbs  # noqa: E402
+from cellstudy.learning.models.weights import sha256_file  # noqa: E402
 
 S = 32
 BATCH = 2
@@ -166,7 +166,7 @@ def _check_candidate_sizes(name, model, size):
         for layer, base, _stride in cands:
             got = tuple(int(v) for v in model.get_layer(layer).output.shape[1:3])
             if bb == "vit":
-                from cellstudy.models.vit import default_patch_size
+                from cellstudy.learning.models.vit import default_patch_size
                 p = default_patch_size((size, size))
                 assert got == (size // p, size // p)
             else:
@@ -180,7 +180,7 @@ def test_gradcam_chooser_at_64_gives_4x4_maps(name):
     token grid of the attention networks is read from the model."""
     import importlib
 
-    D = importlib.import_module("cellstudy.models.describe")  # the module, not models.describe()
+    D = importlib.import_module("cellstudy.learning.models.describe")  # the module, not models.describe()
     keras.utils.set_random_seed(0)
     model = M.build(name, 64)
     chosen = M.gradcam_layers(model, min_size=4)
@@ -260,7 +260,7 @@ def test_rgb_stage_taps_change_no_number(monkeypatch):
     """The per-channel identity layers (feat_<c>_s<stride>) leave the RGB network's weights,
     parameter count and forward pass exactly as without them (same seed); a model without them
     (e.g. saved before they existed) falls back to the last conv maps."""
-    from cellstudy.models import attention
+    from cellstudy.learning.models import attention
 
     x = _x(5)
     keras.utils.set_random_seed(0)
@@ -423,14 +423,14 @@ def test_registry_is_the_catalogues():
 
 def test_load_needs_no_knowledge_of_custom_layers(tmp_path):
     # a saved RGB-family network (custom ChannelSlice) loads through models.load, in a fresh
-    # process that never imported cellstudy.models itself
+    # process that never imported cellstudy.learning.models itself
     import subprocess
     import sys
 
     m = M.build("rgb", 32)
     p = tmp_path / "rgb.keras"
     m.save(p)
-    code = ("import numpy as np; from cellstudy.models import load; m = load(%r); "
+    code = ("import numpy as np; from cellstudy.learning.models import load; m = load(%r); "
             "print(m.name, m(np.zeros((1, 32, 32, 3), 'float32')).shape)" % str(p))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""cellstudy.models.describe.head_parameter_counts (chapter 10's head table) against counts by hand
+"""cellstudy.learning.models.describe.head_parameter_counts (chapter 10's head table) against counts by hand
 and against a real build with the Flatten head. Tiny sizes only."""
 import os
 
@@ -8,8 +8,8 @@ import pytest  # noqa: E402
 
 keras = pytest.importorskip("keras")
 
-from cellstudy import models  # noqa: E402
-from cellstudy.models.describe import head_parameter_counts  # noqa: E402
+from cellstudy.learning import models  # noqa: E402
+from cellstudy.learning.models.describe import head_parameter_counts  # noqa: E402
 
 VGG16_CONV = 14_714_688  # VGG16's 13 conv layers (Simonyan & Zisserman; Keras Applications)
 

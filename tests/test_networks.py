@@ -44,7 +44,8 @@ def test_ordered_follows_the_catalogue_then_alphabet():
 
 
 def test_the_tables_the_plots_and_the_baseline_read_the_catalogue():
-    from cellstudy import baseline, metrics, plots
+    from cellstudy.learning import baseline, metrics
+    from cellstudy.report import plots
 
     assert metrics.NETWORK_FAMILY is networks.FAMILY and metrics.DISPLAY_NAMES is networks.DISPLAY
     assert metrics.NETWORK_ORDER is networks.ORDER
@@ -53,8 +54,8 @@ def test_the_tables_the_plots_and_the_baseline_read_the_catalogue():
 
 
 def test_catalogue_and_its_readers_load_no_tensorflow():
-    code = ("import sys; import cellstudy.networks, cellstudy.metrics, cellstudy.plots, cellstudy.rundir, "
-            "cellstudy.findings, cellstudy.experiment; "
+    code = ("import sys; import cellstudy.networks, cellstudy.learning.metrics, cellstudy.report.plots, cellstudy.rundir, "
+            "cellstudy.report.findings, cellstudy.learning.experiment; "
             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

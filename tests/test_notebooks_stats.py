@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from cellstudy import experiment, runner, study
+from cellstudy.learning import experiment
+from cellstudy import runner, study
 
 pytestmark = pytest.mark.slow
 
@@ -164,7 +165,7 @@ def test_metric_swap_on_our_predictions_equals_accuracy(repro_run):
 def test_reshape_bug_and_head_parameter_counts(repro_run):
     out = repro_run / "10_reproducibility"
     bug = pd.read_csv(out / "reshape_vs_transpose.csv", index_col=0)
-    # the authors' chain (cellstudy.authors_input): every channel they fed holds the three stains
+    # the authors' chain (cellstudy.data.authors_input): every channel they fed holds the three stains
     # interleaved, from the whole height of the cell but only the left third of each row
     for c in ("third", "actin", "dna"):
         assert np.allclose(bug[f"share of {c} values"], 1 / 3, atol=0.01)

@@ -1,4 +1,4 @@
-"""cellstudy.plots: figures build from small synthetic frames and save to PNG."""
+"""cellstudy.report.plots: figures build from small synthetic frames and save to PNG."""
 from __future__ import annotations
 
 import matplotlib
@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from cellstudy import metrics as M
-from cellstudy import plots as P
+from cellstudy.learning import metrics as M
+from cellstudy.report import plots as P
 
 
 def synthetic_predictions(networks=("vgg16", "mhl", "rgb_res"), regimes=("short", "long"), seed=0):

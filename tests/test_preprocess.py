@@ -1,4 +1,4 @@
-"""Tests for cellstudy.preprocess: each filter's shape, dtype and defining property; the cache."""
+"""Tests for cellstudy.data.preprocess: each filter's shape, dtype and defining property; the cache."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cellstudy import config
-from cellstudy import preprocess as pp
+from cellstudy.data import preprocess as pp
 
 PARAMS = dict(config.SCALES["ci"]["preprocess"])
 BBBC = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc021-mcf7"

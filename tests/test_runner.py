@@ -242,7 +242,7 @@ def test_terminal_drops_papermill_bookkeeping_tagged_or_not():
 
 @pytest.mark.slow  # a study, a book build and Chromium (~38 s on 2 loaded cores)
 def test_a_page_failing_the_browser_check_fails_the_study_naming_page_and_problem(tmp_path, fake_notebooks):
-    from cellstudy import browser
+    from cellstudy.report import browser
 
     if browser.find_chromium() is None:
         pytest.skip("chromium is not installed (apt-get install -y --no-install-recommends chromium)")

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from cellstudy import augment, seeds, train
+from cellstudy.learning import augment, train
+from cellstudy import seeds
 
 
 def test_streams_are_the_historical_ones():

@@ -1,11 +1,12 @@
-"""cellstudy.segment: nuclei on synthetic blobs and on a real RxRx1 field; crops."""
+"""cellstudy.data.segment: nuclei on synthetic blobs and on a real RxRx1 field; crops."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from cellstudy import data, segment
+from cellstudy import data
+from cellstudy.data import segment
 
 CENTRES = [(30, 30), (30, 90), (30, 150), (90, 40), (90, 110), (100, 200), (160, 60),
            (160, 140), (200, 200), (210, 100)]

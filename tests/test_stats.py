@@ -1,4 +1,4 @@
-"""cellstudy.stats against hand-computed formulas and independent implementations."""
+"""cellstudy.report.stats against hand-computed formulas and independent implementations."""
 from __future__ import annotations
 
 import itertools
@@ -11,7 +11,7 @@ from scipy import stats as sps
 from statsmodels.stats.power import TTestPower
 from statsmodels.stats.weightstats import ttest_ind as sm_ttest_ind
 
-from cellstudy import stats as S
+from cellstudy.report import stats as S
 
 NETS = {"DL": ["VGG16", "ResNet50", "DenseNet121", "DenRes-131"], "RGB": ["RGB", "RGB-Res", "RGB-Den"],
         "MHL": ["MHL", "MHL-Res", "MHL-Den"]}

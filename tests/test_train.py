@@ -1,4 +1,4 @@
-"""Tests of cellstudy.train / cellstudy.distribute on a tiny CNN at 32 px (CPU, deterministic)."""
+"""Tests of cellstudy.learning.train / cellstudy.learning.distribute on a tiny CNN at 32 px (CPU, deterministic)."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,8 @@ import pytest
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-from cellstudy import benchmark, checkpoints, train  # noqa: E402
-from cellstudy.distribute import precision_policy, select_strategy  # noqa: E402
+from cellstudy.learning import benchmark, checkpoints, train  # noqa: E402
+from cellstudy.learning.distribute import precision_policy, select_strategy  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 S = 32
@@ -415,8 +415,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(
         cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
     sys.path.insert(0, sys.argv[2])
-    from cellstudy import train
-    from cellstudy.distribute import select_strategy
+    from cellstudy.learning import train
+    from cellstudy.learning.distribute import select_strategy
     from tests.test_train import tiny_cnn, make_data
     info = select_strategy("mirrored")
     res = train.train_fold(tiny_cnn(), *make_data(n_train=32, n_test=8), sys.argv[1],

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-from cellstudy.xai import (attribution_map, channel_importance, deletion_insertion,  # noqa: E402
+from cellstudy.explain.xai import (attribution_map, channel_importance, deletion_insertion,  # noqa: E402
                            integrated_gradients, occlusion)
 
 S = 16
@@ -202,8 +202,8 @@ def test_channel_importance_bad_input():
 def test_compiled_functions_trace_once_for_any_batch_size():
     """Predict (8 cells), occlusion / IG / faithfulness (batches of 64) and Grad-CAM share one
     trace per function: a second batch size used to trace the network again."""
-    from cellstudy.xai import _keras as XK
-    from cellstudy.xai import gradcam
+    from cellstudy.explain.xai import _keras as XK
+    from cellstudy.explain.xai import gradcam
 
     inp = keras.Input((S, S, 3))
     h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="feat")(inp)

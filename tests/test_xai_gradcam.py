@@ -12,8 +12,8 @@ import pytest  # noqa: E402
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-from cellstudy import xai  # noqa: E402
-from cellstudy.xai import NoSoftmaxHeadError, gradcam, gradcam_multi, gradcam_tokens  # noqa: E402
+from cellstudy.explain import xai  # noqa: E402
+from cellstudy.explain.xai import NoSoftmaxHeadError, gradcam, gradcam_multi, gradcam_tokens  # noqa: E402
 
 S = 16
 WEIGHTS = np.array([[1.0, -2.0], [-1.5, 0.5], [0.7, 1.2]])  # (K=3 channels, 2 classes)
@@ -96,7 +96,7 @@ def test_gradcam_downsampled_layer_is_upsampled(images):
 
 
 def test_gradcam_default_layer_without_registry(images, monkeypatch):
-    monkeypatch.setitem(sys.modules, "cellstudy.models", None)  # import fails -> last 4-D layer
+    monkeypatch.setitem(sys.modules, "cellstudy.learning.models", None)  # import fails -> last 4-D layer
     model = _linear_cam_model()
     assert xai.default_layers(model) == ["feat"]
     np.testing.assert_allclose(gradcam(model, images, 1), gradcam(model, images, 1, layer="feat"),
@@ -164,7 +164,7 @@ def test_gradcam_channels_of_very_different_strength_keep_their_ratio():
 def test_gradcam_default_layer_without_registry_respects_min_size(monkeypatch):
     """Outside the registry: the last 4-D layer whose map is >= min_size (the last one when
     none is, or with min_size None)."""
-    monkeypatch.setitem(sys.modules, "cellstudy.models", None)
+    monkeypatch.setitem(sys.modules, "cellstudy.learning.models", None)
     inp = keras.Input((S, S, 3))
     big = keras.layers.Conv2D(2, 1, name="big")(inp)
     small = keras.layers.Conv2D(2, 8, strides=8, name="small")(big)  # 2 x 2
@@ -178,7 +178,7 @@ def test_gradcam_default_layer_without_registry_respects_min_size(monkeypatch):
 
 def test_gradcam_default_layers_from_registry(images, monkeypatch):
     m = _two_branch_model()
-    fake = types.ModuleType("cellstudy.models")
+    fake = types.ModuleType("cellstudy.learning.models")
     seen = []
 
     def registry(model, min_size=None):
@@ -186,7 +186,7 @@ def test_gradcam_default_layers_from_registry(images, monkeypatch):
         return ["fa", "fb"]
 
     fake.gradcam_layers = registry
-    monkeypatch.setitem(sys.modules, "cellstudy.models", fake)
+    monkeypatch.setitem(sys.modules, "cellstudy.learning.models", fake)
     np.testing.assert_allclose(gradcam(m, images, 0),
                                gradcam_multi(m, images, 0, ["fa", "fb"])["combined"], atol=1e-6)
     assert set(gradcam_multi(m, images, 0)) == {"fa", "fb", "combined"}

@@ -1,9 +1,9 @@
-"""Pure numeric parts of cellstudy.xai: gmean (eq. 14), correlation image (eq. 15-16), helpers."""
+"""Pure numeric parts of cellstudy.explain.xai: gmean (eq. 14), correlation image (eq. 15-16), helpers."""
 import numpy as np
 import pytest
 from scipy import stats
 
-from cellstudy.xai import (attention_rollout, bootstrap_ci, correlation_ratios, gmean,
+from cellstudy.explain.xai import (attention_rollout, bootstrap_ci, correlation_ratios, gmean,
                            local_correlation, normalize_maps)
 
 

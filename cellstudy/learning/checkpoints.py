@@ -1,0 +1,207 @@
+"""What one (network, fold) run leaves on disk and reads back: its errors, the model's state
+variables, checkpoints (resume), the per-epoch history and the finished result.
+
+``cellstudy.learning.train`` trains; this module owns the files of its output folder (the file table is
+in ``train``'s docstring; the folder itself is ``rundir.Run.fold(...)``). No TensorFlow import:
+the variables are read through the model objects they belong to.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellstudy import atomic, rundir
+
+REGIMES = rundir.REGIMES
+CHECKPOINT = "checkpoint.npz"
+CHECKPOINT_JSON = "checkpoint.json"
+DONE = rundir.DONE
+FAILED = rundir.FAILED
+HISTORY = "history.csv"
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "seconds", "images_per_s")
+
+
+class TrainError(ValueError):
+    """A training run cannot start or go on (bad input, bad output folder, bad checkpoint)."""
+
+
+class OutputError(TrainError, atomic.OutputError):
+    """The output folder cannot be written (unwritable, not a folder, disk full)."""
+
+
+class CheckpointMismatchError(TrainError):
+    """A checkpoint / finished run in ``out_dir`` belongs to another network, size or setting."""
+
+
+# ---------------------------------------------------------------------------------------------
+# model state
+# ---------------------------------------------------------------------------------------------
+def state_variables(model) -> list:
+    """The model's own state: weights plus seed-generator (dropout RNG) states, in a stable
+    order. Excludes optimiser and metric variables."""
+    return list(model.variables)
+
+
+def optimizer_variables(model) -> list:
+    opt = model.optimizer
+    return list(opt.variables) if opt is not None else []
+
+
+def n_params(model) -> int:
+    return int(sum(int(np.prod(v.shape)) for v in model.weights))
+
+
+def input_shape(model) -> list[int | None]:
+    shp = model.input_shape
+    if isinstance(shp, list):
+        raise TrainError(f"model {model.name!r} has {len(shp)} inputs; expected one "
+                         "(N, S, S, 3) image input")
+    return list(shp[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    """What ``train_fold`` returns.
+
+    ``status``: ``"done"`` or ``"failed"``; ``proba``: regime -> (N_test, 2) float32 (a failed
+    run holds the regimes it finished); ``history``: list of per-epoch dicts
+    (``HISTORY_COLUMNS``); ``timings``: seconds (total, to short, per epoch, images/s);
+    ``skipped``: the run was already finished or failed on disk and was not re-run;
+    ``resumed_from``: epochs taken from a checkpoint; ``failure``: failed.json content."""
+
+    network: str
+    fold: int
+    status: str
+    out_dir: Path
+    proba: dict[str, np.ndarray] = field(default_factory=dict)
+    y_test: np.ndarray | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False
+    resumed_from: int = 0
+    failure: dict[str, Any] | None = None
+    strategy: dict[str, Any] | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+    def history_frame(self):
+        import pandas as pd
+        return pd.DataFrame(self.history, columns=list(HISTORY_COLUMNS))
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            rows.append({"epoch": int(r["epoch"]), **{k: float(r[k]) for k in HISTORY_COLUMNS[1:]}})
+    return rows
+
+
+def load_result(out_dir: str | os.PathLike) -> TrainResult:
+    """Read a finished (``done.json``) or failed (``failed.json``) run back from its folder."""
+    out = Path(out_dir)
+    if (out / DONE).exists():
+        meta, status = json.loads((out / DONE).read_text()), "done"
+    elif (out / FAILED).exists():
+        meta, status = json.loads((out / FAILED).read_text()), "failed"
+    else:
+        raise FileNotFoundError(f"no {DONE} or {FAILED} in {out}: the run has not finished")
+    proba = {r: np.load(out / rundir.proba_file(r)) for r in REGIMES
+             if (out / rundir.proba_file(r)).exists()}
+    y = np.load(out / "y_test.npy") if (out / "y_test.npy").exists() else None
+    return TrainResult(network=meta.get("network"), fold=meta.get("fold"), status=status,
+                       out_dir=out, proba=proba, y_test=y, history=read_history(out / HISTORY),
+                       timings=meta.get("timings", {}), skipped=True,
+                       failure=meta if status == "failed" else None,
+                       strategy=meta.get("strategy"))
+
+
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    def w(f):
+        import io
+        s = io.StringIO()
+        wr = csv.DictWriter(s, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+        wr.writeheader()
+        for r in rows:
+            wr.writerow({k: r[k] for k in HISTORY_COLUMNS})
+        f.write(s.getvalue().encode())
+    atomic.write(path, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+def identity(meta: dict[str, Any]) -> str:
+    shp = "x".join(str(s) for s in meta.get("input_shape", []))
+    return (f"network {meta.get('network')!r} (input {shp}, {meta.get('n_params')} parameters, "
+            f"fold {meta.get('fold')})")
+
+
+def save_checkpoint(out: Path, model, meta: dict[str, Any]) -> None:
+    arrays = {f"m{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(state_variables(model))}
+    arrays.update({f"o{i:05d}": np.asarray(v.numpy())
+                   for i, v in enumerate(optimizer_variables(model))})
+    blob = json.dumps(meta, default=atomic.json_default)
+    atomic.write(out / CHECKPOINT, lambda f: np.savez(f, __meta__=np.array(blob), **arrays))
+    atomic.write_json(out / CHECKPOINT_JSON, meta)
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(str(z["__meta__"]))
+    except Exception as e:  # noqa: BLE001 - a truncated / foreign file
+        raise CheckpointMismatchError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
+                                      f"{e}); delete it to start this run over") from e
+
+
+def compare_meta(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    ident = ("network", "input_shape", "n_params")
+    if any(old.get(k) != new.get(k) for k in ident):
+        raise CheckpointMismatchError(
+            f"{path} was written by {identity(old)} but this run is "
+            f"{identity(new)}; use another out_dir or delete the old files")
+    keys = ("fold", "seed", "batch_size", "learning_rate", "momentum", "n_train", "n_test",
+            "epochs_short", "warmup_epochs")
+    defaults = {"warmup_epochs": 0}  # checkpoints written before the warm-up existed
+    diff = {k: (old.get(k, defaults.get(k)), new.get(k)) for k in keys
+            if old.get(k, defaults.get(k)) != new.get(k)}
+    if diff:
+        raise CheckpointMismatchError(
+            f"{path} ({identity(old)}) was written with other settings: "
+            + ", ".join(f"{k} {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
+            + "; use another out_dir or delete the old files")
+
+
+def restore_checkpoint(path: Path, model, meta_now: dict[str, Any]) -> dict[str, Any]:
+    meta = read_checkpoint_meta(path)
+    compare_meta(path, meta, meta_now)
+    vars_m, vars_o = state_variables(model), optimizer_variables(model)
+    with np.load(path, allow_pickle=False) as z:
+        mk = sorted(k for k in z.files if k.startswith("m"))
+        ok = sorted(k for k in z.files if k.startswith("o"))
+        if len(mk) != len(vars_m) or len(ok) != len(vars_o):
+            raise CheckpointMismatchError(
+                f"checkpoint {path} holds {len(mk)} model / {len(ok)} optimiser variables; "
+                f"{identity(meta_now)} has {len(vars_m)} / {len(vars_o)}")
+        for v, k in zip(vars_m + vars_o, mk + ok):
+            a = z[k]
+            if tuple(a.shape) != tuple(v.shape):
+                raise CheckpointMismatchError(
+                    f"checkpoint {path} variable {k} has shape {a.shape}; {v.path} of "
+                    f"{identity(meta_now)} has {tuple(v.shape)}")
+            v.assign(a)
+    return meta

@@ -1,0 +1,227 @@
+"""The cross-validated experiment: every (network, fold) of a family, trained and evaluated.
+
+``run_networks`` is what the family notebooks (02-05) call. For each network it builds the model
+once per process (``train.WeightResetter``: the weights are reset for every fold instead of
+re-tracing), and for each fold it builds the fold's training set from the training folds only
+(originals + one augmented copy each, ZCA fitted on them: ``augment.fold_arrays``), trains both
+regimes in one run (``train.train_fold``: checkpoint every epoch, resumable, NaN -> recorded
+failure), and evaluates the untouched test fold.
+
+Everything lands in the run folder (its layout: :mod:`cellstudy.rundir`)::
+
+    <run>/training/<network>/fold<k>/   train_fold's files + test_cells.csv (cell id, group, label)
+    <run>/<step>/                        metrics_tidy.csv/.parquet, predictions.csv/.parquet,
+                                         history.csv, summary_<regime>.csv, failures.csv
+
+``collect`` reads every finished (network, fold) of a run back into one set of tables (for
+07_results, the XAI and the statistics), recomputing the metrics from the stored probabilities.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cellstudy import atomic, config, networks, rundir
+from cellstudy.learning import augment, metrics
+
+
+@dataclass
+class FamilyResults:
+    tidy: pd.DataFrame            # network x fold x regime x metric
+    predictions: pd.DataFrame     # one row per cell x network x regime
+    history: pd.DataFrame         # one row per network x fold x epoch
+    failures: pd.DataFrame        # failed runs: network, fold, epoch, reason
+    timings: pd.DataFrame         # network, fold, seconds, images_per_s, resumed_from, skipped
+
+
+def networks_for(family: str | Sequence[str], scale: dict[str, Any]) -> list[str]:
+    """The networks of a family (``"DL"``, ``"ViT"``, ``"RGB"``, ``"MHL"``) or an explicit list,
+    restricted to ``scale["networks"]`` when that is set. Unknown names: ValueError."""
+    if isinstance(family, str):
+        names = networks.networks_of(family)
+    else:
+        names = [networks.check_network(n) for n in family]
+    allowed = scale.get("networks")
+    if allowed:
+        bad = [n for n in allowed if n not in networks.NETWORK_NAMES]
+        if bad:
+            raise ValueError(f"scale parameter networks lists unknown network(s) {bad}; "
+                             f"expected names from {list(networks.NETWORK_NAMES)}")
+        names = [n for n in names if n in allowed]
+    return names
+
+
+def folds_for(scale: dict[str, Any]) -> list[int]:
+    """The folds to run: ``scale["folds_to_run"]`` or all ``range(n_splits)``."""
+    k = int(scale["n_splits"])
+    chosen = scale.get("folds_to_run")
+    if chosen is None:
+        return list(range(k))
+    bad = [f for f in chosen if not (0 <= int(f) < k)]
+    if bad:
+        raise ValueError(f"scale parameter folds_to_run has fold(s) {bad} outside 0..{k - 1}")
+    return [int(f) for f in chosen]
+
+
+def he_initialise(model):
+    """Redraw every ``Conv2D`` kernel of ``model`` from He's normal initialiser (in place; returns
+    the model), instead of Keras' Glorot-uniform default; biases stay zero.
+
+    He et al. (2015): N(0, 2 / fan_in) keeps the activations' variance through ReLU layers; with
+    Glorot's 1 / fan_avg it halves at each one. VGG16 has 13 ReLU convolutions and no
+    normalisation: trained from random weights with Glorot's initialisation it stayed at the class
+    prior (training accuracy 0.545 for 8 epochs at learning rate 3e-3 or 1e-2, S = 64, fold 0:
+    every test cell one class); with He's it learned (0.73 at epoch 3). The networks with
+    BatchNorm do not need it. Which networks get it is a scale number (``he_init``); draws come
+    from Keras' seeded global generator, so they repeat with the run's seed."""
+    import keras
+    init = keras.initializers.HeNormal()
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D) and not isinstance(layer, keras.layers.DepthwiseConv2D):
+            layer.kernel.assign(init(tuple(layer.kernel.shape)))
+    return model
+
+
+def set_bn_momentum(model, momentum: float | None):
+    """Set the moving-average momentum of every BatchNormalization layer of ``model`` (in place;
+    returns the model). None keeps Keras' default (0.99).
+
+    The moving mean and variance that a BN layer uses at test time are updated once per training
+    step, ``m <- momentum * m + (1 - momentum) * batch``. With the study's small training sets (352
+    images, 11 steps an epoch at batch 32) Keras' 0.99 leaves the initial statistics (0 and 1) a
+    weight of 0.99^110 = 0.33 after 10 epochs, and the test-time network differs from the trained
+    one: measured on DenseNet121 fold 0 at S = 64, the test cells were all given one class at
+    epochs 6-12 although their AUC was 0.84-0.88; at 0.9 that weight is 1e-5. A scale number
+    (``bn_momentum``); it changes no weight and no trainable parameter."""
+    if momentum is None:
+        return model
+    m = float(momentum)
+    if not 0.0 <= m < 1.0:
+        raise ValueError(f"bn_momentum={momentum!r}; expected a float in [0, 1) or None")
+    import keras
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = m
+    return model
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def run_networks(prepared, family: str | Sequence[str], step: str, *, seed: int = 0,
+                 model_params: dict[str, dict[str, Any]] | None = None, strategy: Any = None,
+                 mixed_precision: str | None = None, jit_compile: bool = False,
+                 deterministic: bool = False, progress: Callable[[dict], None] | None = None,
+                 echo: Callable[[str], None] = print) -> FamilyResults:
+    """Train and evaluate every network of ``family`` on every fold of ``prepared``
+    (``study.prepare``'s result) at its scale; results are written under the run folder and
+    returned. Finished (network, fold) runs are read back, not retrained; interrupted ones resume.
+    """
+    from cellstudy.learning import models, train
+
+    sc = prepared.scale
+    names = networks_for(family, sc)
+    folds = folds_for(sc)
+    if not names:
+        raise ValueError(f"no network of {family!r} is selected by the scale's networks={sc.get('networks')}")
+    S = int(sc["image_size"])
+    shift = config.max_shift_px(sc)
+    run = rundir.Run(prepared.run_dir)
+    out = run.step(step)
+    progress = train.print_progress if progress is None else progress
+    records, preds, hist, fails, times = [], [], [], [], []
+    total = len(names) * len(folds)
+    done_runs, t0 = 0, time.perf_counter()
+    for name in names:
+        params = (model_params or {}).get(name, {})
+        bn, he = sc.get("bn_momentum"), name in (sc.get("he_init") or ())
+        builder = train.WeightResetter(
+            lambda name=name, params=params, he=he: set_bn_momentum(
+                he_initialise(models.build(name, S, **params)) if he else models.build(name, S, **params), bn))
+        for k in folds:
+            fa = augment.fold_arrays(prepared.images, prepared.labels, prepared.folds, k, max_shift_px=shift,
+                                     max_rotation_deg=sc["max_rotation_deg"], seed=seed)
+            fd = run.fold(name, k, create=True)
+            test_idx = fa["test_index"]
+            cells = pd.DataFrame({"cell_id": prepared.cell_ids[test_idx], "group": prepared.groups[test_idx],
+                                  "label": prepared.labels[test_idx]})
+            atomic.write_text(fd.test_cells, cells.to_csv(index=False))
+            atomic.write_json(fd.zca, fa["zca_state"], default=lambda o: np.asarray(o).tolist(), indent=None)
+            res = train.train_fold(
+                builder, fa["x_train"], fa["y_train"], fa["x_test"], fa["y_test"], fd.path,
+                int(sc["epochs_short"]), int(sc["epochs_long"]), batch_size=int(sc["batch_size"]),
+                learning_rate=float(sc["learning_rate"]), momentum=float(sc["momentum"]),
+                warmup_epochs=int(sc.get("warmup_epochs", 0)), seed=seed,
+                deterministic=deterministic, strategy=strategy, mixed_precision=mixed_precision,
+                jit_compile=jit_compile, progress=progress, network_name=name, fold=k)
+            done_runs += 1
+            elapsed = time.perf_counter() - t0
+            echo(f"[{done_runs}/{total}] {name} fold {k}: {res.status}"
+                 f"{' (read back)' if res.skipped else ''}; study step {step}: "
+                 f"{_fmt_eta(elapsed)} elapsed, ~{_fmt_eta(elapsed / done_runs * (total - done_runs))} left")
+            _collect_one(res, cells, name, k, records, preds, hist, fails, times)
+    return _write(out, records, preds, hist, fails, times)
+
+
+def _collect_one(res, cells: pd.DataFrame, name: str, k: int, records, preds, hist, fails, times) -> None:
+    y = cells["label"].to_numpy()
+    for regime, p in res.proba.items():
+        m = metrics.fold_metrics(y, p)
+        records.append({**m, "network": name, "fold": k, "regime": regime})
+        preds.append(metrics.predictions_frame(cells["cell_id"].to_numpy(), cells["group"].to_numpy(), k, name,
+                                               regime, y, p))
+    h = res.history_frame()
+    if len(h):
+        hist.append(h.assign(network=name, fold=k))
+    if res.failed:
+        f = res.failure or {}
+        fails.append({"network": name, "fold": k, "epoch": f.get("epoch"), "reason": f.get("reason")})
+    t = res.timings or {}
+    times.append({"network": name, "fold": k, "status": res.status,
+                  "seconds_training": t.get("seconds_training"), "seconds_build": t.get("seconds_build"),
+                  "seconds_first_epoch": t.get("seconds_first_epoch_this_session"),
+                  "images_per_s": t.get("images_per_s_median"), "reused_model": t.get("reused_model"),
+                  "resumed_from": res.resumed_from, "skipped": res.skipped})
+
+
+def _write(out: Path, records, preds, hist, fails, times) -> FamilyResults:
+    tidy = metrics.tidy_metrics(records, families=metrics.NETWORK_FAMILY) if records else pd.DataFrame(
+        columns=["network", "family", "fold", "regime", "metric", "value"])
+    if len(tidy):
+        metrics.write_tables(tidy, out)
+    pr = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
+    hi = pd.concat(hist, ignore_index=True) if hist else pd.DataFrame()
+    fa = pd.DataFrame(fails, columns=["network", "fold", "epoch", "reason"])
+    ti = pd.DataFrame(times)
+    if len(pr):
+        pr.to_csv(out / "predictions.csv", index=False)
+        pr.to_parquet(out / "predictions.parquet", index=False)
+    hi.to_csv(out / "history.csv", index=False)
+    fa.to_csv(out / "failures.csv", index=False)
+    ti.to_csv(out / "timings.csv", index=False)
+    return FamilyResults(tidy=tidy, predictions=pr, history=hi, failures=fa, timings=ti)
+
+
+def collect(run_dir: str | Path, out: str | Path | None = None) -> FamilyResults:
+    """Every finished or failed (network, fold) of a run, read back from ``<run>/training``; with
+    ``out`` the tables are written there too."""
+    from cellstudy.learning import train
+
+    run = rundir.Run(run_dir)
+    records, preds, hist, fails, times = [], [], [], [], []
+    for fd in run.all_folds():
+        if not fd.is_finished():
+            continue  # unfinished
+        res = train.load_result(fd.path)
+        cells = pd.read_csv(fd.test_cells, dtype={"cell_id": str, "group": str})
+        _collect_one(res, cells, fd.network, fd.fold, records, preds, hist, fails, times)
+    target = Path(out) if out is not None else run.root / "results"
+    target.mkdir(parents=True, exist_ok=True)
+    return _write(target, records, preds, hist, fails, times)

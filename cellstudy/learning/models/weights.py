@@ -1,0 +1,91 @@
+"""Pretrained backbone weights from a local file (nothing is ever downloaded).
+
+``load_backbone_weights`` builds the backbone standalone (3-channel input, ``weights=None``), loads
+the file into it with Keras (``.h5``: the Keras 2 / ImageNet "notop" layout, matched by layer
+order; ``.weights.h5``: the Keras 3 layout, matched by layer name), then copies every layer's
+weights by name into the network. For 1-channel inputs (the RGB family's isolated channels) the
+first convolution's kernel ``(k, k, 3, F)`` is summed over its input channels to ``(k, k, 1, F)``:
+a grey image ``g`` then gives the same response as the RGB image ``(g, g, g)`` did.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from cellstudy.learning.models import backbones as bbs
+
+
+from cellstudy.data import sha256_file  # noqa: E402  (one implementation for the package)
+
+
+def resolve_weights_path(path: str | os.PathLike, sha256: str | None = None) -> Path:
+    """Check a local weights path: it must end in ``.h5`` (``.weights.h5`` included) and exist;
+    if ``sha256`` is given the file's checksum must match. Returns the resolved Path.
+
+    Raises FileNotFoundError naming the path, ValueError for a wrong suffix or checksum.
+    """
+    if isinstance(path, str) and path.lower() in ("imagenet",):
+        raise ValueError(
+            "weights='imagenet' would download; pass a local path to the ImageNet weights file "
+            "(e.g. resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5)")
+    p = Path(path).expanduser()
+    if not str(p).endswith(".h5"):
+        raise ValueError(f"weights file {p}: expected a Keras weights file ending in .h5 or .weights.h5")
+    if not p.is_file():
+        raise FileNotFoundError(f"weights file {p} does not exist (weights are never downloaded; "
+                                "pass the path of a local copy)")
+    if sha256 is not None:
+        got = sha256_file(p)
+        if got.lower() != str(sha256).lower():
+            raise ValueError(f"weights file {p}: sha256 {got} does not match the expected {sha256}")
+    return p.resolve()
+
+
+def load_backbone_weights(model, backbone: str, path, hw: tuple[int, int], prefix: str = "",
+                          sha256: str | None = None, cnn_filters=bbs.CNN3_FILTERS) -> list[str]:
+    """Load backbone weights from the local file ``path`` into ``model``'s backbone layers.
+
+    ``backbone``: one of ``backbones.BACKBONES``; ``hw``: the network's input (H, W);
+    ``prefix``: the backbone's layer-name prefix inside ``model`` (DenRes: "res_" / "den_").
+    Returns the names of the layers that received weights. Kernels whose input-channel axis is 3
+    in the file and 1 in the model are summed over that axis (RGB family).
+    """
+    p = resolve_weights_path(path, sha256)
+    ref = bbs.standalone(backbone, (hw[0], hw[1], 3), cnn_filters=cnn_filters)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ref.load_weights(str(p))
+    except Exception as e:  # Keras raises several types for a structural mismatch
+        raise ValueError(f"weights file {p} does not fit backbone {backbone!r}: {e}") from e
+    skipped = [str(w.message) for w in caught if "skipping" in str(w.message).lower()
+               or "mismatch" in str(w.message).lower()]
+    if skipped:  # Keras 3 warns (and keeps fresh weights) for parts it cannot match
+        raise ValueError(f"weights file {p} does not fit backbone {backbone!r}: {skipped[0]}")
+    done = []
+    for rl in ref.layers:
+        src = rl.get_weights()
+        if not src:
+            continue
+        try:
+            tl = model.get_layer(prefix + rl.name)
+        except ValueError as e:
+            raise ValueError(f"network {model.name!r} has no layer {prefix + rl.name!r} for the "
+                             f"weights of {backbone} layer {rl.name!r} from {p}") from e
+        dst = tl.get_weights()
+        new = []
+        for s, d in zip(src, dst):
+            if s.shape != d.shape:
+                if s.ndim == 4 and s.shape[2] == 3 and d.shape[2] == 1 and \
+                        s.shape[:2] + s.shape[3:] == d.shape[:2] + d.shape[3:]:
+                    s = s.sum(axis=2, keepdims=True)
+                else:
+                    raise ValueError(f"weights file {p}: layer {rl.name!r} has shape {s.shape}, "
+                                     f"network layer {tl.name!r} expects {d.shape}")
+            new.append(np.asarray(s, dtype=d.dtype))
+        tl.set_weights(new)
+        done.append(tl.name)
+    return done

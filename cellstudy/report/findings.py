@@ -1,0 +1,434 @@
+"""What a run found, per network, in plain terms: AUC with a 95% CI, chance, the baseline.
+
+Pure functions on the run's tidy per-fold metrics (``experiment.collect``'s ``tidy``: columns
+network, family, fold, regime, metric, value) and predictions; no TensorFlow. The results chapter
+and the book's findings read these, so that every sentence there is computed, not typed.
+
+Intervals. The k test folds of a cross-validation share most of their training cells, so the
+fold-to-fold spread understates the uncertainty of a mean score. Every interval here uses the
+Nadeau-Bengio corrected variance (``stats.corrected_resampled_ttest``; ``(1/k + n_test/n_train)
+s^2``), as the statistics chapter does:
+
+- a network's AUC: mean over folds, 95% CI = mean ± t_{0.975, k-1} · sqrt((1/k + n_test/n_train) s²),
+  clipped to [0, 1] (AUC's range); it **beats chance** when the CI's lower end is above 0.5 (a one-sided test at 2.5 %);
+- against the classical baseline: the paired per-fold difference (network − baseline) with the
+  same corrected test, Holm-adjusted over the networks, and Cohen's d_z with its interval.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from cellstudy import networks, rundir
+from cellstudy.report import stats
+from cellstudy.learning.metrics import DISPLAY_NAMES, NETWORK_FAMILY, NETWORK_ORDER
+
+CLASSICAL = networks.CLASSICAL
+
+
+def fold_sizes(folds_csv: str | Path) -> tuple[float, float, int]:
+    """``(n_train, n_test, k)`` of a run's folds file (``<run>/folds/<cohort>.csv``, read with
+    ``folds.read_folds``: one row per cell with its test fold): the mean test-fold size and the rest of the
+    cohort. Read from the folds file, not from the folds that ran."""
+    from cellstudy.learning.folds import read_folds
+
+    df, _ = read_folds(folds_csv)
+    sizes = df["fold"].value_counts()
+    n_test = float(sizes.mean())
+    return float(len(df) - n_test), n_test, int(len(sizes))
+
+
+def _ordered(names: Sequence[str]) -> list[str]:
+    order = {n: i for i, n in enumerate(NETWORK_ORDER)}
+    return sorted(dict.fromkeys(names), key=lambda n: (order.get(n, len(order)), n))
+
+
+def best_baseline(tidy: pd.DataFrame, metric: str = "auc_macro", regime: str = "long") -> str | None:
+    """The classical model (family "Classical") with the highest fold-mean ``metric``; None if
+    the run has none."""
+    sub = tidy[(tidy["metric"] == metric) & (tidy["regime"] == regime)]
+    sub = sub[sub["network"].map(NETWORK_FAMILY).eq(CLASSICAL) | sub.get("family", "").eq(CLASSICAL)]
+    if sub.empty:
+        return None
+    return str(sub.groupby("network")["value"].mean().idxmax())
+
+
+def network_verdicts(tidy: pd.DataFrame, n_train: float, n_test: float, metric: str = "auc_macro",
+                     regime: str = "long", baseline: str | None = "best", alpha: float = 0.05,
+                     chance: float = 0.5) -> pd.DataFrame:
+    """One row per model of the run (networks and classical models, book order).
+
+    Columns: network, display, family, k, mean, sd, ci_low, ci_high, beats_chance, and against
+    ``baseline`` (the best classical model by default; None: no comparison): baseline, diff,
+    diff_low, diff_high, p, p_adj (Holm over the compared networks), d_z, d_z_low, d_z_high,
+    versus ("better than" | "worse than" | "not distinguishable from", at ``alpha`` after
+    Holm), note. The baseline's own row has no comparison.
+    """
+    sub = tidy[(tidy["metric"] == metric) & (tidy["regime"] == regime)].dropna(subset=["value"])
+    if sub.empty:
+        raise ValueError(f"no {metric!r} values for regime {regime!r} in the tidy metrics")
+    wide = sub.pivot_table(index="fold", columns="network", values="value", aggfunc="first")
+    base = best_baseline(tidy, metric, regime) if baseline == "best" else baseline
+    if base is not None and base not in wide.columns:
+        raise ValueError(f"baseline {base!r} has no {metric} values for regime {regime!r}")
+    q = lambda k: float(sps.t.ppf(1 - alpha / 2, k - 1)) if k >= 2 else math.nan
+    rows = []
+    for net in _ordered(wide.columns):
+        v = wide[net].dropna()
+        k = len(v)
+        mean, sd = float(v.mean()), float(v.std(ddof=1)) if k >= 2 else math.nan
+        factor = (1.0 / k + n_test / n_train) if k >= 1 else math.nan
+        half = q(k) * math.sqrt(factor) * sd if k >= 2 else math.nan
+        row = {"network": net, "display": DISPLAY_NAMES.get(net, net),
+               "family": NETWORK_FAMILY.get(net, "?"), "k": k, "mean": mean, "sd": sd,
+               "ci_low": max(0.0, mean - half), "ci_high": min(1.0, mean + half),
+               "beats_chance": bool(k >= 2 and mean - half > chance), "baseline": base, "note": ""}
+        if base is not None and net != base:
+            both = wide[[net, base]].dropna()
+            if len(both) >= 2:
+                tt = stats.corrected_resampled_ttest(both[net], both[base], n_train, n_test, alpha)
+                es = stats.paired_effect_size(both[net], both[base], 1 - alpha, n_train, n_test)
+                row.update(diff=tt["mean_diff"], diff_low=tt["ci_low"], diff_high=tt["ci_high"],
+                           p=tt["p"], d_z=es["d_z"], d_z_low=es["ci_low"], d_z_high=es["ci_high"],
+                           note=tt["note"])
+            else:
+                row["note"] = f"only {len(both)} fold(s) shared with {base}"
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    for c in ("diff", "diff_low", "diff_high", "p", "d_z", "d_z_low", "d_z_high"):
+        if c not in out.columns:
+            out[c] = math.nan
+    out["p_adj"] = math.nan
+    compared = out["p"].notna() & out["family"].ne(CLASSICAL)
+    if compared.any():
+        from statsmodels.stats.multitest import multipletests
+        out.loc[compared, "p_adj"] = multipletests(out.loc[compared, "p"], method="holm")[1]
+
+    def versus(r) -> str:
+        if r["network"] == base or base is None or not np.isfinite(r["diff"]):
+            return ""
+        if np.isfinite(r["p_adj"]) and r["p_adj"] < alpha:
+            return "better than" if r["diff"] > 0 else "worse than"
+        if not np.isfinite(r["p_adj"]) and np.isfinite(r["p"]) and r["p"] < alpha:
+            return "better than" if r["diff"] > 0 else "worse than"
+        return "not distinguishable from"
+
+    out["versus"] = out.apply(versus, axis=1)
+    cols = ["network", "display", "family", "k", "mean", "sd", "ci_low", "ci_high", "beats_chance",
+            "baseline", "diff", "diff_low", "diff_high", "p", "p_adj", "d_z", "d_z_low", "d_z_high",
+            "versus", "note"]
+    return out[cols]
+
+
+def one_class_folds(predictions: pd.DataFrame, regime: str = "long") -> pd.DataFrame:
+    """(network, fold) pairs whose argmax prediction is the same class for every test cell.
+
+    ``predictions``: ``experiment.collect``'s predictions (network, fold, regime, y_pred)."""
+    need = {"network", "fold", "regime", "y_pred"}
+    if not need <= set(predictions.columns):
+        raise ValueError(f"predictions lack column(s) {sorted(need - set(predictions.columns))}")
+    p = predictions[predictions["regime"] == regime]
+    g = p.groupby(["network", "fold"])["y_pred"].nunique().reset_index(name="classes")
+    bad = g[g["classes"] < 2].copy()
+    bad["predicted"] = [int(p[(p.network == r.network) & (p.fold == r.fold)]["y_pred"].iloc[0])
+                        for r in bad.itertuples()]
+    return bad[["network", "fold", "predicted"]].reset_index(drop=True)
+
+
+def _fmt_ci(r, digits: int = 3) -> str:
+    return f"{r['mean']:.{digits}f} (95% CI {r['ci_low']:.{digits}f}–{r['ci_high']:.{digits}f})"
+
+
+def verdict_sentences(verdicts: pd.DataFrame, metric_label: str = "AUC") -> list[str]:
+    """One plain sentence per model from :func:`network_verdicts`, e.g. "MHL: AUC 0.912 (95% CI
+    0.85–0.97), above chance; not distinguishable from Random forest (difference -0.05, 95% CI
+    -0.12 to 0.02, Holm-adjusted p 0.31, d_z -0.9)"."""
+    out = []
+    for r in verdicts.itertuples(index=False):
+        r = r._asdict()
+        s = f"**{r['display']}**: {metric_label} {_fmt_ci(r)}, " + (
+            "above chance" if r["beats_chance"] else "**not** above chance (its CI includes 0.5)")
+        if r["versus"]:
+            base = DISPLAY_NAMES.get(r["baseline"], r["baseline"])
+            p = r["p_adj"] if np.isfinite(r["p_adj"]) else r["p"]
+            s += (f"; {r['versus']} the {base} baseline (difference {r['diff']:+.3f}, 95% CI "
+                  f"{r['diff_low']:+.3f} to {r['diff_high']:+.3f}, Holm-adjusted p {p:.3g}, "
+                  f"d_z {r['d_z']:.2f})")
+        elif r["family"] == CLASSICAL and r["network"] == r["baseline"]:
+            s += "; the best classical baseline, against which the networks are compared"
+        out.append(s + ".")
+    return out
+
+
+def summary_counts(verdicts: pd.DataFrame) -> dict[str, int]:
+    """How many networks (not classical models) beat chance / are better, worse or not
+    distinguishable from the baseline."""
+    n = verdicts[verdicts["family"] != CLASSICAL]
+    return {"networks": int(len(n)), "above_chance": int(n["beats_chance"].sum()),
+            "better": int((n["versus"] == "better than").sum()),
+            "worse": int((n["versus"] == "worse than").sum()),
+            "indistinguishable": int((n["versus"] == "not distinguishable from").sum())}
+
+
+def best_per_family(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """The model with the highest mean of each family (book order of families)."""
+    idx = verdicts.groupby("family", sort=False)["mean"].idxmax()
+    return verdicts.loc[idx].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The book's findings page, written from the run's own files
+# ---------------------------------------------------------------------------------------------
+STAIN_NAMES = {"third": "the third stain (tubulin)", "actin": "F-actin", "dna": "DNA", "shape": "cell / nucleus shape"}
+
+
+def _read(path: Path) -> pd.DataFrame | None:
+    try:
+        return pd.read_csv(path) if path.is_file() else None
+    except (OSError, ValueError, pd.errors.EmptyDataError):
+        return None
+
+
+def _link(text: str, chapter: str) -> str:
+    return f"[{text}]({chapter}.ipynb)"
+
+
+def findings_page(run_dir: str | Path) -> dict:
+    """The findings page of a finished run, from its CSVs: ``{"markdown": str, "numbers": {key:
+    (value, "file:column/row")}, "verdicts": DataFrame}``.
+
+    Reads ``07_results/verdicts_long.csv`` (required), ``external_metrics.csv``,
+    ``convergence.csv``, ``one_class_folds.csv``, ``09_statistics/welch_tests.csv``,
+    ``08_xai/channel_importance.csv`` / ``faithfulness.csv``,
+    ``06_classical_baseline/stain_importance.csv``, the folds file and ``study.yaml``. A missing
+    optional file makes its paragraph say so. Every number on the page is in ``numbers`` with the
+    file it came from (the tests compare them); every paragraph links its chapter."""
+    import yaml
+
+    layout = rundir.Run(run_dir)
+    run = layout.root
+    v = _read(run / "07_results" / "verdicts_long.csv")
+    if v is None or v.empty:
+        raise FileNotFoundError(f"{run / '07_results' / 'verdicts_long.csv'} is missing: run 07_results first")
+    cfg = yaml.safe_load(layout.study_config.read_text()) if layout.study_config.is_file() else {}
+    cohort, scale = cfg.get("cohort", "?"), cfg.get("scale", "?")
+    num: dict[str, tuple] = {}
+    md: list[str] = ["# Findings", ""]
+    # --- the cohort in one line
+    fp = layout.folds_file(cohort, create=False)
+    if fp.is_file():
+        from cellstudy.learning.folds import read_folds
+        ft, _ = read_folds(fp)
+        n0, n1 = int((ft["label"] == 0).sum()), int((ft["label"] == 1).sum())
+        nf = int(ft["group"].nunique())
+        num.update(cells_normal=(n0, fp.name), cells_abnormal=(n1, fp.name), fields=(nf, fp.name))
+        md.append(f"**Cohort** `{cohort}`: {n0} normal-role and {n1} abnormal-role cells from {nf} source fields, "
+                  f"5-fold cross-validation grouped by field ({_link('cohort', '00_cohort')}); scale `{scale}`.")
+    if scale == "quick":
+        md += ["", "```{warning}\nThis run is the `quick` scale (S = 32, 1 + 1 epochs): the networks are not trained to "
+               "their plateau and **its numbers are not conclusive**. Run the default scale for the study's findings.\n```"]
+    md.append("")
+    # --- best of each family and the baseline
+    nets = v[v["family"] != CLASSICAL]
+    cl = v[v["family"] == CLASSICAL]
+    base = v["baseline"].dropna().iloc[0] if v["baseline"].notna().any() else None
+    md.append("## Performance (long regime, AUC-ROC, mean over the test folds, 95% CI)")
+    md.append("")
+    md.append(f"From {_link('the results chapter', '07_results')}:")
+    md.append("")
+    for r in best_per_family(v).itertuples():
+        key = f"best_{r.family}"
+        num[key] = (round(float(r.mean), 3), f"verdicts_long.csv:mean/{r.network}")
+        tag = " (the classical baseline)" if r.family == CLASSICAL else ""
+        md.append(f"- **{r.family}**{tag}: {r.display}, AUC **{r.mean:.3f}** (95% CI {r.ci_low:.3f}–{r.ci_high:.3f})"
+                  + ("" if r.beats_chance else ", *not above chance*"))
+    md.append("")
+    c = summary_counts(v)
+    num.update(n_networks=(c["networks"], "verdicts_long.csv"), above_chance=(c["above_chance"], "verdicts_long.csv"),
+               better=(c["better"], "verdicts_long.csv"), worse=(c["worse"], "verdicts_long.csv"))
+    chance_txt = (f"{c['above_chance']} of {c['networks']} networks beat chance (CI above 0.5)"
+                  + ("" if c["above_chance"] == c["networks"] else "; not above chance: "
+                     + ", ".join(nets[~nets["beats_chance"].astype(bool)]["display"])) + ".")
+    if base is not None and len(cl):
+        b = v.set_index("network").loc[base]
+        bname = DISPLAY_NAMES.get(base, base)
+        if c["better"] == 0:
+            vs = (f"**No network beats the classical baseline** ({bname}, AUC {b['mean']:.3f}): "
+                  f"{c['worse']} {'is' if c['worse'] == 1 else 'are'} significantly worse and "
+                  f"{c['indistinguishable']} cannot be told apart from it "
+                  "(corrected paired t-test per network, Holm-adjusted).")
+        else:
+            vs = (f"{c['better']} network(s) beat the classical baseline ({bname}, AUC {b['mean']:.3f}) significantly; "
+                  f"{c['worse']} are worse, {c['indistinguishable']} indistinguishable (corrected paired t-test, Holm).")
+        md += [chance_txt + " " + vs, ""]
+    else:
+        md += [chance_txt, ""]
+    # --- convergence and one-class folds
+    conv = _read(run / "07_results" / "convergence.csv")
+    one = _read(run / "07_results" / "one_class_folds.csv")
+    if conv is not None and len(conv):
+        nc = int(conv["converged"].astype(bool).sum())
+        num["converged"] = (nc, "convergence.csv:converged")
+        bad = [DISPLAY_NAMES.get(n, n) for n in conv.loc[~conv["converged"].astype(bool), "network"]]
+        md.append(f"**Training:** {nc} of {len(conv)} networks reached their training plateau in every fold"
+                  + (f" (not: {', '.join(bad)})" if bad else "") + "; "
+                  + (f"{len(one)} (network, fold) pairs gave every test cell one class."
+                     if one is not None and len(one) else "no network gave every cell of a test fold one class.")
+                  + f" ({_link('results', '07_results')})")
+        md.append("")
+    # --- unseen fields
+    ext = _read(run / "07_results" / "external_metrics.csv")
+    md.append("## Unseen fields")
+    md.append("")
+    if ext is not None and len(ext):
+        en, ec = ext[ext["family"] != CLASSICAL], ext[ext["family"] == CLASSICAL]
+        parts = [f"On {int(ext['n_cells'].max())} cells of {int(ext['n_fields'].max())} fields the cohort never uses "
+                 f"({_link('external test', '07_results')}):"]
+        if len(en):
+            bi = en["auc"].idxmax()
+            num["external_best_network"] = (round(float(en.loc[bi, "auc"]), 3), f"external_metrics.csv:auc/{en.loc[bi, 'network']}")
+            parts.append(f"the best network ensemble, {DISPLAY_NAMES.get(en.loc[bi, 'network'], en.loc[bi, 'network'])}, "
+                         f"AUC **{en.loc[bi, 'auc']:.3f}** ({en.loc[bi, 'auc_ci_low']:.3f}–{en.loc[bi, 'auc_ci_high']:.3f}); "
+                         f"networks {en['auc'].min():.3f}–{en['auc'].max():.3f}")
+        if len(ec):
+            bj = ec["auc"].idxmax()
+            num["external_best_classical"] = (round(float(ec.loc[bj, "auc"]), 3), f"external_metrics.csv:auc/{ec.loc[bj, 'network']}")
+            parts.append(f"; the classical {DISPLAY_NAMES.get(ec.loc[bj, 'network'], ec.loc[bj, 'network'])} "
+                         f"AUC **{ec.loc[bj, 'auc']:.3f}** ({ec.loc[bj, 'auc_ci_low']:.3f}–{ec.loc[bj, 'auc_ci_high']:.3f})")
+        md.append(" ".join(parts[:2]) + "".join(parts[2:]) + ".")
+    else:
+        md.append("No external test in this run (no external set is defined for this cohort, or the results step did not write it).")
+    md.append("")
+    # --- Table 3
+    md.append("## Families (the paper's Table 3)")
+    md.append("")
+    w = _read(run / "09_statistics" / "welch_tests.csv")
+    if w is not None and len(w):
+        sig = w[w["significant"].astype(bool)]
+        num["table3_significant"] = (int(len(sig)), "welch_tests.csv:significant")
+        if len(sig):
+            label = {"recall_macro": "recall", "f1_macro": "F1", "precision_macro": "precision", "auc_macro": "AUC"}
+            long_ = sig[sig["regime"] == "long"] if (sig["regime"] == "long").any() else sig
+            items = "; ".join(f"{a} vs {b}: " + ", ".join(label.get(m, m) for m in g["metric"])
+                              for (a, b), g in long_.groupby(["family_a", "family_b"], sort=False))
+            md.append(f"{len(sig)} of {int(w['p'].notna().sum())} Welch tests (families x metrics x regimes) are "
+                      f"significant after Bonferroni; in the long regime: {items} "
+                      f"({_link('statistics', '09_statistics')}; the tests treat a family's per-fold values as "
+                      "independent, which they are not: the paired tests there are the honest comparison).")
+        else:
+            md.append(f"None of the {int(w['p'].notna().sum())} Welch tests between families is significant after "
+                      f"Bonferroni ({_link('statistics', '09_statistics')}).")
+    else:
+        md.append("The statistics step did not run.")
+    md.append("")
+    # --- stains
+    md.append("## Which stain drives the call")
+    md.append("")
+    ci = _read(run / "08_xai" / "channel_importance.csv")
+    si = _read(run / "06_classical_baseline" / "stain_importance.csv")
+    lines = []
+    if ci is not None and len(ci):
+        m = ci[ci["method"] == "mean"] if "mean" in set(ci["method"]) else ci
+        top = m.loc[m.groupby("network")["mean_drop"].idxmax()]
+        counts = top["channel"].value_counts()
+        lead = counts.index[0]
+        num["networks_top_stain"] = (str(lead), "channel_importance.csv")
+        lines.append(f"Networks (probability drop when a stain is replaced by its mean, {_link('explanations', '08_xai')}): "
+                     f"{STAIN_NAMES.get(lead, lead)} matters most for {int(counts.iloc[0])} of {len(top)} networks"
+                     + "".join(f", {STAIN_NAMES.get(k, k)} for {int(n)}" for k, n in counts.iloc[1:].items()) + ".")
+    if si is not None and len(si):
+        tops = si.loc[si.groupby("classifier")["auc_drop_mean"].idxmax()]
+        for r in tops.itertuples():
+            num[f"classical_top_stain_{r.classifier}"] = (str(r.group), "stain_importance.csv")
+        lines.append("Classical baseline (AUC drop when a stain's features are permuted, "
+                     f"{_link('baseline', '06_classical_baseline')}): "
+                     + "; ".join(f"{DISPLAY_NAMES.get(r.classifier, r.classifier)}: {STAIN_NAMES.get(r.group, r.group)} "
+                                 f"(−{r.auc_drop_mean:.3f})" for r in tops.itertuples()) + ".")
+    md.append(" ".join(lines) if lines else "No stain-importance results in this run.")
+    md.append("")
+    # --- faithfulness
+    md.append("## Which explanation is faithful")
+    md.append("")
+    fa = _read(run / "08_xai" / "faithfulness.csv")
+    if fa is not None and len(fa):
+        ok = fa.groupby(["network", "method"])["beats_random"].all().reset_index()
+        per = ok.groupby("method")["beats_random"].agg(["sum", "count"])
+        for meth, r in per.iterrows():
+            num[f"faithful_{meth}"] = (int(r["sum"]), "faithfulness.csv:beats_random")
+        md.append("Deletion and insertion curves against a random order of pixels "
+                  f"({_link('explanations', '08_xai')}): "
+                  + "; ".join(f"{meth.replace('_', ' ')} beats random on both curves for {int(r['sum'])} of {int(r['count'])} networks"
+                              for meth, r in per.iterrows()) + ".")
+    else:
+        md.append("No faithfulness results in this run.")
+    md.append("")
+    md.append("```{figure} findings_auc.png\n:name: fig-findings-auc\n\nAUC-ROC per model, long regime: fold mean with "
+              "its 95% corrected CI; the dashed line is the best classical model, the dotted line chance "
+              "(the analog of the paper's Table 2, with intervals).\n```")
+    return {"markdown": "\n".join(md) + "\n", "numbers": num, "verdicts": v}
+
+
+def findings_figure(verdicts: pd.DataFrame):
+    """AUC with its CI per model (book order), a dashed line at the best classical model's mean
+    and a dotted one at 0.5. Returns a matplotlib Figure."""
+    from matplotlib.figure import Figure
+
+    v = verdicts.reset_index(drop=True)
+    fig = Figure(figsize=(7.5, 0.45 * len(v) + 1.2), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(v))[::-1]
+    colours = {f: f"C{i}" for i, f in enumerate(dict.fromkeys(v["family"]))}
+    for yi, r in zip(y, v.itertuples()):
+        ax.errorbar(r.mean, yi, xerr=[[r.mean - r.ci_low], [r.ci_high - r.mean]], fmt="o", capsize=3,
+                    color=colours[r.family], label=r.family)
+    base = v[v["network"] == v["baseline"]]
+    if len(base):
+        ax.axvline(float(base["mean"].iloc[0]), ls="--", color="grey", lw=1)
+    ax.axvline(0.5, ls=":", color="black", lw=1)
+    ax.set_yticks(y, v["display"])
+    ax.set_xlim(0.3, 1.02)
+    ax.set_xlabel("AUC-ROC (long regime), mean over folds with 95% CI")
+    h, lab = ax.get_legend_handles_labels()
+    uniq = dict(zip(lab, h))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=8, frameon=False, loc="lower left")
+    return fig
+
+
+def shown_as(value) -> str:
+    """How a recorded number of the findings page is written on it: a float with 3 decimals, an
+    int as is, a stain by its name (``STAIN_NAMES``)."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return STAIN_NAMES.get(str(value), str(value))
+
+
+def expected_on_page(run_dir: str | Path) -> list[tuple[str, str]]:
+    """What the rendered findings page must show, recomputed from the run's CSVs now:
+    ``[(text, "key = text from source"), ...]`` for every number :func:`findings_page` records
+    (the browser check looks for each text in the page)."""
+    nums = findings_page(run_dir)["numbers"]
+    return [(shown_as(v), f"{k} = {shown_as(v)} (from {src})") for k, (v, src) in nums.items()]
+
+
+def write_findings_page(run_dir: str | Path, book_dir: str | Path) -> Path:
+    """Write ``findings.md`` and ``findings_auc.png`` into ``book_dir`` (the assembled book) and
+    ``findings_numbers.json`` beside it; returns the page's path."""
+    import json
+
+    book = Path(book_dir)
+    page = findings_page(run_dir)
+    fig = findings_figure(page["verdicts"])
+    fig.savefig(book / "findings_auc.png", dpi=110)
+    p = book / "findings.md"
+    p.write_text(page["markdown"])
+    (book / "findings_numbers.json").write_text(json.dumps({k: list(v) for k, v in page["numbers"].items()}, indent=1))
+    return p
