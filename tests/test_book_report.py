@@ -4,6 +4,7 @@ and one small book build from a hand-made run folder."""
 import base64
 import io
 import json
+import re
 
 import nbformat
 import numpy as np
@@ -196,3 +197,42 @@ def test_the_built_book_folds_code_and_links_the_log(tmp_path):
     assert html.count("cellstudy.css") == 1                # the stylesheet, linked once
     intro = (index.parent / "intro.html").read_text()
     assert "This run" in intro and "0123456789ab" in intro
+
+
+def _show_calls(src: str) -> list[str]:
+    """The full text of every figures.show(...) call in a code cell's source."""
+    calls = []
+    for m in re.finditer(r"figures\.show\(", src):
+        depth = 0
+        for j in range(m.start(), len(src)):
+            depth += src[j] == "("
+            depth -= src[j] == ")"
+            if src[j] == ")" and depth == 0:
+                calls.append(src[m.start():j + 1])
+                break
+    return calls
+
+
+def test_every_figure_of_the_chapters_has_a_caption():
+    # issue 16: a caption naming what the figure shows and the paper figure it corresponds to
+    # (or that it has none)
+    from cellstudy import config
+
+    seen = 0
+    for p in sorted((config.REPO_ROOT / "notebooks").glob("*.ipynb")):
+        for c in json.loads(p.read_text())["cells"]:
+            if c["cell_type"] != "code":
+                continue
+            for call in _show_calls("".join(c["source"])):
+                seen += 1
+                assert "caption=" in call, f"{p.name}: a figure without a caption: {call[:120]}"
+                assert re.search(r"paper|Fig", call), f"{p.name}: the caption names no paper figure: {call[:160]}"
+    assert seen >= 30
+
+
+def test_caption_markdown():
+    from cellstudy.report import figures
+
+    assert figures.caption_markdown("  ROC curves,\n pooled. ") == "**Figure.** ROC curves, pooled."
+    with pytest.raises(ValueError, match="caption is empty"):
+        figures.caption_markdown("  ")

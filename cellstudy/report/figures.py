@@ -150,8 +150,10 @@ def channel_covariance(x: np.ndarray) -> np.ndarray:
     return np.cov(flat, rowvar=False)
 
 
-def show(fig: Figure, path=None, dpi: int = 120):
-    """Save ``fig`` as PNG at ``path`` (when given) and display it in a notebook as an image.
+def show(fig: Figure, path=None, dpi: int = 120, caption: str | None = None):
+    """Save ``fig`` as PNG at ``path`` (when given) and display it in a notebook as an image,
+    followed by its caption (``caption``: what the figure shows and the paper figure it
+    corresponds to, shown as "**Figure.** ..." under the image; the book keeps it).
 
     Works for figures made with ``matplotlib.figure.Figure`` (no pyplot state), whatever the
     notebook's matplotlib backend. Returns the PNG bytes."""
@@ -168,6 +170,17 @@ def show(fig: Figure, path=None, dpi: int = 120):
         from IPython.display import Image, display
         if get_ipython() is not None:
             display(Image(data=png))
+            if caption:
+                from IPython.display import Markdown
+                display(Markdown(caption_markdown(caption)))
     except ImportError:  # pragma: no cover - IPython is a dependency
         pass
     return png
+
+
+def caption_markdown(caption: str) -> str:
+    """The Markdown under a figure: ``**Figure.** <caption>`` (ValueError for an empty caption)."""
+    text = " ".join(str(caption).split())
+    if not text:
+        raise ValueError("caption is empty; say what the figure shows and which paper figure it corresponds to")
+    return f"**Figure.** {text}"
