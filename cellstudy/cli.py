@@ -40,6 +40,14 @@ def _book(a: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(a: argparse.Namespace) -> int:
+    from .predict import predict
+
+    predict(a.run_dir, a.cells, network=a.network, regime=a.regime, mc_samples=a.mc_samples,
+            classical=a.classical, data_root=a.data_root, out_dir=a.out)
+    return 0
+
+
 #: papermill's cell-boundary lines, also when tagged with the step ("[08_xai] ...") by the runner
 _NOISE = re.compile(r"(\[\w+\] )?((Executing|Ending) Cell|(Input|Output) Notebook|Working directory|"
                     r"Executing notebook with kernel)")
@@ -72,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("book", help="(re)build the book of a finished run folder")
     b.add_argument("run_dir")
     b.set_defaults(func=_book)
+    q = sub.add_parser("predict", help="apply a finished run's models to new cells (a cohort name or a manifest CSV)")
+    q.add_argument("run_dir", help="a finished run folder (runs/<name>-<date>-<time>)")
+    q.add_argument("cells", help="a cohort name (data_manifest/) or a manifest CSV of the new cells")
+    q.add_argument("-o", "--out", required=True, help="output folder (predictions.csv / .parquet, galleries)")
+    q.add_argument("--network", default=None, help="which network (default: the run's best by long-regime AUC)")
+    q.add_argument("--regime", default="long", choices=("short", "long"))
+    q.add_argument("--mc-samples", type=int, default=20, help="Monte Carlo dropout passes per fold model (0: none)")
+    q.add_argument("--classical", action="store_true", help="add the classical baseline's probabilities")
+    q.add_argument("--data-root", default=None, help="where the cells' paths are relative to")
+    q.set_defaults(func=_predict)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="  | %(message)s", stream=sys.stdout)
     for h in logging.getLogger().handlers:  # papermill's cell-boundary lines are noise here

@@ -13,6 +13,7 @@ used, so the streams (and every number of a run) are those of earlier versions.
 | ``xai_cells`` | fold | the cells explained per fold (``explain.select_cells``) |
 | ``permutation`` | fold, repeat, stain group | the baseline's permutation importance |
 | ``cohort_cells`` | crc32 of the field | cells kept per field when a cohort is built (``cohorts``) |
+| ``mc_dropout`` | (the fold is in the seed) | the head's dropout masks of Monte Carlo dropout (``predict``) |
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ SALTS: dict[str, tuple[int, ...]] = {
     "xai_cells": (8,),
     "permutation": (),
     "cohort_cells": (),
+    "mc_dropout": (0xD50,),
 }
 
 

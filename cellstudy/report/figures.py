@@ -64,6 +64,31 @@ def cell_montage(images: np.ndarray, labels: np.ndarray, n_per_class: int = 3, s
     return fig
 
 
+def cell_gallery(images: np.ndarray, titles: Sequence[str], title: str | None = None, ncols: int = 4) -> Figure:
+    """A grid of cells (merged RGB, each channel stretched for display), one title each.
+
+    images: (N, H, W, 3), N >= 1; titles: N strings (e.g. the cell id and its probability)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or len(images) == 0 or len(titles) != len(images):
+        raise ValueError(f"cell_gallery: expected N >= 1 images (N, H, W, 3) and N titles, got {images.shape} "
+                         f"and {len(titles)} titles")
+    ncols = min(ncols, len(images))
+    nrows = -(-len(images) // ncols)
+    fig = Figure(figsize=(2.0 * ncols, 2.3 * nrows + (0.3 if title else 0)), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i < len(images):
+            ax.imshow(_display(images[i]))
+            ax.set_title(str(titles[i]), fontsize=7)
+        else:
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def stage_figure(stages: Mapping[str, np.ndarray], title: str | None = None) -> Figure:
     """Each preprocessing stage of one cell: columns = stages, rows = the three stains (grey,
     one shared display range per stain so changes in contrast are visible)."""

@@ -1,0 +1,307 @@
+"""Apply a finished run's models to new cells: ``cellstudy predict RUN_DIR INPUT -o OUT``.
+
+For one network of a run (default: the run's best network by long-regime AUC) every trained fold
+model predicts the new cells, each with its own fold's whitening (``zca.json``), after the run's
+own preprocessing at the run's scale (``scale.json``). Per cell:
+
+* ``p_abnormal``: the fold ensemble (mean over the fold models) of the abnormal-class probability,
+  and ``fold_sd``, its spread across the folds;
+* Monte Carlo dropout (``mc_samples`` = T stochastic passes of every fold model through the
+  head's two dropouts, the backbone run once; Gal & Ghahramani 2016): ``mc_mean``, ``mc_sd``;
+* ``margin_uncertainty`` = 1 - (p_max - p_second) of the ensemble (0: certain, 1: a coin toss);
+* QC flags: a near-empty or saturated channel, a nucleus far smaller or larger than the training
+  cells' (outside the 1st-99th percentile of the run's cohort, DNA mask of ``learning.baseline``);
+* CellProfiler-style columns ``Classifier_Class`` and ``Classifier_Probability_<class>`` beside
+  the manifest's identifiers (and ``ImageNumber`` / ``ObjectNumber`` when the manifest has them),
+  so the table joins a CellProfiler per-object export.
+
+With ``classical=True`` the run's classical baseline (random forest, logistic regression) adds
+its fold-ensemble probability per cell. Written to ``OUT/``: ``predictions.csv`` and
+``.parquet`` (one row per cell), ``gallery_confident_<class>.png``, ``gallery_uncertain.png`` and
+``prediction.json`` (what was run, on what, the QC thresholds).
+
+Refused before any model is loaded: an unknown network, a network the run has not trained, a
+run folder without trained folds, input cells whose stored pixel size differs from the run's
+cohort's (the classical features and the preprocessing assume it).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cellstudy import atomic, config, networks, rundir, seeds
+
+#: QC: a channel whose robust-scaled pixels have a standard deviation below this is near-empty.
+EMPTY_SD = 0.02
+#: QC: a channel with more than this fraction of its pixels at its maximum is saturated (robust
+#: scaling clips 0.2 % of pixels to 1 by construction).
+SATURATED_FRACTION = 0.05
+#: QC: nucleus areas outside these percentiles of the run's cohort are flagged.
+SIZE_PERCENTILES = (1.0, 99.0)
+#: The head's dropout layers that Monte Carlo dropout keeps active (cellstudy.learning.models.head).
+HEAD_LAYERS = ("head_dense1", "head_dropout1", "head_dense2", "head_dropout2", "logits", "probs")
+
+
+class PredictError(ValueError):
+    """The run or the input cannot be used for prediction; the message names what and why."""
+
+
+@dataclass
+class Prediction:
+    """What :func:`predict` returns. ``table``: one row per cell (see the module docstring);
+    ``fold_probas``: fold -> (N, 2) probabilities of that fold's model; ``mc``: (folds x T, N)
+    abnormal-class probabilities of the Monte Carlo passes; ``info``: what was run."""
+
+    table: pd.DataFrame
+    fold_probas: dict[int, np.ndarray]
+    mc: np.ndarray | None
+    info: dict[str, Any]
+    images: np.ndarray = field(repr=False, default=None)
+
+
+def run_settings(run_dir: str | Path) -> dict[str, Any]:
+    """The cohort, scale name, overrides, seed and data root a run was made with (``study.yaml``
+    written by the runner; else ``scale.json`` and the run's one folds file), and its resolved
+    scale. PredictError naming the folder when it is not a run."""
+    import yaml
+
+    run = rundir.Run(run_dir)
+    if not run.training.is_dir():
+        raise PredictError(f"{run.root} has no training/ folder; expected a run folder with trained models")
+    cfg = yaml.safe_load(run.study_config.read_text()) if run.study_config.is_file() else {}
+    rec = rundir.read_scale_file(run.scale_file) if run.scale_file.is_file() else None
+    scale = cfg.get("scale") or (rec or {}).get("name")
+    overrides = cfg.get("overrides") if "overrides" in cfg else (rec or {}).get("overrides", {})
+    cohort = cfg.get("cohort")
+    if cohort is None:
+        files = sorted((run.root / "folds").glob("*.csv")) if (run.root / "folds").is_dir() else []
+        cohort = files[0].stem if len(files) == 1 else None
+    if scale is None or cohort is None:
+        raise PredictError(f"{run.root}: cannot tell the run's scale and cohort (no study.yaml, scale.json "
+                           "or single folds file)")
+    values = rec["values"] if rec is not None else config.get_scale(scale, overrides)
+    return {"cohort": cohort, "scale": scale, "overrides": overrides or {}, "seed": int(cfg.get("seed", 0)),
+            "data_root": cfg.get("data_root"), "values": values}
+
+
+def best_network(run_dir: str | Path, trained: Sequence[str]) -> str:
+    """The run's best trained network by long-regime AUC (``07_results/verdicts_long.csv``), else
+    the first trained one in the catalogue's order."""
+    v = rundir.Run(run_dir).step("07_results", create=False) / "verdicts_long.csv"
+    if v.is_file():
+        t = pd.read_csv(v)
+        t = t[t["network"].isin(trained)]
+        if len(t):
+            return str(t.loc[t["mean"].idxmax(), "network"])
+    return networks.ordered(trained)[0]
+
+
+def qc_flags(images: np.ndarray, nucleus_area: np.ndarray, area_range: tuple[float, float]) -> pd.DataFrame:
+    """QC of robust-scaled cells ``images`` (N, H, W, 3) in [0, 1]: per stain ``qc_empty_<stain>``
+    (pixel SD < :data:`EMPTY_SD`) and ``qc_saturated_<stain>`` (more than
+    :data:`SATURATED_FRACTION` of the pixels at the channel's maximum, which is not 0);
+    ``qc_size`` (nucleus area in stored pixels outside ``area_range``); ``qc_ok`` (no flag)."""
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"images: expected (N, H, W, 3), got {x.shape}")
+    flat = x.reshape(len(x), -1, 3)
+    out = {}
+    mx = flat.max(axis=1)
+    at_max = (flat >= mx[:, None, :] - 1e-6).mean(axis=1)
+    for c, stain in enumerate(config.CHANNELS):
+        out[f"qc_empty_{stain}"] = flat[:, :, c].std(axis=1) < EMPTY_SD
+        out[f"qc_saturated_{stain}"] = (mx[:, c] > 0) & (at_max[:, c] > SATURATED_FRACTION)
+    a = np.asarray(nucleus_area, dtype=float)
+    out["qc_size"] = (a < area_range[0]) | (a > area_range[1]) | ~np.isfinite(a)
+    df = pd.DataFrame(out)
+    df["qc_ok"] = ~df.any(axis=1)
+    return df
+
+
+def margin_uncertainty(proba: np.ndarray) -> np.ndarray:
+    """1 - (p_max - p_second) per row of ``proba`` (N, K): 0 when one class has all the
+    probability, 1 when the two most likely classes tie."""
+    p = np.sort(np.asarray(proba, dtype=float), axis=1)
+    return 1.0 - (p[:, -1] - p[:, -2])
+
+
+def mc_dropout(model, x: np.ndarray, samples: int, seed: int, batch_size: int = 64,
+               dropout: bool = True) -> np.ndarray:
+    """Monte Carlo dropout through the classification head: ``samples`` stochastic passes,
+    (samples, N, n_classes) float64. The network up to the head's first dense layer runs once (test mode:
+    BatchNorm uses its moving statistics); the head's dense layers then run ``samples`` times with
+    its dropouts active (``dropout=False``: inactive, each pass equals the plain forward pass)."""
+    import keras
+
+    if int(samples) < 1:
+        raise ValueError(f"samples={samples!r}; expected an int >= 1")
+    try:
+        head = [model.get_layer(n) for n in HEAD_LAYERS]
+    except ValueError as e:
+        raise PredictError(f"model {model.name!r} has no cellstudy head ({e}); Monte Carlo dropout needs "
+                           f"the layers {HEAD_LAYERS}") from None
+    feats_model = keras.Model(model.inputs, head[0].input)   # what the head's first dense layer sees
+    feats = np.concatenate([np.asarray(feats_model.predict_on_batch(x[i:i + batch_size]))
+                            for i in range(0, len(x), batch_size)]) if len(x) else np.zeros((0, 1))
+    rng = seeds.rng(seed, "mc_dropout")
+    dense1, drop1, dense2, drop2, logits, probs = head
+
+    def drop(h, layer):
+        # inverted dropout as keras.layers.Dropout trains (keep with probability 1 - rate, scale by
+        # 1 / (1 - rate)), drawn from the seeded stream so that a prediction repeats exactly
+        h = np.asarray(h)
+        if not dropout or float(layer.rate) == 0.0:
+            return h
+        keep = rng.random(h.shape) >= float(layer.rate)
+        return (h * keep / (1.0 - float(layer.rate))).astype(h.dtype)
+
+    out = []
+    for _ in range(int(samples)):
+        h = drop(dense1(feats), drop1)
+        h = drop(dense2(h), drop2)
+        out.append(np.asarray(probs(logits(h)), dtype=np.float64))
+    return np.stack(out)
+
+
+def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, regime: str = "long",
+            mc_samples: int = 20, classical: bool = False, data_root: str | Path | None = None,
+            out_dir: str | Path | None = None, batch_size: int = 64, n_gallery: int = 8,
+            echo: Callable[[str], None] = print) -> Prediction:
+    """Predict cohort or manifest ``cells`` with ``network`` of the run ``run_dir`` (see the
+    module docstring); with ``out_dir`` the table, galleries and ``prediction.json`` are written
+    there (a folder that must not hold a ``predictions.csv`` already). Returns a :class:`Prediction`."""
+    from cellstudy import data
+    from cellstudy.data import preprocess
+    from cellstudy.report import external
+
+    t0 = time.perf_counter()
+    run = rundir.Run(run_dir)
+    st = run_settings(run_dir)
+    trained = [n for n in networks.NETWORK_NAMES if run.usable_folds(n, regime, need_test_cells=False)[0]]
+    if not trained:
+        raise PredictError(f"{run.root} has no network with a trained model_{regime}.keras; run the study first")
+    if network is None:
+        network = best_network(run_dir, trained)
+    networks.check_network(network)
+    if network not in trained:
+        raise PredictError(f"network {network!r} has no trained fold with model_{regime}.keras in {run.training}; "
+                           f"trained: {trained}")
+    folds = run.usable_folds(network, regime, need_test_cells=False)[0]
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and (out / "predictions.csv").exists():
+        raise PredictError(f"{out / 'predictions.csv'} exists; choose another output folder (nothing is overwritten)")
+    sc = st["values"]
+    S = int(sc["image_size"])
+    root = data_root if data_root is not None else st["data_root"]
+    coh = data.load_cohort(str(cells), root=root)
+    ref = data.load_cohort(st["cohort"], root=root)
+    if coh.images.shape[1:3] != ref.images.shape[1:3]:
+        raise PredictError(f"the cells of {cells} are stored at {coh.images.shape[1]} x {coh.images.shape[2]} px, "
+                           f"the run's cohort {st['cohort']!r} at {ref.images.shape[1]} x {ref.images.shape[2]}: "
+                           "crop them at the run's pixel size (the preprocessing and the classical features assume it)")
+    echo(f"predict: {len(coh)} cells of {cells} with {network} ({len(folds)} fold model(s), regime {regime}, "
+         f"S = {S})")
+    images = preprocess.preprocess_batch(coh.images, list(coh.sha256), S, sc["preprocess"], progress=False)
+    notes: list[dict] = []
+    used, probas = external._network_probas(network, [(fd.fold, fd.path) for fd in folds], regime, images,
+                                            batch_size, notes, lambda s: echo(s.replace("external:", "predict:")))
+    if not used:
+        raise PredictError(f"no fold model of {network} could predict: {notes}")
+    fold_probas = dict(zip(used, probas))
+    ens = np.mean(probas, axis=0)
+    mc = None
+    if mc_samples:
+        from cellstudy.explain import load_weights
+        from cellstudy.learning.models import load as load_saved
+
+        passes, model = [], None
+        for fd in folds:
+            if fd.fold not in fold_probas:
+                continue
+            if model is None:
+                model = load_saved(fd.model(regime))
+            else:
+                load_weights(model, fd.model(regime))
+            x = external._whitener(fd.path)(images)
+            passes.append(mc_dropout(model, x, mc_samples, seed=st["seed"] + fd.fold, batch_size=batch_size)[:, :, 1])
+        mc = np.concatenate(passes)
+    # QC against the run's cohort
+    from cellstudy.learning import baseline
+
+    area_col = "shape_nucleus_area"
+    ref_area = baseline.cell_features(ref.images)[area_col].to_numpy()
+    lo, hi = np.nanpercentile(ref_area, SIZE_PERCENTILES)
+    feats = baseline.cell_features(coh.images)
+    qc = qc_flags(coh.images, feats[area_col].to_numpy(), (float(lo), float(hi)))
+    # the table
+    ids = coh.table.reset_index(drop=True)
+    keep = [c for c in ("cell_id", "path", "group", "class_name", "label", "ImageNumber", "ObjectNumber")
+            if c in ids.columns]
+    tab = ids[keep].copy()
+    pred = ens.argmax(axis=1)
+    tab["network"] = network
+    tab["Classifier_Class"] = [config.CLASS_NAMES[i] for i in pred]
+    for i, name in enumerate(config.CLASS_NAMES):
+        tab[f"Classifier_Probability_{name}"] = ens[:, i]
+    tab["p_abnormal"] = ens[:, 1]
+    tab["fold_sd"] = np.std([p[:, 1] for p in probas], axis=0) if len(probas) > 1 else np.nan
+    tab["n_folds"] = len(probas)
+    if mc is not None:
+        tab["mc_mean"], tab["mc_sd"] = mc.mean(axis=0), mc.std(axis=0)
+    tab["margin_uncertainty"] = margin_uncertainty(ens)
+    tab["nucleus_area_px"] = feats[area_col].to_numpy()
+    tab = pd.concat([tab, qc], axis=1)
+    if classical:
+        mod = external._baseline_module(notes)
+        cache: dict = {}
+        for name in networks.CLASSIFIER_NAMES if mod is not None else []:
+            _, pr, e = external._baseline_probas(mod, run.root, name, coh.images, cache, notes)
+            if pr or e is not None:
+                tab[f"p_abnormal_{name}"] = (np.mean(pr, axis=0) if pr else e)[:, 1]
+    info = {"run_dir": str(run.root), "cells": str(cells), "n_cells": int(len(coh)), "network": network,
+            "regime": regime, "folds": used, "mc_samples": int(mc_samples), "scale": st["scale"],
+            "overrides": st["overrides"], "image_size": S, "cohort_of_run": st["cohort"],
+            "qc": {"empty_sd": EMPTY_SD, "saturated_fraction": SATURATED_FRACTION,
+                   "nucleus_area_range_px": [float(lo), float(hi)], "percentiles": list(SIZE_PERCENTILES)},
+            "notes": notes, "seconds": round(time.perf_counter() - t0, 1)}
+    res = Prediction(table=tab, fold_probas=fold_probas, mc=mc, info=info, images=coh.images)
+    if out is not None:
+        write(res, out, n_gallery)
+        echo(f"predict: wrote {out / 'predictions.csv'} ({len(tab)} cells) and the galleries")
+    return res
+
+
+def short_id(cell_id: str, width: int = 18) -> str:
+    """A cell id short enough for a gallery title: its last path part, middle elided."""
+    s = str(cell_id).rsplit("/", 1)[-1]
+    return s if len(s) <= width else s[: width // 2 - 1] + "…" + s[-(width // 2):]
+
+
+def write(res: Prediction, out: str | Path, n_gallery: int = 8) -> None:
+    """Write ``predictions.csv`` / ``.parquet``, ``prediction.json`` and the galleries to ``out``."""
+    from cellstudy.report import figures
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out / "predictions.csv", res.table.to_csv(index=False))
+    res.table.to_parquet(out / "predictions.parquet", index=False)
+    atomic.write_json(out / "prediction.json", res.info)
+    t = res.table
+    for name in config.CLASS_NAMES:
+        sel = t[t["Classifier_Class"] == name].sort_values(f"Classifier_Probability_{name}", ascending=False)
+        if len(sel):
+            fig = figures.cell_gallery(res.images[sel.index[:n_gallery]],
+                                       [f"{short_id(r.cell_id)}\np={getattr(r, 'Classifier_Probability_' + name):.2f}"
+                                        for r in sel.head(n_gallery).itertuples()],
+                                       title=f"most confident {name}")
+            fig.savefig(out / f"gallery_confident_{name}.png", dpi=100)
+    unc = t.sort_values("margin_uncertainty", ascending=False).head(n_gallery)
+    if len(unc):
+        fig = figures.cell_gallery(res.images[unc.index], [f"{short_id(r.cell_id)}\np(abnormal)={r.p_abnormal:.2f}"
+                                                           for r in unc.itertuples()], title="most uncertain")
+        fig.savefig(out / "gallery_uncertain.png", dpi=100)

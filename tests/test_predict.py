@@ -1,0 +1,117 @@
+"""Prediction on new cells with a finished run's models (cellstudy.predict, `cellstudy predict`)."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellstudy import predict as P
+
+
+def test_margin_uncertainty_and_short_ids():
+    p = np.array([[1.0, 0.0], [0.5, 0.5], [0.2, 0.8]])
+    np.testing.assert_allclose(P.margin_uncertainty(p), [0.0, 1.0, 0.4])
+    assert P.short_id("DMSO/B02_s1_w16F89C55C-7808-4136-82E4_0") == "B02_s1_w…36-82E4_0"
+    assert P.short_id("cell_1") == "cell_1"
+
+
+def test_qc_flags_find_empty_saturated_and_odd_sized_cells():
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 16, 16, 3)).astype(np.float32)
+    x[1, :, :, 0] = 0.0                      # an empty third stain
+    x[2, :8, :, 2] = 1.0                     # half the DNA channel at its maximum
+    qc = P.qc_flags(x, np.array([100.0, 100.0, 100.0, 900.0]), (50.0, 500.0))
+    assert qc["qc_empty_third"].tolist() == [False, True, False, False]
+    assert qc["qc_saturated_dna"].tolist() == [False, False, True, False]
+    assert not qc["qc_saturated_third"].any()          # an all-zero channel is empty, not saturated
+    assert qc["qc_size"].tolist() == [False, False, False, True]
+    assert qc["qc_ok"].tolist() == [True, False, False, False]
+    with pytest.raises(ValueError, match=r"expected \(N, H, W, 3\)"):
+        P.qc_flags(x[..., :2], np.ones(4), (0, 1))
+
+
+def _fake_run(tmp_path):
+    run = tmp_path / "run"
+    for k in (0, 1):
+        d = run / "training" / "mhl" / f"fold{k}"
+        d.mkdir(parents=True)
+        for f in ("done.json", "model_long.keras", "zca.json"):
+            (d / f).write_text("{}")
+    (run / "study.yaml").write_text("cohort: bbbc021-paper\nscale: ci\nseed: 0\noverrides: {}\n")
+    return run
+
+
+def test_bad_requests_are_refused_before_any_model_loads(tmp_path):
+    with pytest.raises(P.PredictError, match="no training/ folder"):
+        P.predict(tmp_path, "bbbc021-paper")
+    run = _fake_run(tmp_path)
+    with pytest.raises(ValueError, match="unknown network 'resnet5'"):
+        P.predict(run, "bbbc021-paper", network="resnet5")
+    with pytest.raises(P.PredictError, match=r"network 'vgg16' has no trained fold.*trained: \['mhl'\]"):
+        P.predict(run, "bbbc021-paper", network="vgg16")
+    with pytest.raises(P.PredictError, match="has no network with a trained model_short.keras"):
+        P.predict(run, "bbbc021-paper", regime="short")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.csv").write_text("x")
+    with pytest.raises(P.PredictError, match="exists; choose another output folder"):
+        P.predict(run, "bbbc021-paper", network="mhl", out_dir=out)
+    assert P.run_settings(run)["cohort"] == "bbbc021-paper" and P.run_settings(run)["values"]["image_size"] == 32
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, shared_data):
+    """A run trained at the ci scale: MHL, folds 0 and 1 (scale.json written by prepare)."""
+    from cellstudy import study
+    from cellstudy.learning import experiment
+
+    run = tmp_path_factory.mktemp("tinyrun")
+    p = study.prepare("bbbc021-paper", "ci", run, data_root=str(shared_data),
+                      overrides={"networks": ["mhl"], "folds_to_run": [0, 1]}, progress=False)
+    experiment.run_networks(p, "MHL", "05_mhl_family", echo=lambda s: None, progress=lambda e: None)
+    return run
+
+
+@pytest.mark.slow
+def test_predict_reproduces_the_runs_test_fold_probabilities(tiny_run, shared_data, tmp_path):
+    res = P.predict(tiny_run, "bbbc021-paper", network="mhl", mc_samples=3, data_root=shared_data,
+                    out_dir=tmp_path / "out", echo=lambda s: None)
+    t = res.table
+    assert len(t) == 220 and t["cell_id"].is_unique
+    for k in (0, 1):   # each fold model, on its own test cells, gives what training stored
+        d = tiny_run / "training" / "mhl" / f"fold{k}"
+        cells = pd.read_csv(d / "test_cells.csv", dtype={"cell_id": str})
+        rows = t.index[t["cell_id"].isin(cells["cell_id"])]
+        order = pd.Series(range(len(t)), index=t["cell_id"])[cells["cell_id"]].to_numpy()
+        assert len(rows) == len(cells)
+        np.testing.assert_allclose(res.fold_probas[k][order], np.load(d / "proba_long.npy"), atol=1e-5)
+    ens = np.mean([res.fold_probas[0], res.fold_probas[1]], axis=0)
+    np.testing.assert_allclose(t["Classifier_Probability_abnormal"], ens[:, 1], atol=1e-12)
+    assert set(t["Classifier_Class"]) <= {"normal", "abnormal"}
+    assert res.mc.shape == (2 * 3, 220) and (t["mc_sd"] >= 0).all()
+    written = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert len(written) == 220 and {"Classifier_Class", "Classifier_Probability_normal", "Classifier_Probability_abnormal",
+                                    "fold_sd", "mc_mean", "mc_sd", "margin_uncertainty", "qc_ok", "label", "group"} <= set(written.columns)
+    assert pd.read_parquet(tmp_path / "out" / "predictions.parquet").shape == written.shape
+    info = json.loads((tmp_path / "out" / "prediction.json").read_text())
+    assert info["folds"] == [0, 1] and info["network"] == "mhl" and info["image_size"] == 32
+    assert (tmp_path / "out" / "gallery_uncertain.png").stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_mc_dropout_without_dropout_is_the_forward_pass(tiny_run):
+    from cellstudy.learning.models import load
+
+    model = load(tiny_run / "training" / "mhl" / "fold0" / "model_long.keras")
+    x = np.random.default_rng(0).random((5, 32, 32, 3)).astype(np.float32)
+    plain = np.asarray(model.predict_on_batch(x), dtype=np.float64)
+    np.testing.assert_allclose(P.mc_dropout(model, x, 1, seed=0, dropout=False)[0], plain, atol=1e-6)
+    on = P.mc_dropout(model, x, 4, seed=0)
+    assert on.shape == (4, 5, 2) and not np.allclose(on[0], on[1])          # dropout is on
+    np.testing.assert_allclose(on, P.mc_dropout(model, x, 4, seed=0))       # and seeded
+
+
+@pytest.mark.slow
+def test_cells_of_another_pixel_size_are_refused(tiny_run, shared_data):
+    with pytest.raises(P.PredictError, match="stored at .* crop them at the run's pixel size"):
+        P.predict(tiny_run, "rxrx1-cells", network="mhl", mc_samples=0, data_root=shared_data, echo=lambda s: None)
