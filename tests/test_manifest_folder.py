@@ -10,7 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cellstudy import cli, data
+from cellstudy import cli, data, rundir, runner
 from cellstudy.data import folder as mf
 
 GROUP_RX = r"(?P<group>[A-Z]\d{2}_s\d)"
@@ -271,3 +271,20 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "ctrl/A01_s1_c0.tif: has 2 channel(s)" in err and "treated/B01_s1_c1.tif" in err
     assert "nothing written" in err and not out2.exists()
 
+
+def test_a_run_takes_the_manifest_path_as_its_cohort(tmp_path, monkeypatch):
+    src = tmp_path / "cells"
+    _tiff_folder(src)
+    df = mf.build_manifest(src, normal="ctrl", abnormal="treated", channels="2,1,0",
+                           group_pattern=GROUP_RX, n_splits=2)
+    mf.write_manifest(df, tmp_path / "mine.csv")
+    cfg_file = tmp_path / "study.yaml"
+    cfg_file.write_text("name: mine\ncohort: bbbc021-paper\nscale: ci\nsteps: [00_cohort]\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = runner.load_config(cfg_file, cohort="mine.csv", data_root=str(src))
+    assert cfg.cohort == str((tmp_path / "mine.csv").resolve())
+    prov = runner.preflight(cfg)
+    assert prov["n_cells"] == 16 and prov["manifest"] == cfg.cohort
+    assert rundir.Run(tmp_path / "run").folds_file(cfg.cohort) == tmp_path / "run" / "folds" / "mine.csv"
+    with pytest.raises(FileNotFoundError, match="absent.csv"):
+        runner.load_config(cfg_file, cohort="absent.csv")
