@@ -115,8 +115,8 @@ def test_labels_csv_8bit_png_and_group_column(tmp_path):
     df = mf.build_manifest(src, normal="healthy", abnormal="tumour", channels="actin=0,dna=1,third=2",
                            labels=tmp_path / "labels.csv", file_column="filename", class_column="kind",
                            group_column="well", n_splits=3)
-    assert list(df.columns) == list(mf.MANIFEST_COLUMNS) + ["plate"]
-    assert (df["plate"] == "P1").all() and df["channels"].eq("2,0,1").all()
+    assert list(df.columns) == list(mf.MANIFEST_COLUMNS) + ["plate", "well"]
+    assert (df["group"] == df["well"]).all() and (df["plate"] == "P1").all() and df["channels"].eq("2,0,1").all()
     assert df["shape"].eq("8x8x3").all()
     out = mf.write_manifest(df, tmp_path / "png.csv")
     _check_cohort(out, df, expected)

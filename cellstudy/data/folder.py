@@ -239,7 +239,7 @@ def _apply_labels(cells: list[_Cell], table: pd.DataFrame, name: str, file_colum
     by_rel = {f: c for c in cells for f in c.files}
     base = Counter(PurePosixPath(f).name for f in by_rel)
     by_name = {PurePosixPath(f).name: c for f, c in by_rel.items() if base[PurePosixPath(f).name] == 1}
-    used = {file_column, class_column} | ({group_column} if group_column else set())
+    used = {file_column, class_column}  # the group column stays too, under its own name (well, ...)
     extra_cols = [c for c in table.columns if c not in used and c not in MANIFEST_COLUMNS]
     labelled: set[int] = set()
     for i, row in enumerate(table.to_dict("records")):
@@ -374,7 +374,8 @@ def build_manifest(folder: str | os.PathLike, *, normal: str, abnormal: str, cha
         ``"third=w3,actin=w2,dna=w1"`` (the channel tokens of the per-channel files' names).
     labels: a labels CSV (path) or table with a ``file_column`` (the image's path relative to
         ``folder``, or its name when unique; with one file per channel any one of the cell's
-        files) and a ``class_column``; its other columns are kept as free metadata columns.
+        files) and a ``class_column``; its other columns (the group column included) are kept as
+        free metadata columns.
     group_column: the labels column holding each cell's group (field / well / replicate).
     group_pattern: a regular expression with a named group ``group``, searched in each file's
         path relative to ``folder`` (``r"(?P<group>[A-Z]\\d{2}_s\\d)"``). Exactly one of
