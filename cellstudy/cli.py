@@ -1,5 +1,5 @@
 """Command line: ``cellstudy run CONFIG`` (the study), ``cellstudy verify COHORT``,
-``cellstudy book RUN_DIR``. ``make study`` calls ``cellstudy run configs/default.yaml``."""
+``cellstudy book RUN_DIR``, ``cellstudy manifest FOLDER -o OUT.csv`` (a cohort from your own images). ``make study`` calls ``cellstudy run configs/default.yaml``."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,36 @@ def _verify(a: argparse.Namespace) -> int:
     data.verify_manifest(table, root, check_sha=True)
     print(f"{a.cohort}: {len(table)} cells, {table['group'].nunique()} groups, all files present and "
           f"checksums match under {root}")
+    return 0
+
+
+def _manifest(a: argparse.Namespace) -> int:
+    from cellstudy import data
+    from cellstudy.data import folder
+
+    out = Path(a.output)
+    if out.exists() and not a.force:  # before reading any image
+        raise FileExistsError(f"{out} exists; not overwritten (pass --force to replace it)")
+    try:
+        df = folder.build_manifest(
+            a.folder, normal=a.normal, abnormal=a.abnormal, channels=a.channels, labels=a.labels,
+            file_column=a.file_column, class_column=a.class_column, group_column=a.group_column,
+            group_pattern=a.group_pattern, channel_pattern=a.channel_pattern, n_splits=a.n_splits,
+            data_root=a.data_root)
+    except data.DataError as e:
+        if len(e.problems) <= 1:
+            raise
+        listed = "\n".join(f"  - {p}" for p in e.problems)
+        print(f"cellstudy: error: {len(e.problems)} problem(s) in {a.folder}; nothing written:\n{listed}",
+              file=sys.stderr)
+        return 2
+    folder.write_manifest(df, out, force=a.force)
+    root = df.attrs["data_root"]
+    for note in df.attrs["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {out}: {len(df)} cells\n{folder.summary(df)}\ndata root: {root}\n"
+          f"check it:  cellstudy verify {out.resolve()} --data-root {root}\n"
+          f"run on it: cellstudy run configs/default.yaml --cohort {out.resolve()} --data-root {root}")
     return 0
 
 
@@ -77,6 +107,32 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("cohort")
     v.add_argument("--data-root", default=None)
     v.set_defaults(func=_verify)
+    m = sub.add_parser("manifest", help="build a cohort manifest from a folder of your own cell images",
+                       description="Build a cohort manifest (CSV) from a folder of cell images: one "
+                       "multi-channel file per cell or one file per channel (TIFF / OME-TIFF / PNG / NPY, "
+                       "any bit depth). Every problem is reported at once; nothing is written then.")
+    m.add_argument("folder", help="the image folder; without --labels, FOLDER/<class>/... gives the class")
+    m.add_argument("-o", "--output", required=True, help="the manifest CSV to write (kept if it exists, unless --force)")
+    m.add_argument("--normal", required=True, help="the class name taking the normal role (label 0)")
+    m.add_argument("--abnormal", required=True, help="the class name taking the abnormal role (label 1)")
+    m.add_argument("--channels", required=True,
+                   help="stored channel of R, G, B: 'third=2,actin=1,dna=0' (channel indices of a multi-channel "
+                   "file) or with --channel-pattern 'third=w3,actin=w2,dna=w1' (file-name tokens)")
+    m.add_argument("--channel-pattern", default=None,
+                   help="one file per channel: '_{channel}.tif' (literal text with a {channel} placeholder) or a "
+                   "regular expression with a named group (?P<channel>...)")
+    m.add_argument("--group-pattern", default=None,
+                   help="regular expression with a named group (?P<group>...) searched in each file's path "
+                   "relative to FOLDER, e.g. '(?P<group>[A-Z]\\d{2}_s\\d)'")
+    m.add_argument("--labels", default=None, help="labels CSV: a file column and a class column (instead of class folders)")
+    m.add_argument("--file-column", default="file", help="the labels CSV's file column (default: file)")
+    m.add_argument("--class-column", default="class", help="the labels CSV's class column (default: class)")
+    m.add_argument("--group-column", default=None, help="the labels CSV's group column (instead of --group-pattern)")
+    m.add_argument("--n-splits", type=int, default=5, help="the study's folds; each class needs 2 x n_splits groups (default 5)")
+    m.add_argument("--data-root", default=None,
+                   help="write paths relative to this folder (FOLDER or above it; default FOLDER)")
+    m.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    m.set_defaults(func=_manifest)
     b = sub.add_parser("book", help="(re)build the book of a finished run folder")
     b.add_argument("run_dir")
     b.set_defaults(func=_book)
@@ -98,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return a.func(a)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"cellstudy: error: {e}", file=sys.stderr)
         return 2
 

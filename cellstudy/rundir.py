@@ -198,12 +198,16 @@ class Run:
         return p
 
     def folds_file(self, cohort: str, create: bool = True) -> Path:
-        """The run's folds file for ``cohort``: ``<run>/folds/<cohort>.csv`` (its folder created
-        unless ``create`` is False)."""
+        """The run's folds file for ``cohort``: ``<run>/folds/<cohort>.csv``; for a cohort given as
+        a manifest path, ``<run>/folds/<manifest file's stem>.csv`` (its folder created unless
+        ``create`` is False)."""
         d = self.root / "folds"
         if create:
             d.mkdir(parents=True, exist_ok=True)
-        return d / f"{cohort}.csv"
+        name = str(cohort)
+        if name.lower().endswith(".csv") or "/" in name or os.sep in name:
+            name = Path(name).stem
+        return d / f"{name}.csv"
 
     def fold(self, network: str, fold: int, create: bool = False) -> FoldDir:
         """The folder of ``network``'s fold ``fold`` (created with ``create``)."""

@@ -141,8 +141,16 @@ def load_config(path: str | os.PathLike, **override: Any) -> StudyConfig:
     cfg.overrides = dict(cfg.overrides or {})
     config.get_scale(cfg.scale, cfg.overrides)  # raises on an unknown scale or parameter
     from cellstudy.data import cohorts
-    if cfg.cohort not in cohorts.COHORTS:
-        raise config.ConfigError(f"unknown cohort {cfg.cohort!r}; expected one of {sorted(cohorts.COHORTS)}")
+    if str(cfg.cohort).lower().endswith(".csv"):  # a manifest of your own (cellstudy manifest)
+        cohort_path = Path(str(cfg.cohort)).expanduser()
+        if not cohort_path.is_absolute():  # the notebooks run elsewhere: relative to the config's caller
+            cohort_path = Path.cwd() / cohort_path
+        if not cohort_path.is_file():
+            raise FileNotFoundError(f"cohort manifest {cohort_path} does not exist")
+        cfg.cohort = str(cohort_path.resolve())
+    elif cfg.cohort not in cohorts.COHORTS:
+        raise config.ConfigError(f"unknown cohort {cfg.cohort!r}; expected one of {sorted(cohorts.COHORTS)} "
+                                 "or a path to a manifest .csv (cellstudy manifest)")
     steps = available_steps()
     bad = [s for s in cfg.steps if s not in steps]
     if bad:
@@ -238,7 +246,8 @@ def preflight(cfg: StudyConfig) -> dict[str, Any]:
     return {
         "data_root": str(root),
         "cohort": cfg.cohort,
-        "manifest": str(manifest_path.relative_to(config.REPO_ROOT)),
+        "manifest": str(manifest_path.relative_to(config.REPO_ROOT)
+                        if manifest_path.resolve().is_relative_to(config.REPO_ROOT) else manifest_path),
         "manifest_sha256": provenance.sha256_file(manifest_path),
         "n_cells": int(len(table)),
         "n_per_class": {str(k): int(v) for k, v in table["label"].value_counts().sort_index().items()},

@@ -1,0 +1,290 @@
+"""cellstudy.data.folder and ``cellstudy manifest``: a cohort manifest from a folder of the user's
+own images (issue 18 item 1). Small TIFF / PNG files written here; no TensorFlow."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+from cellstudy import cli, data, rundir, runner
+from cellstudy.data import folder as mf
+
+GROUP_RX = r"(?P<group>[A-Z]\d{2}_s\d)"
+SIZE = 8
+
+
+def _pixels(seed: int, channels: int, dtype=np.uint16) -> np.ndarray:
+    """(SIZE, SIZE, channels) distinct random pixels."""
+    hi = np.iinfo(dtype).max
+    return np.random.default_rng(seed).integers(0, hi, (SIZE, SIZE, channels), endpoint=True).astype(dtype)
+
+
+def _wells(n: int, letter: str) -> list[str]:
+    return [f"{letter}{i + 1:02d}_s1" for i in range(n)]
+
+
+def _tiff_folder(root: Path, groups_per_class: int = 4, cells_per_group: int = 2,
+                 classes=("ctrl", "treated")) -> dict[str, np.ndarray]:
+    """FOLDER/<class>/<well>_c<k>.tif, (8, 8, 3) uint16 stored channel-last as DNA, actin, third."""
+    stored = {}
+    for ci, cls in enumerate(classes):
+        for well in _wells(groups_per_class, "ABCDEFG"[ci]):
+            for k in range(cells_per_group):
+                rel = f"{cls}/{well}_c{k}.tif"
+                a = _pixels(len(stored), 3)
+                (root / cls).mkdir(parents=True, exist_ok=True)
+                tifffile.imwrite(root / rel, a)
+                stored[rel] = a
+    return stored
+
+
+def _rgb_from_stored(a: np.ndarray, order=(2, 1, 0)) -> np.ndarray:
+    return a[:, :, list(order)].astype(np.float32)
+
+
+def _check_cohort(out: Path, df: pd.DataFrame, expected: dict[str, np.ndarray]) -> None:
+    """The written manifest loads as a cohort whose raw images are the files' pixels (R, G, B)."""
+    root = Path(df.attrs["data_root"])
+    coh = data.load_cohort(str(out), root=root)
+    assert len(coh) == len(expected)
+    raw = np.stack([data.read_image(p, c, root=root) for p, c in zip(coh.table["path"], coh.table["channels"])])
+    want = np.stack([expected[cid] for cid in coh.cell_ids])
+    np.testing.assert_array_equal(raw, want)
+    np.testing.assert_allclose(coh.images, data.robust_scale(want), atol=1e-6)
+    data.verify_manifest(data.load_manifest(str(out)), root)
+
+
+# ---------------------------------------------------------------------------------------------
+def test_class_folders_multichannel_tiff(tmp_path):
+    src = tmp_path / "cells"
+    stored = _tiff_folder(src)
+    df = mf.build_manifest(src, normal="ctrl", abnormal="treated", channels="third=2,actin=1,dna=0",
+                           group_pattern=GROUP_RX, n_splits=2)
+    assert list(df.columns) == list(mf.MANIFEST_COLUMNS)
+    assert len(df) == 16 and df.attrs["data_root"] == str(src.resolve())
+    assert (df.loc[df.class_name == "ctrl", "label"] == 0).all()
+    assert (df.loc[df.class_name == "treated", "label"] == 1).all()
+    row = df.set_index("cell_id").loc["ctrl/A01_s1_c0"]
+    assert row.path == "ctrl/A01_s1_c0.tif" and row.group == "A01_s1" and row.channels == "2,1,0"
+    assert row["shape"] == "8x8x3" and row.sha256 == data.sha256_file(src / "ctrl/A01_s1_c0.tif")
+    out = mf.write_manifest(df, tmp_path / "my.csv")
+    expected = {rel[:-4]: _rgb_from_stored(a) for rel, a in stored.items()}
+    _check_cohort(out, df, expected)
+
+
+def test_data_root_above_the_folder(tmp_path):
+    src = tmp_path / "project" / "cells"
+    _tiff_folder(src)
+    df = mf.build_manifest(src, normal="ctrl", abnormal="treated", channels="2,1,0",
+                           group_pattern=GROUP_RX, n_splits=2, data_root=tmp_path / "project")
+    assert df["path"].str.startswith("cells/ctrl/").any()
+    assert df.attrs["data_root"] == str((tmp_path / "project").resolve())
+    with pytest.raises(data.DataError, match="not inside it"):
+        mf.build_manifest(src, normal="ctrl", abnormal="treated", channels="2,1,0",
+                          group_pattern=GROUP_RX, n_splits=2, data_root=tmp_path / "elsewhere")
+
+
+def test_labels_csv_8bit_png_and_group_column(tmp_path):
+    """A flat folder of 8-bit RGB PNG files (stored R, G, B = actin, DNA, third) with a labels CSV
+    naming class, well and a free column."""
+    src = tmp_path / "pngs"
+    src.mkdir()
+    rows, expected = [], {}
+    for i in range(12):
+        a = _pixels(100 + i, 3, np.uint8)
+        name = f"img{i:02d}.png"
+        Image.fromarray(a, "RGB").save(src / name)
+        cls = "healthy" if i % 2 == 0 else "tumour"
+        rows.append({"filename": name, "kind": cls, "well": f"W{i // 2 % 3}{cls[0]}", "plate": "P1"})
+        expected[f"img{i:02d}"] = _rgb_from_stored(a, order=(2, 0, 1))
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    # 3 wells per class: too few for n_splits=2 (needs 4)
+    with pytest.raises(data.DataError) as e:
+        mf.build_manifest(src, normal="healthy", abnormal="tumour", channels="actin=0,dna=1,third=2",
+                          labels=tmp_path / "labels.csv", file_column="filename", class_column="kind",
+                          group_column="well", n_splits=2)
+    assert sum("has 3 group(s)" in p for p in e.value.problems) == 2
+    # six wells per class: enough
+    for r in rows:
+        r["well"] = r["filename"][3:5] + r["kind"][0]
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    df = mf.build_manifest(src, normal="healthy", abnormal="tumour", channels="actin=0,dna=1,third=2",
+                           labels=tmp_path / "labels.csv", file_column="filename", class_column="kind",
+                           group_column="well", n_splits=3)
+    assert list(df.columns) == list(mf.MANIFEST_COLUMNS) + ["plate", "well"]
+    assert (df["group"] == df["well"]).all() and (df["plate"] == "P1").all() and df["channels"].eq("2,0,1").all()
+    assert df["shape"].eq("8x8x3").all()
+    out = mf.write_manifest(df, tmp_path / "png.csv")
+    _check_cohort(out, df, expected)
+
+
+@pytest.mark.parametrize("pattern", ["_{channel}.png", r"_(?P<channel>w\d)\.png$"])
+def test_per_channel_16bit_png(tmp_path, pattern):
+    """One 16-bit grey PNG per channel: <well>_c<k>_w1.png (DNA), _w2 (actin), _w3 (third); a
+    stray w4 file is ignored with a note."""
+    src = tmp_path / "perchannel"
+    expected = {}
+    for ci, cls in enumerate(("ctrl", "drug")):
+        (src / cls).mkdir(parents=True)
+        for well in _wells(4, "AB"[ci]):
+            cid = f"{cls}/{well}_c0"
+            planes = {w: _pixels(len(expected) * 4 + j, 1)[:, :, 0] for j, w in enumerate(("w1", "w2", "w3"))}
+            for w, p in planes.items():
+                Image.fromarray(p).save(src / f"{cid}_{w}.png")
+            expected[cid] = np.stack([planes["w3"], planes["w2"], planes["w1"]], -1).astype(np.float32)
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint16)).save(src / "ctrl" / "A01_s1_c0_w4.png")
+    assert Image.open(src / "ctrl" / "A01_s1_c0_w1.png").mode.startswith("I")  # 16-bit
+    df = mf.build_manifest(src, normal="ctrl", abnormal="drug", channels="third=w3,actin=w2,dna=w1",
+                           channel_pattern=pattern, group_pattern=GROUP_RX, n_splits=2)
+    row = df.set_index("cell_id").loc["ctrl/A01_s1_c0"]
+    assert row.path == "ctrl/A01_s1_c0_w3.png;ctrl/A01_s1_c0_w2.png;ctrl/A01_s1_c0_w1.png"
+    assert row.channels == "0,0,0" and row["shape"] == "8x8;8x8;8x8" and len(row.sha256.split(";")) == 3
+    assert any("'w4' ignored" in n for n in df.attrs["notes"])
+    out = mf.write_manifest(df, tmp_path / "pc.csv")
+    _check_cohort(out, df, expected)
+
+
+def test_every_problem_in_one_error(tmp_path):
+    """Per-channel files with a missing channel file, an unreadable file, a file with three
+    channels, a third class and too few groups: one DataError naming each."""
+    src = tmp_path / "bad"
+    for ci, cls in enumerate(("ctrl", "drug", "other")):
+        (src / cls).mkdir(parents=True)
+        for well in _wells(4 if cls != "other" else 1, "ABC"[ci]):
+            for w in ("w1", "w2", "w3"):
+                tifffile.imwrite(src / cls / f"{well}_{w}.tif", _pixels(ci, 1)[:, :, 0])
+    (src / "ctrl" / "A02_s1_w2.tif").unlink()                                 # missing channel
+    (src / "drug" / "B01_s1_w1.tif").write_bytes(b"II*\x00garbage")         # unreadable
+    tifffile.imwrite(src / "drug" / "B02_s1_w3.tif", _pixels(9, 3))          # three channels
+    with pytest.raises(data.DataError) as e:
+        mf.build_manifest(src, normal="ctrl", abnormal="drug", channels="third=w3,actin=w2,dna=w1",
+                          channel_pattern="_{channel}.tif", group_pattern=GROUP_RX, n_splits=5)
+    probs = e.value.problems
+    text = "\n".join(probs)
+
+    def one(*needles: str) -> None:
+        assert sum(all(n in p for n in needles) for p in probs) == 1, (needles, text)
+
+    one("ctrl/A02_s1_w2.tif", "missing channel file", "actin (w2)")
+    one("drug/B01_s1_w1.tif", "unreadable")
+    one("drug/B02_s1_w3.tif", "has 3 channels", "third (w3)")
+    one("classes found", "'other' (1 cells)", "'ctrl'", "'drug'")
+    one("class 'ctrl'", "has 3 group(s)", "at least 2 x n_splits = 10")   # A02 lost its cell
+    one("class 'drug'", "has 4 group(s)")
+    assert len(probs) == 6
+    assert str(len(probs)) in str(e.value)
+
+
+def test_multichannel_errors_name_each_file(tmp_path):
+    src = tmp_path / "cells"
+    _tiff_folder(src)
+    tifffile.imwrite(src / "ctrl" / "A01_s1_c0.tif", _pixels(0, 2))           # 2 channels, index 2 needed
+    (src / "treated" / "B01_s1_c1.tif").write_bytes(b"not a tiff")          # unreadable
+    tifffile.imwrite(src / "treated" / "B02_s1_c0.tif", _pixels(1, 4))        # 4 channels, the rest 3
+    (src / "A09_s1_c0.tif").write_bytes((src / "ctrl" / "A02_s1_c0.tif").read_bytes())  # no class folder
+    tifffile.imwrite(src / "ctrl" / "nogroup.tif", _pixels(2, 3))            # no group in its name
+    with pytest.raises(data.DataError) as e:
+        mf.build_manifest(src, normal="ctrl", abnormal="treated", channels="third=2,actin=1,dna=0",
+                          group_pattern=GROUP_RX, n_splits=2)
+    probs = e.value.problems
+    assert any(p.startswith("ctrl/A01_s1_c0.tif: has 2 channel(s)") for p in probs)
+    assert any(p.startswith("treated/B01_s1_c1.tif") and "unreadable" in p for p in probs)
+    assert any(p.startswith("treated/B02_s1_c0.tif: has 4 channels; expected 3") for p in probs)
+    assert any(p.startswith("A09_s1_c0.tif: not inside a class subfolder") for p in probs)
+    assert any(p.startswith("ctrl/nogroup.tif: --group-pattern") for p in probs)
+    assert len(probs) == 5, probs
+
+
+def test_a_mixed_group_and_unlisted_files(tmp_path):
+    src = tmp_path / "cells"
+    _tiff_folder(src, groups_per_class=4)
+    tifffile.imwrite(src / "treated" / "A01_s1_c9.tif", _pixels(3, 3))        # A01_s1 is a ctrl well
+    with pytest.raises(data.DataError, match="group 'A01_s1' spans both classes"):
+        mf.build_manifest(src, normal="ctrl", abnormal="treated", channels="2,1,0",
+                          group_pattern=GROUP_RX, n_splits=2)
+    labels = pd.DataFrame({"file": ["ctrl/A01_s1_c0.tif", "missing.tif"], "class": ["ctrl", "treated"]})
+    with pytest.raises(data.DataError) as e:
+        mf.build_manifest(src, normal="ctrl", abnormal="treated", channels="2,1,0", labels=labels,
+                          group_pattern=GROUP_RX, n_splits=2)
+    assert any("'missing.tif'" in p and "no such image file" in p for p in e.value.problems)
+    assert any(p.startswith("ctrl/A01_s1_c1.tif: not in the labels table") for p in e.value.problems)
+
+
+def test_argument_errors(tmp_path):
+    src = tmp_path / "cells"
+    _tiff_folder(src)
+    kw = dict(normal="ctrl", abnormal="treated", group_pattern=GROUP_RX, n_splits=2)
+    for bad in ("third=2,actin=1", "third=2,actin=1,rna=0", "x,y,z", "third=2,1,0"):
+        with pytest.raises(data.DataError, match="--channels"):
+            mf.build_manifest(src, channels=bad, **kw)
+    with pytest.raises(data.DataError, match="the same file token"):
+        mf.parse_channel_map("third=w1,actin=w1,dna=w2", per_file=True)
+    assert mf.parse_channel_map("b=0,g=1,r=2").values == ("2", "1", "0")
+    with pytest.raises(data.DataError, match="named group"):
+        mf.build_manifest(src, channels="2,1,0", **{**kw, "group_pattern": "[A-Z]"})
+    with pytest.raises(data.DataError, match="exactly one of --group-pattern"):
+        mf.build_manifest(src, channels="2,1,0", normal="ctrl", abnormal="treated")
+    with pytest.raises(data.DataError, match="named group"):
+        mf.channel_regex("_w.tif", ["w1", "w2", "w3"])
+    with pytest.raises(FileNotFoundError):
+        mf.build_manifest(tmp_path / "nowhere", channels="2,1,0", **kw)
+
+
+def test_no_overwrite_without_force(tmp_path):
+    src = tmp_path / "cells"
+    _tiff_folder(src)
+    df = mf.build_manifest(src, normal="ctrl", abnormal="treated", channels="2,1,0",
+                           group_pattern=GROUP_RX, n_splits=2)
+    out = tmp_path / "my.csv"
+    out.write_text("keep me")
+    with pytest.raises(FileExistsError, match="--force"):
+        mf.write_manifest(df, out)
+    assert out.read_text() == "keep me"
+    mf.write_manifest(df, out, force=True)
+    assert len(data.load_manifest(str(out))) == len(df)
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    src = tmp_path / "cells"
+    _tiff_folder(src)
+    out = tmp_path / "my.csv"
+    args = ["manifest", str(src), "-o", str(out), "--normal", "ctrl", "--abnormal", "treated",
+            "--channels", "third=2,actin=1,dna=0", "--group-pattern", GROUP_RX, "--n-splits", "2"]
+    assert cli.main(args) == 0
+    said = capsys.readouterr().out
+    assert f"data root: {src.resolve()}" in said and "--cohort" in said and "16 cells" in said
+    assert cli.main(["verify", str(out), "--data-root", str(src)]) == 0
+    before = out.read_bytes()
+    assert cli.main(args) == 2
+    assert "--force" in capsys.readouterr().err and out.read_bytes() == before
+    assert cli.main(args + ["--force"]) == 0
+    # problems: every one listed on stderr, nothing written
+    tifffile.imwrite(src / "ctrl" / "A01_s1_c0.tif", _pixels(0, 2))
+    (src / "treated" / "B01_s1_c1.tif").write_bytes(b"broken")
+    out2 = tmp_path / "bad.csv"
+    assert cli.main(args[:3] + [str(out2)] + args[4:]) == 2
+    err = capsys.readouterr().err
+    assert "ctrl/A01_s1_c0.tif: has 2 channel(s)" in err and "treated/B01_s1_c1.tif" in err
+    assert "nothing written" in err and not out2.exists()
+
+
+def test_a_run_takes_the_manifest_path_as_its_cohort(tmp_path, monkeypatch):
+    src = tmp_path / "cells"
+    _tiff_folder(src)
+    df = mf.build_manifest(src, normal="ctrl", abnormal="treated", channels="2,1,0",
+                           group_pattern=GROUP_RX, n_splits=2)
+    mf.write_manifest(df, tmp_path / "mine.csv")
+    cfg_file = tmp_path / "study.yaml"
+    cfg_file.write_text("name: mine\ncohort: bbbc021-paper\nscale: ci\nsteps: [00_cohort]\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = runner.load_config(cfg_file, cohort="mine.csv", data_root=str(src))
+    assert cfg.cohort == str((tmp_path / "mine.csv").resolve())
+    prov = runner.preflight(cfg)
+    assert prov["n_cells"] == 16 and prov["manifest"] == cfg.cohort
+    assert rundir.Run(tmp_path / "run").folds_file(cfg.cohort) == tmp_path / "run" / "folds" / "mine.csv"
+    with pytest.raises(FileNotFoundError, match="absent.csv"):
+        runner.load_config(cfg_file, cohort="absent.csv")
