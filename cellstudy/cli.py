@@ -1,5 +1,8 @@
 """Command line: ``cellstudy run CONFIG`` (the study), ``cellstudy verify COHORT``,
-``cellstudy book RUN_DIR``, ``cellstudy manifest FOLDER -o OUT.csv`` (a cohort from your own images). ``make study`` calls ``cellstudy run configs/default.yaml``."""
+``cellstudy book RUN_DIR``, ``cellstudy manifest FOLDER -o OUT.csv`` (a cohort from your own images),
+``cellstudy predict RUN_DIR CELLS -o OUT`` (a run's models on new cells); the Snakemake workflow:
+``cellstudy workflow CONFIG [--profile DIR]`` and its jobs ``cellstudy train-fold RUN_DIR --network N
+--fold K``, ``cellstudy step RUN_DIR STEP``. ``make study`` calls ``cellstudy run configs/default.yaml``."""
 from __future__ import annotations
 
 import argparse
@@ -71,10 +74,38 @@ def _book(a: argparse.Namespace) -> int:
 
 
 def _predict(a: argparse.Namespace) -> int:
-    from .predict import predict
+    from cellstudy.predict import predict
 
     predict(a.run_dir, a.cells, network=a.network, regime=a.regime, mc_samples=a.mc_samples,
             classical=a.classical, data_root=a.data_root, out_dir=a.out)
+    return 0
+
+
+def _train_fold(a: argparse.Namespace) -> int:
+    from cellstudy.workflow import train_fold
+
+    res = train_fold(a.run_dir, a.network, a.fold, data_root=a.data_root)
+    if res.failed:
+        failed = rundir.Run(a.run_dir).fold(a.network, a.fold).failed
+        print(f"cellstudy: {a.network} fold {a.fold} failed: {(res.failure or {}).get('reason')} ({failed})",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _step(a: argparse.Namespace) -> int:
+    from cellstudy.workflow import run_step
+
+    secs = run_step(a.run_dir, a.step, log_output=not a.quiet)
+    print(f"{a.step}: done in {secs:.1f} s ({rundir.Run(a.run_dir).executed(a.step)})")
+    return 0
+
+
+def _workflow(a: argparse.Namespace) -> int:
+    from cellstudy.workflow import run_workflow
+
+    run_workflow(a.config, profile=a.profile, run_dir=a.run_dir, runs_dir=a.runs_dir, new=a.new,
+                 cores=a.cores, targets=a.targets, extra=a.snakemake_args or [], data_root=a.data_root)
     return 0
 
 
@@ -146,6 +177,34 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--classical", action="store_true", help="add the classical baseline's probabilities")
     q.add_argument("--data-root", default=None, help="where the cells' paths are relative to")
     q.set_defaults(func=_predict)
+    t = sub.add_parser("train-fold", help="train one (network, fold) of a prepared run folder (a workflow job)")
+    t.add_argument("run_dir")
+    t.add_argument("--network", required=True, help="a network of the run, e.g. mhl")
+    t.add_argument("--fold", required=True, type=int, help="the test fold, 0..n_splits-1")
+    t.add_argument("--data-root", default=None, help="the data root (default: the run config's, "
+                   "$CELLSTUDY_DATA_ROOT or ../shared/data)")
+    t.set_defaults(func=_train_fold)
+    st = sub.add_parser("step", help="execute one notebook of a prepared run folder with its parameters")
+    st.add_argument("run_dir")
+    st.add_argument("step", help="a step of the run's config, e.g. 05_mhl_family")
+    st.add_argument("--quiet", action="store_true", help="do not stream the notebook's output")
+    st.set_defaults(func=_step)
+    w = sub.add_parser("workflow", help="run a study config as a Snakemake workflow (locally or with a profile)")
+    w.add_argument("config", help="study config YAML, e.g. configs/paper.yaml")
+    w.add_argument("--profile", default=None, help="Snakemake profile folder, e.g. profiles/slurm (default: "
+                   "local, all cores)")
+    w.add_argument("--run-dir", default=None, help="the run folder (default: a new one under --runs-dir, or "
+                   "the newest incomplete run of this config)")
+    w.add_argument("--runs-dir", default=None, help="where run folders go (default: <repo>/runs)")
+    w.add_argument("--new", action="store_true", help="start a new run even if an incomplete one could be resumed")
+    w.add_argument("--cores", type=int, default=None, help="local cores (default: all; with a profile: its own)")
+    w.add_argument("--data-root", default=None)
+    w.add_argument("--target", dest="targets", action="append", default=[],
+                   help="a Snakemake target (default: all, i.e. the book): training (every fold), notebooks, "
+                        "or a file of the run folder; repeatable")
+    w.add_argument("--snakemake-args", nargs=argparse.REMAINDER, default=None,
+                   help="everything after this goes to snakemake, e.g. --snakemake-args -n")
+    w.set_defaults(func=_workflow)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="  | %(message)s", stream=sys.stdout)
     for h in logging.getLogger().handlers:  # papermill's cell-boundary lines are noise here

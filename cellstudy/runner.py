@@ -128,6 +128,13 @@ def load_config(path: str | os.PathLike, **override: Any) -> StudyConfig:
     for k, v in override.items():
         if v is not None:
             raw[k] = v
+    return config_from_dict(raw, path)
+
+
+def config_from_dict(raw: dict[str, Any], path: str | os.PathLike = "<config>") -> StudyConfig:
+    """A study config from its parsed YAML mapping (``load_config``'s checks; ``path`` names it in
+    the errors): what the workflow's Snakefile gets from ``--configfile``."""
+    raw = dict(raw)
     known = {f for f in StudyConfig.__dataclass_fields__}
     unknown = set(raw) - known
     if unknown:
@@ -461,21 +468,10 @@ def _run_steps(cfg: StudyConfig, run_dir: Path, status: dict[str, Any], params: 
         raise failure
 
 
-def run_study(
-    config_path: str | os.PathLike,
-    runs_dir: str | os.PathLike | None = None,
-    new: bool = False,
-    build: bool = True,
-    log_output: bool = True,
-    echo: Callable[[str], None] = print,
-    **override: Any,
-) -> Path:
-    """Run a study config end to end; returns the run folder. See the module docstring."""
-    cfg = load_config(config_path, **override)
-    runs_dir = Path(runs_dir) if runs_dir else config.REPO_ROOT / "runs"
-    data_prov = preflight(cfg)  # fails before any long work
-    _check_writable(runs_dir)
-
+def open_run(cfg: StudyConfig, runs_dir: Path, new: bool = False,
+             echo: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+    """The run folder for ``cfg`` under ``runs_dir`` and its status (state "running"): the newest
+    incomplete run of the same config (``find_resumable``) unless ``new``, else a new folder."""
     run_dir = None if new else find_resumable(runs_dir, cfg)
     if run_dir is not None:
         status = read_status(run_dir)
@@ -487,10 +483,16 @@ def run_study(
                   "steps": {}}
         echo(f"new run folder {run_dir}")
     status["state"] = "running"
-    _write_status(run_dir, status)
+    return run_dir, status
 
-    # the resolved scale, once for the run (scale.json; every step reads it back, a resumed run is
-    # checked against it)
+
+def init_run(cfg: StudyConfig, config_path: str | os.PathLike, run_dir: Path, data_prov: dict[str, Any],
+             status: dict[str, Any]) -> dict[str, Any]:
+    """Write what every step of a run reads before it starts: ``status.json`` (``status``),
+    ``scale.json`` (the resolved scale, once; a resumed run is checked against it),
+    ``provenance.json`` and ``study.yaml``. Returns the notebooks' papermill parameters. Used by
+    ``run_study`` and by the Snakemake workflow (``cellstudy workflow``)."""
+    _write_status(run_dir, status)
     scale = rundir.Run(run_dir).scale(cfg.scale, cfg.overrides)
     prov = {
         "config": asdict(cfg),
@@ -508,15 +510,39 @@ def run_study(
     run = rundir.Run(run_dir)
     provenance.write_json(run.provenance, prov)
     atomic.write_text(run.study_config, yaml.safe_dump(asdict(cfg), sort_keys=False))
+    return step_parameters(cfg, run_dir, data_prov["data_root"])
 
-    params = {
-        "run_dir": str(run_dir.resolve()),
-        "data_root": data_prov["data_root"],
+
+def step_parameters(cfg: StudyConfig, run_dir: Path, data_root: str) -> dict[str, Any]:
+    """The papermill parameters every notebook of a run gets (its ``parameters`` cell)."""
+    return {
+        "run_dir": str(Path(run_dir).resolve()),
+        "data_root": str(data_root),
         "cohort": cfg.cohort,
         "scale": cfg.scale,
         "seed": int(cfg.seed),
         "overrides": cfg.overrides,
     }
+
+
+def run_study(
+    config_path: str | os.PathLike,
+    runs_dir: str | os.PathLike | None = None,
+    new: bool = False,
+    build: bool = True,
+    log_output: bool = True,
+    echo: Callable[[str], None] = print,
+    **override: Any,
+) -> Path:
+    """Run a study config end to end; returns the run folder. See the module docstring."""
+    cfg = load_config(config_path, **override)
+    runs_dir = Path(runs_dir) if runs_dir else config.REPO_ROOT / "runs"
+    data_prov = preflight(cfg)  # fails before any long work
+    _check_writable(runs_dir)
+
+    run_dir, status = open_run(cfg, runs_dir, new, echo)
+    params = init_run(cfg, config_path, run_dir, data_prov, status)
+    run = rundir.Run(run_dir)
     t_study = time.perf_counter()
     _run_steps(cfg, run_dir, status, params, log_output, echo)
 

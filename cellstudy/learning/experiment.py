@@ -18,6 +18,7 @@ Everything lands in the run folder (its layout: :mod:`cellstudy.rundir`)::
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,52 +116,119 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def fold_builder(name: str, scale: dict[str, Any], params: dict[str, Any] | None = None):
+    """The builder ``train.train_fold`` gets for network ``name`` at ``scale``: a
+    ``train.WeightResetter`` (one build per process, weights reset for every further fold) around
+    ``models.build`` with the scale's He initialisation (``he_init``) and BatchNorm momentum
+    (``bn_momentum``)."""
+    from cellstudy.learning import models, train
+
+    params = dict(params or {})
+    S = int(scale["image_size"])
+    bn, he = scale.get("bn_momentum"), name in (scale.get("he_init") or ())
+
+    def build():
+        model = models.build(name, S, **params)
+        return set_bn_momentum(he_initialise(model) if he else model, bn)
+    return train.WeightResetter(build)
+
+
+def _read_back(fd: rundir.FoldDir, image_size: int):
+    """A finished fold's result and test cells, read from its folder without touching it;
+    CheckpointMismatchError when its marker belongs to another network, fold or image size."""
+    from cellstudy.learning import checkpoints, train
+
+    res = train.load_result(fd.path)
+    marker = fd.done if fd.done.exists() else fd.failed
+    meta = json.loads(marker.read_text())
+    shape = meta.get("input_shape")
+    if (meta.get("network"), meta.get("fold")) != (fd.network, fd.fold) or (
+            shape is not None and list(shape)[:2] != [image_size, image_size]):
+        raise checkpoints.CheckpointMismatchError(
+            f"{marker} belongs to network {meta.get('network')!r} fold {meta.get('fold')} at input "
+            f"{shape}, not {fd.network!r} fold {fd.fold} at {image_size} px; use another run folder")
+    cells = pd.read_csv(fd.test_cells, dtype={"cell_id": str, "group": str})
+    return res, cells
+
+
+def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
+             model_params: dict[str, Any] | None = None, strategy: Any = None,
+             mixed_precision: str | None = None, jit_compile: bool = False, deterministic: bool = False,
+             progress: Callable[[dict], None] | None = None):
+    """Train and evaluate network ``name`` on fold ``k`` of ``prepared`` (``study.prepare``'s
+    result), both regimes, into ``<run>/training/<name>/fold<k>/``; returns ``(TrainResult,
+    test cells frame)``. The unit of work of the study: ``run_networks`` calls it for every
+    (network, fold) of a family, ``cellstudy train-fold`` (one workflow job) for one.
+
+    A finished fold (``done.json`` or ``failed.json`` and its ``test_cells.csv``) is read back and
+    none of its files is written again; an interrupted one resumes from its checkpoint.
+    ``builder``: a ``fold_builder`` to reuse across folds of one network (None: a new one)."""
+    from cellstudy.learning import train
+
+    sc = prepared.scale
+    S = int(sc["image_size"])
+    folds = folds_for(sc)
+    if int(k) not in range(int(sc["n_splits"])):
+        raise ValueError(f"fold {k} of network {name!r} is outside 0..{int(sc['n_splits']) - 1} "
+                         f"(the scale's n_splits={sc['n_splits']})")
+    if int(k) not in folds:
+        raise ValueError(f"fold {k} is not one the run trains (the scale's folds_to_run={folds})")
+    run = rundir.Run(prepared.run_dir)
+    fd = run.fold(name, k)
+    if fd.is_finished() and fd.test_cells.is_file():
+        if progress is not None:
+            progress({"event": "skipped", "network": name, "fold": k,
+                      "status": "done" if fd.done.exists() else "failed",
+                      "path": str(fd.done if fd.done.exists() else fd.failed)})
+        return _read_back(fd, S)
+    builder = builder if builder is not None else fold_builder(name, sc, model_params)
+    fa = augment.fold_arrays(prepared.images, prepared.labels, prepared.folds, k,
+                             max_shift_px=config.max_shift_px(sc),
+                             max_rotation_deg=sc["max_rotation_deg"], seed=seed)
+    fd = run.fold(name, k, create=True)
+    test_idx = fa["test_index"]
+    cells = pd.DataFrame({"cell_id": prepared.cell_ids[test_idx], "group": prepared.groups[test_idx],
+                          "label": prepared.labels[test_idx]})
+    atomic.write_text(fd.test_cells, cells.to_csv(index=False))
+    atomic.write_json(fd.zca, fa["zca_state"], default=lambda o: np.asarray(o).tolist(), indent=None)
+    res = train.train_fold(
+        builder, fa["x_train"], fa["y_train"], fa["x_test"], fa["y_test"], fd.path,
+        int(sc["epochs_short"]), int(sc["epochs_long"]), batch_size=int(sc["batch_size"]),
+        learning_rate=float(sc["learning_rate"]), momentum=float(sc["momentum"]),
+        warmup_epochs=int(sc.get("warmup_epochs", 0)), seed=seed,
+        deterministic=deterministic, strategy=strategy, mixed_precision=mixed_precision,
+        jit_compile=jit_compile, progress=progress, network_name=name, fold=k)
+    return res, cells
+
+
 def run_networks(prepared, family: str | Sequence[str], step: str, *, seed: int = 0,
                  model_params: dict[str, dict[str, Any]] | None = None, strategy: Any = None,
                  mixed_precision: str | None = None, jit_compile: bool = False,
                  deterministic: bool = False, progress: Callable[[dict], None] | None = None,
                  echo: Callable[[str], None] = print) -> FamilyResults:
     """Train and evaluate every network of ``family`` on every fold of ``prepared``
-    (``study.prepare``'s result) at its scale; results are written under the run folder and
-    returned. Finished (network, fold) runs are read back, not retrained; interrupted ones resume.
+    (``study.prepare``'s result) at its scale (``run_fold`` for each); results are written under
+    the run folder and returned. Finished (network, fold) runs are read back, not retrained (a
+    workflow's per-fold jobs may have trained them); interrupted ones resume.
     """
-    from cellstudy.learning import models, train
+    from cellstudy.learning import train
 
     sc = prepared.scale
     names = networks_for(family, sc)
     folds = folds_for(sc)
     if not names:
         raise ValueError(f"no network of {family!r} is selected by the scale's networks={sc.get('networks')}")
-    S = int(sc["image_size"])
-    shift = config.max_shift_px(sc)
-    run = rundir.Run(prepared.run_dir)
-    out = run.step(step)
+    out = rundir.Run(prepared.run_dir).step(step)
     progress = train.print_progress if progress is None else progress
     records, preds, hist, fails, times = [], [], [], [], []
     total = len(names) * len(folds)
     done_runs, t0 = 0, time.perf_counter()
     for name in names:
-        params = (model_params or {}).get(name, {})
-        bn, he = sc.get("bn_momentum"), name in (sc.get("he_init") or ())
-        builder = train.WeightResetter(
-            lambda name=name, params=params, he=he: set_bn_momentum(
-                he_initialise(models.build(name, S, **params)) if he else models.build(name, S, **params), bn))
+        builder = fold_builder(name, sc, (model_params or {}).get(name))
         for k in folds:
-            fa = augment.fold_arrays(prepared.images, prepared.labels, prepared.folds, k, max_shift_px=shift,
-                                     max_rotation_deg=sc["max_rotation_deg"], seed=seed)
-            fd = run.fold(name, k, create=True)
-            test_idx = fa["test_index"]
-            cells = pd.DataFrame({"cell_id": prepared.cell_ids[test_idx], "group": prepared.groups[test_idx],
-                                  "label": prepared.labels[test_idx]})
-            atomic.write_text(fd.test_cells, cells.to_csv(index=False))
-            atomic.write_json(fd.zca, fa["zca_state"], default=lambda o: np.asarray(o).tolist(), indent=None)
-            res = train.train_fold(
-                builder, fa["x_train"], fa["y_train"], fa["x_test"], fa["y_test"], fd.path,
-                int(sc["epochs_short"]), int(sc["epochs_long"]), batch_size=int(sc["batch_size"]),
-                learning_rate=float(sc["learning_rate"]), momentum=float(sc["momentum"]),
-                warmup_epochs=int(sc.get("warmup_epochs", 0)), seed=seed,
-                deterministic=deterministic, strategy=strategy, mixed_precision=mixed_precision,
-                jit_compile=jit_compile, progress=progress, network_name=name, fold=k)
+            res, cells = run_fold(prepared, name, k, builder, seed=seed, strategy=strategy,
+                                  mixed_precision=mixed_precision, jit_compile=jit_compile,
+                                  deterministic=deterministic, progress=progress)
             done_runs += 1
             elapsed = time.perf_counter() - t0
             echo(f"[{done_runs}/{total}] {name} fold {k}: {res.status}"

@@ -1,0 +1,344 @@
+"""The study as a Snakemake workflow (``workflow/Snakefile``): its plan and the commands its jobs run.
+
+The unit of work is one (network, fold): ``cellstudy train-fold RUN_DIR --network N --fold K``
+trains both regimes of that fold into ``<run>/training/<N>/fold<K>/`` (``done.json`` is the
+workflow's target). The notebooks run one job each through ``cellstudy step RUN_DIR STEP``
+(``runner.execute_step`` with the run's parameters); the family chapters (02-05) then read the
+finished folds back instead of training. ``cellstudy workflow CONFIG [--profile DIR]`` prepares
+the run folder (as ``cellstudy run`` does: checks, ``scale.json``, ``provenance.json``,
+``study.yaml``) and calls Snakemake in it, locally or through a profile (``profiles/slurm``).
+
+The Snakefile runs with the run folder as its working directory, so every target is a path
+relative to the run folder (``rundir.Run`` layout)::
+
+    notebooks/<step>.ipynb                  a step's executed notebook; its log: logs/<step>.log
+    training/<network>/fold<k>/done.json    a trained fold; its log beside it: train.log
+    book/_build/html/index.html             the book
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from cellstudy import config, networks, provenance, rundir, runner
+from cellstudy.learning import experiment
+
+#: The workflow's Snakefile (Snakemake runs it with the run folder as working directory).
+SNAKEFILE = config.REPO_ROOT / "workflow" / "Snakefile"
+#: The profiles shipped with the repository (``--profile profiles/slurm``).
+PROFILES = config.REPO_ROOT / "profiles"
+#: The family chapters and the family each one trains (the notebooks' ``FAMILY``).
+FAMILY_STEPS: dict[str, str] = {"02_dl_family": "DL", "03_vit": "ViT", "04_rgb_family": "RGB",
+                                "05_mhl_family": "MHL"}
+#: Steps that want a GPU on a cluster (the profile gives their rules ``gpu=1``).
+GPU_STEPS: tuple[str, ...] = ("06_gpu_training", "08_xai")
+#: Keys a workflow's ``--config`` may add to the study config.
+WORKFLOW_KEYS: tuple[str, ...] = ("study", "run_dir")
+
+
+class WorkflowError(RuntimeError):
+    """The workflow could not start or failed; the message names the profile, job or file."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the Snakefile builds for one study config.
+
+    steps: the config's notebooks, in order; needs: the steps each one waits for
+    (``runner.step_needs``); train: every (network, fold) to train, in the book's order;
+    family_folds: the (network, fold) pairs each family chapter reads back."""
+
+    steps: list[str]
+    needs: dict[str, list[str]]
+    train: list[tuple[str, int]]
+    family_folds: dict[str, list[tuple[str, int]]]
+
+    @property
+    def networks(self) -> list[str]:
+        """The networks trained, in the book's order."""
+        return list(dict.fromkeys(n for n, _ in self.train))
+
+    def done_file(self, network: str, fold: int) -> str:
+        """The training target of (network, fold), relative to the run folder."""
+        return f"training/{network}/fold{int(fold)}/{rundir.DONE}"
+
+    def step_inputs(self, step: str) -> list[str]:
+        """A step's input files, relative to the run folder: the executed notebooks of the steps
+        it needs and, for a family chapter, the ``done.json`` of every fold it reads back."""
+        files = [f"notebooks/{d}.ipynb" for d in self.needs[step]]
+        files += [self.done_file(n, k) for n, k in self.family_folds.get(step, [])]
+        return files
+
+
+def study_config(snakemake_config: dict[str, Any]) -> runner.StudyConfig:
+    """The study config of a Snakemake ``config``: the file named by ``config["study"]``, else the
+    mapping itself (``--configfile configs/paper.yaml``), without the workflow's own keys."""
+    if snakemake_config.get("study"):
+        return runner.load_config(snakemake_config["study"])
+    raw = {k: v for k, v in snakemake_config.items() if k not in WORKFLOW_KEYS}
+    if not raw:
+        raise WorkflowError("the workflow has no study config: pass --configfile configs/<name>.yaml "
+                            "or --config study=<file>")
+    return runner.config_from_dict(raw, "the workflow's --configfile")
+
+
+def make_plan(cfg: runner.StudyConfig) -> Plan:
+    """The jobs of ``cfg``: one training job per (network, fold) of every family chapter in its
+    steps (networks from the scale's ``networks`` or the family's all; folds from
+    ``folds_to_run`` or all); ValueError when a listed family chapter has no network left."""
+    sc = config.get_scale(cfg.scale, cfg.overrides)
+    needs = {s: runner.step_needs(s, cfg.steps) for s in cfg.steps}
+    folds = experiment.folds_for(sc)
+    family_folds: dict[str, list[tuple[str, int]]] = {}
+    for step in cfg.steps:
+        if step in FAMILY_STEPS:
+            names = experiment.networks_for(FAMILY_STEPS[step], sc)
+            if not names:
+                raise config.ConfigError(
+                    f"step {step} trains family {FAMILY_STEPS[step]} but the scale's networks="
+                    f"{sc.get('networks')} selects none of it: drop the step from the config's steps")
+            family_folds[step] = [(n, k) for n in names for k in folds]
+    order = networks.ordered(n for pairs in family_folds.values() for n, _ in pairs)
+    train = [(n, k) for n in order for k in folds]
+    return Plan(steps=list(cfg.steps), needs=needs, train=train, family_folds=family_folds)
+
+
+# ---------------------------------------------------------------------------------------------
+# The jobs' commands: cellstudy train-fold, cellstudy step
+# ---------------------------------------------------------------------------------------------
+def prepared_run(run_dir: str | os.PathLike) -> tuple[rundir.Run, runner.StudyConfig, dict[str, Any]]:
+    """The run folder's owner, its study config and resolved scale; RunFolderError naming the
+    folder when it is not a prepared run (no ``study.yaml`` / ``scale.json``, or a scale that
+    differs from the config's)."""
+    run = rundir.Run(run_dir)
+    if not run.root.is_dir():
+        raise rundir.RunFolderError(f"run folder {run.root} does not exist")
+    for f in (run.study_config, run.scale_file):
+        if not f.is_file():
+            raise rundir.RunFolderError(
+                f"{run.root} is not a prepared run folder: {f.name} is missing (make one with "
+                "`cellstudy workflow CONFIG` or `cellstudy run CONFIG`)")
+    cfg = runner.load_config(run.study_config)
+    return run, cfg, run.scale(cfg.scale, cfg.overrides)
+
+
+def train_fold(run_dir: str | os.PathLike, network: str, fold: int, *, data_root: str | None = None,
+               echo: Callable[[str], None] = print):
+    """Train one (network, fold) of a prepared run folder, both regimes (``experiment.run_fold``
+    with the run's cohort, scale and seed); a finished fold is read back, never redone. Returns
+    the ``TrainResult``. ValueError naming the network or fold when the run does not train it;
+    RunFolderError when the folder is not prepared (no study.yaml, scale.json or folds file)."""
+    from cellstudy import study
+    from cellstudy.learning import train
+
+    run, cfg, sc = prepared_run(run_dir)
+    networks.check_network(network)
+    chosen = experiment.networks_for(list(networks.NETWORK_NAMES), sc)
+    if network not in chosen:
+        raise ValueError(f"network {network!r} is not trained in run {run.root}: its scale's networks are "
+                         f"{chosen}")
+    k = int(fold)
+    n = int(sc["n_splits"])
+    if not 0 <= k < n:
+        raise ValueError(f"fold {fold} is outside 0..{n - 1} (run {run.root} has n_splits={n})")
+    folds_file = run.folds_file(cfg.cohort, create=False)
+    if not folds_file.is_file():
+        raise rundir.RunFolderError(f"{run.root} is not prepared: its folds file {folds_file} is missing "
+                                    "(the 01_preprocessing step writes it)")
+    fd = run.fold(network, k)
+    if fd.is_finished() and fd.test_cells.is_file():
+        echo(f"{network} fold {k}: finished earlier ({fd.done if fd.done.exists() else fd.failed}); kept")
+        return train.load_result(fd.path)
+    root = config.data_root(data_root or cfg.data_root)
+    prepared = study.prepare(cfg.cohort, cfg.scale, run.root, data_root=str(root), seed=int(cfg.seed),
+                             overrides=cfg.overrides, progress=False)
+    res, _ = experiment.run_fold(prepared, network, k, seed=int(cfg.seed), progress=train.print_progress)
+    echo(f"{network} fold {k}: {res.status} ({fd.path})")
+    return res
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` (created) while the block runs: steps that run at once
+    update ``status.json`` one after another."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _set_step_status(run: rundir.Run, step: str, entry: dict[str, Any]) -> None:
+    with _locked(run.root / ".status.lock"):
+        st = runner.read_status(run.root)
+        st.setdefault("steps", {})[step] = entry
+        provenance.write_json(run.status, st)
+
+
+def run_step(run_dir: str | os.PathLike, step: str, *, log_output: bool = True) -> float:
+    """Execute notebook ``step`` of a prepared run folder with the run's parameters
+    (``runner.execute_step``; ``notebook_parameters`` of its study config added) and record it in
+    ``status.json``. Returns the seconds; StudyError naming the notebook and cell on failure."""
+    run, cfg, _ = prepared_run(run_dir)
+    if step not in cfg.steps:
+        raise ValueError(f"step {step!r} is not one of run {run.root}'s steps {cfg.steps}")
+    root = config.data_root(cfg.data_root)
+    params = {**runner.step_parameters(cfg, run.root, str(root)), **cfg.notebook_parameters.get(step, {})}
+    _set_step_status(run, step, {"state": "running", "started": provenance.now()})
+    try:
+        secs = runner.execute_step(step, run.root, params, log_output=log_output)
+    except runner.StudyError as e:
+        _set_step_status(run, step, {"state": "failed", "error": str(e)})
+        raise
+    errors = runner.notebook_errors(run.executed(step))
+    if errors:
+        _set_step_status(run, step, {"state": "failed", "error": "; ".join(errors)})
+        raise runner.StudyError("executed notebook holds error outputs: " + "; ".join(errors))
+    _set_step_status(run, step, {"state": "done", "seconds": round(secs, 1), "finished": provenance.now()})
+    return secs
+
+
+# ---------------------------------------------------------------------------------------------
+# cellstudy workflow CONFIG: prepare the run folder, call Snakemake
+# ---------------------------------------------------------------------------------------------
+def check_profile(profile: str | os.PathLike) -> Path:
+    """The profile folder ``profile`` (a path, or a name under ``profiles/``) with a readable
+    ``config.yaml`` mapping; WorkflowError naming the folder or file otherwise."""
+    p = Path(profile)
+    if not p.is_dir() and (PROFILES / str(profile)).is_dir():
+        p = PROFILES / str(profile)
+    if not p.is_dir():
+        raise WorkflowError(f"workflow profile {profile} is not a folder (expected e.g. profiles/slurm "
+                            f"with a config.yaml; shipped: {sorted(q.name for q in PROFILES.iterdir())})")
+    f = p / "config.yaml"
+    if not f.is_file():
+        raise WorkflowError(f"workflow profile {p} has no config.yaml")
+    try:
+        data = yaml.safe_load(f.read_text())
+    except yaml.YAMLError as e:
+        raise WorkflowError(f"workflow profile {f} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise WorkflowError(f"workflow profile {f}: expected a mapping of Snakemake options, got "
+                            f"{type(data).__name__}")
+    if data.get("executor") == "slurm":
+        from shutil import which
+        if which("sbatch") is None:
+            raise WorkflowError(f"workflow profile {f} uses the slurm executor but `sbatch` is not on PATH: "
+                                "run it on the cluster's login node")
+    return p.resolve()
+
+
+def snakemake_command(run_dir: Path, profile: Path | None = None, cores: int | None = None,
+                      targets: Sequence[str] = (), extra: Sequence[str] = ()) -> list[str]:
+    """The Snakemake command line for a prepared run folder (this interpreter's Snakemake)."""
+    run = rundir.Run(run_dir)
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(run.root),
+           "--configfile", str(run.study_config)]
+    if profile is not None:
+        cmd += ["--profile", str(profile)]
+    if cores is not None or profile is None:
+        cmd += ["--cores", str(cores or available_cores())]
+    return cmd + list(targets) + list(extra)  # targets first: extra may end in a many-valued option
+
+
+def available_cores() -> int:
+    """The CPUs this process may use."""
+    from cellstudy import threads
+    return threads.available_cpus()
+
+
+def check_same_config(run_dir: Path, cfg: runner.StudyConfig) -> None:
+    """RunFolderError when ``run_dir`` was made by another study config (its status digest)."""
+    st = runner.read_status(run_dir)
+    if st.get("digest") and st["digest"] != cfg.digest():
+        raise rundir.RunFolderError(
+            f"run folder {run_dir} was made by another study config (digest {st['digest']} in "
+            f"{rundir.Run(run_dir).status}, this config's is {cfg.digest()}); use a new run folder")
+
+
+def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, run_dir: str | None = None,
+                 runs_dir: str | None = None, new: bool = False, cores: int | None = None,
+                 targets: Sequence[str] = (), extra: Sequence[str] = (), data_root: str | None = None,
+                 echo: Callable[[str], None] = print) -> Path:
+    """Prepare the run folder for a study config (checks first, as ``cellstudy run``) and run the
+    workflow in it; returns the run folder. WorkflowError naming the log of the failed job's rule
+    when Snakemake fails (its report above names the job and its log)."""
+    cfg = runner.load_config(config_path, data_root=data_root)
+    make_plan(cfg)  # a config whose steps select no network fails here, before any work
+    prof = check_profile(profile) if profile else None
+    data_prov = runner.preflight(cfg)
+    if run_dir:
+        rd = Path(run_dir).resolve()
+        rd.mkdir(parents=True, exist_ok=True)
+        check_same_config(rd, cfg)
+        status = runner.read_status(rd) or {"name": cfg.name, "digest": cfg.digest(), "started": provenance.now(),
+                                            "steps": {}}
+        status["state"] = "running"
+    else:
+        runs = Path(runs_dir) if runs_dir else config.REPO_ROOT / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        rd, status = runner.open_run(cfg, runs, new, echo)
+    status["engine"] = "snakemake"
+    runner.init_run(cfg, config_path, rd, data_prov, status)
+    cmd = snakemake_command(rd, prof, cores, targets, extra)
+    env = {**os.environ, config.DATA_ROOT_ENV: data_prov["data_root"],
+           "PYTHONPATH": os.pathsep.join(p for p in (str(config.REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    echo("$ " + " ".join(cmd))
+    t0 = time.perf_counter()
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        _set_state(rd, "failed")
+        raise WorkflowError(f"the workflow of run {rd} failed (snakemake exit {rc}, {time.perf_counter() - t0:.0f} s): "
+                            "the failed job and its log are named above (logs/<step>.log or "
+                            "training/<network>/fold<k>/train.log in the run folder); rerun the same "
+                            f"command with --run-dir {rd} to resume (finished folds are kept)")
+    if not targets and "-n" not in extra and "--dry-run" not in extra:
+        _set_state(rd, "complete")
+    return rd
+
+
+def _set_state(run_dir: Path, state: str) -> None:
+    with _locked(Path(run_dir) / ".status.lock"):
+        st = runner.read_status(run_dir)
+        st["state"] = state
+        provenance.write_json(rundir.Run(run_dir).status, st)
+
+
+def slurm_jobs_of(log_text: str) -> list[str]:
+    """The Slurm job ids a Snakemake log reports submitting ("... has been submitted with SLURM
+    jobid 12 ..." / "... jobid 12_3 ..."), in order."""
+    import re
+    return re.findall(r"SLURM jobid (\d+(?:_\d+)?)", log_text)
+
+
+def dag_jobs(run_dir: str | os.PathLike, config_file: str | os.PathLike, *, extra: Sequence[str] = ()) -> dict[str, int]:
+    """Jobs per rule of a dry run (``snakemake -n``) of ``config_file`` in ``run_dir``: what the
+    workflow would run now."""
+    import re
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(SNAKEFILE), "--directory", str(run_dir),
+           "--configfile", str(config_file), "--cores", "1", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise WorkflowError(f"snakemake -n of {config_file} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    text = out.stdout + out.stderr
+    table = text[text.find("Job stats:"):]
+    counts = {}
+    for line in table.splitlines()[3:]:
+        m = re.match(r"^(\S+)\s+(\d+)\s*$", line)
+        if not m or m.group(1) == "total":
+            if m and m.group(1) == "total":
+                break
+            continue
+        counts[m.group(1)] = int(m.group(2))
+    return counts

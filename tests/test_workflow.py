@@ -1,0 +1,190 @@
+"""The Snakemake workflow (issue 17): its DAG for the shipped configs, the per-fold command's
+errors, the profiles, and (slow) a small grid through a real single-node Slurm on 127.0.0.1 whose
+folds must equal a local run's.
+
+The Slurm test needs root and Debian's slurm-wlm + munge (`.ci/run` installs them); its fixture
+starts the daemons with `.ci/slurm-cluster` and stops them. Without them it skips with that
+reason, except under CI=true, where a missing Slurm is a failure."""
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO
+from cellstudy import cli, networks, rundir, runner, workflow
+
+PYTHONPATH = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+
+
+@pytest.fixture(autouse=True)
+def _repo_on_path(monkeypatch):
+    """Snakemake's jobs import this checkout's cellstudy."""
+    monkeypatch.setenv("PYTHONPATH", PYTHONPATH["PYTHONPATH"])
+
+
+# ---- the DAG -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, trains, steps", [("paper", 55, 12), ("default", 55, 12), ("ci", 12, 12)])
+def test_dry_run_has_one_training_job_per_network_and_fold(tmp_path, name, trains, steps):
+    jobs = workflow.dag_jobs(tmp_path, REPO / "configs" / f"{name}.yaml")
+    assert jobs["train"] == trains
+    assert jobs["step"] + jobs["gpu_step"] == steps
+    assert jobs["gpu_step"] == 2 and jobs["book"] == 1
+
+
+def test_plan_follows_the_scale_and_the_steps():
+    cfg = runner.load_config(REPO / "configs" / "ci.yaml")
+    plan = workflow.make_plan(cfg)
+    assert plan.networks == ["vgg16", "vit", "rgb", "mhl"]  # the ci scale's networks, the book's order
+    assert {k for _, k in plan.train} == {0, 1, 2}            # its folds_to_run
+    assert plan.done_file("mhl", 2) in plan.step_inputs("05_mhl_family")
+    assert "notebooks/02_dl_family.ipynb" in plan.step_inputs("07_results")
+    cfg.overrides = {"networks": ["mhl"]}
+    with pytest.raises(ValueError, match="02_dl_family trains family DL"):
+        workflow.make_plan(cfg)
+
+
+def test_family_steps_match_the_notebooks():
+    for step, fam in workflow.FAMILY_STEPS.items():
+        nb = json.loads((REPO / "notebooks" / f"{step}.ipynb").read_text())
+        src = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+        assert re.search(rf'^FAMILY = "{fam}"', src, re.M), step
+        assert set(networks.networks_of(fam))
+
+
+# ---- cellstudy train-fold: bad input ----------------------------------------------------------------
+def _prepared_looking(tmp_path: Path) -> Path:
+    """A run folder with study.yaml and scale.json (ci scale), no data prepared."""
+    run = rundir.Run(tmp_path / "run")
+    cfg = runner.load_config(REPO / "configs" / "ci.yaml")
+    run.scale(cfg.scale, cfg.overrides)
+    run.study_config.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    return run.root
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--network", "resnet5", "--fold", "0"], "unknown network 'resnet5'"),
+    (["--network", "densenet121", "--fold", "0"], "network 'densenet121' is not trained in run"),
+    (["--network", "mhl", "--fold", "5"], "fold 5 is outside 0..4"),
+    (["--network", "mhl", "--fold", "0"], "is not prepared: its folds file"),
+])
+def test_train_fold_names_the_bad_value(tmp_path, capsys, args, message):
+    run = _prepared_looking(tmp_path)
+    assert cli.main(["train-fold", str(run), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_fold_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert cli.main(["train-fold", str(tmp_path), "--network", "mhl", "--fold", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is not a prepared run folder: study.yaml is missing" in err
+    assert cli.main(["train-fold", str(tmp_path / "nope"), "--network", "mhl", "--fold", "0"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_step_refuses_a_step_the_run_does_not_have(tmp_path, capsys):
+    run = _prepared_looking(tmp_path)
+    assert cli.main(["step", str(run), "99_nothing"]) == 2
+    assert "step '99_nothing' is not one of run" in capsys.readouterr().err
+
+
+# ---- profiles -----------------------------------------------------------------------------------
+def test_shipped_profiles_parse_and_ask_a_gpu_for_training():
+    local = workflow.check_profile(REPO / "profiles" / "local")
+    assert (local / "config.yaml").is_file()
+    slurm = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert slurm["executor"] == "slurm"
+    for rule in ("train", "gpu_step"):
+        assert slurm["set-resources"][rule]["gpu"] == 1
+    for key in ("slurm_partition", "slurm_account"):
+        assert key in slurm["default-resources"]
+
+
+def test_bad_profiles_are_named(tmp_path):
+    with pytest.raises(workflow.WorkflowError, match="is not a folder"):
+        workflow.check_profile(tmp_path / "missing")
+    with pytest.raises(workflow.WorkflowError, match="has no config.yaml"):
+        workflow.check_profile(tmp_path)
+    (tmp_path / "config.yaml").write_text("executor: [slurm\n")
+    with pytest.raises(workflow.WorkflowError, match="config.yaml is not valid YAML"):
+        workflow.check_profile(tmp_path)
+    (tmp_path / "config.yaml").write_text("- executor\n")
+    with pytest.raises(workflow.WorkflowError, match="expected a mapping"):
+        workflow.check_profile(tmp_path)
+
+
+# ---- a small grid on a real Slurm ---------------------------------------------------------------
+def _need_slurm() -> None:
+    why = None
+    if shutil.which("slurmctld") is None or shutil.which("munged") is None:
+        why = "Slurm is not installed (apt-get install -y slurm-wlm munge; .ci/run does)"
+    elif os.geteuid() != 0:
+        why = "the single-node Slurm of this test needs root (slurmd starts the jobs)"
+    if why:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(why + " -- CI=true requires it")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A single-node Slurm on 127.0.0.1 (.ci/slurm-cluster), stopped after the module's tests."""
+    _need_slurm()
+    state = tmp_path_factory.mktemp("slurm")
+    script = REPO / ".ci" / "slurm-cluster"
+    out = subprocess.run(["bash", str(script), "start", str(state)], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        subprocess.run(["bash", str(script), "stop", str(state)], capture_output=True, timeout=60)
+        pytest.fail(f"could not start the test Slurm: {out.stdout}{out.stderr}")
+    yield state
+    subprocess.run(["bash", str(script), "stop", str(state)], capture_output=True, timeout=60)
+
+
+SLURM_ARGS = ["--executor", "slurm", "--jobs", "4", "--slurm-status-command", "squeue", "--slurm-no-account",
+              "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs", "--default-resources", "mem_mb=2000", "runtime=10"]
+
+
+@pytest.mark.slow
+def test_grid_on_slurm_equals_a_local_run(tmp_path, shared_data, slurm_cluster, monkeypatch):
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "1")
+    monkeypatch.setenv("TF_NUM_INTEROP_THREADS", "1")
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "grid", "cohort": "bbbc021-paper", "scale": "ci", "seed": 0, "steps":
+        ["00_cohort", "01_preprocessing", "05_mhl_family"], "overrides": {
+            "networks": ["mhl"], "folds_to_run": [0, 1], "epochs_short": 1, "epochs_long": 2, "batch_size": 32}}))
+    local, on_slurm = tmp_path / "local", tmp_path / "slurm"
+    # prepare once (01_preprocessing: cohort, preprocessing cache, folds), copy the prepared folder
+    workflow.run_workflow(cfg, run_dir=str(local), data_root=str(shared_data), cores=2,
+                          targets=["notebooks/01_preprocessing.ipynb"])
+    shutil.copytree(local, on_slurm, ignore=shutil.ignore_patterns(".snakemake"))
+    workflow.run_workflow(cfg, run_dir=str(local), data_root=str(shared_data), cores=2, targets=["training"])
+    workflow.run_workflow(cfg, run_dir=str(on_slurm), data_root=str(shared_data), targets=["training"],
+                          extra=SLURM_ARGS)
+
+    # every (network, fold) ran as its own Slurm job, its log beside the fold
+    logs = "".join(p.read_text() for p in (on_slurm / ".snakemake" / "log").glob("*.snakemake.log"))
+    ids = workflow.slurm_jobs_of(logs)
+    assert len(ids) == 2 and len(set(ids)) == 2, logs[-3000:]
+    for k in (0, 1):
+        assert list((on_slurm / ".snakemake" / "slurm_logs" / "rule_train" / f"mhl_{k}").glob("*.log"))
+        assert "mhl fold" in (on_slurm / "training" / "mhl" / f"fold{k}" / "train.log").read_text()
+        for regime in ("short", "long"):
+            a = np.load(rundir.Run(local).fold("mhl", k).proba(regime))
+            b = np.load(rundir.Run(on_slurm).fold("mhl", k).proba(regime))
+            np.testing.assert_array_equal(a, b, err_msg=f"mhl fold {k} {regime}: Slurm differs from local")
+
+    # a finished fold is never redone: a second run submits nothing and leaves done.json as it was
+    done = rundir.Run(on_slurm).fold("mhl", 0).done
+    before = done.stat().st_mtime_ns
+    workflow.run_workflow(cfg, run_dir=str(on_slurm), data_root=str(shared_data), targets=["training"],
+                          extra=SLURM_ARGS)
+    assert done.stat().st_mtime_ns == before
+    logs2 = "".join(p.read_text() for p in (on_slurm / ".snakemake" / "log").glob("*.snakemake.log"))
+    assert len(workflow.slurm_jobs_of(logs2)) == 2
