@@ -77,7 +77,7 @@ def _predict(a: argparse.Namespace) -> int:
     from cellstudy.predict import predict
 
     predict(a.run_dir, a.cells, network=a.network, regime=a.regime, mc_samples=a.mc_samples,
-            classical=a.classical, data_root=a.data_root, out_dir=a.out)
+            classical=a.classical, data_root=a.data_root, out_dir=a.out, overwrite=a.force)
     return 0
 
 
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--mc-samples", type=int, default=20, help="Monte Carlo dropout passes per fold model (0: none)")
     q.add_argument("--classical", action="store_true", help="add the classical baseline's probabilities")
     q.add_argument("--data-root", default=None, help="where the cells' paths are relative to")
+    q.add_argument("--force", action="store_true", help="replace the predictions in an output folder that has them")
     q.set_defaults(func=_predict)
     t = sub.add_parser("train-fold", help="train one (network, fold) of a prepared run folder (a workflow job)")
     t.add_argument("run_dir")

@@ -171,10 +171,11 @@ def mc_dropout(model, x: np.ndarray, samples: int, seed: int, batch_size: int = 
 def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, regime: str = "long",
             mc_samples: int = 20, classical: bool = False, data_root: str | Path | None = None,
             out_dir: str | Path | None = None, batch_size: int = 64, n_gallery: int = 8,
-            echo: Callable[[str], None] = print) -> Prediction:
+            overwrite: bool = False, echo: Callable[[str], None] = print) -> Prediction:
     """Predict cohort or manifest ``cells`` with ``network`` of the run ``run_dir`` (see the
     module docstring); with ``out_dir`` the table, galleries and ``prediction.json`` are written
-    there (a folder that must not hold a ``predictions.csv`` already). Returns a :class:`Prediction`."""
+    there (a folder that must not hold a ``predictions.csv`` already, unless ``overwrite``: the
+    prediction chapter rewrites its own step folder). Returns a :class:`Prediction`."""
     from cellstudy import data
     from cellstudy.data import preprocess
     from cellstudy.report import external
@@ -193,8 +194,9 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
                            f"trained: {trained}")
     folds = run.usable_folds(network, regime, need_test_cells=False)[0]
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None and (out / "predictions.csv").exists():
-        raise PredictError(f"{out / 'predictions.csv'} exists; choose another output folder (nothing is overwritten)")
+    if out is not None and (out / "predictions.csv").exists() and not overwrite:
+        raise PredictError(f"{out / 'predictions.csv'} exists; choose another output folder (nothing is overwritten; "
+                           "--force replaces it)")
     sc = st["values"]
     S = int(sc["image_size"])
     root = data_root if data_root is not None else st["data_root"]

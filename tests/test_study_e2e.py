@@ -56,3 +56,17 @@ def test_book_is_built_offline_with_every_chapter(ci_run):
     assert (html / "mathjax" / "tex-chtml.js").is_file()
     intro = (html / "intro.html").read_text()
     assert "BBBC021" in intro and "CC BY-NC-SA" in intro
+
+
+def test_the_prediction_chapter_predicts_the_unseen_fields(ci_run):
+    # 11_predict: the run's best network on the 560 cells of the BBBC021 fields the cohort never uses
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    t = pd.read_csv(ci_run / "11_predict" / "predictions" / "predictions.csv")
+    info = json.loads((ci_run / "11_predict" / "predictions" / "prediction.json").read_text())
+    assert len(t) == info["n_cells"] == 560 and t["cell_id"].is_unique
+    assert info["network"] in {"vgg16", "vit", "rgb", "mhl"} and info["folds"] == [0, 1, 2]
+    assert set(t["Classifier_Class"]) <= {"normal", "abnormal"} and t["mc_sd"].notna().all()
+    auc = roc_auc_score(t["label"], t["p_abnormal"])
+    assert 0.0 <= auc <= 1.0 and {"p_abnormal_rf", "p_abnormal_logreg"} <= set(t.columns)

@@ -30,7 +30,7 @@ def _repo_on_path(monkeypatch):
 
 
 # ---- the DAG -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, trains, steps", [("paper", 55, 12), ("default", 55, 12), ("ci", 12, 12)])
+@pytest.mark.parametrize("name, trains, steps", [("paper", 55, 13), ("default", 55, 13), ("ci", 12, 13)])
 def test_dry_run_has_one_training_job_per_network_and_fold(tmp_path, name, trains, steps):
     jobs = workflow.dag_jobs(tmp_path, REPO / "configs" / f"{name}.yaml")
     assert jobs["train"] == trains
