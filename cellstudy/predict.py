@@ -17,8 +17,10 @@ own preprocessing at the run's scale (``scale.json``). Per cell:
 
 With ``classical=True`` the run's classical baseline (random forest, logistic regression) adds
 its fold-ensemble probability per cell. Written to ``OUT/``: ``predictions.csv`` and
-``.parquet`` (one row per cell), ``gallery_confident_<class>.png``, ``gallery_uncertain.png`` and
-``prediction.json`` (what was run, on what, the QC thresholds).
+``.parquet`` (one row per cell), ``gallery_confident_<class>.png``, ``gallery_uncertain.png`` (the
+cells), the same with ``_gradcam`` (Grad-CAM of the ensemble's call at the scale's Grad-CAM
+layers, eq. 12-13, averaged over the fold models, on the preprocessed cell) and ``prediction.json``
+(what was run, on what, the QC thresholds).
 
 Refused before any model is loaded: an unknown network, a network the run has not trained, a
 run folder without trained folds, input cells whose stored pixel size differs from the run's
@@ -62,6 +64,11 @@ class Prediction:
     mc: np.ndarray | None
     info: dict[str, Any]
     images: np.ndarray = field(repr=False, default=None)
+    #: gallery name -> row indices (:func:`gallery_cells`); cell row -> its (S, S) Grad-CAM of the
+    #: ensemble's class (mean over the fold models) and its preprocessed (S, S, 3) input
+    gallery: dict[str, np.ndarray] = field(default_factory=dict)
+    gradcam: dict[int, np.ndarray] = field(repr=False, default_factory=dict)
+    inputs: dict[int, np.ndarray] = field(repr=False, default_factory=dict)
 
 
 def run_settings(run_dir: str | Path) -> dict[str, Any]:
@@ -171,7 +178,7 @@ def mc_dropout(model, x: np.ndarray, samples: int, seed: int, batch_size: int = 
 def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, regime: str = "long",
             mc_samples: int = 20, classical: bool = False, data_root: str | Path | None = None,
             out_dir: str | Path | None = None, batch_size: int = 64, n_gallery: int = 8,
-            overwrite: bool = False, echo: Callable[[str], None] = print) -> Prediction:
+            gradcam: bool = True, overwrite: bool = False, echo: Callable[[str], None] = print) -> Prediction:
     """Predict cohort or manifest ``cells`` with ``network`` of the run ``run_dir`` (see the
     module docstring); with ``out_dir`` the table, galleries and ``prediction.json`` are written
     there (a folder that must not hold a ``predictions.csv`` already, unless ``overwrite``: the
@@ -216,9 +223,12 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
         raise PredictError(f"no fold model of {network} could predict: {notes}")
     fold_probas = dict(zip(used, probas))
     ens = np.mean(probas, axis=0)
-    mc = None
-    if mc_samples:
-        from cellstudy.explain import load_weights
+    mc, pred = None, ens.argmax(axis=1)
+    shown = gallery_cells(ens, n_gallery)
+    sel = np.unique(np.concatenate(list(shown.values()))) if shown else np.zeros(0, int)
+    cams = np.zeros((len(sel), S, S), np.float32)
+    if mc_samples or (gradcam and len(sel)):
+        from cellstudy.explain import load_weights, xai
         from cellstudy.learning.models import load as load_saved
 
         passes, model = [], None
@@ -230,8 +240,12 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
             else:
                 load_weights(model, fd.model(regime))
             x = external._whitener(fd.path)(images)
-            passes.append(mc_dropout(model, x, mc_samples, seed=st["seed"] + fd.fold, batch_size=batch_size)[:, :, 1])
-        mc = np.concatenate(passes)
+            if mc_samples:
+                passes.append(mc_dropout(model, x, mc_samples, seed=st["seed"] + fd.fold,
+                                         batch_size=batch_size)[:, :, 1])
+            if gradcam and len(sel):   # Grad-CAM of the ensemble's class, averaged over the fold models
+                cams += xai.gradcam(model, x[sel], pred[sel], min_size=int(sc.get("gradcam_min_size", 4))) / len(used)
+        mc = np.concatenate(passes) if passes else None
     # QC against the run's cohort
     from cellstudy.learning import baseline
 
@@ -245,7 +259,6 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
     keep = [c for c in ("cell_id", "path", "group", "class_name", "label", "ImageNumber", "ObjectNumber")
             if c in ids.columns]
     tab = ids[keep].copy()
-    pred = ens.argmax(axis=1)
     tab["network"] = network
     tab["Classifier_Class"] = [config.CLASS_NAMES[i] for i in pred]
     for i, name in enumerate(config.CLASS_NAMES):
@@ -271,11 +284,28 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
             "qc": {"empty_sd": EMPTY_SD, "saturated_fraction": SATURATED_FRACTION,
                    "nucleus_area_range_px": [float(lo), float(hi)], "percentiles": list(SIZE_PERCENTILES)},
             "notes": notes, "seconds": round(time.perf_counter() - t0, 1)}
-    res = Prediction(table=tab, fold_probas=fold_probas, mc=mc, info=info, images=coh.images)
+    res = Prediction(table=tab, fold_probas=fold_probas, mc=mc, info=info, images=coh.images,
+                     gallery=shown, gradcam={int(i): cams[j] for j, i in enumerate(sel)} if gradcam else {},
+                     inputs={int(i): images[i] for i in sel})
     if out is not None:
-        write(res, out, n_gallery)
+        write(res, out)
         echo(f"predict: wrote {out / 'predictions.csv'} ({len(tab)} cells) and the galleries")
     return res
+
+
+def gallery_cells(proba: np.ndarray, n: int = 8) -> dict[str, np.ndarray]:
+    """Row indices of the galleries: ``confident_<class>`` (the ``n`` cells called ``<class>`` with
+    the highest probability of it) and ``uncertain`` (the ``n`` largest margin uncertainties)."""
+    p = np.asarray(proba, dtype=float)
+    call = p.argmax(axis=1)
+    out = {}
+    for c, name in enumerate(config.CLASS_NAMES):
+        idx = np.flatnonzero(call == c)
+        if len(idx):
+            out[f"confident_{name}"] = idx[np.argsort(-p[idx, c], kind="stable")][:n]
+    if len(p):
+        out["uncertain"] = np.argsort(-margin_uncertainty(p), kind="stable")[:n]
+    return out
 
 
 def short_id(cell_id: str, width: int = 18) -> str:
@@ -284,7 +314,7 @@ def short_id(cell_id: str, width: int = 18) -> str:
     return s if len(s) <= width else s[: width // 2 - 1] + "…" + s[-(width // 2):]
 
 
-def write(res: Prediction, out: str | Path, n_gallery: int = 8) -> None:
+def write(res: Prediction, out: str | Path) -> None:
     """Write ``predictions.csv`` / ``.parquet``, ``prediction.json`` and the galleries to ``out``."""
     from cellstudy.report import figures
 
@@ -294,16 +324,14 @@ def write(res: Prediction, out: str | Path, n_gallery: int = 8) -> None:
     res.table.to_parquet(out / "predictions.parquet", index=False)
     atomic.write_json(out / "prediction.json", res.info)
     t = res.table
-    for name in config.CLASS_NAMES:
-        sel = t[t["Classifier_Class"] == name].sort_values(f"Classifier_Probability_{name}", ascending=False)
-        if len(sel):
-            fig = figures.cell_gallery(res.images[sel.index[:n_gallery]],
-                                       [f"{short_id(r.cell_id)}\np={getattr(r, 'Classifier_Probability_' + name):.2f}"
-                                        for r in sel.head(n_gallery).itertuples()],
-                                       title=f"most confident {name}")
-            fig.savefig(out / f"gallery_confident_{name}.png", dpi=100)
-    unc = t.sort_values("margin_uncertainty", ascending=False).head(n_gallery)
-    if len(unc):
-        fig = figures.cell_gallery(res.images[unc.index], [f"{short_id(r.cell_id)}\np(abnormal)={r.p_abnormal:.2f}"
-                                                           for r in unc.itertuples()], title="most uncertain")
-        fig.savefig(out / "gallery_uncertain.png", dpi=100)
+    from cellstudy.explain.figures import overlay
+
+    for kind, idx in res.gallery.items():
+        what = kind.replace("_", " ").replace("confident", "most confident")
+        what = "most uncertain" if kind == "uncertain" else what
+        titles = [f"{short_id(t.loc[i, 'cell_id'])}\np(abnormal)={t.loc[i, 'p_abnormal']:.2f}" for i in idx]
+        figures.cell_gallery(res.images[idx], titles, title=what).savefig(out / f"gallery_{kind}.png", dpi=100)
+        if res.gradcam:
+            heat = np.stack([overlay(res.inputs[int(i)], res.gradcam[int(i)]) for i in idx])
+            figures.cell_gallery(heat, titles, title=f"{what}: Grad-CAM of the call (mean over the fold models)",
+                                 stretch=False).savefig(out / f"gallery_{kind}_gradcam.png", dpi=100)

@@ -96,6 +96,9 @@ def test_predict_reproduces_the_runs_test_fold_probabilities(tiny_run, shared_da
     info = json.loads((tmp_path / "out" / "prediction.json").read_text())
     assert info["folds"] == [0, 1] and info["network"] == "mhl" and info["image_size"] == 32
     assert (tmp_path / "out" / "gallery_uncertain.png").stat().st_size > 5000
+    assert (tmp_path / "out" / "gallery_uncertain_gradcam.png").stat().st_size > 5000
+    assert set(res.gradcam) == set(np.concatenate(list(res.gallery.values())).tolist())
+    assert all(m.shape == (32, 32) and 0 <= m.min() and m.max() <= 1 for m in res.gradcam.values())
 
 
 @pytest.mark.slow
@@ -115,3 +118,10 @@ def test_mc_dropout_without_dropout_is_the_forward_pass(tiny_run):
 def test_cells_of_another_pixel_size_are_refused(tiny_run, shared_data):
     with pytest.raises(P.PredictError, match="stored at .* crop them at the run's pixel size"):
         P.predict(tiny_run, "rxrx1-cells", network="mhl", mc_samples=0, data_root=shared_data, echo=lambda s: None)
+
+
+def test_gallery_cells():
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.55, 0.45], [0.05, 0.95], [0.5, 0.5]])
+    g = P.gallery_cells(p, n=2)
+    assert g["confident_normal"].tolist() == [0, 2] and g["confident_abnormal"].tolist() == [3, 1]
+    assert g["uncertain"].tolist() == [4, 2]

@@ -64,8 +64,10 @@ def cell_montage(images: np.ndarray, labels: np.ndarray, n_per_class: int = 3, s
     return fig
 
 
-def cell_gallery(images: np.ndarray, titles: Sequence[str], title: str | None = None, ncols: int = 4) -> Figure:
-    """A grid of cells (merged RGB, each channel stretched for display), one title each.
+def cell_gallery(images: np.ndarray, titles: Sequence[str], title: str | None = None, ncols: int = 4,
+                 stretch: bool = True) -> Figure:
+    """A grid of cells (merged RGB, each channel stretched for display unless ``stretch`` is False,
+    e.g. for Grad-CAM overlays already in [0, 1]), one title each.
 
     images: (N, H, W, 3), N >= 1; titles: N strings (e.g. the cell id and its probability)."""
     images = np.asarray(images)
@@ -80,7 +82,7 @@ def cell_gallery(images: np.ndarray, titles: Sequence[str], title: str | None = 
         ax.set_xticks([])
         ax.set_yticks([])
         if i < len(images):
-            ax.imshow(_display(images[i]))
+            ax.imshow(_display(images[i]) if stretch else np.clip(images[i], 0, 1))
             ax.set_title(str(titles[i]), fontsize=7)
         else:
             ax.axis("off")
