@@ -62,6 +62,17 @@ _PER_FOLD_COLUMNS = ("network", "family", "fold", "regime", "metric", "value")
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+def _check_alpha_families(alpha: float, families: Sequence[str]) -> list[str]:
+    """``families`` as a list; ValueError for an ``alpha`` outside (0, 1) or fewer than 2 distinct
+    families."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    families = list(families)
+    if len(families) < 2 or len(set(families)) != len(families):
+        raise ValueError(f"families must name at least 2 distinct families, got {families}")
+    return families
+
+
 def _vector(x: Any, name: str, min_n: int = 1) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64)
     if a.ndim != 1:
@@ -121,11 +132,7 @@ def welch_family_tests(
     sd_b, t, df, p, p_bonferroni, threshold, significant``.
     """
     _check_per_fold(per_fold)
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    families = list(families)
-    if len(families) < 2 or len(set(families)) != len(families):
-        raise ValueError(f"families must name at least 2 distinct families, got {families}")
+    families = _check_alpha_families(alpha, families)
     for name, wanted, have in (("family", families, per_fold["family"]), ("metric", metrics, per_fold["metric"])):
         missing = sorted(set(wanted) - set(have))
         if missing:
@@ -215,11 +222,7 @@ def table3_tests(
         raise ValueError(f"per_fold must be a pandas DataFrame, got {type(per_fold).__name__}")
     if len(per_fold):  # an empty table (a run without results) may lack the columns
         _check_per_fold(per_fold)
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    families = list(families)
-    if len(families) < 2 or len(set(families)) != len(families):
-        raise ValueError(f"families must name at least 2 distinct families, got {families}")
+    families = _check_alpha_families(alpha, families)
     present = set(per_fold["family"]) if len(per_fold) else set()
     regimes = list(dict.fromkeys(per_fold["regime"])) if len(per_fold) else []
     pairs = list(itertools.combinations(families, 2))

@@ -170,8 +170,9 @@ def _build_step(model, layers: tuple, token_grids: tuple | None = None):
     return step
 
 
-def _run(model, images, class_index, layers, batch_size, token_grids=None) -> list[np.ndarray]:
-    tf = K._tf()
+def _inputs(model, images, class_index, batch_size) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The checked images, the class of each (``class_index``, or the predicted class when None),
+    the batch size and the number of images."""
     x = K.check_images(model, images)
     batch_size = K.check_batch_size(batch_size)
     n = len(x)
@@ -179,6 +180,12 @@ def _run(model, images, class_index, layers, batch_size, token_grids=None) -> li
         cls = K.predict_proba(model, x, batch_size).argmax(axis=1).astype(np.int32)
     else:
         cls = K.check_class_index(class_index, n, K.n_classes(model))
+    return x, cls, batch_size, n
+
+
+def _run(model, images, class_index, layers, batch_size, token_grids=None) -> list[np.ndarray]:
+    tf = K._tf()
+    x, cls, batch_size, n = _inputs(model, images, class_index, batch_size)
     step = _build_step(model, tuple(layers), token_grids)
     out = [np.empty((n, *x.shape[1:3]), np.float32) for _ in layers]
     bs = min(batch_size, n)
@@ -302,13 +309,7 @@ def gradcam_authors(model, images, class_index, layer: str, batch_size: int = BA
     tf = K._tf()
     if not isinstance(layer, str):
         raise ValueError(f"layer must be one layer name (str) with a 4-D output; got {layer!r}")
-    x = K.check_images(model, images)
-    batch_size = K.check_batch_size(batch_size)
-    n = len(x)
-    if class_index is None:
-        cls = K.predict_proba(model, x, batch_size).argmax(axis=1).astype(np.int32)
-    else:
-        cls = K.check_class_index(class_index, n, K.n_classes(model))
+    x, cls, batch_size, n = _inputs(model, images, class_index, batch_size)
     step = _build_authors_step(model, layer)
     maps = np.empty((n, *x.shape[1:3]), np.float32)
     proba = np.empty((n, K.n_classes(model)), np.float32)
