@@ -16,6 +16,17 @@ from typing import Any, Callable
 import numpy as np
 
 
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+#: Files are created with the mode an ordinary ``open`` gives (0o666 less the process's umask):
+#: ``mkstemp`` alone makes them readable by their owner only.
+FILE_MODE = 0o666 & ~_umask()
+
+
 class OutputError(ValueError):
     """A result file could not be written (disk full, folder not writable); names the file."""
 
@@ -28,6 +39,7 @@ def write(path: str | os.PathLike, data: bytes | Callable[[Any], None]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)

@@ -9,8 +9,11 @@ own preprocessing at the run's scale (``scale.json``). Per cell:
 * Monte Carlo dropout (``mc_samples`` = T stochastic passes of every fold model through the
   head's two dropouts, the backbone run once; Gal & Ghahramani 2016): ``mc_mean``, ``mc_sd``;
 * ``margin_uncertainty`` = 1 - (p_max - p_second) of the ensemble (0: certain, 1: a coin toss);
-* QC flags: a near-empty or saturated channel, a nucleus far smaller or larger than the training
-  cells' (outside the 1st-99th percentile of the run's cohort, DNA mask of ``learning.baseline``);
+* QC flags: a near-empty stain (raw intensity range below a tenth of the run's cohort's median for
+  that stain) or a saturated one, a nucleus far smaller or larger than the training cells'
+  (outside the 1st-99th percentile of the run's cohort, DNA mask of ``learning.baseline``);
+* ``in_run_cohort``: the cell is one of the run's own cells (same pixels), which all fold models
+  but one were trained on: its prediction tests nothing;
 * CellProfiler-style columns ``Classifier_Class`` and ``Classifier_Probability_<class>`` beside
   the manifest's identifiers (and ``ImageNumber`` / ``ObjectNumber`` when the manifest has them),
   so the table joins a CellProfiler per-object export.
@@ -38,15 +41,16 @@ import pandas as pd
 
 from cellstudy import atomic, config, networks, rundir, seeds
 
-#: QC: a channel whose robust-scaled pixels have a standard deviation below this is near-empty.
-EMPTY_SD = 0.02
+#: QC: a stain is near-empty in a cell when its raw intensity range (the robust scaling's
+#: 99.8th - 1st percentile) is below this fraction of the median range of that stain in the run's
+#: cohort (robust scaling stretches any channel, noise included, to [0, 1]: the range is where an
+#: empty channel shows).
+EMPTY_RANGE_FRACTION = 0.1
 #: QC: a channel with more than this fraction of its pixels at its maximum is saturated (robust
 #: scaling clips 0.2 % of pixels to 1 by construction).
 SATURATED_FRACTION = 0.05
 #: QC: nucleus areas outside these percentiles of the run's cohort are flagged.
 SIZE_PERCENTILES = (1.0, 99.0)
-#: The head's dropout layers that Monte Carlo dropout keeps active (cellstudy.learning.models.head).
-HEAD_LAYERS = ("head_dense1", "head_dropout1", "head_dense2", "head_dropout2", "logits", "probs")
 
 
 class PredictError(ValueError):
@@ -108,20 +112,27 @@ def best_network(run_dir: str | Path, trained: Sequence[str]) -> str:
     return networks.ordered(trained)[0]
 
 
-def qc_flags(images: np.ndarray, nucleus_area: np.ndarray, area_range: tuple[float, float]) -> pd.DataFrame:
-    """QC of robust-scaled cells ``images`` (N, H, W, 3) in [0, 1]: per stain ``qc_empty_<stain>``
-    (pixel SD < :data:`EMPTY_SD`) and ``qc_saturated_<stain>`` (more than
+def qc_flags(images: np.ndarray, raw_range: np.ndarray, ref_range: np.ndarray, nucleus_area: np.ndarray,
+             area_range: tuple[float, float]) -> pd.DataFrame:
+    """QC of robust-scaled cells ``images`` (N, H, W, 3) in [0, 1] with their raw per-channel
+    intensity ranges ``raw_range`` (N, 3) (the robust scaling's hi - lo, raw units): per stain
+    ``qc_empty_<stain>`` (range below :data:`EMPTY_RANGE_FRACTION` x the median of ``ref_range``
+    (M, 3), the run's cohort's ranges) and ``qc_saturated_<stain>`` (more than
     :data:`SATURATED_FRACTION` of the pixels at the channel's maximum, which is not 0);
     ``qc_size`` (nucleus area in stored pixels outside ``area_range``); ``qc_ok`` (no flag)."""
     x = np.asarray(images, dtype=np.float32)
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"images: expected (N, H, W, 3), got {x.shape}")
+    rr, ref = np.asarray(raw_range, dtype=float), np.asarray(ref_range, dtype=float)
+    if rr.shape != (len(x), 3) or ref.ndim != 2 or ref.shape[1] != 3:
+        raise ValueError(f"raw_range (N, 3) and ref_range (M, 3) expected, got {rr.shape} and {ref.shape}")
+    floor = EMPTY_RANGE_FRACTION * np.median(ref, axis=0)
     flat = x.reshape(len(x), -1, 3)
     out = {}
     mx = flat.max(axis=1)
     at_max = (flat >= mx[:, None, :] - 1e-6).mean(axis=1)
     for c, stain in enumerate(config.CHANNELS):
-        out[f"qc_empty_{stain}"] = flat[:, :, c].std(axis=1) < EMPTY_SD
+        out[f"qc_empty_{stain}"] = rr[:, c] < floor[c]
         out[f"qc_saturated_{stain}"] = (mx[:, c] > 0) & (at_max[:, c] > SATURATED_FRACTION)
     a = np.asarray(nucleus_area, dtype=float)
     out["qc_size"] = (a < area_range[0]) | (a > area_range[1]) | ~np.isfinite(a)
@@ -137,41 +148,51 @@ def margin_uncertainty(proba: np.ndarray) -> np.ndarray:
     return 1.0 - (p[:, -1] - p[:, -2])
 
 
+def head_layers(model) -> list[tuple[Any, Any]]:
+    """The classification head's ``(head_dense<i>, head_dropout<i> or None)`` pairs in order, then
+    ``("logits", None)`` and ``("probs", None)`` (cellstudy.learning.models.head: any number of
+    dense layers; a dropout of 0 adds no Dropout layer). PredictError when the model has no such head."""
+    names = {layer.name: layer for layer in model.layers}
+    dense = sorted((n for n in names if n.startswith("head_dense") and n[10:].isdigit()), key=lambda n: int(n[10:]))
+    if not dense or "logits" not in names or "probs" not in names:
+        raise PredictError(f"model {model.name!r} has no cellstudy head (head_dense<i>, logits, probs): Monte Carlo "
+                           "dropout needs one")
+    pairs = [(names[d], names.get("head_dropout" + d[10:])) for d in dense]
+    return pairs + [(names["logits"], None), (names["probs"], None)]
+
+
 def mc_dropout(model, x: np.ndarray, samples: int, seed: int, batch_size: int = 64,
-               dropout: bool = True) -> np.ndarray:
+               dropout: bool = True, fold: int = 0) -> np.ndarray:
     """Monte Carlo dropout through the classification head: ``samples`` stochastic passes,
     (samples, N, n_classes) float64. The network up to the head's first dense layer runs once (test mode:
     BatchNorm uses its moving statistics); the head's dense layers then run ``samples`` times with
-    its dropouts active (``dropout=False``: inactive, each pass equals the plain forward pass)."""
+    its dropouts active (``dropout=False``: inactive, each pass equals the plain forward pass). The
+    masks come from the stream ``seeds.rng(seed, "mc_dropout", fold)``."""
     import keras
 
-    if int(samples) < 1:
+    if isinstance(samples, bool) or int(samples) < 1:
         raise ValueError(f"samples={samples!r}; expected an int >= 1")
-    try:
-        head = [model.get_layer(n) for n in HEAD_LAYERS]
-    except ValueError as e:
-        raise PredictError(f"model {model.name!r} has no cellstudy head ({e}); Monte Carlo dropout needs "
-                           f"the layers {HEAD_LAYERS}") from None
-    feats_model = keras.Model(model.inputs, head[0].input)   # what the head's first dense layer sees
+    head = head_layers(model)
+    feats_model = keras.Model(model.inputs, head[0][0].input)   # what the head's first dense layer sees
     feats = np.concatenate([np.asarray(feats_model.predict_on_batch(x[i:i + batch_size]))
                             for i in range(0, len(x), batch_size)]) if len(x) else np.zeros((0, 1))
-    rng = seeds.rng(seed, "mc_dropout")
-    dense1, drop1, dense2, drop2, logits, probs = head
+    rng = seeds.rng(seed, "mc_dropout", fold)
 
     def drop(h, layer):
         # inverted dropout as keras.layers.Dropout trains (keep with probability 1 - rate, scale by
         # 1 / (1 - rate)), drawn from the seeded stream so that a prediction repeats exactly
         h = np.asarray(h)
-        if not dropout or float(layer.rate) == 0.0:
+        if layer is None or not dropout or float(layer.rate) == 0.0:
             return h
         keep = rng.random(h.shape) >= float(layer.rate)
         return (h * keep / (1.0 - float(layer.rate))).astype(h.dtype)
 
     out = []
     for _ in range(int(samples)):
-        h = drop(dense1(feats), drop1)
-        h = drop(dense2(h), drop2)
-        out.append(np.asarray(probs(logits(h)), dtype=np.float64))
+        h = feats
+        for layer, dropout_layer in head:
+            h = drop(layer(h), dropout_layer)
+        out.append(np.asarray(h, dtype=np.float64))
     return np.stack(out)
 
 
@@ -188,6 +209,8 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
     from cellstudy.report import external
 
     t0 = time.perf_counter()
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, (int, np.integer)) or mc_samples < 0:
+        raise PredictError(f"mc_samples={mc_samples!r}; expected an int >= 0 (0: no Monte Carlo dropout)")
     run = rundir.Run(run_dir)
     st = run_settings(run_dir)
     trained = [n for n in networks.NETWORK_NAMES if run.usable_folds(n, regime, need_test_cells=False)[0]]
@@ -206,9 +229,10 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
                            "--force replaces it)")
     sc = st["values"]
     S = int(sc["image_size"])
-    root = data_root if data_root is not None else st["data_root"]
-    coh = data.load_cohort(str(cells), root=root)
-    ref = data.load_cohort(st["cohort"], root=root)
+    # the new cells from data_root (their manifest's paths are relative to it); the run's cohort,
+    # for the QC references and the overlap check, from the run's own data root
+    coh = data.load_cohort(str(cells), root=data_root if data_root is not None else st["data_root"])
+    ref = data.load_cohort(st["cohort"], root=st["data_root"])
     if coh.images.shape[1:3] != ref.images.shape[1:3]:
         raise PredictError(f"the cells of {cells} are stored at {coh.images.shape[1]} x {coh.images.shape[2]} px, "
                            f"the run's cohort {st['cohort']!r} at {ref.images.shape[1]} x {ref.images.shape[2]}: "
@@ -241,7 +265,7 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
                 load_weights(model, fd.model(regime))
             x = external._whitener(fd.path)(images)
             if mc_samples:
-                passes.append(mc_dropout(model, x, mc_samples, seed=st["seed"] + fd.fold,
+                passes.append(mc_dropout(model, x, mc_samples, seed=st["seed"], fold=fd.fold,
                                          batch_size=batch_size)[:, :, 1])
             if gradcam and len(sel):   # Grad-CAM of the ensemble's class, averaged over the fold models
                 cams += xai.gradcam(model, x[sel], pred[sel], min_size=int(sc.get("gradcam_min_size", 4))) / len(used)
@@ -253,7 +277,8 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
     ref_area = baseline.cell_features(ref.images)[area_col].to_numpy()
     lo, hi = np.nanpercentile(ref_area, SIZE_PERCENTILES)
     feats = baseline.cell_features(coh.images)
-    qc = qc_flags(coh.images, feats[area_col].to_numpy(), (float(lo), float(hi)))
+    qc = qc_flags(coh.images, coh.scaling["hi"] - coh.scaling["lo"], ref.scaling["hi"] - ref.scaling["lo"],
+                  feats[area_col].to_numpy(), (float(lo), float(hi)))
     # the table
     ids = coh.table.reset_index(drop=True)
     keep = [c for c in ("cell_id", "path", "group", "class_name", "label", "ImageNumber", "ObjectNumber")
@@ -270,6 +295,9 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
         tab["mc_mean"], tab["mc_sd"] = mc.mean(axis=0), mc.std(axis=0)
     tab["margin_uncertainty"] = margin_uncertainty(ens)
     tab["nucleus_area_px"] = feats[area_col].to_numpy()
+    # a cell of the run's own cohort was in the training folds of all fold models but one: its
+    # prediction is not a test of anything (same pixels: the same content checksum)
+    tab["in_run_cohort"] = np.isin(np.asarray(coh.sha256, dtype=str), np.asarray(ref.sha256, dtype=str))
     tab = pd.concat([tab, qc], axis=1)
     if classical:
         mod = external._baseline_module(notes)
@@ -281,7 +309,8 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
     info = {"run_dir": str(run.root), "cells": str(cells), "n_cells": int(len(coh)), "network": network,
             "regime": regime, "folds": used, "mc_samples": int(mc_samples), "scale": st["scale"],
             "overrides": st["overrides"], "image_size": S, "cohort_of_run": st["cohort"],
-            "qc": {"empty_sd": EMPTY_SD, "saturated_fraction": SATURATED_FRACTION,
+            "n_in_run_cohort": int(tab["in_run_cohort"].sum()),
+            "qc": {"empty_range_fraction": EMPTY_RANGE_FRACTION, "saturated_fraction": SATURATED_FRACTION,
                    "nucleus_area_range_px": [float(lo), float(hi)], "percentiles": list(SIZE_PERCENTILES)},
             "notes": notes, "seconds": round(time.perf_counter() - t0, 1)}
     res = Prediction(table=tab, fold_probas=fold_probas, mc=mc, info=info, images=coh.images,
@@ -320,8 +349,10 @@ def write(res: Prediction, out: str | Path) -> None:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("gallery_*.png"):   # an earlier prediction's galleries (overwrite=True)
+        old.unlink()
     atomic.write_text(out / "predictions.csv", res.table.to_csv(index=False))
-    res.table.to_parquet(out / "predictions.parquet", index=False)
+    atomic.write(out / "predictions.parquet", lambda f: res.table.to_parquet(f, index=False))
     atomic.write_json(out / "prediction.json", res.info)
     t = res.table
     from cellstudy.explain.figures import overlay
@@ -330,8 +361,10 @@ def write(res: Prediction, out: str | Path) -> None:
         what = kind.replace("_", " ").replace("confident", "most confident")
         what = "most uncertain" if kind == "uncertain" else what
         titles = [f"{short_id(t.loc[i, 'cell_id'])}\np(abnormal)={t.loc[i, 'p_abnormal']:.2f}" for i in idx]
-        figures.cell_gallery(res.images[idx], titles, title=what).savefig(out / f"gallery_{kind}.png", dpi=100)
+        fig = figures.cell_gallery(res.images[idx], titles, title=what)
+        atomic.write(out / f"gallery_{kind}.png", lambda f, fig=fig: fig.savefig(f, format="png", dpi=100))
         if res.gradcam:
             heat = np.stack([overlay(res.inputs[int(i)], res.gradcam[int(i)]) for i in idx])
-            figures.cell_gallery(heat, titles, title=f"{what}: Grad-CAM of the call (mean over the fold models)",
-                                 stretch=False).savefig(out / f"gallery_{kind}_gradcam.png", dpi=100)
+            fig = figures.cell_gallery(heat, titles, title=f"{what}: Grad-CAM of the call (mean over the fold models)",
+                                       stretch=False)
+            atomic.write(out / f"gallery_{kind}_gradcam.png", lambda f, fig=fig: fig.savefig(f, format="png", dpi=100))

@@ -4,7 +4,11 @@
 ``[seed, *keys, *SALTS[purpose]]``: streams of different purposes or keys are independent, a
 stream depends on its own keys only (a resumed run, another fold order or fewer networks draw the
 same numbers), and nothing is seeded globally. The salts are the constants the study has always
-used, so the streams (and every number of a run) are those of earlier versions.
+used, so the streams (and every number of a run) are those of earlier versions. A caveat of that
+choice: NumPy's SeedSequence ignores trailing zero words, and several purposes have no salt, so
+``augment`` with fold k, ``cohort_cells`` with key k and ``permutation`` with (k, 0, 0) are the same
+stream, as ``xai_cells`` (k) is ``permutation`` (k, 8, 0). They serve unrelated draws (image shifts,
+feature permutations, cell choices) and never meet in one computation; new purposes get a salt.
 
 | purpose | keys | used for |
 |---|---|---|

@@ -18,16 +18,18 @@ def test_margin_uncertainty_and_short_ids():
 def test_qc_flags_find_empty_saturated_and_odd_sized_cells():
     rng = np.random.default_rng(0)
     x = rng.random((4, 16, 16, 3)).astype(np.float32)
-    x[1, :, :, 0] = 0.0                      # an empty third stain
     x[2, :8, :, 2] = 1.0                     # half the DNA channel at its maximum
-    qc = P.qc_flags(x, np.array([100.0, 100.0, 100.0, 900.0]), (50.0, 500.0))
+    raw = np.full((4, 3), 1000.0)
+    raw[1, 0] = 30.0                          # its raw range: noise, stretched to [0, 1] by the scaling
+    ref = np.full((10, 3), 800.0)
+    qc = P.qc_flags(x, raw, ref, np.array([100.0, 100.0, 100.0, 900.0]), (50.0, 500.0))
     assert qc["qc_empty_third"].tolist() == [False, True, False, False]
     assert qc["qc_saturated_dna"].tolist() == [False, False, True, False]
     assert not qc["qc_saturated_third"].any()          # an all-zero channel is empty, not saturated
     assert qc["qc_size"].tolist() == [False, False, False, True]
     assert qc["qc_ok"].tolist() == [True, False, False, False]
     with pytest.raises(ValueError, match=r"expected \(N, H, W, 3\)"):
-        P.qc_flags(x[..., :2], np.ones(4), (0, 1))
+        P.qc_flags(x[..., :2], raw, ref, np.ones(4), (0, 1))
 
 
 def _fake_run(tmp_path):
@@ -77,7 +79,7 @@ def test_predict_reproduces_the_runs_test_fold_probabilities(tiny_run, shared_da
     res = P.predict(tiny_run, "bbbc021-paper", network="mhl", mc_samples=3, data_root=shared_data,
                     out_dir=tmp_path / "out", echo=lambda s: None)
     t = res.table
-    assert len(t) == 220 and t["cell_id"].is_unique
+    assert len(t) == 220 and t["cell_id"].is_unique and t["in_run_cohort"].all()   # the run's own cells
     for k in (0, 1):   # each fold model, on its own test cells, gives what training stored
         d = tiny_run / "training" / "mhl" / f"fold{k}"
         cells = pd.read_csv(d / "test_cells.csv", dtype={"cell_id": str})
@@ -112,6 +114,7 @@ def test_mc_dropout_without_dropout_is_the_forward_pass(tiny_run):
     on = P.mc_dropout(model, x, 4, seed=0)
     assert on.shape == (4, 5, 2) and not np.allclose(on[0], on[1])          # dropout is on
     np.testing.assert_allclose(on, P.mc_dropout(model, x, 4, seed=0))       # and seeded
+    assert not np.allclose(on, P.mc_dropout(model, x, 4, seed=0, fold=1))   # another fold, other masks
 
 
 @pytest.mark.slow

@@ -122,3 +122,13 @@ def test_digest_includes_the_resolved_scale(monkeypatch):
     assert cfg.digest() == before
     monkeypatch.setitem(config.SCALES["ci"], "epochs_long", 7)     # the scale edited in config.py
     assert cfg.digest() != before
+
+
+def test_atomic_files_get_the_ordinary_mode(tmp_path):
+    # mkstemp makes 0600 files; a run folder shared with colleagues needs what open() gives
+    import stat
+
+    p = atomic.write_text(tmp_path / "a.txt", "x")
+    q = tmp_path / "b.txt"
+    q.write_text("x")
+    assert stat.S_IMODE(p.stat().st_mode) == stat.S_IMODE(q.stat().st_mode) == atomic.FILE_MODE
