@@ -43,6 +43,7 @@ def _manifest(a: argparse.Namespace) -> int:
     try:
         df = folder.build_manifest(
             a.folder, normal=a.normal, abnormal=a.abnormal, channels=a.channels, labels=a.labels,
+            unlabelled=a.unlabelled, stains=a.stains,
             file_column=a.file_column, class_column=a.class_column, group_column=a.group_column,
             group_pattern=a.group_pattern, channel_pattern=a.channel_pattern, n_splits=a.n_splits,
             data_root=a.data_root)
@@ -57,6 +58,10 @@ def _manifest(a: argparse.Namespace) -> int:
     root = df.attrs["data_root"]
     for note in df.attrs["notes"]:
         print(f"note: {note}")
+    if a.unlabelled:
+        print(f"wrote {out}: {len(df)} unlabelled cells in {df['group'].nunique()} groups\ndata root: {root}\n"
+              f"predict them: cellstudy predict runs/<run> {out.resolve()} --data-root {root} -o <out>")
+        return 0
     print(f"wrote {out}: {len(df)} cells\n{folder.summary(df)}\ndata root: {root}\n"
           f"check it:  cellstudy verify {out.resolve()} --data-root {root}\n"
           f"run on it: cellstudy run configs/default.yaml --cohort {out.resolve()} --data-root {root}")
@@ -69,15 +74,34 @@ def _book(a: argparse.Namespace) -> int:
 
     run_dir = Path(a.run_dir)
     cfg = load_config(rundir.Run(run_dir).study_config)
-    print(build_book(run_dir, cfg))
-    return 0
+    index = build_book(run_dir, cfg)
+    print(index)
+    if not (a.check or a.report):
+        return 0
+    from cellstudy.runner import check_built_book
+
+    report = check_built_book(run_dir, index, report=a.report)
+    if a.report:   # the caller (the workflow's book rule -> cellstudy run) judges the report
+        return 0
+    return 0 if report["ok"] is not False else 1
 
 
 def _predict(a: argparse.Namespace) -> int:
     from cellstudy.predict import predict
 
     predict(a.run_dir, a.cells, network=a.network, regime=a.regime, mc_samples=a.mc_samples,
-            classical=a.classical, data_root=a.data_root, out_dir=a.out, overwrite=a.force)
+            classical=a.classical, data_root=a.data_root, out_dir=a.out, overwrite=a.force,
+            ignore_stains=a.ignore_stains)
+    return 0
+
+
+def _train_network(a: argparse.Namespace) -> int:
+    from cellstudy.workflow import train_network
+
+    for res in train_network(a.run_dir, a.network, data_root=a.data_root):
+        if res.failed:
+            print(f"cellstudy: {a.network} fold {res.fold} failed: {(res.failure or {}).get('reason')} "
+                  f"({rundir.Run(a.run_dir).fold(a.network, res.fold).failed}); the book reports it", file=sys.stderr)
     return 0
 
 
@@ -85,11 +109,10 @@ def _train_fold(a: argparse.Namespace) -> int:
     from cellstudy.workflow import train_fold
 
     res = train_fold(a.run_dir, a.network, a.fold, data_root=a.data_root)
-    if res.failed:
+    if res.failed:   # a diverged run is a result (failed.json, reported by the book), not a crash
         failed = rundir.Run(a.run_dir).fold(a.network, a.fold).failed
-        print(f"cellstudy: {a.network} fold {a.fold} failed: {(res.failure or {}).get('reason')} ({failed})",
-              file=sys.stderr)
-        return 1
+        print(f"cellstudy: {a.network} fold {a.fold} failed: {(res.failure or {}).get('reason')} ({failed}); "
+              "the book reports it", file=sys.stderr)
     return 0
 
 
@@ -144,8 +167,14 @@ def main(argv: list[str] | None = None) -> int:
                        "any bit depth). Every problem is reported at once; nothing is written then.")
     m.add_argument("folder", help="the image folder; without --labels, FOLDER/<class>/... gives the class")
     m.add_argument("-o", "--output", required=True, help="the manifest CSV to write (kept if it exists, unless --force)")
-    m.add_argument("--normal", required=True, help="the class name taking the normal role (label 0)")
-    m.add_argument("--abnormal", required=True, help="the class name taking the abnormal role (label 1)")
+    m.add_argument("--normal", default=None, help="the class name taking the normal role (label 0)")
+    m.add_argument("--abnormal", default=None, help="the class name taking the abnormal role (label 1)")
+    m.add_argument("--unlabelled", action="store_true",
+                   help="cells to predict (cellstudy predict): no classes; group = subfolder unless "
+                        "--group-pattern / --group-column")
+    m.add_argument("--stains", default=None,
+                   help="the stains in R, G, B order, e.g. 'vimentin,F-actin,DNA' (predict compares "
+                        "them with the run's cohort)")
     m.add_argument("--channels", required=True,
                    help="stored channel of R, G, B: 'third=2,actin=1,dna=0' (channel indices of a multi-channel "
                    "file) or with --channel-pattern 'third=w3,actin=w2,dna=w1' (file-name tokens)")
@@ -166,7 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     m.set_defaults(func=_manifest)
     b = sub.add_parser("book", help="(re)build the book of a finished run folder")
     b.add_argument("run_dir")
+    b.add_argument("--check", action="store_true",
+                   help="open every page in headless Chromium and check it (exit 1 on a problem)")
+    b.add_argument("--report", default=None,
+                   help="write the check's report (JSON) to this file and exit 0 (the workflow's book rule)")
     b.set_defaults(func=_book)
+    tn = sub.add_parser("train-network", help="train every fold of one network of a prepared run folder "
+                        "in one process (a workflow job on one machine)")
+    tn.add_argument("run_dir")
+    tn.add_argument("--network", required=True, help="a network of the run, e.g. mhl")
+    tn.add_argument("--data-root", default=None, help="the data root (default: the run config's, "
+                    "$CELLSTUDY_DATA_ROOT or ../shared/data)")
+    tn.set_defaults(func=_train_network)
     q = sub.add_parser("predict", help="apply a finished run's models to new cells (a cohort name or a manifest CSV)")
     q.add_argument("run_dir", help="a finished run folder (runs/<name>-<date>-<time>)")
     q.add_argument("cells", help="a cohort name (data_manifest/) or a manifest CSV of the new cells")
@@ -177,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--classical", action="store_true", help="add the classical baseline's probabilities")
     q.add_argument("--data-root", default=None, help="where the cells' paths are relative to")
     q.add_argument("--force", action="store_true", help="replace the predictions in an output folder that has them")
+    q.add_argument("--ignore-stains", action="store_true",
+                   help="predict although the cells' stains (manifest column 'stains') differ from the run's")
     q.set_defaults(func=_predict)
     t = sub.add_parser("train-fold", help="train one (network, fold) of a prepared run folder (a workflow job)")
     t.add_argument("run_dir")

@@ -199,11 +199,15 @@ def mc_dropout(model, x: np.ndarray, samples: int, seed: int, batch_size: int = 
 def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, regime: str = "long",
             mc_samples: int = 20, classical: bool = False, data_root: str | Path | None = None,
             out_dir: str | Path | None = None, batch_size: int = 64, n_gallery: int = 8,
-            gradcam: bool = True, overwrite: bool = False, echo: Callable[[str], None] = print) -> Prediction:
+            gradcam: bool = True, overwrite: bool = False, ignore_stains: bool = False,
+            echo: Callable[[str], None] = print) -> Prediction:
     """Predict cohort or manifest ``cells`` with ``network`` of the run ``run_dir`` (see the
     module docstring); with ``out_dir`` the table, galleries and ``prediction.json`` are written
     there (a folder that must not hold a ``predictions.csv`` already, unless ``overwrite``: the
-    prediction chapter rewrites its own step folder). Returns a :class:`Prediction`."""
+    prediction chapter rewrites its own step folder). The cells need no labels (an unlabelled
+    manifest, ``cellstudy manifest --unlabelled``). When both manifests name their stains (column
+    ``stains``, R, G, B) and they differ, PredictError unless ``ignore_stains``. Returns a
+    :class:`Prediction`."""
     from cellstudy import data
     from cellstudy.data import preprocess
     from cellstudy.report import external
@@ -231,7 +235,18 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
     S = int(sc["image_size"])
     # the new cells from data_root (their manifest's paths are relative to it); the run's cohort,
     # for the QC references and the overlap check, from the run's own data root
-    coh = data.load_cohort(str(cells), root=data_root if data_root is not None else st["data_root"])
+    new_stains = data.stains_of(data.load_manifest(str(cells)))
+    ref_stains = data.stains_of(data.load_manifest(st["cohort"]))
+    if new_stains and ref_stains and [x.lower() for x in new_stains] != [x.lower() for x in ref_stains] \
+            and not ignore_stains:
+        raise PredictError(
+            f"the cells of {cells} are stained R, G, B = {', '.join(new_stains)}; the run's cohort "
+            f"{st['cohort']!r} was R, G, B = {', '.join(ref_stains)}: the models read each colour as the "
+            "stain they were trained on. Map your channels to the run's order (cellstudy manifest "
+            "--channels), or pass --ignore-stains to predict anyway (a stand-in stain, as this study's "
+            "tubulin for vimentin)")
+    coh = data.load_cohort(str(cells), root=data_root if data_root is not None else st["data_root"],
+                           labelled=False)
     ref = data.load_cohort(st["cohort"], root=st["data_root"])
     if coh.images.shape[1:3] != ref.images.shape[1:3]:
         raise PredictError(f"the cells of {cells} are stored at {coh.images.shape[1]} x {coh.images.shape[2]} px, "
@@ -308,6 +323,9 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
                 tab[f"p_abnormal_{name}"] = (np.mean(pr, axis=0) if pr else e)[:, 1]
     info = {"run_dir": str(run.root), "cells": str(cells), "n_cells": int(len(coh)), "network": network,
             "regime": regime, "folds": used, "mc_samples": int(mc_samples), "scale": st["scale"],
+            "stains": list(new_stains) if new_stains else None,
+            "stains_of_run": list(ref_stains) if ref_stains else None,
+            "labelled": bool((coh.labels >= 0).all()),
             "overrides": st["overrides"], "image_size": S, "cohort_of_run": st["cohort"],
             "n_in_run_cohort": int(tab["in_run_cohort"].sum()),
             "qc": {"empty_range_fraction": EMPTY_RANGE_FRACTION, "saturated_fraction": SATURATED_FRACTION,

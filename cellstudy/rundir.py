@@ -32,6 +32,8 @@ from cellstudy import atomic, config
 #: A (model, fold) folder's markers: finished, failed.
 DONE = "done.json"
 FAILED = "failed.json"
+#: The workflow's target for a (model, fold): its training job ended (done or failed).
+ENDED = "ended.json"
 #: The fold's whitening (``augment.ZCAWhitening`` state, fitted on the fold's training cells).
 ZCA = "zca.json"
 #: The fold's test cells: cell_id, group, label.
@@ -77,6 +79,10 @@ class FoldDir:
     @property
     def failed(self) -> Path:
         return self.path / FAILED
+
+    @property
+    def ended(self) -> Path:
+        return self.path / ENDED
 
     @property
     def zca(self) -> Path:

@@ -13,26 +13,28 @@ A study config names the cohort, the scale, the seed and the steps (numbered not
       06_gpu_training: {network: mhl}
 
 ``run_study`` checks everything it can before long work starts (config values, data root,
-manifest, checksums), then executes each step's notebook with papermill into
-``<runs>/<name>-<timestamp>/notebooks/``; each notebook writes its tables, figures and arrays
-under ``<run>/<step>/``. A failing notebook stops the run, names the notebook and the cell, marks
-the run failed and no book is published. When every step succeeded the book is built from the
-executed notebooks (execution off) into ``<run>/book/_build/html``.
+manifest, checksums), prepares the run folder ``<runs>/<name>-<timestamp>/`` (``status.json``,
+``scale.json``, ``provenance.json``, ``study.yaml``) and runs the study's Snakemake workflow in
+it (``cellstudy.workflow``, ``workflow/Snakefile``): Snakemake orders, runs and resumes the jobs
+-- one training job per network (all its folds; one per (network, fold) on a cluster), one
+papermill job per notebook into ``<run>/notebooks/`` (each notebook writes its tables, figures
+and arrays under ``<run>/<step>/``), and the book, built from the executed notebooks into
+``<run>/book/_build/html`` and checked in headless Chromium. A failing notebook stops the run,
+names the notebook and the cell, marks the run failed and no book is published.
 
-Steps run one after another (``workers: 1``) or several at once (``workers: N`` in the config,
-``--workers N`` on the command line): each notebook declares the steps it needs in its metadata
-(``"cellstudy": {"needs": ["01_preprocessing"]}``; a notebook without that waits for every step
-listed before it), and a step starts as soon as the steps it needs are done and a worker is free.
-Each running step is its own Jupyter kernel (its own process). On 2 cores, two at once pay off
-because much of a step's time is single-threaded (TensorFlow tracing a network's graph, Python):
-measured 1.6x on two training runs side by side (README). With ``workers`` > 1 each kernel's
+``workers: N`` (config) / ``--workers N``: how many jobs run at once (Snakemake's ``--cores``;
+every job is ``threads: 1``). A job starts as soon as the files it needs exist (each notebook
+declares the steps it needs in its metadata, ``"cellstudy": {"needs": ["01_preprocessing"]}``;
+a notebook without that waits for every step listed before it). On 2 cores, two at once pay off
+because much of a job's time is single-threaded (TensorFlow tracing a network's graph, Python):
+measured 1.6x on two training runs side by side (README). With ``workers`` > 1 each job's
 TensorFlow gets ``cores // workers`` threads (``cellstudy.threads``); the thread count changes
 floating-point summation order, so a run repeats exactly at the same ``workers`` (or with the
 thread variables exported), not across different ``workers``.
 
 Runs are never overwritten: a new run gets a new folder. An *incomplete* run of the same config
-(interrupted or failed) is resumed instead, unless ``new=True``: finished steps are kept and the
-remaining ones run (training notebooks resume from their checkpoints).
+(interrupted or failed) is resumed instead, unless ``new=True``: finished steps and folds are
+kept and the remaining ones run (an interrupted fold resumes from its checkpoint).
 """
 from __future__ import annotations
 
@@ -44,7 +46,6 @@ import re
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +58,9 @@ from cellstudy import atomic, config, provenance, rundir, threads
 log = logging.getLogger("cellstudy.runner")
 
 NOTEBOOK_DIR = config.REPO_ROOT / "notebooks"
+#: Environment variable naming another notebook folder (the tests' small notebooks; every job
+#: of a workflow reads it, so it crosses into Snakemake's processes).
+NOTEBOOKS_ENV = "CELLSTUDY_NOTEBOOKS"
 BOOK_TEMPLATE_DIR = config.REPO_ROOT / "book"
 MATHJAX_DIR = config.REPO_ROOT / "node_modules" / "mathjax" / "es5"
 
@@ -94,16 +98,22 @@ class StudyConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def notebook_dir() -> Path:
+    """The study's notebooks: ``$CELLSTUDY_NOTEBOOKS`` when set, else ``notebooks/``."""
+    env = os.environ.get(NOTEBOOKS_ENV)
+    return Path(env) if env else NOTEBOOK_DIR
+
+
 def available_steps() -> list[str]:
     """Notebook stems in ``notebooks/`` (e.g. ``00_cohort``), sorted."""
-    return sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    return sorted(p.stem for p in notebook_dir().glob("[0-9][0-9]_*.ipynb"))
 
 
 def step_needs(step: str, steps: list[str]) -> list[str]:
     """The steps of ``steps`` that ``step`` needs done before it starts: the notebook's metadata
     ``cellstudy.needs`` restricted to ``steps`` (a needed step that is not in the config is not
     waited for), or every step listed before it when the notebook declares nothing."""
-    nb = json.loads((NOTEBOOK_DIR / f"{step}.ipynb").read_text())
+    nb = json.loads((notebook_dir() / f"{step}.ipynb").read_text())
     declared = (nb.get("metadata", {}).get("cellstudy") or {}).get("needs")
     if declared is None:
         return list(steps[:steps.index(step)])
@@ -319,29 +329,13 @@ def kernel_env(workers: int = 1):
                 os.environ.update(_ENV_BACKUP)
 
 
-#: the step a thread is executing (tags the notebook output lines when steps run at once)
-_CURRENT = threading.local()
-
-
-class _StepTag(logging.Filter):
-    """Prefix papermill's output lines with ``[<step>]`` when they come from a step thread."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        step = getattr(_CURRENT, "step", None)
-        if step and not getattr(record, "_cellstudy_tagged", False):
-            record.msg = f"[{step}] {record.getMessage()}"
-            record.args = ()
-            record._cellstudy_tagged = True
-        return True
-
-
 def execute_step(step: str, run_dir: Path, params: dict[str, Any], log_output: bool = True) -> float:
     """Execute ``notebooks/<step>.ipynb`` with papermill into ``<run>/notebooks/<step>.ipynb``.
     Returns the wall time in seconds; raises StudyError naming the notebook and cell on failure.
     Safe to call from several threads at once (each call starts its own kernel)."""
     import papermill as pm
 
-    src = NOTEBOOK_DIR / f"{step}.ipynb"
+    src = notebook_dir() / f"{step}.ipynb"
     run = rundir.Run(run_dir)
     out = run.executed(step)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -378,96 +372,6 @@ def notebook_errors(nb_path: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # The whole study
 # ---------------------------------------------------------------------------------------------
-def start_order(steps: list[str], needs: dict[str, list[str]]) -> list[str]:
-    """The order in which ready steps are started: steps that more later steps wait for
-    (directly or not) first, then config order. With two workers this starts the training
-    steps, which the results, XAI and statistics wait for, before a step nothing waits for
-    (06_gpu_training), so that one overlaps with the XAI instead of delaying it."""
-    def dependents(step: str) -> set[str]:
-        direct = {s for s in steps if step in needs[s]}
-        return direct.union(*(dependents(d) for d in direct)) if direct else set()
-    return sorted(steps, key=lambda s: (-len(dependents(s)), steps.index(s)))
-
-
-def _run_steps(cfg: StudyConfig, run_dir: Path, status: dict[str, Any], params: dict[str, Any],
-               log_output: bool, echo: Callable[[str], None]) -> None:
-    """Execute the config's steps that are not done yet, up to ``cfg.workers`` at once, each as
-    soon as the steps it needs (:func:`step_needs`) are done. ``status`` is updated and written
-    by this (the calling) thread only. On a failure no further step starts, the running ones
-    finish (their work is kept for the resume) and the first failure is raised."""
-    n = len(cfg.steps)
-    pos = {s: i for i, s in enumerate(cfg.steps, 1)}
-    needs = {s: step_needs(s, cfg.steps) for s in cfg.steps}
-    order = {s: i for i, s in enumerate(start_order(cfg.steps, needs))}
-
-    def is_done(step: str) -> bool:
-        return (status["steps"].get(step, {}).get("state") == "done"
-                and rundir.Run(run_dir).executed(step).is_file())
-
-    pending = []
-    for step in cfg.steps:
-        if is_done(step):
-            echo(f"[{pos[step]}/{n}] {step}: done earlier ({status['steps'][step].get('seconds', 0):.1f} s), kept")
-        else:
-            pending.append(step)
-    workers = max(1, int(cfg.workers))
-    if workers > 1 and len(pending) > 1:
-        echo(f"running up to {workers} notebooks at once; their output lines are tagged [step]")
-
-    def work(step: str) -> float:
-        _CURRENT.step = step if workers > 1 else None
-        try:
-            return execute_step(step, run_dir, {**params, **cfg.notebook_parameters.get(step, {})},
-                                log_output=log_output)
-        finally:
-            _CURRENT.step = None
-
-    tag = _StepTag()
-    pm_log = logging.getLogger("papermill")
-    pm_log.addFilter(tag)
-    failure: StudyError | None = None
-    running: dict[Any, str] = {}
-    try:
-        with kernel_env(workers), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cellstudy-step") as pool:
-            while pending or running:
-                if failure is None:
-                    ready = [s for s in pending if all(is_done(d) for d in needs[s])]
-                    for step in sorted(ready, key=order.get):
-                        if len(running) >= workers:
-                            break
-                        pending.remove(step)
-                        echo(f"[{pos[step]}/{n}] {step}: running ...")
-                        status["steps"][step] = {"state": "running", "started": provenance.now()}
-                        _write_status(run_dir, status)
-                        running[pool.submit(work, step)] = step
-                if not running:
-                    break  # after a failure: nothing left to wait for
-                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    step = running.pop(fut)
-                    try:
-                        secs = fut.result()
-                    except StudyError as e:
-                        status["steps"][step] = {"state": "failed", "error": str(e)}
-                        status["state"] = "failed"
-                        _write_status(run_dir, status)
-                        wait_for = sorted(running.values(), key=pos.get)
-                        echo(f"[{pos[step]}/{n}] {step}: FAILED\n{e}\nThe book was not built. Fix the cause "
-                             f"and rerun the same command to resume this run."
-                             + (f" Waiting for the running step(s) {wait_for} to finish (their work is "
-                                "kept) ..." if wait_for else ""))
-                        failure = failure or e
-                        continue
-                    status["steps"][step] = {"state": "done", "seconds": round(secs, 1),
-                                             "finished": provenance.now()}
-                    _write_status(run_dir, status)
-                    echo(f"[{pos[step]}/{n}] {step}: done in {secs:.1f} s")
-    finally:
-        pm_log.removeFilter(tag)
-    if failure is not None:
-        raise failure
-
-
 def open_run(cfg: StudyConfig, runs_dir: Path, new: bool = False,
              echo: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
     """The run folder for ``cfg`` under ``runs_dir`` and its status (state "running"): the newest
@@ -525,6 +429,36 @@ def step_parameters(cfg: StudyConfig, run_dir: Path, data_root: str) -> dict[str
     }
 
 
+def update_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    """Set top-level fields of ``status.json`` under its lock (the workflow's step jobs write
+    their entries into it at the same time); returns the status as written."""
+    from cellstudy.workflow import locked
+
+    with locked(Path(run_dir) / ".status.lock"):
+        st = read_status(run_dir)
+        st.update(fields)
+        _write_status(run_dir, st)
+    return st
+
+
+def check_built_book(run_dir: Path, index: Path, report: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Check the built book ``index`` of ``run_dir`` in headless Chromium (screenshots into the
+    run's ``screenshots/``; the findings page against the run's CSVs); prints the summary and,
+    with ``report``, writes ``{"ok", "skipped", "problems", "screenshots", "index", "summary"}``
+    there as JSON. Returns that mapping (``ok``: True / False, None when no Chromium)."""
+    from cellstudy.report.browser import check_book
+
+    run = rundir.Run(run_dir)
+    print("checking the book in headless Chromium ...", flush=True)
+    check = check_book(Path(index).parent, run.screenshots, run_dir=run_dir)
+    out = {"ok": check.ok, "skipped": check.skipped, "problems": check.problems,
+           "screenshots": [str(p) for p in check.screenshots], "index": str(index), "summary": check.summary()}
+    print(out["summary"], flush=True)
+    if report is not None:
+        atomic.write_json(report, out)
+    return out
+
+
 def run_study(
     config_path: str | os.PathLike,
     runs_dir: str | os.PathLike | None = None,
@@ -534,46 +468,60 @@ def run_study(
     echo: Callable[[str], None] = print,
     **override: Any,
 ) -> Path:
-    """Run a study config end to end; returns the run folder. See the module docstring."""
+    """Run a study config end to end through its Snakemake workflow; returns the run folder. See
+    the module docstring. ``log_output=False`` keeps Snakemake's job log off the terminal (the
+    jobs' own logs are in the run folder either way)."""
+    from cellstudy import workflow
+
     cfg = load_config(config_path, **override)
+    workflow.make_plan(cfg)  # a config whose steps select no network fails here, before any work
     runs_dir = Path(runs_dir) if runs_dir else config.REPO_ROOT / "runs"
     data_prov = preflight(cfg)  # fails before any long work
     _check_writable(runs_dir)
 
     run_dir, status = open_run(cfg, runs_dir, new, echo)
-    params = init_run(cfg, config_path, run_dir, data_prov, status)
+    status["engine"] = "snakemake"
+    init_run(cfg, config_path, run_dir, data_prov, status)
     run = rundir.Run(run_dir)
+    report_file = run.root / workflow.BROWSER_CHECK
+    if report_file.is_file() and json.loads(report_file.read_text()).get("ok") is False:
+        report_file.unlink()  # a book that failed its check is built and checked again
+    n_steps = len(cfg.steps)
+    done = [s for s in cfg.steps if status.get("steps", {}).get(s, {}).get("state") == "done"
+            and run.executed(s).is_file()]
+    if done:
+        echo(f"steps done earlier, kept: {done}")
+    echo(f"running the workflow of {n_steps} step(s) with up to {cfg.workers} job(s) at once"
+         + (" (training jobs and notebooks side by side)" if cfg.workers > 1 else ""))
     t_study = time.perf_counter()
-    _run_steps(cfg, run_dir, status, params, log_output, echo)
+    try:
+        workflow.snakemake(run.root, cores=cfg.workers, targets=["all"] if build else ["notebooks"],
+                           data_root=data_prov["data_root"], quiet=not log_output, echo=echo,
+                           thread_env=threads.thread_env(cfg.workers))
+    except workflow.WorkflowError as e:
+        st = update_status(run_dir, state="failed")
+        failed = [v.get("error", "") for v in st.get("steps", {}).values() if v.get("state") == "failed"]
+        raise StudyError((failed[0] if failed else str(e)) + "\nThe book was not built. Fix the cause and "
+                         "rerun the same command to resume this run (finished steps and folds are kept).") from None
 
     errors = [e for s in cfg.steps for e in notebook_errors(run.executed(s))]
     if errors:
-        status["state"] = "failed"
-        _write_status(run_dir, status)
+        update_status(run_dir, state="failed")
         raise StudyError("executed notebooks hold error outputs: " + "; ".join(errors))
-
-    status["notebooks_seconds"] = round(time.perf_counter() - t_study, 1)
-    _write_status(run_dir, status)
+    fields: dict[str, Any] = {"notebooks_seconds": round(time.perf_counter() - t_study, 1)}
     if build:
-        from cellstudy.report.book import build_book
-        index = build_book(run_dir, cfg, echo=echo)
-        status["book"] = str(index)
-        from cellstudy.report.browser import check_book
-        echo("checking the book in headless Chromium ...")
-        check = check_book(index.parent, run.screenshots, run_dir=run_dir)
-        status["browser_check"] = {"ok": check.ok, "skipped": check.skipped, "problems": check.problems,
-                                   "screenshots": [str(p) for p in check.screenshots]}
-        echo(check.summary())
-        if check.ok is False:
-            status["state"] = "failed"
-            _write_status(run_dir, status)
-            more = len(check.problems) - 10
-            raise StudyError(f"the built book failed the browser check ({len(check.problems)} problem(s); "
-                             f"screenshots in {run.screenshots}): " + "; ".join(check.problems[:10])
+        rep = json.loads(report_file.read_text())
+        fields["book"] = rep["index"]
+        fields["browser_check"] = {k: rep[k] for k in ("ok", "skipped", "problems", "screenshots")}
+        echo(rep["summary"])
+        if rep["ok"] is False:
+            update_status(run_dir, state="failed", **fields)
+            report_file.unlink()
+            more = len(rep["problems"]) - 10
+            raise StudyError(f"the built book failed the browser check ({len(rep['problems'])} problem(s); "
+                             f"screenshots in {run.screenshots}): " + "; ".join(rep["problems"][:10])
                              + (f"; and {more} more" if more > 0 else ""))
-    status["state"] = "complete"
-    status["finished"] = provenance.now()
-    _write_status(run_dir, status)
+    update_status(run_dir, state="complete", finished=provenance.now(), **fields)
     if build:
-        echo(f"\nThe book: {status['book']}")
+        echo(f"\nThe book: {fields['book']}")
     return run_dir

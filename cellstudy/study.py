@@ -108,10 +108,10 @@ def shared_cpu_note(run_dir: str | os.PathLike, what: str = "These speeds") -> s
     if w <= 1:
         return ""
     t = kernel_tf_threads(run_dir)
-    each = f", each notebook's TensorFlow with {t} thread(s)" if t else ""
-    return (f"{what} were measured while up to {w} notebooks ran at once on this machine (the study "
-            f"config's `workers`{each}): the steps shared its cores, so they are the speeds within this "
-            "run, not each network's speed alone (`benchmarks/train_throughput.py` measures that).")
+    each = f", each job's TensorFlow with {t} thread(s)" if t else ""
+    return (f"{what} were measured while up to {w} jobs (training jobs and notebooks) ran at once on this "
+            f"machine (the study config's `workers`{each}): they shared its cores, so these are the speeds "
+            "within this run, not each network's speed alone (`benchmarks/train_throughput.py` measures that).")
 
 
 def kernel_tf_threads(run_dir: str | os.PathLike) -> str | None:

@@ -1,23 +1,33 @@
 """The study as a Snakemake workflow (``workflow/Snakefile``): its plan and the commands its jobs run.
 
-The unit of work is one (network, fold): ``cellstudy train-fold RUN_DIR --network N --fold K``
-trains both regimes of that fold into ``<run>/training/<N>/fold<K>/`` (``done.json`` is the
-workflow's target). The notebooks run one job each through ``cellstudy step RUN_DIR STEP``
-(``runner.execute_step`` with the run's parameters); the family chapters (02-05) then read the
-finished folds back instead of training. ``cellstudy workflow CONFIG [--profile DIR]`` prepares
-the run folder (as ``cellstudy run`` does: checks, ``scale.json``, ``provenance.json``,
-``study.yaml``) and calls Snakemake in it, locally or through a profile (``profiles/slurm``).
+``cellstudy run CONFIG`` (``make study``) and ``cellstudy workflow CONFIG [--profile DIR]`` both
+prepare the run folder (checks, ``scale.json``, ``provenance.json``, ``study.yaml``) and run this
+workflow in it: Snakemake is the one engine that orders, runs and resumes the study's steps.
+
+The unit of work is one (network, fold), both regimes, into ``<run>/training/<N>/fold<K>/``.
+On a cluster (a profile or ``--executor`` other than local) each one is its own job,
+``cellstudy train-fold RUN_DIR --network N --fold K``, so 55 folds can run on 55 GPUs; on one
+machine one job trains every fold of a network, ``cellstudy train-network RUN_DIR --network N``
+(one process builds and traces the network once; the same numbers: ``experiment.fold_builder``
+resets the weights to the seeded initial ones for every fold). Either job ends a fold with
+``ended.json`` (the workflow's target; ``done.json`` or, for a run that diverged, ``failed.json``
+beside it: a failed fold is a result the book reports, not a crash). The notebooks run one job
+each through ``cellstudy step RUN_DIR STEP`` (``runner.execute_step`` with the run's
+parameters); the family chapters (02-05) read the finished folds back instead of training. The
+book is built and checked in headless Chromium by ``cellstudy book RUN_DIR --check``.
 
 The Snakefile runs with the run folder as its working directory, so every target is a path
 relative to the run folder (``rundir.Run`` layout)::
 
-    notebooks/<step>.ipynb                  a step's executed notebook; its log: logs/<step>.log
-    training/<network>/fold<k>/done.json    a trained fold; its log beside it: train.log
-    book/_build/html/index.html             the book
+    notebooks/<step>.ipynb                  a step's executed notebook; its job log: logs/<step>.job.log
+    training/<network>/fold<k>/ended.json   a trained fold; its log: train.log beside it (fold
+                                            jobs) or training/<network>/train.log (network jobs)
+    book/_build/html/index.html             the book; its browser check: book/browser_check.json
 """
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -29,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from cellstudy import config, networks, provenance, rundir, runner
+from cellstudy import atomic, config, networks, provenance, rundir, runner, threads
 from cellstudy.learning import experiment
 
 #: The workflow's Snakefile (Snakemake runs it with the run folder as working directory).
@@ -42,7 +52,9 @@ FAMILY_STEPS: dict[str, str] = {"02_dl_family": "DL", "03_vit": "ViT", "04_rgb_f
 #: Steps that want a GPU on a cluster (the profile gives their rules ``gpu=1``).
 GPU_STEPS: tuple[str, ...] = ("06_gpu_training", "08_xai")
 #: Keys a workflow's ``--config`` may add to the study config.
-WORKFLOW_KEYS: tuple[str, ...] = ("study", "run_dir")
+WORKFLOW_KEYS: tuple[str, ...] = ("study", "run_dir", "fold_jobs")
+#: The browser check's report (``cellstudy book RUN --check``), relative to the run folder.
+BROWSER_CHECK = "book/browser_check.json"
 
 
 class WorkflowError(RuntimeError):
@@ -68,8 +80,14 @@ class Plan:
         return list(dict.fromkeys(n for n, _ in self.train))
 
     def done_file(self, network: str, fold: int) -> str:
-        """The training target of (network, fold), relative to the run folder."""
-        return f"training/{network}/fold{int(fold)}/{rundir.DONE}"
+        """The training target of (network, fold), relative to the run folder: its
+        ``ended.json`` (the fold trained to its end, done or failed)."""
+        return f"training/{network}/fold{int(fold)}/{rundir.ENDED}"
+
+    @property
+    def folds(self) -> list[int]:
+        """The folds trained, in order."""
+        return sorted({k for _, k in self.train})
 
     def step_inputs(self, step: str) -> list[str]:
         """A step's input files, relative to the run folder: the executed notebooks of the steps
@@ -89,6 +107,13 @@ def study_config(snakemake_config: dict[str, Any]) -> runner.StudyConfig:
         raise WorkflowError("the workflow has no study config: pass --configfile configs/<name>.yaml "
                             "or --config study=<file>")
     return runner.config_from_dict(raw, "the workflow's --configfile")
+
+
+def fold_jobs(snakemake_config: dict[str, Any]) -> bool:
+    """Whether the workflow trains one job per (network, fold) (``--config fold_jobs=true``: a
+    cluster) or one per network (default: one machine)."""
+    v = snakemake_config.get("fold_jobs", False)
+    return v is True or str(v).strip().lower() in ("1", "true", "yes")
 
 
 def make_plan(cfg: runner.StudyConfig) -> Plan:
@@ -162,12 +187,55 @@ def train_fold(run_dir: str | os.PathLike, network: str, fold: int, *, data_root
     prepared = study.prepare(cfg.cohort, cfg.scale, run.root, data_root=str(root), seed=int(cfg.seed),
                              overrides=cfg.overrides, progress=False)
     res, _ = experiment.run_fold(prepared, network, k, seed=int(cfg.seed), progress=train.print_progress)
+    mark_ended(fd, res)
     echo(f"{network} fold {k}: {res.status} ({fd.path})")
     return res
 
 
+def mark_ended(fd: rundir.FoldDir, res) -> None:
+    """Write the fold's ``ended.json`` (the workflow's target): its status and where its result is."""
+    atomic.write_json(fd.ended, {"network": fd.network, "fold": fd.fold, "status": res.status,
+                                 "marker": (fd.done if fd.done.exists() else fd.failed).name,
+                                 "ended": provenance.now()}, indent=1)
+
+
+def train_network(run_dir: str | os.PathLike, network: str, *, data_root: str | None = None,
+                  echo: Callable[[str], None] = print) -> list:
+    """Train every fold of ``network`` in a prepared run folder in this one process (one build
+    and trace of the network, weights reset per fold: ``experiment.fold_builder``); finished
+    folds are read back. Each fold gets its ``ended.json``. Returns the ``TrainResult`` list."""
+    from cellstudy import study
+    from cellstudy.learning import train
+
+    run, cfg, sc = prepared_run(run_dir)
+    networks.check_network(network)
+    chosen = experiment.networks_for(list(networks.NETWORK_NAMES), sc)
+    if network not in chosen:
+        raise ValueError(f"network {network!r} is not trained in run {run.root}: its scale's networks are "
+                         f"{chosen}")
+    folds_file = run.folds_file(cfg.cohort, create=False)
+    if not folds_file.is_file():
+        raise rundir.RunFolderError(f"{run.root} is not prepared: its folds file {folds_file} is missing "
+                                    "(the 01_preprocessing step writes it)")
+    root = config.data_root(data_root or cfg.data_root)
+    prepared = study.prepare(cfg.cohort, cfg.scale, run.root, data_root=str(root), seed=int(cfg.seed),
+                             overrides=cfg.overrides, progress=False)
+    builder = experiment.fold_builder(network, sc)
+    out, folds = [], experiment.folds_for(sc)
+    t0 = time.perf_counter()
+    for i, k in enumerate(folds, 1):
+        res, _ = experiment.run_fold(prepared, network, k, builder, seed=int(cfg.seed),
+                                     progress=train.print_progress)
+        mark_ended(run.fold(network, k), res)
+        el = time.perf_counter() - t0
+        echo(f"[{i}/{len(folds)}] {network} fold {k}: {res.status}{' (read back)' if res.skipped else ''}; "
+             f"{el:.0f} s elapsed, ~{el / i * (len(folds) - i):.0f} s left")
+        out.append(res)
+    return out
+
+
 @contextmanager
-def _locked(path: Path):
+def locked(path: Path):
     """An exclusive lock on ``path`` (created) while the block runs: steps that run at once
     update ``status.json`` one after another."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +248,7 @@ def _locked(path: Path):
 
 
 def _set_step_status(run: rundir.Run, step: str, entry: dict[str, Any]) -> None:
-    with _locked(run.root / ".status.lock"):
+    with locked(run.root / ".status.lock"):
         st = runner.read_status(run.root)
         st.setdefault("steps", {})[step] = entry
         provenance.write_json(run.status, st)
@@ -199,8 +267,16 @@ def run_step(run_dir: str | os.PathLike, step: str, *, log_output: bool = True) 
     try:
         secs = runner.execute_step(step, run.root, params, log_output=log_output)
     except runner.StudyError as e:
-        _set_step_status(run, step, {"state": "failed", "error": str(e)})
-        raise
+        # Snakemake removes a failed job's output (the executed notebook): keep a copy for the reader
+        msg, nb = str(e), run.executed(step)
+        if nb.is_file():
+            import shutil
+            kept = run.logs / f"{step}.failed.ipynb"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(nb, kept)
+            msg = msg.replace(str(nb), str(kept))
+        _set_step_status(run, step, {"state": "failed", "error": msg})
+        raise runner.StudyError(msg) from None
     errors = runner.notebook_errors(run.executed(step))
     if errors:
         _set_step_status(run, step, {"state": "failed", "error": "; ".join(errors)})
@@ -239,17 +315,61 @@ def check_profile(profile: str | os.PathLike) -> Path:
     return p.resolve()
 
 
+def on_cluster(profile: Path | None, extra: Sequence[str] = ()) -> bool:
+    """Whether the jobs go to a cluster executor (the profile's ``executor`` or ``--executor`` in
+    ``extra``, other than local): then each (network, fold) is its own training job."""
+    ex = None
+    if profile is not None:
+        ex = (yaml.safe_load((Path(profile) / "config.yaml").read_text()) or {}).get("executor")
+    extra = list(extra)
+    for i, a in enumerate(extra):
+        if a == "--executor" and i + 1 < len(extra):
+            ex = extra[i + 1]
+        elif a.startswith("--executor="):
+            ex = a.split("=", 1)[1]
+    return ex not in (None, "local", "dryrun", "touch")
+
+
 def snakemake_command(run_dir: Path, profile: Path | None = None, cores: int | None = None,
-                      targets: Sequence[str] = (), extra: Sequence[str] = ()) -> list[str]:
-    """The Snakemake command line for a prepared run folder (this interpreter's Snakemake)."""
+                      targets: Sequence[str] = (), extra: Sequence[str] = (),
+                      fold_jobs: bool | None = None) -> list[str]:
+    """The Snakemake command line for a prepared run folder (this interpreter's Snakemake).
+    ``fold_jobs``: one training job per (network, fold); default: on a cluster (:func:`on_cluster`)."""
     run = rundir.Run(run_dir)
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(run.root),
-           "--configfile", str(run.study_config)]
+    fj = on_cluster(profile, extra) if fold_jobs is None else bool(fold_jobs)
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE),
+           "--configfile", str(run.study_config), "--config", f"fold_jobs={fj}",
+           "--directory", str(run.root), "--rerun-incomplete"]
     if profile is not None:
         cmd += ["--profile", str(profile)]
     if cores is not None or profile is None:
         cmd += ["--cores", str(cores or available_cores())]
     return cmd + list(targets) + list(extra)  # targets first: extra may end in a many-valued option
+
+
+def snakemake(run_dir: Path, *, cores: int | None = None, profile: Path | None = None,
+              targets: Sequence[str] = (), extra: Sequence[str] = (), data_root: str | None = None,
+              quiet: bool = False, thread_env: dict[str, str] | None = None,
+              echo: Callable[[str], None] = print) -> None:
+    """Run the workflow in the prepared run folder ``run_dir``; WorkflowError naming the run folder
+    and where the failed job's log is when Snakemake fails. ``thread_env``: TensorFlow thread
+    variables for the jobs (``threads.thread_env(cores)`` on one machine)."""
+    cmd = snakemake_command(run_dir, profile, cores, targets, list(extra) + (["--quiet", "all"] if quiet else []))
+    env = {**os.environ, **(thread_env or {}),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(config.REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    if data_root is not None:
+        env[config.DATA_ROOT_ENV] = str(data_root)
+    if not quiet:
+        echo("$ " + " ".join(cmd))
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=env, capture_output=quiet, text=True)
+    if r.returncode != 0:
+        tail = ((r.stdout or "") + (r.stderr or ""))[-4000:] if quiet else ""
+        raise WorkflowError(f"the workflow of run {run_dir} failed (snakemake exit {r.returncode}, "
+                            f"{time.perf_counter() - t0:.0f} s): the failed job and its log are named "
+                            "above (logs/<step>.job.log, training/<network>/train.log or "
+                            "training/<network>/fold<k>/train.log in the run folder)"
+                            + (f"\n{tail}" if tail else ""))
 
 
 def available_cores() -> int:
@@ -291,25 +411,27 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
         rd, status = runner.open_run(cfg, runs, new, echo)
     status["engine"] = "snakemake"
     runner.init_run(cfg, config_path, rd, data_prov, status)
-    cmd = snakemake_command(rd, prof, cores, targets, extra)
-    env = {**os.environ, config.DATA_ROOT_ENV: data_prov["data_root"],
-           "PYTHONPATH": os.pathsep.join(p for p in (str(config.REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    echo("$ " + " ".join(cmd))
-    t0 = time.perf_counter()
-    rc = subprocess.run(cmd, env=env).returncode
-    if rc != 0:
+    local = prof is None and not on_cluster(None, extra)
+    try:
+        snakemake(rd, cores=cores, profile=prof, targets=targets, extra=extra, data_root=data_prov["data_root"],
+                  thread_env=threads.thread_env(cores or available_cores()) if local else None, echo=echo)
+    except WorkflowError as e:
         _set_state(rd, "failed")
-        raise WorkflowError(f"the workflow of run {rd} failed (snakemake exit {rc}, {time.perf_counter() - t0:.0f} s): "
-                            "the failed job and its log are named above (logs/<step>.log or "
-                            "training/<network>/fold<k>/train.log in the run folder); rerun the same "
-                            f"command with --run-dir {rd} to resume (finished folds are kept)")
+        raise WorkflowError(f"{e}; rerun the same command with --run-dir {rd} to resume (finished folds are "
+                            "kept)") from None
     if not targets and "-n" not in extra and "--dry-run" not in extra:
+        report = rd / BROWSER_CHECK
+        if report.is_file() and json.loads(report.read_text()).get("ok") is False:
+            _set_state(rd, "failed")
+            problems = json.loads(report.read_text())["problems"]
+            report.unlink()   # rebuilt and checked again on the next run
+            raise WorkflowError(f"the book of run {rd} failed the browser check: " + "; ".join(problems[:10]))
         _set_state(rd, "complete")
     return rd
 
 
 def _set_state(run_dir: Path, state: str) -> None:
-    with _locked(Path(run_dir) / ".status.lock"):
+    with locked(Path(run_dir) / ".status.lock"):
         st = runner.read_status(run_dir)
         st["state"] = state
         provenance.write_json(rundir.Run(run_dir).status, st)
@@ -322,12 +444,14 @@ def slurm_jobs_of(log_text: str) -> list[str]:
     return re.findall(r"SLURM jobid (\d+(?:_\d+)?)", log_text)
 
 
-def dag_jobs(run_dir: str | os.PathLike, config_file: str | os.PathLike, *, extra: Sequence[str] = ()) -> dict[str, int]:
+def dag_jobs(run_dir: str | os.PathLike, config_file: str | os.PathLike, *, extra: Sequence[str] = (),
+             fold_jobs: bool = True) -> dict[str, int]:
     """Jobs per rule of a dry run (``snakemake -n``) of ``config_file`` in ``run_dir``: what the
-    workflow would run now."""
+    workflow would run now (``fold_jobs``: as on a cluster, one training job per (network, fold))."""
     import re
-    cmd = [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(SNAKEFILE), "--directory", str(run_dir),
-           "--configfile", str(config_file), "--cores", "1", *extra]
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(SNAKEFILE),
+           "--configfile", str(config_file), "--config", f"fold_jobs={bool(fold_jobs)}",
+           "--directory", str(run_dir), "--cores", "1", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise WorkflowError(f"snakemake -n of {config_file} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")

@@ -288,3 +288,58 @@ def test_a_run_takes_the_manifest_path_as_its_cohort(tmp_path, monkeypatch):
     assert rundir.Run(tmp_path / "run").folds_file(cfg.cohort) == tmp_path / "run" / "folds" / "mine.csv"
     with pytest.raises(FileNotFoundError, match="absent.csv"):
         runner.load_config(cfg_file, cohort="absent.csv")
+
+
+def test_unlabelled_cells_to_predict(tmp_path):
+    """--unlabelled: no classes, groups from subfolders (or a pattern), stains recorded; it loads
+    for prediction (labels -1) and is refused as a study cohort with a message saying why."""
+    src = tmp_path / "new"
+    stored = {}
+    for i, rel in enumerate(["plateA/x1.tif", "plateA/x2.tif", "plateB/y1.tif", "z.tif"]):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        stored[rel] = _pixels(100 + i, 3)
+        tifffile.imwrite(src / rel, stored[rel])
+    with pytest.raises(data.DataError, match="--unlabelled takes no --normal"):
+        mf.build_manifest(src, channels="2,1,0", unlabelled=True, normal="ctrl")
+    with pytest.raises(data.DataError, match="or --unlabelled for cells to predict"):
+        mf.build_manifest(src, channels="2,1,0", group_pattern=GROUP_RX)
+    with pytest.raises(data.DataError, match="--stains 'vimentin,DNA'"):
+        mf.build_manifest(src, channels="2,1,0", unlabelled=True, stains="vimentin,DNA")
+    df = mf.build_manifest(src, channels="2,1,0", unlabelled=True, stains=" vimentin, F-actin ,DNA")
+    assert list(df.columns) == list(mf.MANIFEST_COLUMNS) + ["stains"]
+    assert (df["label"] == "").all() and (df["class_name"] == "").all()
+    assert df.set_index("cell_id")["group"].to_dict() == {"plateA/x1": "plateA", "plateA/x2": "plateA",
+                                                          "plateB/y1": "plateB", "z": "."}
+    out = mf.write_manifest(df, tmp_path / "new.csv")
+    m = data.load_manifest(str(out))
+    assert data.is_unlabelled(m) and data.stains_of(m) == ("vimentin", "F-actin", "DNA")
+    coh = data.load_cohort(str(out), root=src, labelled=False)
+    assert coh.labels.tolist() == [-1, -1, -1, -1]
+    np.testing.assert_allclose(coh.images[0], data.robust_scale(_rgb_from_stored(stored["plateA/x1.tif"])[None])[0],
+                               atol=1e-6)
+    with pytest.raises(data.DataError, match="labels none of its cells"):
+        data.load_cohort(str(out), root=src)
+    # a pattern still gives the groups; a label that is given must be 0 or 1
+    df2 = mf.build_manifest(src, channels="2,1,0", unlabelled=True, group_pattern=r"(?P<group>[a-z]+)\d?\.tif")
+    assert sorted(df2["group"]) == ["x", "x", "y", "z"]
+    m.loc[0, "label"] = "7"
+    assert any("label '7'; expected 0 (normal) or 1 (abnormal) or empty" in p
+               for p in data._check_table(m, labelled=False))
+    # the CLI
+    out3 = tmp_path / "new3.csv"
+    assert cli.main(["manifest", str(src), "-o", str(out3), "--unlabelled", "--channels", "2,1,0",
+                     "--stains", "vimentin,F-actin,DNA"]) == 0
+    assert data.stains_of(data.load_manifest(str(out3))) == ("vimentin", "F-actin", "DNA")
+
+
+def test_stains_column_rules(tmp_path):
+    m = pd.DataFrame({"stains": ["tubulin,F-actin,DNA", ""]})
+    assert data.stains_of(m) == ("tubulin", "F-actin", "DNA")
+    assert data.stains_of(pd.DataFrame({"x": [1]})) is None
+    with pytest.raises(data.DataError, match="2 different values"):
+        data.stains_of(pd.DataFrame({"stains": ["a,b,c", "a,b,d"]}))
+    with pytest.raises(data.DataError, match="expected three stain names"):
+        data.stains_of(pd.DataFrame({"stains": ["a,b"]}))
+    # the shipped cohorts name their stains
+    assert data.stains_of(data.load_manifest("bbbc021-paper")) == ("tubulin", "F-actin", "DNA")
+    assert data.stains_of(data.load_manifest("rxrx1-cells")) == ("concanavalin A", "F-actin", "DNA")

@@ -128,3 +128,27 @@ def test_gallery_cells():
     g = P.gallery_cells(p, n=2)
     assert g["confident_normal"].tolist() == [0, 2] and g["confident_abnormal"].tolist() == [3, 1]
     assert g["uncertain"].tolist() == [4, 2]
+
+
+@pytest.mark.slow
+def test_unlabelled_cells_and_other_stains(tiny_run, shared_data, tmp_path):
+    """Cells without labels are predicted (no AUC, labels stay empty); cells whose manifest names
+    other stains than the run's cohort are refused before any model loads, unless asked."""
+    from cellstudy import data
+
+    m = data.load_manifest("bbbc021-unseen").head(12).copy()
+    m["label"], m["class_name"] = "", ""
+    m.to_csv(tmp_path / "unlab.csv", index=False)
+    res = P.predict(tiny_run, str(tmp_path / "unlab.csv"), network="mhl", mc_samples=0, data_root=shared_data,
+                    gradcam=False, echo=lambda s: None)
+    assert len(res.table) == 12 and res.info["labelled"] is False and not res.table["in_run_cohort"].any()
+    assert res.info["stains"] == res.info["stains_of_run"] == ["tubulin", "F-actin", "DNA"]
+    m["stains"] = "vimentin,F-actin,DNA"
+    m.to_csv(tmp_path / "vim.csv", index=False)
+    with pytest.raises(P.PredictError, match=r"stained R, G, B = vimentin, F-actin, DNA.*tubulin, F-actin, DNA"
+                                             r".*--ignore-stains"):
+        P.predict(tiny_run, str(tmp_path / "vim.csv"), network="mhl", mc_samples=0, data_root=shared_data,
+                  echo=lambda s: None)
+    res = P.predict(tiny_run, str(tmp_path / "vim.csv"), network="mhl", mc_samples=0, data_root=shared_data,
+                    gradcam=False, ignore_stains=True, echo=lambda s: None)
+    assert res.info["stains"] == ["vimentin", "F-actin", "DNA"]

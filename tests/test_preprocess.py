@@ -1,7 +1,6 @@
 """Tests for cellstudy.data.preprocess: each filter's shape, dtype and defining property; the cache."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2

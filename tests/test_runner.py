@@ -1,4 +1,5 @@
-"""The study runner: config validation, failing notebooks, resume, never overwriting a run."""
+"""The study runner (`cellstudy run`, through the Snakemake workflow): config validation, failing
+notebooks, resume, never overwriting a run, jobs at once."""
 import json
 import os
 
@@ -35,8 +36,10 @@ def _config(tmp_path, steps, **kw):
 def fake_notebooks(tmp_path, monkeypatch):
     nbdir = tmp_path / "notebooks"
     nbdir.mkdir()
-    monkeypatch.setattr(runner, "NOTEBOOK_DIR", nbdir)
-    monkeypatch.setattr(runner, "preflight", lambda cfg: {"data_root": "/nowhere", "cohort": cfg.cohort})
+    # the workflow's jobs are other processes: they find the notebooks through the environment
+    monkeypatch.setenv(runner.NOTEBOOKS_ENV, str(nbdir))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(config.REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    monkeypatch.setattr(runner, "preflight", lambda cfg: {"data_root": str(tmp_path), "cohort": cfg.cohort})
     return nbdir
 
 
@@ -72,9 +75,11 @@ def test_failing_notebook_names_notebook_and_cell_and_blocks_the_book(tmp_path, 
     _nb(fake_notebooks / "01_bad.ipynb", "x = 1", "raise ValueError('broken on purpose')")
     cfg = _config(tmp_path, ["00_ok", "01_bad"])
     runs = tmp_path / "runs"
-    with pytest.raises(runner.StudyError, match=r"01_bad\.ipynb failed at cell .*ValueError: broken on purpose"):
+    with pytest.raises(runner.StudyError, match=r"01_bad\.ipynb failed at cell .*ValueError: broken on purpose"
+                                                r".*logs/01_bad\.failed\.ipynb"):
         runner.run_study(cfg, runs_dir=runs, log_output=False, echo=lambda s: None)
     (run,) = runs.iterdir()
+    assert "broken on purpose" in (run / "logs" / "01_bad.failed.ipynb").read_text()   # the traceback is kept
     st = runner.read_status(run)
     assert st["state"] == "failed" and st["steps"]["00_ok"]["state"] == "done"
     assert st["steps"]["01_bad"]["state"] == "failed"
@@ -151,7 +156,7 @@ def test_steps_run_at_once_in_dependency_order(tmp_path, fake_notebooks):
     assert st["state"] == "complete" and all(st["steps"][s]["state"] == "done" for s in ("00_a", "01_b", "02_c"))
     t = {p.name: float(p.read_text()) for p in run.glob("*.*ed")}
     assert t["02_c.started"] >= max(t["00_a.ended"], t["01_b.ended"])
-    assert any("2 notebooks at once" in x for x in lines)
+    assert any("up to 2 job(s) at once" in x for x in lines)
     # two kernels at once: each kernel's TensorFlow gets half the cores (cellstudy.threads)
     if "TF_NUM_INTRAOP_THREADS" not in os.environ:
         assert (run / "threads.txt").read_text() == str(threads.threads_per_process(2))
@@ -197,26 +202,11 @@ def test_serial_is_the_default_and_bad_workers_or_order_fail_early(tmp_path, fak
 def test_shipped_notebooks_declare_what_they_need():
     steps = runner.available_steps()
     for step in steps:
-        nb = json.loads((runner.NOTEBOOK_DIR / f"{step}.ipynb").read_text())
+        nb = json.loads((runner.notebook_dir() / f"{step}.ipynb").read_text())
         needs = nb["metadata"]["cellstudy"]["needs"]
         assert all(d in steps and d < step for d in needs), (step, needs)
     assert runner.step_needs("08_xai", steps) == ["02_dl_family", "03_vit", "04_rgb_family", "05_mhl_family"]
     assert "08_xai" in runner.step_needs("09_statistics", steps)
-
-
-def test_start_order_prefers_steps_that_others_wait_for():
-    # the default study's steps without 11_predict (which waits for 07 as 09 waits for 08, so that
-    # 07 and 08 tie and keep the config's order)
-    steps = [s for s in runner.load_config(config.REPO_ROOT / "configs" / "default.yaml").steps if s != "11_predict"]
-    needs = {s: runner.step_needs(s, steps) for s in steps}
-    order = runner.start_order(steps, needs)
-    # the four training steps come before 06 (nothing waits for it), in config order
-    assert [s for s in order if s in ("02_dl_family", "03_vit", "04_rgb_family", "05_mhl_family", "06_gpu_training")] \
-        == ["02_dl_family", "03_vit", "04_rgb_family", "05_mhl_family", "06_gpu_training"]
-    assert order.index("08_xai") < order.index("07_results")  # 09 waits for 08
-    # with nothing declared (each step needs all before it) the order is the config's
-    seq = ["a", "b", "c"]
-    assert runner.start_order(seq, {"a": [], "b": ["a"], "c": ["a", "b"]}) == seq
 
 
 def test_shared_cpu_note_follows_the_runs_workers(tmp_path):
@@ -226,11 +216,11 @@ def test_shared_cpu_note_follows_the_runs_workers(tmp_path):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "x", "workers": 1}))
     assert shared_cpu_note(tmp_path) == ""
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "x", "workers": 2}))
-    assert run_workers(tmp_path) == 2 and "up to 2 notebooks ran at once" in shared_cpu_note(tmp_path)
+    assert run_workers(tmp_path) == 2 and "up to 2 jobs (training jobs and notebooks) ran at once" in shared_cpu_note(tmp_path)
     assert "thread" not in shared_cpu_note(tmp_path)  # no provenance.json: nothing said about threads
     (tmp_path / "provenance.json").write_text(json.dumps(
         {"hardware": {"tf_threads": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}}}))
-    assert "each notebook's TensorFlow with 1 thread(s)" in shared_cpu_note(tmp_path)
+    assert "each job's TensorFlow with 1 thread(s)" in shared_cpu_note(tmp_path)
 
 
 def test_terminal_drops_papermill_bookkeeping_tagged_or_not():

@@ -1,7 +1,6 @@
 """cellstudy.report.stats against hand-computed formulas and independent implementations."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np

@@ -36,6 +36,21 @@ def test_dry_run_has_one_training_job_per_network_and_fold(tmp_path, name, train
     assert jobs["train"] == trains
     assert jobs["step"] + jobs["gpu_step"] == steps
     assert jobs["gpu_step"] == 2 and jobs["book"] == 1
+    # on one machine (cellstudy run, make study): one training job per network, all its folds
+    local = workflow.dag_jobs(tmp_path, REPO / "configs" / f"{name}.yaml", fold_jobs=False)
+    assert "train" not in local and local["train_network"] == len(workflow.make_plan(
+        runner.load_config(REPO / "configs" / f"{name}.yaml")).networks)
+    assert local["step"] + local["gpu_step"] == steps
+
+
+def test_cluster_or_local_decides_the_training_jobs(tmp_path):
+    assert not workflow.on_cluster(None) and not workflow.on_cluster(None, ["--executor", "local"])
+    assert workflow.on_cluster(None, ["--executor", "slurm"]) and workflow.on_cluster(None, ["--executor=slurm"])
+    assert workflow.on_cluster(workflow.PROFILES / "slurm") and not workflow.on_cluster(workflow.PROFILES / "local")
+    cmd = workflow.snakemake_command(tmp_path, None, 2, ["all"])
+    assert cmd[cmd.index("--config") + 1] == "fold_jobs=False" and cmd[-1] == "all"
+    cmd = workflow.snakemake_command(tmp_path, workflow.PROFILES / "slurm", None, ["all"])
+    assert cmd[cmd.index("--config") + 1] == "fold_jobs=True"
 
 
 def test_plan_follows_the_scale_and_the_steps():

@@ -40,6 +40,12 @@ MANIFEST_DIR = config.REPO_ROOT / "data_manifest"
 #: Columns every manifest must have.
 REQUIRED_COLUMNS: tuple[str, ...] = ("cell_id", "path", "label", "class_name", "group",
                                      "channels", "sha256")
+#: The label columns: a study cohort needs them; cells to predict (``cellstudy predict``) may
+#: leave them out or empty (an unlabelled manifest, ``cellstudy manifest --unlabelled``).
+LABEL_COLUMNS: tuple[str, str] = ("label", "class_name")
+#: Optional column naming the stains in R, G, B order (``"tubulin,F-actin,DNA"``), one value for
+#: the whole manifest: ``cellstudy predict`` refuses cells whose stains differ from the run's.
+STAINS_COLUMN = "stains"
 #: Optional crop columns (all three or none).
 CROP_COLUMNS: tuple[str, str, str] = ("crop_y", "crop_x", "crop_size")
 
@@ -332,27 +338,71 @@ def load_manifest(cohort: str) -> pd.DataFrame:
     return df
 
 
-def _check_table(df: pd.DataFrame, allow_mixed_groups: bool = False) -> list[str]:
-    """Table-level checks: columns, labels, empty classes, mixed groups, duplicate ids."""
+def is_unlabelled(df: pd.DataFrame) -> bool:
+    """True when manifest ``df`` labels none of its cells: no ``label`` column, or every
+    ``label`` empty (an unlabelled manifest: cells to predict, not a study cohort)."""
+    if "label" not in df.columns:
+        return True
+    return bool((df["label"].astype(str).str.strip() == "").all())
+
+
+def stains_of(df: pd.DataFrame) -> tuple[str, str, str] | None:
+    """The stains of manifest ``df`` in R, G, B order, from its ``stains`` column
+    (``"tubulin,F-actin,DNA"``); None when the column is missing or empty. ``DataError`` when the
+    cells disagree or a value does not name three stains."""
+    if STAINS_COLUMN not in df.columns:
+        return None
+    vals = sorted({str(v).strip() for v in df[STAINS_COLUMN].tolist()} - {"", "nan"})
+    if not vals:
+        return None
+    if len(vals) > 1:
+        raise DataError(f"manifest column {STAINS_COLUMN!r} holds {len(vals)} different values "
+                        f"({vals[:3]}); expected one value for every cell: the R, G, B stains")
+    parts = tuple(p.strip() for p in vals[0].split(","))
+    if len(parts) != 3 or not all(parts):
+        raise DataError(f"manifest column {STAINS_COLUMN!r} = {vals[0]!r}; expected three stain "
+                        "names in R, G, B order, e.g. 'vimentin,F-actin,DNA'")
+    return parts  # type: ignore[return-value]
+
+
+def _check_table(df: pd.DataFrame, allow_mixed_groups: bool = False, labelled: bool = True) -> list[str]:
+    """Table-level checks: columns, labels, empty classes, mixed groups, duplicate ids, stains.
+    ``labelled=False`` (cells to predict): the label columns may be missing or empty; labels
+    that are given must still be 0 or 1, and the class checks are skipped."""
     problems: list[str] = []
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    need = REQUIRED_COLUMNS if labelled else tuple(c for c in REQUIRED_COLUMNS if c not in LABEL_COLUMNS)
+    missing = [c for c in need if c not in df.columns]
     if missing:
-        return [f"manifest is missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)}"]
+        return [f"manifest is missing column(s) {missing}; expected {list(need)}"]
+    if labelled and is_unlabelled(df):
+        return ["manifest labels none of its cells (every label is empty): a study cohort needs "
+                "label 0 (normal) or 1 (abnormal) for every cell; an unlabelled manifest (cellstudy "
+                "manifest --unlabelled) is for `cellstudy predict`"]
     crop_present = [c for c in CROP_COLUMNS if c in df.columns]
     if crop_present and len(crop_present) != 3:
         problems.append(f"manifest has crop column(s) {crop_present}; expected all of "
                         f"{list(CROP_COLUMNS)} or none")
-    labels = pd.to_numeric(df["label"], errors="coerce")
-    bad = ~labels.isin([0, 1])
-    for cid, lab in zip(df.loc[bad, "cell_id"].tolist(), df.loc[bad, "label"].tolist()):
-        problems.append(f"cell {cid}: label {str(lab)!r}; expected 0 (normal) or 1 (abnormal)")
-    for lab, name in enumerate(config.CLASS_NAMES):
-        if int((labels == lab).sum()) == 0:
-            problems.append(f"class {name!r} (label {lab}) has no images; expected at least one "
-                            f"image per class")
-    g = pd.DataFrame({"group": df["group"].astype(str), "label": labels})[~bad]
+    try:
+        stains_of(df)
+    except DataError as e:
+        problems.append(str(e))
+    if "label" in df.columns:
+        given = df["label"].astype(str).str.strip() != ""
+        labels = pd.to_numeric(df["label"], errors="coerce")
+        bad = ~labels.isin([0, 1]) & (given | labelled)
+        for cid, lab in zip(df.loc[bad, "cell_id"].tolist(), df.loc[bad, "label"].tolist()):
+            problems.append(f"cell {cid}: label {str(lab)!r}; expected 0 (normal) or 1 (abnormal)"
+                            + ("" if labelled else " or empty (unknown)"))
+    else:
+        labels, bad = pd.Series(np.nan, index=df.index), pd.Series(True, index=df.index)
+    if labelled:
+        for lab, name in enumerate(config.CLASS_NAMES):
+            if int((labels == lab).sum()) == 0:
+                problems.append(f"class {name!r} (label {lab}) has no images; expected at least one "
+                                f"image per class")
+    g = pd.DataFrame({"group": df["group"].astype(str), "label": labels})[~bad & labels.notna()]
     nlab = g.groupby("group")["label"].nunique()
-    if not allow_mixed_groups:
+    if not allow_mixed_groups and labelled:
         for grp in nlab.index[nlab > 1]:
             problems.append(f"group {grp!r} spans both classes; expected every group (source "
                             f"field) to hold one class only")
@@ -398,7 +448,6 @@ def _scan(df: pd.DataFrame, root: Path, check_sha: bool, keep: bool) -> _Scan:
         order.setdefault(tuple(p), []).append(i)
 
     out: list[np.ndarray | None] = [None] * n
-    file_status: dict[str, np.ndarray | None] = {}
 
     def problem(msg: str, missing: bool = False) -> None:
         res.problems.append(msg)
@@ -520,7 +569,8 @@ class Cohort:
     """A loaded cohort.
 
     images: (N, H, W, 3) float32 in [0, 1], RGB order, robust-scaled per image and channel.
-    labels: (N,) int64, 0 = normal role, 1 = abnormal role.
+    labels: (N,) int64, 0 = normal role, 1 = abnormal role (-1: unknown, only in a cohort
+        loaded with ``labelled=False``: cells to predict).
     groups: (N,) str, the source field of each cell (the CV grouping).
     cell_ids: (N,) str.
     sha256: (N,) str, a content checksum per cell: sha256 of that cell's scaled float32 image
@@ -566,7 +616,7 @@ class Cohort:
 
 def load_cohort(cohort: str, root: str | os.PathLike | None = None, verify: bool = True,
                 check_sha: bool = True, low: float = DEFAULT_LOW,
-                high: float = DEFAULT_HIGH) -> Cohort:
+                high: float = DEFAULT_HIGH, labelled: bool = True) -> Cohort:
     """Load cohort ``cohort`` (a name in ``data_manifest/`` or a manifest path) from ``root``
     (``config.data_root(root)``) as a ``Cohort`` of robust-scaled images.
 
@@ -574,12 +624,15 @@ def load_cohort(cohort: str, root: str | os.PathLike | None = None, verify: bool
     ``verify_manifest``) and file checksums are checked while reading when ``check_sha``.
     Every file is read once; all problems are reported together in one ``DataError`` before
     anything is returned. Nothing is written anywhere.
+
+    ``labelled=False``: cells to predict (``cellstudy predict``): the manifest may leave
+    ``label`` / ``class_name`` out or empty; an unknown label is -1 in ``Cohort.labels``.
     """
     df = load_manifest(cohort)
     root = config.data_root(root)
     what = f"cohort {cohort!r} (manifest {df.attrs['manifest']}, data root {root})"
-    problems = _check_table(df) if verify else []
-    if problems and any("missing column" in p for p in problems):
+    problems = _check_table(df, labelled=labelled) if verify else []
+    if problems and any("missing column" in p or "labels none" in p for p in problems):
         _raise_problems(problems, what)
     scan = _scan(df, root, check_sha=verify and check_sha, keep=True)
     _raise_problems(problems + scan.problems, what,
@@ -590,10 +643,19 @@ def load_cohort(cohort: str, root: str | os.PathLike | None = None, verify: bool
     scaling = {"method": "robust percentile, per image and channel, clipped to [0, 1]",
                "low": float(low), "high": float(high), "lo": lo, "hi": hi}
     return Cohort(name=str(cohort), root=root, images=images,
-                  labels=df["label"].astype(np.int64).to_numpy(),
+                  labels=_labels(df, labelled),
                   groups=df["group"].astype(str).to_numpy(dtype=object),
                   cell_ids=df["cell_id"].astype(str).to_numpy(dtype=object),
                   sha256=keys, table=df, scaling=scaling)
+
+
+def _labels(df: pd.DataFrame, labelled: bool) -> np.ndarray:
+    """(N,) int64 labels of manifest ``df``; -1 for a cell without one (``labelled=False``)."""
+    if labelled:
+        return df["label"].astype(np.int64).to_numpy()
+    if "label" not in df.columns:
+        return np.full(len(df), -1, np.int64)
+    return pd.to_numeric(df["label"], errors="coerce").fillna(-1).astype(np.int64).to_numpy()
 
 
 def iter_image_files(folder: Path) -> Iterable[Path]:

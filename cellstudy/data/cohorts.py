@@ -51,11 +51,15 @@ BBBC021_DIR = "bbbc021-mcf7"
 BBBC021_CLASSES: dict[str, int] = {"DMSO": 0, "protein_synthesis": 1}
 #: BBBC021 .npy channels: 0 = DNA, 1 = F-actin, 2 = beta-tubulin -> R <- 2, G <- 1, B <- 0.
 BBBC021_CHANNELS = "2,1,0"
+#: The stains of BBBC021's R, G, B (the manifests' ``stains`` column; predict compares it).
+BBBC021_STAINS = "tubulin,F-actin,DNA"
 
 RXRX1_DIR = "rxrx1-celltypes"
 RXRX1_CLASSES: dict[str, int] = {"normal": 0, "cancer": 1}
 #: RxRx1 files per channel: R <- w2 (concanavalin A / ER), G <- w3 (phalloidin), B <- w1 (Hoechst).
 RXRX1_RGB_FILES = ("w2", "w3", "w1")
+#: The stains of the RxRx1 cohort's R, G, B (w2 concanavalin A, w3 phalloidin, w1 Hoechst).
+RXRX1_STAINS = "concanavalin A,F-actin,DNA"
 
 #: The paper's cohort size per label and the drawing rule's parameters.
 PAPER_COUNTS: dict[int, int] = {0: 100, 1: 120}
@@ -142,7 +146,8 @@ def build_bbbc021_full(root: str | Path | None = None) -> pd.DataFrame:
             rel = f.relative_to(root).as_posix()
             rows.append({"cell_id": f"{cls}/{f.stem}", "path": rel, "label": label,
                          "class_name": cls, "group": field, "channels": BBBC021_CHANNELS,
-                         "sha256": sums(rel), "shape": "68x68x3", "dataset": "BBBC021v1",
+                         "sha256": sums(rel), "shape": "68x68x3", "stains": BBBC021_STAINS,
+                         "dataset": "BBBC021v1",
                          "well": well, "site": int(site), "cell_index": int(idx)})
     df = pd.DataFrame(rows)
     df = df.sort_values(["label", "group", "cell_index"], kind="stable").reset_index(drop=True)
@@ -267,7 +272,7 @@ def build_rxrx1_cells(root: str | Path | None = None, size: int = RXRX1_CROP_SIZ
         for _, n in t.iterrows():
             rows.append({"cell_id": f"{group}/n{int(n['label']):03d}", "path": ";".join(rels),
                          "label": RXRX1_CLASSES[cls], "class_name": cls, "group": group,
-                         "channels": "0,0,0", "sha256": shas, "shape": shape,
+                         "channels": "0,0,0", "sha256": shas, "shape": shape, "stains": RXRX1_STAINS,
                          "crop_y": int(n["crop_y"]), "crop_x": int(n["crop_x"]),
                          "crop_size": int(size), "dataset": "RxRx1",
                          "experiment": r["experiment"], "cell_type": r["cell_type"],

@@ -214,7 +214,7 @@ def _find_cells(rels: list[str], cmap: ChannelMap, channel_pattern: str | None,
     return cells
 
 
-def _read_labels(labels: str | os.PathLike | pd.DataFrame, file_column: str, class_column: str,
+def _read_labels(labels: str | os.PathLike | pd.DataFrame, file_column: str, class_column: str | None,
                  group_column: str | None) -> tuple[pd.DataFrame, str]:
     if isinstance(labels, pd.DataFrame):
         table, name = labels.astype(str), "labels table"
@@ -224,7 +224,7 @@ def _read_labels(labels: str | os.PathLike | pd.DataFrame, file_column: str, cla
             raise FileNotFoundError(f"labels CSV {p} does not exist")
         table = pd.read_csv(p, dtype=str, keep_default_na=False)
         name = f"labels CSV {p}"
-    want = [file_column, class_column] + ([group_column] if group_column else [])
+    want = [file_column] + ([class_column] if class_column else []) + ([group_column] if group_column else [])
     missing = [c for c in want if c not in table.columns]
     if missing:
         raise DataError(f"{name}: no column(s) {missing}; its columns are {list(table.columns)} "
@@ -233,13 +233,14 @@ def _read_labels(labels: str | os.PathLike | pd.DataFrame, file_column: str, cla
 
 
 def _apply_labels(cells: list[_Cell], table: pd.DataFrame, name: str, file_column: str,
-                  class_column: str, group_column: str | None, problems: list[str]) -> None:
+                  class_column: str, group_column: str | None, problems: list[str],
+                  unlabelled: bool = False) -> None:
     """Class (and group, and free columns) of each cell from the labels table; a row names any
     one of the cell's files, by its path relative to the folder or by a file name that is unique."""
     by_rel = {f: c for c in cells for f in c.files}
     base = Counter(PurePosixPath(f).name for f in by_rel)
     by_name = {PurePosixPath(f).name: c for f, c in by_rel.items() if base[PurePosixPath(f).name] == 1}
-    used = {file_column, class_column}  # the group column stays too, under its own name (well, ...)
+    used = {file_column} | (set() if unlabelled else {class_column})  # the group column stays too, under its own name (well, ...)
     extra_cols = [c for c in table.columns if c not in used and c not in MANIFEST_COLUMNS]
     labelled: set[int] = set()
     for i, row in enumerate(table.to_dict("records")):
@@ -251,9 +252,9 @@ def _apply_labels(cells: list[_Cell], table: pd.DataFrame, name: str, file_colum
             problems.append(f"{where}: no such image file in the folder (or not one of the "
                             f"mapped channels); expected a path relative to the folder")
             continue
-        cls = str(row[class_column]).strip()
+        cls = "" if unlabelled else str(row[class_column]).strip()
         grp = str(row[group_column]).strip() if group_column else None
-        if not cls:
+        if not cls and not unlabelled:
             problems.append(f"{where}: empty {class_column!r}; expected the cell's class")
         if group_column and not grp:
             problems.append(f"{where}: empty {group_column!r}; expected the cell's group")
@@ -270,9 +271,9 @@ def _apply_labels(cells: list[_Cell], table: pd.DataFrame, name: str, file_colum
             cell.group = grp or None
         cell.extra = {c: str(row[c]) for c in extra_cols}
     for c in cells:
-        if id(c) not in labelled:
+        if id(c) not in labelled and (not unlabelled or group_column):
             problems.append(f"{c.files[0]}: not in the {name}; expected a row naming it "
-                            f"(column {file_column!r}) with its class")
+                            f"(column {file_column!r}) with its " + ("group" if unlabelled else "class"))
 
 
 def _classes_from_folders(cells: list[_Cell], problems: list[str]) -> None:
@@ -356,7 +357,8 @@ def _read_cells(cells: list[_Cell], folder: Path, cmap: ChannelMap,
     return info
 
 
-def build_manifest(folder: str | os.PathLike, *, normal: str, abnormal: str, channels: str,
+def build_manifest(folder: str | os.PathLike, *, normal: str | None = None, abnormal: str | None = None,
+                   channels: str, unlabelled: bool = False, stains: str | None = None,
                    labels: str | os.PathLike | pd.DataFrame | None = None,
                    file_column: str = "file", class_column: str = "class",
                    group_column: str | None = None, group_pattern: str | None = None,
@@ -369,6 +371,12 @@ def build_manifest(folder: str | os.PathLike, *, normal: str, abnormal: str, cha
         file is its first subfolder (``folder/<class>/...``).
     normal, abnormal: the class names that take the *normal* role (label 0) and the *abnormal*
         role (label 1). Any other class found, or a missing one, is a problem.
+    unlabelled: cells to predict (``cellstudy predict``), not a study cohort: no classes (no
+        ``normal`` / ``abnormal`` / ``labels`` class column; ``label`` and ``class_name`` are
+        left empty), no group-count check, and without a group pattern or column each cell's
+        group is its subfolder (``"."`` at the top).
+    stains: the stains in R, G, B order, ``"vimentin,F-actin,DNA"``: written to the ``stains``
+        column, which ``cellstudy predict`` compares with the run's cohort.
     channels: the R, G, B mapping (``parse_channel_map``): ``"third=2,actin=1,dna=0"`` (stored
         channel indices of one multi-channel file per cell) or, with ``channel_pattern``,
         ``"third=w3,actin=w2,dna=w1"`` (the channel tokens of the per-channel files' names).
@@ -403,9 +411,17 @@ def build_manifest(folder: str | os.PathLike, *, normal: str, abnormal: str, cha
     except ValueError:
         raise DataError(f"--data-root {root}: the image folder {folder} is not inside it; expected "
                         f"the folder itself or a folder above it") from None
-    if normal == abnormal:
+    if unlabelled:
+        if normal is not None or abnormal is not None:
+            raise DataError("--unlabelled takes no --normal / --abnormal: its cells have no class")
+    elif normal is None or abnormal is None:
+        raise DataError("give --normal and --abnormal (the two class names), or --unlabelled for "
+                        "cells to predict")
+    elif normal == abnormal:
         raise DataError(f"--normal and --abnormal are both {normal!r}; expected two different classes")
-    if (group_column is None) == (group_pattern is None):
+    if group_column is not None and group_pattern is not None:
+        raise DataError("give only one of --group-pattern and --group-column")
+    if (group_column is None) == (group_pattern is None) and not unlabelled:
         raise DataError("give exactly one of --group-pattern (a regular expression with a named group "
                         "(?P<group>...) searched in each file's path) and --group-column (a column "
                         "of the labels CSV): the group (field / well / replicate) is the unit the "
@@ -415,10 +431,17 @@ def build_manifest(folder: str | os.PathLike, *, normal: str, abnormal: str, cha
     if int(n_splits) < 2:
         raise DataError(f"--n-splits {n_splits}: expected at least 2 folds")
     cmap = parse_channel_map(channels, per_file=channel_pattern is not None)
+    if stains is not None:
+        parts = [x.strip() for x in str(stains).split(",")]
+        if len(parts) != 3 or not all(parts):
+            raise DataError(f"--stains {stains!r}: expected three stain names in R, G, B order, "
+                            "e.g. 'vimentin,F-actin,DNA'")
+        stains = ",".join(parts)
     g_rx = _group_regex(group_pattern) if group_pattern is not None else None
     table = None
     if labels is not None:
-        table, labels_name = _read_labels(labels, file_column, class_column, group_column)
+        table, labels_name = _read_labels(labels, file_column, None if unlabelled else class_column,
+                                          group_column)
 
     rels = [p.relative_to(folder).as_posix() for p in iter_image_files(folder)]
     rels = [r for r in rels if not any(part.startswith(".") for part in PurePosixPath(r).parts)]
@@ -429,14 +452,18 @@ def build_manifest(folder: str | os.PathLike, *, normal: str, abnormal: str, cha
     notes: list[str] = []
     cells = _find_cells(rels, cmap, channel_pattern, problems, notes)
     if table is not None:
-        _apply_labels(cells, table, labels_name, file_column, class_column, group_column, problems)
-    else:
+        _apply_labels(cells, table, labels_name, file_column, class_column, group_column, problems,
+                      unlabelled=unlabelled)
+    elif not unlabelled:
         _classes_from_folders(cells, problems)
     if g_rx is not None:
         _groups_from_pattern(cells, g_rx, problems)
+    elif unlabelled and group_column is None:
+        for c in cells:
+            c.group = PurePosixPath(c.files[0]).parent.as_posix()
 
     found = Counter(c.class_name for c in cells if c.class_name)
-    if set(found) != {normal, abnormal}:
+    if not unlabelled and set(found) != {normal, abnormal}:
         listing = ", ".join(f"{k!r} ({n} cells)" for k, n in sorted(found.items())) or "none"
         problems.append(f"classes found: {listing}; expected exactly the two classes --normal "
                         f"{normal!r} and --abnormal {abnormal!r}"
@@ -450,15 +477,22 @@ def build_manifest(folder: str | os.PathLike, *, normal: str, abnormal: str, cha
         rows.append({
             "cell_id": c.cell_id,
             "path": ";".join((prefix / f).as_posix() for f in c.files),
-            "label": label_of.get(c.class_name or "", -1),
-            "class_name": c.class_name or "",
+            "label": "" if unlabelled else label_of.get(c.class_name or "", -1),
+            "class_name": "" if unlabelled else c.class_name or "",
             "group": c.group or "",
             "channels": "0,0,0" if cmap.per_file else ",".join(cmap.values),
             "sha256": ";".join(info[f][0] if f in info else "" for f in c.files),
             "shape": ";".join(info[f][1] if f in info else "" for f in c.files),
+            **({"stains": stains} if stains is not None else {}),
             **c.extra,
         })
-    df = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS) + sorted({k for c in cells for k in c.extra}))
+    extra = (["stains"] if stains is not None else []) + sorted({k for c in cells for k in c.extra} - {"stains"})
+    df = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS) + extra)
+    if unlabelled:
+        _raise_problems(problems + [p for p in _check_table(df, labelled=False)], f"image folder {folder}")
+        df.attrs["data_root"] = str(root)
+        df.attrs["notes"] = notes
+        return df
 
     # the table's checks on the cells of the two classes with a group (the rest are named above)
     ok = df[(df["label"] >= 0) & (df["group"] != "")]
