@@ -105,6 +105,13 @@ def _train_network(a: argparse.Namespace) -> int:
     return 0
 
 
+def _explain_fold(a: argparse.Namespace) -> int:
+    from cellstudy.workflow import explain_fold
+
+    explain_fold(a.run_dir, a.network, a.fold, data_root=a.data_root)
+    return 0
+
+
 def _train_fold(a: argparse.Namespace) -> int:
     from cellstudy.workflow import train_fold
 
@@ -227,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--data-root", default=None, help="the data root (default: the run config's, "
                    "$CELLSTUDY_DATA_ROOT or ../shared/data)")
     t.set_defaults(func=_train_fold)
+    x = sub.add_parser("explain-fold", help="explain one trained (network, fold) of a prepared run folder "
+                       "into the XAI chapter's cache (a workflow job on a cluster)")
+    x.add_argument("run_dir")
+    x.add_argument("--network", required=True, help="a network of the run, e.g. mhl")
+    x.add_argument("--fold", required=True, type=int, help="the test fold, 0..n_splits-1")
+    x.add_argument("--data-root", default=None, help="the data root (default: the run config's, "
+                   "$CELLSTUDY_DATA_ROOT or ../shared/data)")
+    x.set_defaults(func=_explain_fold)
     st = sub.add_parser("step", help="execute one notebook of a prepared run folder with its parameters")
     st.add_argument("run_dir")
     st.add_argument("step", help="a step of the run's config, e.g. 05_mhl_family")

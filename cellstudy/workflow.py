@@ -49,6 +49,8 @@ PROFILES = config.REPO_ROOT / "profiles"
 #: The family chapters and the family each one trains (the notebooks' ``FAMILY``).
 FAMILY_STEPS: dict[str, str] = {"02_dl_family": "DL", "03_vit": "ViT", "04_rgb_family": "RGB",
                                 "05_mhl_family": "MHL"}
+#: The XAI chapter (on a cluster its folds are explained by one job each first).
+XAI_STEP = "08_xai"
 #: Steps that want a GPU on a cluster (the profile gives their rules ``gpu=1``).
 GPU_STEPS: tuple[str, ...] = ("06_gpu_training", "08_xai")
 #: Keys a workflow's ``--config`` may add to the study config.
@@ -89,11 +91,19 @@ class Plan:
         """The folds trained, in order."""
         return sorted({k for _, k in self.train})
 
-    def step_inputs(self, step: str) -> list[str]:
+    def xai_file(self, network: str, fold: int) -> str:
+        """The target of the (network, fold) explanation job, relative to the run folder."""
+        return f"{XAI_STEP}/jobs/{network}/fold{int(fold)}_long.json"
+
+    def step_inputs(self, step: str, fold_jobs: bool = False) -> list[str]:
         """A step's input files, relative to the run folder: the executed notebooks of the steps
-        it needs and, for a family chapter, the ``done.json`` of every fold it reads back."""
+        it needs and, for a family chapter, the ``ended.json`` of every fold it reads back; with
+        ``fold_jobs`` (a cluster) the XAI chapter also waits for one explanation job per
+        (network, fold), whose results it reads from its cache."""
         files = [f"notebooks/{d}.ipynb" for d in self.needs[step]]
         files += [self.done_file(n, k) for n, k in self.family_folds.get(step, [])]
+        if fold_jobs and step == XAI_STEP:
+            files += [self.xai_file(n, k) for n, k in self.train]
         return files
 
 
@@ -232,6 +242,24 @@ def train_network(run_dir: str | os.PathLike, network: str, *, data_root: str | 
              f"{el:.0f} s elapsed, ~{el / i * (len(folds) - i):.0f} s left")
         out.append(res)
     return out
+
+
+def explain_fold(run_dir: str | os.PathLike, network: str, fold: int, *, data_root: str | None = None,
+                 echo: Callable[[str], None] = print) -> Path:
+    """One (network, fold) explanation job of a prepared run folder whose fold has ended
+    (``explain.explain_fold_job`` with the run's cohort, scale and seed); returns its marker."""
+    from cellstudy import explain, study
+
+    run, cfg, sc = prepared_run(run_dir)
+    networks.check_network(network)
+    k = int(fold)
+    if not run.fold(network, k).ended.is_file() and not run.fold(network, k).is_finished():
+        raise rundir.RunFolderError(f"{network} fold {k} of {run.root} has not been trained (no "
+                                    f"{rundir.ENDED}); train it first (cellstudy train-fold)")
+    root = config.data_root(data_root or cfg.data_root)
+    prepared = study.prepare(cfg.cohort, cfg.scale, run.root, data_root=str(root), seed=int(cfg.seed),
+                             overrides=cfg.overrides, progress=False)
+    return explain.explain_fold_job(prepared, network, k, seed=int(cfg.seed), echo=echo)
 
 
 @contextmanager

@@ -433,3 +433,28 @@ def test_worker_tasks_start_with_the_slowest_network(tmp_path):
     costs = {"fast": explain._expected_cost(fast_big), "slow": explain._expected_cost(slow_small),
              "nodone": explain._expected_cost(no_done)}
     assert sorted(costs, key=costs.get, reverse=True) == ["slow", "fast", "nodone"]
+
+
+def test_a_fold_job_fills_the_cache_the_chapter_reads(trained, tmp_path):
+    """explain_fold_job (the workflow's per-(network, fold) XAI job on a cluster) uses exactly the
+    chapter's parameters: explain_run then reads that fold from the cache and computes the other."""
+    import shutil
+
+    from cellstudy import study
+
+    run = tmp_path / "run"
+    shutil.copytree(trained.run_dir / "folds", run / "folds")
+    shutil.copytree(trained.run_dir / "training" / "mhl", run / "training" / "mhl")
+    (run / "scale.json").write_text((trained.run_dir / "scale.json").read_text())
+    p = study.prepare("bbbc021-paper", "ci", run, data_root=str(trained.cohort.root), progress=False,
+                      overrides={"networks": ["mhl", "rgb"], "folds_to_run": [0, 1]})
+    said = []
+    marker = explain.explain_fold_job(p, "mhl", 0, echo=said.append)
+    info = json.loads(marker.read_text())
+    assert marker == explain.job_marker(run, "mhl", 0) and info["status"] == "explained" and info["n_cells"] == 8
+    assert (run / info["cache"]).is_file() and "xai mhl fold 0: explained" in said[0]
+    skipped = json.loads(explain.explain_fold_job(p, "mhl", 2, echo=said.append).read_text())
+    assert skipped["status"] == "skipped" and "fold2" in skipped["reason"]
+    res = explain.explain_run(p, networks=["mhl"], echo=lambda s: None)
+    t = res.timings.set_index("fold")["cached"]
+    assert bool(t[0]) and not bool(t[1])

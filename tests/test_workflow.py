@@ -36,9 +36,10 @@ def test_dry_run_has_one_training_job_per_network_and_fold(tmp_path, name, train
     assert jobs["train"] == trains
     assert jobs["step"] + jobs["gpu_step"] == steps
     assert jobs["gpu_step"] == 2 and jobs["book"] == 1
+    assert jobs["xai"] == trains          # on a cluster: one explanation job per (network, fold) too
     # on one machine (cellstudy run, make study): one training job per network, all its folds
     local = workflow.dag_jobs(tmp_path, REPO / "configs" / f"{name}.yaml", fold_jobs=False)
-    assert "train" not in local and local["train_network"] == len(workflow.make_plan(
+    assert "train" not in local and "xai" not in local and local["train_network"] == len(workflow.make_plan(
         runner.load_config(REPO / "configs" / f"{name}.yaml")).networks)
     assert local["step"] + local["gpu_step"] == steps
 

@@ -521,3 +521,47 @@ def explain_run(prepared, regime: str = "long", max_cells: int | None | str = "s
     return res
 
 
+
+
+def job_marker(run_dir: str | os.PathLike, network: str, fold: int, regime: str = "long") -> Path:
+    """``<run>/08_xai/jobs/<network>/fold<k>_<regime>.json``: the workflow's target of one
+    (network, fold) explanation job (:func:`explain_fold_job`)."""
+    return Path(run_dir) / STEP / "jobs" / network / f"fold{int(fold)}_{regime}.json"
+
+
+def explain_fold_job(prepared, network: str, fold: int, regime: str = "long", seed: int = 0,
+                     echo: Callable[[str], None] = print) -> Path:
+    """Explain one (network, fold) of a run into the 08_xai cache, with exactly the parameters
+    the XAI chapter uses (``explain_run``'s defaults at the run's scale: its ``xai_max_cells``,
+    ``gradcam_min_size`` and seed), so that the chapter reads it instead of computing it: a
+    workflow job on a cluster (one GPU per (network, fold)). A fold without a usable model
+    (failed or unfinished) is recorded as skipped with the reason (the chapter reports it).
+    Writes and returns :func:`job_marker`."""
+    import cellstudy.learning.models  # noqa: F401  (registers the custom layers for load_model)
+
+    catalogue.check_network(network)
+    run_dir = Path(prepared.run_dir)
+    params = replace(XaiParams(), regime=regime, max_cells=prepared.scale.get("xai_max_cells"), seed=int(seed),
+                     gradcam_min_size=prepared.scale.get("gradcam_min_size", 4)).check()
+    S = int(prepared.images.shape[1])
+    out = run_dir / STEP
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+    marker = job_marker(run_dir, network, fold, regime)
+    problem = rundir.Run(run_dir).fold(network, int(fold)).problem(regime)
+    t0 = time.perf_counter()
+    if problem is not None:
+        info = {"network": network, "fold": int(fold), "regime": regime, "status": "skipped",
+                "reason": f"{problem['status']}: {problem['detail']}"}
+    else:
+        coh = _Cohort.of(prepared)
+        rows: list[dict] = []
+        _explain_network(coh, network, [int(fold)], params, S, out, lambda fe, row: rows.append(row))
+        plan = _fold_plan(coh, network, int(fold), params, S, out)
+        info = {"network": network, "fold": int(fold), "regime": regime, "status": "explained",
+                "cache": str(plan["cache"].relative_to(run_dir)), "n_cells": int(len(plan["idx"])),
+                "cached_before": bool(rows and rows[0].get("cached"))}
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    atomic.write_json(marker, info)
+    echo(f"xai {network} fold {fold}: {info['status']} ({info.get('cache') or info.get('reason')}), "
+         f"{info['seconds']} s")
+    return marker
