@@ -21,6 +21,9 @@ CLASSICAL = "Classical"
 
 #: The paper's 3-layer CNN (RGB / MHL families): filters of its three conv blocks.
 CNN3_FILTERS: tuple[int, int, int] = (32, 64, 128)
+#: The backbones a local weights file can supply (``models.backbones.BACKBONES``; the study
+#: config's ``weights`` keys).
+BACKBONE_NAMES: tuple[str, ...] = ("vgg16", "resnet50", "densenet121", "cnn3")
 
 #: Parameters of the shared classification head (cellstudy.learning.models.head) and their paper defaults.
 HEAD_DEFAULTS: dict[str, Any] = {"head_pooling": "avg", "head_units": (1024, 512), "head_dropout": 0.3}

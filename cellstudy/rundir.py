@@ -191,6 +191,16 @@ class Run:
         """``<run>/notebooks/<step>.ipynb``: the executed copy of notebook ``step``."""
         return self.notebooks / f"{step}.ipynb"
 
+    def config_weights(self) -> dict[str, dict[str, str]] | None:
+        """The pretrained backbone weights of the run's study config (``study.yaml``'s
+        ``weights``: ``{backbone: {"path", "sha256"}}``); None when it has none or no config."""
+        import yaml
+
+        if not self.study_config.is_file():
+            return None
+        w = (yaml.safe_load(self.study_config.read_text()) or {}).get("weights")
+        return w or None
+
     def log(self, step: str) -> Path:
         """``<run>/logs/<step>.log``: a step's stream output, kept out of the book."""
         return self.logs / f"{step}.log"

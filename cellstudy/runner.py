@@ -84,8 +84,11 @@ class StudyConfig:
     title: str = "cellstudy"
     #: extra papermill parameters for single steps, e.g. {"06_gpu_training": {"network": "mhl"}}
     notebook_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: how many notebooks may run at once (each in its own kernel); does not change the results
+    #: how many jobs may run at once (training jobs, notebooks); does not change the results
     workers: int = 1
+    #: pretrained backbone weights: {backbone: {path: local file, sha256: its checksum}} for
+    #: vgg16 / resnet50 / densenet121 / cnn3; every network on that backbone starts from it
+    weights: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def digest(self) -> str:
         """A short hash identifying what this config computes (used to match runs to resume): the
@@ -183,6 +186,7 @@ def config_from_dict(raw: dict[str, Any], path: str | os.PathLike = "<config>") 
                                      f"notebook parameters other than {sorted(reserved)}")
     if len(set(cfg.steps)) != len(cfg.steps):
         raise config.ConfigError(f"study config {path}: a step is listed twice in {cfg.steps}")
+    cfg.weights = check_weights_entries(cfg.weights, path)
     if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 1:
         raise config.ConfigError(f"study config {path}: workers={cfg.workers!r}; expected an int >= 1 "
                                  "(how many notebooks run at once)")
@@ -192,6 +196,58 @@ def config_from_dict(raw: dict[str, Any], path: str | os.PathLike = "<config>") 
             raise config.ConfigError(f"study config {path}: step {step} needs {later}, listed after it; "
                                      "list them before it")
     return cfg
+
+
+def check_weights_entries(weights: Any, path: str | os.PathLike = "<config>") -> dict[str, dict[str, str]]:
+    """The config's ``weights`` mapping checked for form (not the files: :func:`check_weights`):
+    ``{backbone: {"path": str, "sha256": 64 hex digits}}`` with a backbone of
+    ``models.backbones.BACKBONES``; a relative path is taken from the current folder and made
+    absolute (the jobs run elsewhere). ConfigError naming the entry otherwise."""
+    from cellstudy.networks import BACKBONE_NAMES
+
+    if weights in (None, {}):
+        return {}
+    if not isinstance(weights, dict):
+        raise config.ConfigError(f"study config {path}: weights must be a mapping backbone -> "
+                                 "{path: FILE, sha256: HEX}, got " + type(weights).__name__)
+    out = {}
+    for b, entry in weights.items():
+        if b not in BACKBONE_NAMES:
+            raise config.ConfigError(f"study config {path}: weights for unknown backbone {b!r}; expected one of "
+                                     f"{list(BACKBONE_NAMES)}")
+        if not isinstance(entry, dict) or set(entry) != {"path", "sha256"}:
+            raise config.ConfigError(f"study config {path}: weights[{b!r}] must be {{path: FILE, sha256: HEX}}, "
+                                     f"got {entry!r}")
+        sha = str(entry["sha256"]).strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise config.ConfigError(f"study config {path}: weights[{b!r}].sha256 {entry['sha256']!r} is not a "
+                                     "sha256 (64 hex digits; `sha256sum FILE` prints it)")
+        p = Path(str(entry["path"])).expanduser()
+        out[b] = {"path": str(p if p.is_absolute() else (Path.cwd() / p).resolve()), "sha256": sha}
+    return out
+
+
+def check_weights(cfg: StudyConfig) -> dict[str, Any]:
+    """Before any work: every weights file of ``cfg`` exists, has its sha256 and fits its
+    backbone at the run's image size (loaded into the bare backbone). Returns the provenance
+    ``{backbone: {path, sha256, bytes, networks}}``; FileNotFoundError / ValueError naming the
+    file otherwise."""
+    if not cfg.weights:
+        return {}
+    from cellstudy import networks as catalogue
+    from cellstudy.learning.models.weights import fitted_backbone, resolve_weights_path
+
+    S = int(config.get_scale(cfg.scale, cfg.overrides)["image_size"])
+    out = {}
+    for b, e in cfg.weights.items():
+        p = resolve_weights_path(e["path"], e["sha256"])
+        try:
+            fitted_backbone(b, p, (S, S))
+        except ValueError as ex:
+            raise ValueError(f"{ex} (study config weights[{b!r}])") from None
+        out[b] = {**e, "bytes": p.stat().st_size,
+                  "networks": [n for n in catalogue.NETWORK_NAMES if b in catalogue.SPECS[n].backbones]}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +313,7 @@ def preflight(cfg: StudyConfig) -> dict[str, Any]:
     from cellstudy import data
 
     root = config.data_root(cfg.data_root)
+    weights = check_weights(cfg)
     table = data.load_manifest(cfg.cohort)
     data.verify_manifest(table, root, check_sha=True)
     manifest_path = data.manifest_path(cfg.cohort)
@@ -270,6 +327,7 @@ def preflight(cfg: StudyConfig) -> dict[str, Any]:
         "n_per_class": {str(k): int(v) for k, v in table["label"].value_counts().sort_index().items()},
         "n_groups": int(table["group"].nunique()),
         "files_verified_sha256": True,
+        "weights": weights,
     }
 
 

@@ -196,7 +196,8 @@ def train_fold(run_dir: str | os.PathLike, network: str, fold: int, *, data_root
     root = config.data_root(data_root or cfg.data_root)
     prepared = study.prepare(cfg.cohort, cfg.scale, run.root, data_root=str(root), seed=int(cfg.seed),
                              overrides=cfg.overrides, progress=False)
-    res, _ = experiment.run_fold(prepared, network, k, seed=int(cfg.seed), progress=train.print_progress)
+    res, _ = experiment.run_fold(prepared, network, k, seed=int(cfg.seed), progress=train.print_progress,
+                                 weights=cfg.weights)
     mark_ended(fd, res)
     echo(f"{network} fold {k}: {res.status} ({fd.path})")
     return res
@@ -230,12 +231,12 @@ def train_network(run_dir: str | os.PathLike, network: str, *, data_root: str | 
     root = config.data_root(data_root or cfg.data_root)
     prepared = study.prepare(cfg.cohort, cfg.scale, run.root, data_root=str(root), seed=int(cfg.seed),
                              overrides=cfg.overrides, progress=False)
-    builder = experiment.fold_builder(network, sc)
+    builder = experiment.fold_builder(network, sc, experiment.weights_params(network, cfg.weights))
     out, folds = [], experiment.folds_for(sc)
     t0 = time.perf_counter()
     for i, k in enumerate(folds, 1):
         res, _ = experiment.run_fold(prepared, network, k, builder, seed=int(cfg.seed),
-                                     progress=train.print_progress)
+                                     progress=train.print_progress, weights=cfg.weights)
         mark_ended(run.fold(network, k), res)
         el = time.perf_counter() - t0
         echo(f"[{i}/{len(folds)}] {network} fold {k}: {res.status}{' (read back)' if res.skipped else ''}; "

@@ -116,6 +116,33 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def weights_params(name: str, weights: dict[str, dict[str, str]] | None) -> dict[str, Any]:
+    """``models.build`` parameters that start network ``name`` from the study config's pretrained
+    backbone weights (``weights``: ``{backbone: {"path", "sha256"}}``, see
+    ``runner.check_weights``): ``{"weights": path, "weights_sha256": sha}`` when its backbone has a
+    file (DenRes-131: mappings for its two backbones), ``{}`` when none does (random, seeded)."""
+    from cellstudy import networks as catalogue
+
+    weights = weights or {}
+    have = [b for b in catalogue.SPECS[name].backbones if b in weights]
+    if not have:
+        return {}
+    if name == "denres131":
+        return {"weights": {b: weights[b]["path"] for b in have},
+                "weights_sha256": {b: weights[b]["sha256"] for b in have}}
+    b = have[0]
+    return {"weights": weights[b]["path"], "weights_sha256": weights[b]["sha256"]}
+
+
+def initial_weights(name: str, weights: dict[str, dict[str, str]] | None) -> dict[str, Any] | None:
+    """What network ``name`` starts from, for ``done.json`` and the chapters: ``{backbone:
+    {"path", "sha256"}}`` of the files it loads; None: random initialisation (seeded)."""
+    from cellstudy import networks as catalogue
+
+    got = {b: dict(weights[b]) for b in catalogue.SPECS[name].backbones if b in (weights or {})}
+    return got or None
+
+
 def fold_builder(name: str, scale: dict[str, Any], params: dict[str, Any] | None = None):
     """The builder ``train.train_fold`` gets for network ``name`` at ``scale``: a
     ``train.WeightResetter`` (one build per process, weights reset for every further fold) around
@@ -154,7 +181,7 @@ def _read_back(fd: rundir.FoldDir, image_size: int):
 def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
              model_params: dict[str, Any] | None = None, strategy: Any = None,
              mixed_precision: str | None = None, jit_compile: bool = False, deterministic: bool = False,
-             progress: Callable[[dict], None] | None = None):
+             progress: Callable[[dict], None] | None = None, weights: dict[str, dict[str, str]] | None = None):
     """Train and evaluate network ``name`` on fold ``k`` of ``prepared`` (``study.prepare``'s
     result), both regimes, into ``<run>/training/<name>/fold<k>/``; returns ``(TrainResult,
     test cells frame)``. The unit of work of the study: ``run_networks`` calls it for every
@@ -162,7 +189,9 @@ def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
 
     A finished fold (``done.json`` or ``failed.json`` and its ``test_cells.csv``) is read back and
     none of its files is written again; an interrupted one resumes from its checkpoint.
-    ``builder``: a ``fold_builder`` to reuse across folds of one network (None: a new one)."""
+    ``builder``: a ``fold_builder`` to reuse across folds of one network (None: a new one).
+    ``weights``: the study config's pretrained backbone weights (``runner.check_weights``); the
+    network starts from its backbone's file (recorded in ``done.json``)."""
     from cellstudy.learning import train
 
     sc = prepared.scale
@@ -181,7 +210,8 @@ def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
                       "status": "done" if fd.done.exists() else "failed",
                       "path": str(fd.done if fd.done.exists() else fd.failed)})
         return _read_back(fd, S)
-    builder = builder if builder is not None else fold_builder(name, sc, model_params)
+    builder = builder if builder is not None else fold_builder(
+        name, sc, {**weights_params(name, weights), **(model_params or {})})
     fa = augment.fold_arrays(prepared.images, prepared.labels, prepared.folds, k,
                              max_shift_px=config.max_shift_px(sc),
                              max_rotation_deg=sc["max_rotation_deg"], seed=seed)
@@ -197,7 +227,8 @@ def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
         learning_rate=float(sc["learning_rate"]), momentum=float(sc["momentum"]),
         warmup_epochs=int(sc.get("warmup_epochs", 0)), seed=seed,
         deterministic=deterministic, strategy=strategy, mixed_precision=mixed_precision,
-        jit_compile=jit_compile, progress=progress, network_name=name, fold=k)
+        jit_compile=jit_compile, progress=progress, network_name=name, fold=k,
+        initial_weights=initial_weights(name, weights))
     return res, cells
 
 
@@ -205,11 +236,14 @@ def run_networks(prepared, family: str | Sequence[str], step: str, *, seed: int 
                  model_params: dict[str, dict[str, Any]] | None = None, strategy: Any = None,
                  mixed_precision: str | None = None, jit_compile: bool = False,
                  deterministic: bool = False, progress: Callable[[dict], None] | None = None,
-                 echo: Callable[[str], None] = print) -> FamilyResults:
+                 echo: Callable[[str], None] = print, weights: dict[str, dict[str, str]] | None | str = "run"
+                 ) -> FamilyResults:
     """Train and evaluate every network of ``family`` on every fold of ``prepared``
     (``study.prepare``'s result) at its scale (``run_fold`` for each); results are written under
     the run folder and returned. Finished (network, fold) runs are read back, not retrained (a
-    workflow's per-fold jobs may have trained them); interrupted ones resume.
+    workflow's per-fold jobs may have trained them); interrupted ones resume. ``weights``: the
+    pretrained backbone weights (``run_fold``); ``"run"``: those of the run's study config
+    (``study.yaml``'s ``weights``), none when it has none.
     """
     from cellstudy.learning import train
 
@@ -218,17 +252,19 @@ def run_networks(prepared, family: str | Sequence[str], step: str, *, seed: int 
     folds = folds_for(sc)
     if not names:
         raise ValueError(f"no network of {family!r} is selected by the scale's networks={sc.get('networks')}")
+    if isinstance(weights, str):
+        weights = rundir.Run(prepared.run_dir).config_weights()
     out = rundir.Run(prepared.run_dir).step(step)
     progress = train.print_progress if progress is None else progress
     records, preds, hist, fails, times = [], [], [], [], []
     total = len(names) * len(folds)
     done_runs, t0 = 0, time.perf_counter()
     for name in names:
-        builder = fold_builder(name, sc, (model_params or {}).get(name))
+        builder = fold_builder(name, sc, {**weights_params(name, weights), **((model_params or {}).get(name) or {})})
         for k in folds:
             res, cells = run_fold(prepared, name, k, builder, seed=seed, strategy=strategy,
                                   mixed_precision=mixed_precision, jit_compile=jit_compile,
-                                  deterministic=deterministic, progress=progress)
+                                  deterministic=deterministic, progress=progress, weights=weights)
             done_runs += 1
             elapsed = time.perf_counter() - t0
             echo(f"[{done_runs}/{total}] {name} fold {k}: {res.status}"

@@ -347,7 +347,8 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
                progress: Callable[[dict[str, Any]], None] | None = None,
                network_name: str = "network", fold: int = 0,
                callbacks: list | None = None, keep_checkpoint: bool = False,
-               retry_failed: bool = False, cache: bool = True) -> TrainResult:
+               retry_failed: bool = False, cache: bool = True,
+               initial_weights: dict[str, Any] | None = None) -> TrainResult:
     """Train one (network, fold) and evaluate both regimes; resumable.
 
     build_fn: zero-argument builder of an *uncompiled* Keras 3 model, input (S, S, 3), output a
@@ -368,6 +369,8 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
     callbacks: extra Keras callbacks for each epoch's ``fit``.
     keep_checkpoint: keep ``checkpoint.npz`` after a finished run.
     retry_failed: re-run a run that has ``failed.json`` (otherwise it is returned as failed).
+    initial_weights: where the model's backbone weights came from (``{backbone: {"path",
+        "sha256"}}``; None: random, seeded), recorded in ``done.json`` and checked on resume.
 
     Returns a ``TrainResult``. A NaN / inf loss stops the run, writes ``failed.json`` and returns
     a failed result (no exception). Raises ``TrainError`` (a ``ValueError``) before training
@@ -464,7 +467,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
             "warmup_epochs": int(warmup_epochs), "n_train": int(len(x_train)), "n_test": int(len(x_test)),
             "epochs_short": int(epochs_short), "epochs_long": int(epochs_long),
             "deterministic": bool(deterministic), "mixed_precision": policy,
-            "jit_compile": bool(jit_compile),
+            "jit_compile": bool(jit_compile), "initial_weights": initial_weights or None,
         }
 
         # ---- resume ---------------------------------------------------------------------------

@@ -151,3 +151,25 @@ def results_sentence(tidy: pd.DataFrame, n_failures: int = 0) -> str:
                          f"{r.loc['long', 'sd']:.3f}, accuracy {a.loc['long', 'mean']:.3f} (long regime)")
     return ("In this run, " + "; ".join(parts) + "." +
             (f" **{n_failures} run(s) failed** (see `failures.csv`)." if n_failures else ""))
+
+
+def starting_weights(weights: Mapping[str, Mapping[str, str]] | None, networks: Iterable[str]) -> str:
+    """What ``networks`` start from in a run whose study config has ``weights`` (``{backbone:
+    {"path", "sha256"}}``, ``Run.config_weights()``): one sentence naming, per backbone file, the
+    networks that loaded it (file name and the sha256's first 12 digits), and the ones that start
+    from random weights. The departures table and the networks chapters print it."""
+    from cellstudy import networks as catalogue
+
+    nets = list(networks)
+    loaded: dict[str, list[str]] = {}
+    for n in nets:
+        for b in catalogue.SPECS[n].backbones:
+            if b in (weights or {}):
+                loaded.setdefault(b, []).append(catalogue.DISPLAY[n])
+    if not loaded:
+        return "random weights (seeded): the study config names no pretrained weights file (`weights:`)"
+    parts = [f"{', '.join(sorted(set(v), key=v.index))} from `{Path(weights[b]['path']).name}` "
+             f"({b}, sha256 {weights[b]['sha256'][:12]}...)" for b, v in loaded.items()]
+    rest = [catalogue.DISPLAY[n] for n in nets
+            if not any(b in (weights or {}) for b in catalogue.SPECS[n].backbones)]
+    return "; ".join(parts) + (f"; random weights (seeded): {', '.join(rest)}" if rest else "")

@@ -31,7 +31,7 @@ from keras import layers
 
 from cellstudy.networks import CNN3_FILTERS  # the paper's 3-layer CNN's filters (the catalogue's)
 
-BACKBONES = ("vgg16", "resnet50", "densenet121", "cnn3")
+from cellstudy.networks import BACKBONE_NAMES as BACKBONES  # noqa: E402  (one list: the catalogue's)
 
 #: Smallest input side each backbone accepts (pixels).
 MIN_SIZE = {"vgg16": 32, "resnet50": 32, "densenet121": 32, "cnn3": 8}

@@ -44,16 +44,11 @@ def resolve_weights_path(path: str | os.PathLike, sha256: str | None = None) -> 
     return p.resolve()
 
 
-def load_backbone_weights(model, backbone: str, path, hw: tuple[int, int], prefix: str = "",
-                          sha256: str | None = None, cnn_filters=bbs.CNN3_FILTERS) -> list[str]:
-    """Load backbone weights from the local file ``path`` into ``model``'s backbone layers.
-
-    ``backbone``: one of ``backbones.BACKBONES``; ``hw``: the network's input (H, W);
-    ``prefix``: the backbone's layer-name prefix inside ``model`` (DenRes: "res_" / "den_").
-    Returns the names of the layers that received weights. Kernels whose input-channel axis is 3
-    in the file and 1 in the model are summed over that axis (RGB family).
-    """
-    p = resolve_weights_path(path, sha256)
+def fitted_backbone(backbone: str, path, hw: tuple[int, int], cnn_filters=bbs.CNN3_FILTERS):
+    """The bare backbone (RGB input at ``hw``) with the weights of the local file ``path`` loaded;
+    ValueError naming the file when it does not fit (Keras raises, or warns that it skipped or
+    mismatched parts and kept fresh weights there)."""
+    p = Path(path)
     ref = bbs.standalone(backbone, (hw[0], hw[1], 3), cnn_filters=cnn_filters)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -65,6 +60,20 @@ def load_backbone_weights(model, backbone: str, path, hw: tuple[int, int], prefi
                or "mismatch" in str(w.message).lower()]
     if skipped:  # Keras 3 warns (and keeps fresh weights) for parts it cannot match
         raise ValueError(f"weights file {p} does not fit backbone {backbone!r}: {skipped[0]}")
+    return ref
+
+
+def load_backbone_weights(model, backbone: str, path, hw: tuple[int, int], prefix: str = "",
+                          sha256: str | None = None, cnn_filters=bbs.CNN3_FILTERS) -> list[str]:
+    """Load backbone weights from the local file ``path`` into ``model``'s backbone layers.
+
+    ``backbone``: one of ``backbones.BACKBONES``; ``hw``: the network's input (H, W);
+    ``prefix``: the backbone's layer-name prefix inside ``model`` (DenRes: "res_" / "den_").
+    Returns the names of the layers that received weights. Kernels whose input-channel axis is 3
+    in the file and 1 in the model are summed over that axis (RGB family).
+    """
+    p = resolve_weights_path(path, sha256)
+    ref = fitted_backbone(backbone, p, hw, cnn_filters)
     done = []
     for rl in ref.layers:
         src = rl.get_weights()

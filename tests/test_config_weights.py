@@ -1,0 +1,103 @@
+"""Pretrained backbone weights through the study config (issue 19 item 1): the `weights:` block is
+checked for form when the config loads and for its files before any work; every network on that
+backbone starts from the file; done.json records it. Small files written here."""
+import json
+
+import keras
+import numpy as np
+import pytest
+import yaml
+
+from cellstudy import config, runner
+from cellstudy.data import sha256_file
+from cellstudy.learning import experiment, train
+from cellstudy.learning.models import backbones as bbs
+
+S = 32
+
+
+@pytest.fixture(scope="module")
+def cnn3_file(tmp_path_factory):
+    keras.utils.set_random_seed(3)
+    ref = bbs.standalone("cnn3", (S, S, 3))
+    path = tmp_path_factory.mktemp("w") / "cnn3.weights.h5"
+    ref.save_weights(path)
+    return ref, path
+
+
+def _cfg(tmp_path, weights):
+    p = tmp_path / "w.yaml"
+    p.write_text(yaml.safe_dump({"name": "w", "cohort": "bbbc021-paper", "scale": "ci", "steps": ["00_cohort"],
+                                 "weights": weights}))
+    return p
+
+
+def test_weights_block_form_and_files_checked_before_any_work(tmp_path, cnn3_file, monkeypatch):
+    _, path = cnn3_file
+    sha = sha256_file(path)
+    for bad, message in [({"alexnet": {"path": str(path), "sha256": sha}}, "unknown backbone 'alexnet'"),
+                         ({"cnn3": str(path)}, r"weights\['cnn3'\] must be \{path: FILE, sha256: HEX\}"),
+                         ({"cnn3": {"path": str(path), "sha256": "abc"}}, "is not a sha256"),
+                         (["cnn3"], "weights must be a mapping")]:
+        with pytest.raises(config.ConfigError, match=message):
+            runner.load_config(_cfg(tmp_path, bad))
+    monkeypatch.chdir(tmp_path)   # a relative path is taken from where the command runs
+    cfg = runner.load_config(_cfg(tmp_path, {"cnn3": {"path": path.name if path.parent == tmp_path else str(path),
+                                                      "sha256": sha.upper()}}))
+    assert cfg.weights == {"cnn3": {"path": str(path), "sha256": sha}}
+    prov = runner.check_weights(cfg)
+    assert prov["cnn3"]["networks"] == ["rgb", "mhl"] and prov["cnn3"]["bytes"] == path.stat().st_size
+    # the files: wrong checksum, missing, another backbone's file -- each named
+    cfg.weights = {"cnn3": {"path": str(path), "sha256": "0" * 64}}
+    with pytest.raises(ValueError, match=rf"{path.name}: sha256 .* does not match"):
+        runner.check_weights(cfg)
+    cfg.weights = {"cnn3": {"path": str(tmp_path / "gone.h5"), "sha256": sha}}
+    with pytest.raises(FileNotFoundError, match="gone.h5"):
+        runner.check_weights(cfg)
+    cfg.weights = {"resnet50": {"path": str(path), "sha256": sha}}
+    with pytest.raises(ValueError, match=r"cnn3.weights.h5 does not fit backbone 'resnet50'"):
+        runner.check_weights(cfg)
+
+
+def test_networks_on_the_backbone_start_from_the_file(cnn3_file):
+    ref, path = cnn3_file
+    w = {"cnn3": {"path": str(path), "sha256": sha256_file(path)}}
+    assert experiment.weights_params("vit", w) == {} and experiment.initial_weights("vgg16", w) is None
+    assert experiment.weights_params("mhl", w) == {"weights": str(path), "weights_sha256": w["cnn3"]["sha256"]}
+    assert experiment.initial_weights("rgb", w) == w
+    sc = config.get_scale("ci")
+    b = experiment.fold_builder("mhl", sc, experiment.weights_params("mhl", w))
+    m = b()
+    np.testing.assert_array_equal(m.get_layer("cnn_conv3").get_weights()[0], ref.get_layer("cnn_conv3").get_weights()[0])
+    # the next fold gets the file's weights again, not the trained ones
+    m.get_layer("cnn_conv3").set_weights([np.zeros_like(v) for v in m.get_layer("cnn_conv3").get_weights()])
+    m2 = b()
+    np.testing.assert_array_equal(m2.get_layer("cnn_conv3").get_weights()[0], ref.get_layer("cnn_conv3").get_weights()[0])
+
+
+def test_done_json_records_the_initial_weights_and_resume_checks_them(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.random((16, 8, 8, 3)).astype(np.float32)
+    y = np.array([0, 1] * 8)
+
+    def build():
+        inp = keras.Input((8, 8, 3))
+        h = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inp))
+        return keras.Model(inp, keras.layers.Dense(2, activation="softmax")(h))
+    w = {"cnn3": {"path": "/data/cnn3.weights.h5", "sha256": "a" * 64}}
+    train.train_fold(build, x, y, x[:4], y[:4], tmp_path / "f", 1, 2, batch_size=8, network_name="tiny",
+                     initial_weights=w)
+    assert json.loads((tmp_path / "f" / "done.json").read_text())["initial_weights"] == w
+    from cellstudy.learning import checkpoints
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="initial_weights"):
+        checkpoints.compare_meta(tmp_path / "c", {"network": "t", "initial_weights": w}, {"network": "t"})
+
+
+def test_the_chapters_say_which_networks_started_from_what():
+    from cellstudy.report import chapters
+
+    assert chapters.starting_weights(None, ["vgg16"]).startswith("random weights (seeded)")
+    w = {"resnet50": {"path": "/w/resnet50_notop.h5", "sha256": "ab" * 32}}
+    s = chapters.starting_weights(w, ["vgg16", "resnet50", "denres131"])
+    assert s == ("ResNet50, DenRes-131 from `resnet50_notop.h5` (resnet50, sha256 abababababab...); "
+                 "random weights (seeded): VGG16")
