@@ -95,6 +95,19 @@ def _predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _weights(a: argparse.Namespace) -> int:
+    from cellstudy.learning.models import weights as W
+
+    cache = Path(a.cache) if a.cache else config.cache_dir() / "weights"
+    try:
+        got = W.fetch_imagenet(a.names, cache, base_url=a.base_url or W.KERAS_WEIGHTS_URL)
+    except W.FetchError as e:
+        print(f"cellstudy: error: {e}", file=sys.stderr)
+        return 2
+    print("\nadd to your study config (configs/<name>.yaml):\n" + W.weights_block(got))
+    return 0
+
+
 def _train_network(a: argparse.Namespace) -> int:
     from cellstudy.workflow import train_network
 
@@ -207,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--report", default=None,
                    help="write the check's report (JSON) to this file and exit 0 (the workflow's book rule)")
     b.set_defaults(func=_book)
+    wt = sub.add_parser("weights", help="fetch Keras's published ImageNet weights (online machines only) and "
+                        "print the study config's weights block")
+    wts = wt.add_subparsers(dest="weights_command", required=True)
+    wf = wts.add_parser("fetch", help="download and check the ImageNet 'notop' files of backbones")
+    wf.add_argument("names", nargs="+", help="backbones: vgg16 resnet50 densenet121")
+    wf.add_argument("--cache", default=None, help="where the files go (default: the cellstudy cache, .cache/weights)")
+    wf.add_argument("--base-url", default=None, help="another server holding Keras's files (a mirror)")
+    wf.set_defaults(func=_weights)
     tn = sub.add_parser("train-network", help="train every fold of one network of a prepared run folder "
                         "in one process (a workflow job on one machine)")
     tn.add_argument("run_dir")

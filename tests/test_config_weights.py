@@ -101,3 +101,57 @@ def test_the_chapters_say_which_networks_started_from_what():
     s = chapters.starting_weights(w, ["vgg16", "resnet50", "denres131"])
     assert s == ("ResNet50, DenRes-131 from `resnet50_notop.h5` (resnet50, sha256 abababababab...); "
                  "random weights (seeded): VGG16")
+
+
+@pytest.fixture
+def weights_server(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving tmp_path/www (stopped after the test)."""
+    import functools
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a, **k: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield www, f"http://127.0.0.1:{srv.server_address[1]}/"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_weights_fetch_checks_the_published_hash(weights_server, tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    from cellstudy import cli
+    from cellstudy.learning.models import weights as W
+
+    www, url = weights_server
+    rel = W.IMAGENET_NOTOP["resnet50"][0]
+    (www / rel).parent.mkdir(parents=True)
+    (www / rel).write_bytes(b"resnet50 notop weights, a stand-in" * 100)
+    md5 = hashlib.md5((www / rel).read_bytes()).hexdigest()
+    monkeypatch.setitem(W.IMAGENET_NOTOP, "resnet50", (rel, md5))
+    cache = tmp_path / "cache"
+    got = W.fetch_imagenet(["resnet50"], cache, base_url=url, echo=lambda s: None)
+    dest = cache / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    assert got == {"resnet50": {"path": str(dest), "sha256": sha256_file(dest)}}
+    assert dest.read_bytes() == (www / rel).read_bytes()
+    assert W.weights_block(got).splitlines()[1] == f"  resnet50: {{path: {dest}, sha256: {sha256_file(dest)}}}"
+    # a file already in the cache with the right hash is not downloaded again (server gone)
+    (www / rel).unlink()
+    assert W.fetch_imagenet(["resnet50"], cache, base_url=url, echo=lambda s: None) == got
+    # a wrong hash is refused and nothing is kept
+    (www / rel).write_bytes(b"tampered")
+    dest.unlink()
+    with pytest.raises(W.FetchError, match=rf"md5 {hashlib.md5(b'tampered').hexdigest()}, not the published {md5}"):
+        W.fetch_imagenet(["resnet50"], cache, base_url=url, echo=lambda s: None)
+    assert not dest.exists() and not list(cache.glob(".*"))
+    # offline: the message says which file to place where; the CLI exits 2
+    assert cli.main(["weights", "fetch", "resnet50", "--cache", str(cache), "--base-url", "http://127.0.0.1:9/"]) == 2
+    err = capsys.readouterr().err
+    assert f"place it as {dest}" in err and md5 in err
+    with pytest.raises(ValueError, match="no published ImageNet weights for \\['cnn3'\\]"):
+        W.fetch_imagenet(["cnn3"], cache)

@@ -98,3 +98,92 @@ def load_backbone_weights(model, backbone: str, path, hw: tuple[int, int], prefi
         tl.set_weights(new)
         done.append(tl.name)
     return done
+
+
+# ---------------------------------------------------------------------------------------------
+# Keras's published ImageNet "notop" files (for machines that are online): cellstudy weights fetch
+# ---------------------------------------------------------------------------------------------
+#: Where Keras publishes its application weights (``keras.applications``' own URLs).
+KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+#: backbone -> (path under the base URL, the md5 Keras publishes for the file).
+IMAGENET_NOTOP: dict[str, tuple[str, str]] = {
+    "vgg16": ("vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "6d6bbae143d832006294945121d1f1fc"),
+    "resnet50": ("resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "4d473c1dd8becc155b73f8504c6f6626"),
+    "densenet121": ("densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                    "30ee3e1110167f948a6b9946edeeb738"),
+}
+
+
+class FetchError(RuntimeError):
+    """A weights file could not be fetched or did not match its published hash."""
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_imagenet(names, cache: str | os.PathLike, base_url: str = KERAS_WEIGHTS_URL,
+                   timeout: float = 60.0, echo=print) -> dict[str, dict[str, str]]:
+    """Download Keras's ImageNet "notop" weights of the backbones ``names`` (vgg16, resnet50,
+    densenet121) into the folder ``cache``, each checked against the md5 Keras publishes (a file
+    already there with that md5 is kept, not downloaded again); returns the study config's
+    ``weights`` block ``{backbone: {"path", "sha256"}}``. FetchError naming the file, its URL and
+    where to place it when the machine is offline, and when a download does not match its hash
+    (the download is then deleted). Only this command downloads; nothing in the study does."""
+    import tempfile
+    import urllib.error
+    import urllib.request
+
+    from cellstudy.data import sha256_file
+
+    bad = [n for n in names if n not in IMAGENET_NOTOP]
+    if bad or not names:
+        raise ValueError(f"no published ImageNet weights for {bad or 'nothing'}; expected some of {sorted(IMAGENET_NOTOP)} "
+                         "(the RGB / MHL 3-layer CNN has none: pre-train it on your cells)")
+    cache = Path(cache).expanduser().resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in names:
+        rel, md5 = IMAGENET_NOTOP[name]
+        url = base_url.rstrip("/") + "/" + rel
+        dest = cache / Path(rel).name
+        if dest.is_file() and _md5(dest) == md5:
+            echo(f"{name}: {dest} (already there, md5 matches)")
+        else:
+            fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{dest.name}.")
+            os.close(fd)
+            try:
+                try:
+                    with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as fh:
+                        while block := r.read(1 << 20):
+                            fh.write(block)
+                except (urllib.error.URLError, OSError) as e:
+                    raise FetchError(
+                        f"{name}: could not download {url} ({e}). On a machine without internet, fetch that "
+                        f"file elsewhere (Keras publishes its md5 {md5}), place it as {dest} and run this "
+                        "command again: it checks the file and prints the weights block") from None
+                got = _md5(Path(tmp))
+                if got != md5:
+                    raise FetchError(f"{name}: {url} gave a file with md5 {got}, not the published {md5}; "
+                                     "not kept")
+                os.replace(tmp, dest)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            echo(f"{name}: {dest} (downloaded, md5 matches)")
+        out[name] = {"path": str(dest), "sha256": sha256_file(dest)}
+    return out
+
+
+def weights_block(weights: dict[str, dict[str, str]]) -> str:
+    """The ``weights:`` block of a study config for ``weights`` (YAML, to paste)."""
+    lines = ["weights:"]
+    for b, e in weights.items():
+        lines.append(f"  {b}: {{path: {e['path']}, sha256: {e['sha256']}}}")
+    return "\n".join(lines)
