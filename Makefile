@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "cellstudy needs Python 3.11, found " + sys.version' 
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,export]"
 	$(VENV)/bin/python -m pip check
 	touch $(STAMP)
 

@@ -95,6 +95,14 @@ def _predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export(a: argparse.Namespace) -> int:
+    from cellstudy.export import export
+
+    export(a.run_dir, a.network, a.output, fold=a.fold, regime=a.regime, license=a.license,
+           authors=tuple(a.author or ["cellstudy"]), force=a.force, test=not a.no_test)
+    return 0
+
+
 def _weights(a: argparse.Namespace) -> int:
     from cellstudy.learning.models import weights as W
 
@@ -220,6 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--report", default=None,
                    help="write the check's report (JSON) to this file and exit 0 (the workflow's book rule)")
     b.set_defaults(func=_book)
+    ex = sub.add_parser("export", help="a bioimage.io model package (zip) of one fold's model of a finished run")
+    ex.add_argument("run_dir")
+    ex.add_argument("--network", required=True, help="a trained network of the run, e.g. mhl")
+    ex.add_argument("-o", "--output", required=True, help="the package to write, e.g. mhl.zip")
+    ex.add_argument("--fold", type=int, default=None, help="which fold's model (default: the lowest finished fold)")
+    ex.add_argument("--regime", default="long", choices=("short", "long"))
+    ex.add_argument("--license", default="CC-BY-NC-SA-4.0",
+                    help="SPDX licence of the package (default CC-BY-NC-SA-4.0: non-commercial, as the data's terms)")
+    ex.add_argument("--author", action="append", help="an author's name (repeat for more)")
+    ex.add_argument("--force", action="store_true", help="replace an existing package")
+    ex.add_argument("--no-test", action="store_true", help="skip bioimageio's test of the package")
+    ex.set_defaults(func=_export)
     wt = sub.add_parser("weights", help="fetch Keras's published ImageNet weights (online machines only) and "
                         "print the study config's weights block")
     wts = wt.add_subparsers(dest="weights_command", required=True)

@@ -25,7 +25,7 @@ def _pins(lines):
 
 def test_environment_yml_matches_pyproject():
     py = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    deps = py["dependencies"] + py["optional-dependencies"]["dev"]
+    deps = py["dependencies"] + py["optional-dependencies"]["dev"] + py["optional-dependencies"]["export"]
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     assert "python=3.11" in env["dependencies"]
     pip = next(d for d in env["dependencies"] if isinstance(d, dict))["pip"]
@@ -34,7 +34,7 @@ def test_environment_yml_matches_pyproject():
 
 def test_constraints_agree_with_pyproject():
     py = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    deps = py["dependencies"] + py["optional-dependencies"]["dev"]
+    deps = py["dependencies"] + py["optional-dependencies"]["dev"] + py["optional-dependencies"]["export"]
     cons = {name: v for (name, _), v in _pins((REPO / "constraints.txt").read_text().splitlines()).items()}
     for (name, marker), version in _pins(deps).items():
         if "!=" in marker:  # the non-x86_64 tensorflow line is not installed here

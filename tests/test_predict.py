@@ -119,8 +119,11 @@ def test_mc_dropout_without_dropout_is_the_forward_pass(tiny_run):
 
 @pytest.mark.slow
 def test_cells_of_another_pixel_size_are_refused(tiny_run, shared_data):
-    with pytest.raises(P.PredictError, match="stored at .* crop them at the run's pixel size"):
+    with pytest.raises(P.PredictError, match="stained R, G, B = concanavalin A, F-actin, DNA"):
         P.predict(tiny_run, "rxrx1-cells", network="mhl", mc_samples=0, data_root=shared_data, echo=lambda s: None)
+    with pytest.raises(P.PredictError, match="stored at .* crop them at the run's pixel size"):
+        P.predict(tiny_run, "rxrx1-cells", network="mhl", mc_samples=0, data_root=shared_data,
+                  ignore_stains=True, echo=lambda s: None)
 
 
 def test_gallery_cells():
@@ -152,3 +155,41 @@ def test_unlabelled_cells_and_other_stains(tiny_run, shared_data, tmp_path):
     res = P.predict(tiny_run, str(tmp_path / "vim.csv"), network="mhl", mc_samples=0, data_root=shared_data,
                     gradcam=False, ignore_stains=True, echo=lambda s: None)
     assert res.info["stains"] == ["vimentin", "F-actin", "DNA"]
+
+
+@pytest.mark.slow
+def test_export_a_bioimageio_package_that_bioimageio_tests(tiny_run, tmp_path):
+    """cellstudy export: one fold's model, its whitening baked in, passes `bioimageio test` in a
+    fresh process (which knows nothing of cellstudy)."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    import yaml
+
+    from cellstudy import cli, export
+
+    pkg = tmp_path / "mhl.zip"
+    assert cli.main(["export", str(tiny_run), "--network", "mhl", "-o", str(pkg), "--fold", "1"]) == 0
+    with zipfile.ZipFile(pkg) as z:
+        names = set(z.namelist())
+        rdf = yaml.safe_load(z.read("rdf.yaml"))
+    assert {"rdf.yaml", "model.keras", "test_input.npy", "test_output.npy", "cover.png", "README.md"} <= names
+    assert rdf["inputs"][0]["axes"][3]["channel_names"] == ["tubulin", "f_actin", "dna"]
+    assert rdf["outputs"][0]["axes"][1]["channel_names"] == ["normal", "abnormal"]
+    assert "fold 1" in rdf["name"] and any("2309.00911" in c.get("doi", "") for c in rdf["cite"])
+    bio = Path(sys.executable).with_name("bioimageio")
+    # bioimageio.core picks Keras' backend from KERAS_BACKEND, default torch (not installed here)
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    r = subprocess.run([str(bio), "test", str(pkg)], capture_output=True, text=True, timeout=600, env=env)
+    (tmp_path / "bioimageio_test.txt").write_text(r.stdout + r.stderr)
+    assert r.returncode == 0 and "passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    # refusals: an existing file, a fold or network the run does not have
+    with pytest.raises(export.ExportError, match="exists; not overwritten"):
+        export.export(tiny_run, "mhl", pkg, echo=lambda s: None)
+    with pytest.raises(export.ExportError, match=r"fold 4 is not a finished fold .* finished: \[0, 1\]"):
+        export.export(tiny_run, "mhl", tmp_path / "x.zip", fold=4, echo=lambda s: None)
+    with pytest.raises(export.ExportError, match="no finished fold of 'vgg16'"):
+        export.export(tiny_run, "vgg16", tmp_path / "x.zip", echo=lambda s: None)
