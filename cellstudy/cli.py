@@ -95,6 +95,14 @@ def _predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(a: argparse.Namespace) -> int:
+    from cellstudy.learning.pretrain import pretrain_backbone
+
+    pretrain_backbone(a.backbone, a.cohort, a.serves, a.output, scale=a.scale, epochs=a.epochs, seed=a.seed,
+                      data_root=a.data_root, force=a.force)
+    return 0
+
+
 def _export(a: argparse.Namespace) -> int:
     from cellstudy.export import export
 
@@ -228,6 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--report", default=None,
                    help="write the check's report (JSON) to this file and exit 0 (the workflow's book rule)")
     b.set_defaults(func=_book)
+    pt = sub.add_parser("pretrain", help="pre-train a backbone on a cohort (never on the cells or fields of the "
+                        "cohort it will serve) and write a weights file a study config can name")
+    pt.add_argument("--backbone", required=True, help="cnn3 (the RGB / MHL CNN), vgg16, resnet50 or densenet121")
+    pt.add_argument("--cohort", required=True, help="the pre-training cohort, e.g. bbbc021-full")
+    pt.add_argument("--serves", required=True, help="the study's cohort the weights are for, e.g. bbbc021-paper: "
+                    "none of its cells or fields is used")
+    pt.add_argument("-o", "--output", required=True, help="the weights file to write (NAME.weights.h5)")
+    pt.add_argument("--scale", default="cpu", help="image size, schedule, augmentation (default cpu)")
+    pt.add_argument("--epochs", type=int, default=None, help="default: the scale's epochs_long")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--data-root", default=None)
+    pt.add_argument("--force", action="store_true", help="replace an existing weights file")
+    pt.set_defaults(func=_pretrain)
     ex = sub.add_parser("export", help="a bioimage.io model package (zip) of one fold's model of a finished run")
     ex.add_argument("run_dir")
     ex.add_argument("--network", required=True, help="a trained network of the run, e.g. mhl")

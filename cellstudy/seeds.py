@@ -18,6 +18,7 @@ feature permutations, cell choices) and never meet in one computation; new purpo
 | ``permutation`` | fold, repeat, stain group | the baseline's permutation importance |
 | ``cohort_cells`` | crc32 of the field | cells kept per field when a cohort is built (``cohorts``) |
 | ``mc_dropout`` | (the fold is in the seed) | the head's dropout masks of Monte Carlo dropout (``predict``) |
+| ``pretrain`` | 0 cells, 1 augmentation, 2 weights | backbone pre-training (``learning.pretrain``) |
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ SALTS: dict[str, tuple[int, ...]] = {
     "permutation": (),
     "cohort_cells": (),
     "mc_dropout": (0xD50,),
+    "pretrain": (0xB0B,),
 }
 
 

@@ -155,3 +155,26 @@ def test_weights_fetch_checks_the_published_hash(weights_server, tmp_path, monke
     assert f"place it as {dest}" in err and md5 in err
     with pytest.raises(ValueError, match="no published ImageNet weights for \\['cnn3'\\]"):
         W.fetch_imagenet(["cnn3"], cache)
+
+
+def test_pretraining_never_uses_the_served_cohorts_cells_or_fields(shared_data, tmp_path):
+    from cellstudy import data
+    from cellstudy.learning import pretrain
+
+    full, paper = data.load_manifest("bbbc021-full"), data.load_manifest("bbbc021-paper")
+    keep = pretrain.pretraining_cells(full, paper)
+    used = full[keep]
+    assert len(used) == 1360 - int(full["group"].isin(set(paper["group"])).sum())
+    assert not set(used["group"]) & set(paper["group"]) and not set(used["cell_id"]) & set(paper["cell_id"])
+    with pytest.raises(pretrain.PretrainError, match="pre-training needs both classes"):
+        pretrain.pretraining_cells(paper, paper)
+    # a short pre-training at the ci scale writes a file that a study config can name
+    out = tmp_path / "cnn3.weights.h5"
+    rec = pretrain.pretrain_backbone("cnn3", "bbbc021-full", "bbbc021-paper", out, scale="ci", epochs=1,
+                                     max_cells=40, data_root=str(shared_data), echo=lambda s: None)
+    assert rec["sha256"] == sha256_file(out) and rec["n_cells"] == 40 and rec["fields_left_out"]
+    assert json.loads((tmp_path / "cnn3.weights.h5.json").read_text())["rule"].startswith("no cell and no source field")
+    cfg = runner.load_config(_cfg(tmp_path, {"cnn3": {"path": str(out), "sha256": rec["sha256"]}}))
+    assert runner.check_weights(cfg)["cnn3"]["networks"] == ["rgb", "mhl"]
+    with pytest.raises(pretrain.PretrainError, match="exists; not overwritten"):
+        pretrain.pretrain_backbone("cnn3", "bbbc021-full", "bbbc021-paper", out, scale="ci", echo=lambda s: None)
