@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-book", action="store_true", help="run the notebooks only")
     r.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output")
     r.add_argument("--workers", type=int, default=None,
-                   help="how many notebooks run at once (overrides the config's workers; 1 = one after another)")
+                   help="how many jobs (training jobs, notebooks) run at once (overrides the config's workers; 1 = one after another)")
     r.set_defaults(func=_run)
     v = sub.add_parser("verify", help="check a cohort's files and checksums")
     v.add_argument("cohort")

@@ -227,6 +227,26 @@ def check_weights_entries(weights: Any, path: str | os.PathLike = "<config>") ->
     return out
 
 
+def _check_pretraining_record(path: Path, backbone: str, cfg: StudyConfig) -> None:
+    """A weights file made by ``cellstudy pretrain`` has a record beside it (``<file>.json``): its
+    pre-training must share no file and no source field with the study's cohort (ValueError
+    naming the file otherwise). Files without a record (ImageNet, your own) are taken as they are."""
+    rec_path = Path(str(path) + ".json")
+    if not rec_path.is_file():
+        return
+    from cellstudy import data
+
+    rec = json.loads(rec_path.read_text())
+    table = data.load_manifest(cfg.cohort)
+    fields = set(rec.get("fields_used", [])) & set(table["group"].astype(str))
+    files = set(rec.get("files_used_sha256", [])) & {h for v in table["sha256"].astype(str) for h in v.split(";")}
+    if fields or files:
+        raise ValueError(f"weights file {path} (weights[{backbone!r}]) was pre-trained on {len(files)} file(s) and "
+                         f"{len(fields)} source field(s) of this study's cohort {cfg.cohort!r} (e.g. "
+                         f"{sorted(fields or files)[:3]}; record {rec_path}): its test folds would not be unseen. "
+                         f"Pre-train with --serves {cfg.cohort}")
+
+
 def check_weights(cfg: StudyConfig) -> dict[str, Any]:
     """Before any work: every weights file of ``cfg`` exists, has its sha256 and fits its
     backbone at the run's image size (loaded into the bare backbone). Returns the provenance
@@ -245,6 +265,7 @@ def check_weights(cfg: StudyConfig) -> dict[str, Any]:
             fitted_backbone(b, p, (S, S))
         except ValueError as ex:
             raise ValueError(f"{ex} (study config weights[{b!r}])") from None
+        _check_pretraining_record(p, b, cfg)
         out[b] = {**e, "bytes": p.stat().st_size,
                   "networks": [n for n in catalogue.NETWORK_NAMES if b in catalogue.SPECS[n].backbones]}
     return out
@@ -552,13 +573,15 @@ def run_study(
     echo(f"running the workflow of {n_steps} step(s) with up to {cfg.workers} job(s) at once"
          + (" (training jobs and notebooks side by side)" if cfg.workers > 1 else ""))
     t_study = time.perf_counter()
+    before = {s: dict(v) for s, v in read_status(run_dir).get("steps", {}).items()}
     try:
         workflow.snakemake(run.root, cores=cfg.workers, targets=["all"] if build else ["notebooks"],
                            data_root=data_prov["data_root"], quiet=not log_output, echo=echo,
                            thread_env=threads.thread_env(cfg.workers))
     except workflow.WorkflowError as e:
         st = update_status(run_dir, state="failed")
-        failed = [v.get("error", "") for v in st.get("steps", {}).values() if v.get("state") == "failed"]
+        failed = [v.get("error", "") for s, v in st.get("steps", {}).items()
+                  if v.get("state") == "failed" and before.get(s) != v]   # this run's failures only
         raise StudyError((failed[0] if failed else str(e)) + "\nThe book was not built. Fix the cause and "
                          "rerun the same command to resume this run (finished steps and folds are kept).") from None
 

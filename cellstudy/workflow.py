@@ -14,7 +14,8 @@ resets the weights to the seeded initial ones for every fold). Either job ends a
 beside it: a failed fold is a result the book reports, not a crash). The notebooks run one job
 each through ``cellstudy step RUN_DIR STEP`` (``runner.execute_step`` with the run's
 parameters); the family chapters (02-05) read the finished folds back instead of training. The
-book is built and checked in headless Chromium by ``cellstudy book RUN_DIR --check``.
+book is built and checked in headless Chromium by ``cellstudy book RUN_DIR --report
+book/browser_check.json`` (the callers fail the run on a failed check).
 
 The Snakefile runs with the run folder as its working directory, so every target is a path
 relative to the run folder (``rundir.Run`` layout)::
@@ -75,6 +76,8 @@ class Plan:
     needs: dict[str, list[str]]
     train: list[tuple[str, int]]
     family_folds: dict[str, list[tuple[str, int]]]
+    #: the regime the XAI chapter explains (its ``regime`` parameter; "long" by default)
+    xai_regime: str = "long"
 
     @property
     def networks(self) -> list[str]:
@@ -92,8 +95,9 @@ class Plan:
         return sorted({k for _, k in self.train})
 
     def xai_file(self, network: str, fold: int) -> str:
-        """The target of the (network, fold) explanation job, relative to the run folder."""
-        return f"{XAI_STEP}/jobs/{network}/fold{int(fold)}_long.json"
+        """The target of the (network, fold) explanation job, relative to the run folder (in the
+        regime the XAI chapter explains, :attr:`xai_regime`)."""
+        return f"{XAI_STEP}/jobs/{network}/fold{int(fold)}_{self.xai_regime}.json"
 
     def step_inputs(self, step: str, fold_jobs: bool = False) -> list[str]:
         """A step's input files, relative to the run folder: the executed notebooks of the steps
@@ -144,7 +148,16 @@ def make_plan(cfg: runner.StudyConfig) -> Plan:
             family_folds[step] = [(n, k) for n in names for k in folds]
     order = networks.ordered(n for pairs in family_folds.values() for n, _ in pairs)
     train = [(n, k) for n in order for k in folds]
-    return Plan(steps=list(cfg.steps), needs=needs, train=train, family_folds=family_folds)
+    return Plan(steps=list(cfg.steps), needs=needs, train=train, family_folds=family_folds,
+                xai_regime=xai_regime(cfg))
+
+
+def xai_regime(cfg: runner.StudyConfig) -> str:
+    """The regime the config's XAI chapter explains (``notebook_parameters: {08_xai: {regime: ...}}``)."""
+    r = (cfg.notebook_parameters.get(XAI_STEP) or {}).get("regime", "long")
+    if r not in rundir.REGIMES:
+        raise config.ConfigError(f"notebook_parameters[{XAI_STEP!r}].regime={r!r}; expected one of {rundir.REGIMES}")
+    return r
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +205,9 @@ def train_fold(run_dir: str | os.PathLike, network: str, fold: int, *, data_root
     fd = run.fold(network, k)
     if fd.is_finished() and fd.test_cells.is_file():
         echo(f"{network} fold {k}: finished earlier ({fd.done if fd.done.exists() else fd.failed}); kept")
-        return train.load_result(fd.path)
+        res = train.load_result(fd.path)
+        mark_ended(fd, res)   # a fold trained by another job or an earlier version gets its target
+        return res
     root = config.data_root(data_root or cfg.data_root)
     prepared = study.prepare(cfg.cohort, cfg.scale, run.root, data_root=str(root), seed=int(cfg.seed),
                              overrides=cfg.overrides, progress=False)
@@ -204,7 +219,10 @@ def train_fold(run_dir: str | os.PathLike, network: str, fold: int, *, data_root
 
 
 def mark_ended(fd: rundir.FoldDir, res) -> None:
-    """Write the fold's ``ended.json`` (the workflow's target): its status and where its result is."""
+    """Write the fold's ``ended.json`` (the workflow's target): its status and where its result is;
+    an existing one is kept (never rewritten: Snakemake protects it)."""
+    if fd.ended.exists():
+        return
     atomic.write_json(fd.ended, {"network": fd.network, "fold": fd.fold, "status": res.status,
                                  "marker": (fd.done if fd.done.exists() else fd.failed).name,
                                  "ended": provenance.now()}, indent=1)
@@ -260,7 +278,7 @@ def explain_fold(run_dir: str | os.PathLike, network: str, fold: int, *, data_ro
     root = config.data_root(data_root or cfg.data_root)
     prepared = study.prepare(cfg.cohort, cfg.scale, run.root, data_root=str(root), seed=int(cfg.seed),
                              overrides=cfg.overrides, progress=False)
-    return explain.explain_fold_job(prepared, network, k, seed=int(cfg.seed), echo=echo)
+    return explain.explain_fold_job(prepared, network, k, regime=xai_regime(cfg), seed=int(cfg.seed), echo=echo)
 
 
 @contextmanager
@@ -368,7 +386,10 @@ def snakemake_command(run_dir: Path, profile: Path | None = None, cores: int | N
     fj = on_cluster(profile, extra) if fold_jobs is None else bool(fold_jobs)
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE),
            "--configfile", str(run.study_config), "--config", f"fold_jobs={fj}",
-           "--directory", str(run.root), "--rerun-incomplete"]
+           "--directory", str(run.root), "--rerun-incomplete",
+           # a job reruns only when an input is newer than its output: never because the workflow's
+           # code, a rule or the engine's mode (per network / per fold) changed
+           "--rerun-triggers", "mtime"]
     if profile is not None:
         cmd += ["--profile", str(profile)]
     if cores is not None or profile is None:
@@ -448,7 +469,7 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
         _set_state(rd, "failed")
         raise WorkflowError(f"{e}; rerun the same command with --run-dir {rd} to resume (finished folds are "
                             "kept)") from None
-    if not targets and "-n" not in extra and "--dry-run" not in extra:
+    if not targets and (rd / BROWSER_CHECK).is_file():   # not a dry run, --touch, a listing
         report = rd / BROWSER_CHECK
         if report.is_file() and json.loads(report.read_text()).get("ok") is False:
             _set_state(rd, "failed")

@@ -41,9 +41,8 @@ def test_weights_block_form_and_files_checked_before_any_work(tmp_path, cnn3_fil
                          (["cnn3"], "weights must be a mapping")]:
         with pytest.raises(config.ConfigError, match=message):
             runner.load_config(_cfg(tmp_path, bad))
-    monkeypatch.chdir(tmp_path)   # a relative path is taken from where the command runs
-    cfg = runner.load_config(_cfg(tmp_path, {"cnn3": {"path": path.name if path.parent == tmp_path else str(path),
-                                                      "sha256": sha.upper()}}))
+    monkeypatch.chdir(path.parent)   # a relative path is taken from where the command runs
+    cfg = runner.load_config(_cfg(tmp_path, {"cnn3": {"path": path.name, "sha256": sha.upper()}}))
     assert cfg.weights == {"cnn3": {"path": str(path), "sha256": sha}}
     prov = runner.check_weights(cfg)
     assert prov["cnn3"]["networks"] == ["rgb", "mhl"] and prov["cnn3"]["bytes"] == path.stat().st_size
@@ -176,5 +175,12 @@ def test_pretraining_never_uses_the_served_cohorts_cells_or_fields(shared_data, 
     assert json.loads((tmp_path / "cnn3.weights.h5.json").read_text())["rule"].startswith("no cell and no source field")
     cfg = runner.load_config(_cfg(tmp_path, {"cnn3": {"path": str(out), "sha256": rec["sha256"]}}))
     assert runner.check_weights(cfg)["cnn3"]["networks"] == ["rgb", "mhl"]
+    # a study of a cohort that shares fields with the pre-training is refused before any work
+    p = tmp_path / "full.yaml"
+    p.write_text(yaml.safe_dump({"name": "w", "cohort": "bbbc021-full", "scale": "ci", "steps": ["00_cohort"],
+                                 "weights": {"cnn3": {"path": str(out), "sha256": rec["sha256"]}}}))
+    with pytest.raises(ValueError, match=r"was pre-trained on \d+ file\(s\) and \d+ source field\(s\) of this "
+                                         r"study's cohort 'bbbc021-full'.*--serves bbbc021-full"):
+        runner.check_weights(runner.load_config(p))
     with pytest.raises(pretrain.PretrainError, match="exists; not overwritten"):
         pretrain.pretrain_backbone("cnn3", "bbbc021-full", "bbbc021-paper", out, scale="ci", echo=lambda s: None)

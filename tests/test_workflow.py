@@ -44,12 +44,35 @@ def test_dry_run_has_one_training_job_per_network_and_fold(tmp_path, name, train
     assert local["step"] + local["gpu_step"] == steps
 
 
+def test_a_folds_workflow_target_is_written_once(tmp_path):
+    from types import SimpleNamespace
+
+    fd = rundir.Run(tmp_path).fold("mhl", 0, create=True)
+    fd.done.write_text("{}")
+    workflow.mark_ended(fd, SimpleNamespace(status="done"))
+    first = fd.ended.read_text()
+    assert json.loads(first)["marker"] == "done.json"
+    workflow.mark_ended(fd, SimpleNamespace(status="failed"))   # kept, not rewritten
+    assert fd.ended.read_text() == first
+
+
+def test_the_xai_jobs_follow_the_chapters_regime(tmp_path):
+    cfg = runner.load_config(REPO / "configs" / "ci.yaml")
+    assert workflow.make_plan(cfg).xai_file("mhl", 1) == "08_xai/jobs/mhl/fold1_long.json"
+    cfg.notebook_parameters = {"08_xai": {"regime": "short"}}
+    assert workflow.make_plan(cfg).xai_file("mhl", 1) == "08_xai/jobs/mhl/fold1_short.json"
+    cfg.notebook_parameters = {"08_xai": {"regime": "medium"}}
+    with pytest.raises(ValueError, match="regime='medium'"):
+        workflow.make_plan(cfg)
+
+
 def test_cluster_or_local_decides_the_training_jobs(tmp_path):
     assert not workflow.on_cluster(None) and not workflow.on_cluster(None, ["--executor", "local"])
     assert workflow.on_cluster(None, ["--executor", "slurm"]) and workflow.on_cluster(None, ["--executor=slurm"])
     assert workflow.on_cluster(workflow.PROFILES / "slurm") and not workflow.on_cluster(workflow.PROFILES / "local")
     cmd = workflow.snakemake_command(tmp_path, None, 2, ["all"])
     assert cmd[cmd.index("--config") + 1] == "fold_jobs=False" and cmd[-1] == "all"
+    assert cmd[cmd.index("--rerun-triggers") + 1] == "mtime"   # never rerun for a changed rule or mode
     cmd = workflow.snakemake_command(tmp_path, workflow.PROFILES / "slurm", None, ["all"])
     assert cmd[cmd.index("--config") + 1] == "fold_jobs=True"
 
@@ -116,7 +139,7 @@ def test_shipped_profiles_parse_and_ask_a_gpu_for_training():
     assert (local / "config.yaml").is_file()
     slurm = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     assert slurm["executor"] == "slurm"
-    for rule in ("train", "gpu_step"):
+    for rule in ("train", "xai", "gpu_step"):
         assert slurm["set-resources"][rule]["gpu"] == 1
     for key in ("slurm_partition", "slurm_account"):
         assert key in slurm["default-resources"]

@@ -37,14 +37,17 @@ class PretrainError(ValueError):
 
 def pretraining_cells(pre_table, served_table) -> np.ndarray:
     """Boolean mask over the rows of the pre-training manifest ``pre_table``: the cells that may
-    be used, i.e. not a cell of ``served_table`` (same ``cell_id`` or same file) and not from a
-    source field (``group``) of it. PretrainError when fewer than two classes remain."""
+    be used, i.e. not a cell of ``served_table`` (same ``cell_id``, same file path or a file with
+    the same sha256: also under another data root or name) and not from a source field
+    (``group``) of it. PretrainError when fewer than two classes remain."""
     served_groups = set(served_table["group"].astype(str))
     served_ids = set(served_table["cell_id"].astype(str))
     served_paths = set(served_table["path"].astype(str))
+    served_files = {h for v in served_table["sha256"].astype(str) for h in v.split(";")}
+    same_file = pre_table["sha256"].astype(str).map(lambda v: any(h in served_files for h in v.split(";")))
     keep = (~pre_table["group"].astype(str).isin(served_groups)
             & ~pre_table["cell_id"].astype(str).isin(served_ids)
-            & ~pre_table["path"].astype(str).isin(served_paths)).to_numpy()
+            & ~pre_table["path"].astype(str).isin(served_paths) & ~same_file).to_numpy()
     labels = set(pre_table.loc[keep, "label"].astype(int))
     if labels != {0, 1}:
         raise PretrainError(f"after leaving out every field of the served cohort, {int(keep.sum())} cells of "
@@ -125,7 +128,9 @@ def pretrain_backbone(backbone: str, cohort: str, serves: str, out: str | os.Pat
     from cellstudy.data import sha256_file
     rec = {"backbone": backbone, "weights": str(out.resolve()), "sha256": sha256_file(out),
            "pretraining_cohort": cohort, "serves": serves, "n_cells": int(len(coh)),
-           "n_fields": int(sub["group"].nunique()), "fields_left_out": sorted(set(served["group"].astype(str))
+           "n_fields": int(sub["group"].nunique()), "fields_used": sorted(set(sub["group"].astype(str))),
+           "files_used_sha256": sorted({h for v in sub["sha256"].astype(str) for h in v.split(";")}),
+           "fields_left_out": sorted(set(served["group"].astype(str))
                                                                            & set(pre_table["group"].astype(str))),
            "rule": "no cell and no source field of the served cohort is used", "scale": scale,
            "image_size": S, "epochs": epochs, "train_accuracy_by_epoch": acc, "seed": int(seed),
