@@ -124,7 +124,10 @@ SCALES: dict[str, dict[str, Any]] = {
     # backbones to ~0.95 by epoch 6-8 (ResNet50, DenseNet121 fold 0); at the paper's fixed 1e-3
     # they needed ~15 epochs. Measured 2026-12-02 (README "Time"): five of the networks (configs/
     # five.yaml) 28 min on 2 cores, long-regime AUC 0.79-0.93, none yet on its plateau after 10
-    # epochs; all eleven estimated at ~95 min (the 60-minute target is not met).
+    # epochs; all eleven estimated at ~95 min (the 60-minute target is not met). 2026-12-06, a
+    # 2-core Xeon, `make study` stopped after 64 min with 6 networks done: ~2 h 15 min estimated
+    # end to end; long-regime AUC ViT 0.931, DenseNet121 0.921, VGG16 0.872, ResNet50 0.848, RGB
+    # 0.833 (the RGB family short of 0.90: more epochs, a coarser token grid or 1e-2 did not help).
     "cpu": {
         "image_size": 64,
         "preprocess": dict(_PREPROCESS_FULL),
