@@ -289,21 +289,17 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--ignore-stains", action="store_true",
                    help="predict although the cells' stains (manifest column 'stains') differ from the run's")
     q.set_defaults(func=_predict)
-    t = sub.add_parser("train-fold", help="train one (network, fold) of a prepared run folder (a workflow job)")
-    t.add_argument("run_dir")
-    t.add_argument("--network", required=True, help="a network of the run, e.g. mhl")
-    t.add_argument("--fold", required=True, type=int, help="the test fold, 0..n_splits-1")
-    t.add_argument("--data-root", default=None, help="the data root (default: the run config's, "
-                   "$CELLSTUDY_DATA_ROOT or ../shared/data)")
-    t.set_defaults(func=_train_fold)
-    x = sub.add_parser("explain-fold", help="explain one trained (network, fold) of a prepared run folder "
-                       "into the XAI chapter's cache (a workflow job on a cluster)")
-    x.add_argument("run_dir")
-    x.add_argument("--network", required=True, help="a network of the run, e.g. mhl")
-    x.add_argument("--fold", required=True, type=int, help="the test fold, 0..n_splits-1")
-    x.add_argument("--data-root", default=None, help="the data root (default: the run config's, "
-                   "$CELLSTUDY_DATA_ROOT or ../shared/data)")
-    x.set_defaults(func=_explain_fold)
+    for name, func, what in (
+            ("train-fold", _train_fold, "train one (network, fold) of a prepared run folder (a workflow job)"),
+            ("explain-fold", _explain_fold, "explain one trained (network, fold) of a prepared run folder into "
+                                            "the XAI chapter's cache (a workflow job on a cluster)")):
+        t = sub.add_parser(name, help=what)
+        t.add_argument("run_dir")
+        t.add_argument("--network", required=True, help="a network of the run, e.g. mhl")
+        t.add_argument("--fold", required=True, type=int, help="the test fold, 0..n_splits-1")
+        t.add_argument("--data-root", default=None, help="the data root (default: the run config's, "
+                       "$CELLSTUDY_DATA_ROOT or ../shared/data)")
+        t.set_defaults(func=func)
     st = sub.add_parser("step", help="execute one notebook of a prepared run folder with its parameters")
     st.add_argument("run_dir")
     st.add_argument("step", help="a step of the run's config, e.g. 05_mhl_family")

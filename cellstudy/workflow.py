@@ -179,6 +179,27 @@ def prepared_run(run_dir: str | os.PathLike) -> tuple[rundir.Run, runner.StudyCo
     return run, cfg, run.scale(cfg.scale, cfg.overrides)
 
 
+def run_training(run_dir: str | os.PathLike, network: str,
+                 fold: int | None = None) -> tuple[rundir.Run, runner.StudyConfig, dict[str, Any]]:
+    """``prepared_run`` of a run folder that trains ``network`` (and ``fold``) and whose folds
+    are made: ValueError naming the network or fold when the run's scale does not train it,
+    RunFolderError when the folds file (01_preprocessing) is missing."""
+    run, cfg, sc = prepared_run(run_dir)
+    networks.check_network(network)
+    chosen = experiment.networks_for(list(networks.NETWORK_NAMES), sc)
+    if network not in chosen:
+        raise ValueError(f"network {network!r} is not trained in run {run.root}: its scale's networks are "
+                         f"{chosen}")
+    n = int(sc["n_splits"])
+    if fold is not None and not 0 <= int(fold) < n:
+        raise ValueError(f"fold {fold} is outside 0..{n - 1} (run {run.root} has n_splits={n})")
+    folds_file = run.folds_file(cfg.cohort, create=False)
+    if not folds_file.is_file():
+        raise rundir.RunFolderError(f"{run.root} is not prepared: its folds file {folds_file} is missing "
+                                    "(the 01_preprocessing step writes it)")
+    return run, cfg, sc
+
+
 def train_fold(run_dir: str | os.PathLike, network: str, fold: int, *, data_root: str | None = None,
                echo: Callable[[str], None] = print):
     """Train one (network, fold) of a prepared run folder, both regimes (``experiment.run_fold``
@@ -188,20 +209,8 @@ def train_fold(run_dir: str | os.PathLike, network: str, fold: int, *, data_root
     from cellstudy import study
     from cellstudy.learning import train
 
-    run, cfg, sc = prepared_run(run_dir)
-    networks.check_network(network)
-    chosen = experiment.networks_for(list(networks.NETWORK_NAMES), sc)
-    if network not in chosen:
-        raise ValueError(f"network {network!r} is not trained in run {run.root}: its scale's networks are "
-                         f"{chosen}")
+    run, cfg, sc = run_training(run_dir, network, fold)
     k = int(fold)
-    n = int(sc["n_splits"])
-    if not 0 <= k < n:
-        raise ValueError(f"fold {fold} is outside 0..{n - 1} (run {run.root} has n_splits={n})")
-    folds_file = run.folds_file(cfg.cohort, create=False)
-    if not folds_file.is_file():
-        raise rundir.RunFolderError(f"{run.root} is not prepared: its folds file {folds_file} is missing "
-                                    "(the 01_preprocessing step writes it)")
     fd = run.fold(network, k)
     if fd.is_finished() and fd.test_cells.is_file():
         echo(f"{network} fold {k}: finished earlier ({fd.done if fd.done.exists() else fd.failed}); kept")
@@ -236,16 +245,7 @@ def train_network(run_dir: str | os.PathLike, network: str, *, data_root: str | 
     from cellstudy import study
     from cellstudy.learning import train
 
-    run, cfg, sc = prepared_run(run_dir)
-    networks.check_network(network)
-    chosen = experiment.networks_for(list(networks.NETWORK_NAMES), sc)
-    if network not in chosen:
-        raise ValueError(f"network {network!r} is not trained in run {run.root}: its scale's networks are "
-                         f"{chosen}")
-    folds_file = run.folds_file(cfg.cohort, create=False)
-    if not folds_file.is_file():
-        raise rundir.RunFolderError(f"{run.root} is not prepared: its folds file {folds_file} is missing "
-                                    "(the 01_preprocessing step writes it)")
+    run, cfg, sc = run_training(run_dir, network)
     root = config.data_root(data_root or cfg.data_root)
     prepared = study.prepare(cfg.cohort, cfg.scale, run.root, data_root=str(root), seed=int(cfg.seed),
                              overrides=cfg.overrides, progress=False)

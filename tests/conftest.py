@@ -35,3 +35,17 @@ def ci_run(tmp_path_factory, shared_data) -> Path:
     runs = tmp_path_factory.mktemp("runs")
     return runner.run_study(config.REPO_ROOT / "configs" / "ci.yaml", runs_dir=runs, data_root=str(shared_data),
                             log_output=False, echo=print)
+
+
+def backbone_weights_file(folder: Path, backbone: str = "cnn3", size: int = 32, seed: int = 1):
+    """A local weights file of ``backbone`` (seeded random weights) in ``folder``: what a user's
+    pretrained file looks like. Returns (the reference backbone model, the file's path)."""
+    import keras
+
+    from cellstudy.learning.models import backbones as bbs
+
+    keras.utils.set_random_seed(seed)
+    ref = bbs.standalone(backbone, (size, size, 3))
+    path = Path(folder) / f"{backbone}.weights.h5"
+    ref.save_weights(path)
+    return ref, path

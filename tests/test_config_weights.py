@@ -11,18 +11,15 @@ import yaml
 from cellstudy import config, runner
 from cellstudy.data import sha256_file
 from cellstudy.learning import experiment, train
-from cellstudy.learning.models import backbones as bbs
 
 S = 32
 
 
 @pytest.fixture(scope="module")
 def cnn3_file(tmp_path_factory):
-    keras.utils.set_random_seed(3)
-    ref = bbs.standalone("cnn3", (S, S, 3))
-    path = tmp_path_factory.mktemp("w") / "cnn3.weights.h5"
-    ref.save_weights(path)
-    return ref, path
+    from conftest import backbone_weights_file
+
+    return backbone_weights_file(tmp_path_factory.mktemp("w"), "cnn3", S, seed=3)
 
 
 def _cfg(tmp_path, weights):

@@ -344,11 +344,9 @@ def test_mixed_precision_output_is_float32():
 
 @pytest.fixture(scope="module")
 def cnn_weights(tmp_path_factory):
-    keras.utils.set_random_seed(1)
-    ref = bbs.standalone("cnn3", (S, S, 3))
-    path = tmp_path_factory.mktemp("w") / "cnn3.weights.h5"
-    ref.save_weights(path)
-    return ref, path
+    from conftest import backbone_weights_file
+
+    return backbone_weights_file(tmp_path_factory.mktemp("w"), "cnn3", S, seed=1)
 
 
 def test_weights_rgb_sums_first_kernel_and_mhl_loads(cnn_weights):
