@@ -224,3 +224,25 @@ def test_fold_arrays_bad_inputs():
         A.fold_arrays(x, y[:-1], f, 0, 1, 1, 0)
     with pytest.raises(ValueError, match="every image"):
         A.fold_arrays(x, y, np.zeros(len(x), int), 0, 1, 1, 0)
+
+
+def test_per_channel_whitening_keeps_the_stains_apart():
+    """whitening: "channel" standardises each channel on its own (W diagonal): channel c of the
+    output depends on channel c of the input only; the default 3 x 3 ZCA mixes them."""
+    rng = np.random.default_rng(0)
+    base = rng.random((6, 8, 8, 1))
+    x = np.concatenate([base, base * 0.5 + 0.1 * rng.random((6, 8, 8, 1)), rng.random((6, 8, 8, 1))], axis=3)
+    z = A.ZCAWhitening(mode="channel").fit(x)
+    assert np.allclose(z.W_, np.diag(np.diag(z.W_)))
+    y = z.transform(x).reshape(-1, 3)
+    np.testing.assert_allclose(y.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(y.std(0), 1, atol=1e-3)
+    zca = A.ZCAWhitening().fit(x)
+    assert abs(zca.W_[0, 1]) > 0.1                     # ZCA mixes correlated channels
+    again = A.ZCAWhitening.from_state(z.state())
+    assert again.mode == "channel" and np.allclose(again.W_, z.W_)
+    with pytest.raises(ValueError, match="whitening mode 'pca'"):
+        A.ZCAWhitening(mode="pca")
+    fa = A.fold_arrays(x.astype(np.float32), np.array([0, 1] * 3), np.array([0, 0, 1, 1, 2, 2]), 0,
+                             max_shift_px=0, max_rotation_deg=0, seed=0, whitening="channel")
+    assert fa["zca_state"]["mode"] == "channel"

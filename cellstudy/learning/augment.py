@@ -110,11 +110,19 @@ class ZCAWhitening:
         eps: regulariser added to the eigenvalues (> 0), in squared intensity units.
     """
 
-    def __init__(self, eps: float = 1e-5):
+    #: ``mode``: "zca" (the 3 x 3 whitening above: it mixes the stains) or "channel" (each
+    #: channel standardised on its own, ``W = diag(1 / sqrt(C_cc + eps))``: the stains stay apart,
+    #: what the RGB family's per-stain streams assume; a scale number, ``whitening``).
+    MODES = ("zca", "channel")
+
+    def __init__(self, eps: float = 1e-5, mode: str = "zca"):
         eps = float(eps)
         if not np.isfinite(eps) or eps <= 0:
             raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
+        if mode not in self.MODES:
+            raise ValueError(f"whitening mode {mode!r}; expected one of {self.MODES}")
         self.eps = eps
+        self.mode = mode
         self.mean_: np.ndarray | None = None
         self.cov_: np.ndarray | None = None
         self.eigenvalues_: np.ndarray | None = None
@@ -141,7 +149,10 @@ class ZCAWhitening:
         lam, u = np.linalg.eigh(cov)
         lam = np.clip(lam, 0.0, None)
         self.mean_, self.cov_, self.eigenvalues_ = mean, cov, lam
-        self.W_ = (u * (1.0 / np.sqrt(lam + self.eps))) @ u.T
+        if self.mode == "zca":
+            self.W_ = (u * (1.0 / np.sqrt(lam + self.eps))) @ u.T
+        else:
+            self.W_ = np.diag(1.0 / np.sqrt(np.diag(cov) + self.eps))
         self.n_pixels_, self.n_images_ = int(n_pix), int(n_img)
         return self
 
@@ -163,10 +174,12 @@ class ZCAWhitening:
     def state(self) -> dict[str, Any]:
         """Plain-Python provenance record (JSON-serialisable) of the fit."""
         if self.W_ is None:
-            return {"method": "zca-channels", "eps": self.eps, "fitted": False}
+            return {"method": "zca-channels", "eps": self.eps, "mode": self.mode, "fitted": False}
         return {
-            "method": "zca-channels (3x3 channel covariance over all training pixels)",
+            "method": ("zca-channels (3x3 channel covariance over all training pixels)" if self.mode == "zca"
+                       else "per-channel standardisation (channel variances over all training pixels)"),
             "eps": self.eps,
+            "mode": self.mode,
             "fitted": True,
             "n_images": self.n_images_,
             "n_pixels": self.n_pixels_,
@@ -179,7 +192,7 @@ class ZCAWhitening:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "ZCAWhitening":
         """Rebuild a fitted whitening from :meth:`state`."""
-        z = cls(state["eps"])
+        z = cls(state["eps"], state.get("mode", "zca"))
         if state.get("fitted"):
             z.mean_ = np.asarray(state["mean"], float)
             z.cov_ = np.asarray(state["cov"], float)
@@ -196,7 +209,7 @@ def fold_seed(seed: int, k: int) -> int:
 
 def fold_arrays(images: np.ndarray, labels: np.ndarray, folds: np.ndarray, k: int,
                 max_shift_px: float, max_rotation_deg: float, seed: int, zca: bool = True,
-                eps: float = 1e-5) -> dict[str, Any]:
+                eps: float = 1e-5, whitening: str = "zca") -> dict[str, Any]:
     """Training and test arrays of fold ``k`` (partial offline augmentation + ZCA).
 
     Args:
@@ -238,7 +251,7 @@ def fold_arrays(images: np.ndarray, labels: np.ndarray, folds: np.ndarray, k: in
     x_test = x[test_index].copy()
     state = None
     if zca:
-        z = ZCAWhitening(eps).fit(x_train)
+        z = ZCAWhitening(eps, whitening).fit(x_train)
         x_train = z.transform(x_train)
         x_test = z.transform(x_test)
         state = z.state()

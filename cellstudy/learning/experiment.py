@@ -214,7 +214,8 @@ def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
         name, sc, {**weights_params(name, weights), **(model_params or {})})
     fa = augment.fold_arrays(prepared.images, prepared.labels, prepared.folds, k,
                              max_shift_px=config.max_shift_px(sc),
-                             max_rotation_deg=sc["max_rotation_deg"], seed=seed)
+                             max_rotation_deg=sc["max_rotation_deg"], seed=seed,
+                             whitening=sc.get("whitening", "zca"))
     fd = run.fold(name, k, create=True)
     test_idx = fa["test_index"]
     cells = pd.DataFrame({"cell_id": prepared.cell_ids[test_idx], "group": prepared.groups[test_idx],
