@@ -174,6 +174,11 @@ SCALES: dict[str, dict[str, Any]] = {
 }
 
 
+#: Scale keys added after runs were made, with the value that reproduces those runs: a run
+#: folder's ``scale.json`` without the key is read as having it (``rundir.read_scale_file``).
+ADDED_SCALE_KEYS: dict[str, Any] = {"whitening": "zca"}
+
+
 def get_scale(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Return a deep copy of scale ``name`` with ``overrides`` applied (unknown keys rejected)."""
     if name not in SCALES:

@@ -305,6 +305,9 @@ def read_scale_file(path: str | os.PathLike) -> dict[str, Any]:
         raise RunFolderError(f"{p}: cannot read the run's resolved scale ({e})") from e
     if not isinstance(rec, dict) or not isinstance(rec.get("values"), dict):
         raise RunFolderError(f"{p}: expected {{'name', 'overrides', 'values'}} written by cellstudy")
+    # a run made before a key existed was made with the value that key's default reproduces
+    rec["values"] = {**{k: v for k, v in config.ADDED_SCALE_KEYS.items() if k not in rec["values"]},
+                     **rec["values"]}
     return rec
 
 

@@ -132,3 +132,18 @@ def test_atomic_files_get_the_ordinary_mode(tmp_path):
     q = tmp_path / "b.txt"
     q.write_text("x")
     assert stat.S_IMODE(p.stat().st_mode) == stat.S_IMODE(q.stat().st_mode) == atomic.FILE_MODE
+
+
+def test_a_run_made_before_a_scale_key_existed_still_opens(tmp_path):
+    """scale.json of an older run lacks keys added later (whitening): read as their old value."""
+    import json as _json
+
+    from cellstudy import config as _config
+    from cellstudy.rundir import Run as _Run
+
+    run = _Run(tmp_path / "old")
+    run.scale("ci")
+    rec = _json.loads(run.scale_file.read_text())
+    del rec["values"]["whitening"]
+    run.scale_file.write_text(_json.dumps(rec))
+    assert run.scale("ci")["whitening"] == "zca" == _config.ADDED_SCALE_KEYS["whitening"]
