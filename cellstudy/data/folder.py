@@ -132,26 +132,27 @@ def channel_regex(pattern: str, tokens: Sequence[str]) -> re.Pattern[str]:
         # the mapping's tokens first, then any other letters-and-digits token (reported as ignored)
         alt = "|".join([re.escape(t) for t in sorted(tokens, key=len, reverse=True)] + ["[A-Za-z0-9]+"])
         return re.compile(re.escape(parts[0]) + f"(?P<channel>{alt})" + re.escape(parts[1]))
+    return _named_regex(pattern, "--channel-pattern", "channel",
+                        f"expected a {PLACEHOLDER} placeholder ('_{{channel}}.tif') or a regular expression "
+                        f"with a named group (?P<channel>...)")
+
+
+def _named_regex(pattern: str, option: str, group: str, expected: str) -> re.Pattern[str]:
+    """``pattern`` compiled; DataError naming ``option`` when it is not a regular expression or
+    has no named group ``group`` (``expected`` says what it should be)."""
     try:
         rx = re.compile(pattern)
     except re.error as e:
-        raise DataError(f"--channel-pattern {pattern!r} is not a valid regular expression: {e}") from None
-    if "channel" not in rx.groupindex:
-        raise DataError(f"--channel-pattern {pattern!r}: expected a {PLACEHOLDER} placeholder "
-                        f"('_{{channel}}.tif') or a regular expression with a named group "
-                        f"(?P<channel>...)")
+        raise DataError(f"{option} {pattern!r} is not a valid regular expression: {e}") from None
+    if group not in rx.groupindex:
+        raise DataError(f"{option} {pattern!r}: {expected}")
     return rx
 
 
 def _group_regex(pattern: str) -> re.Pattern[str]:
-    try:
-        rx = re.compile(pattern)
-    except re.error as e:
-        raise DataError(f"--group-pattern {pattern!r} is not a valid regular expression: {e}") from None
-    if "group" not in rx.groupindex:
-        raise DataError(f"--group-pattern {pattern!r}: expected a regular expression with a named "
-                        f"group (?P<group>...), e.g. '(?P<group>[A-Z]\\d{{2}}_s\\d)'")
-    return rx
+    return _named_regex(pattern, "--group-pattern", "group",
+                        "expected a regular expression with a named group (?P<group>...), e.g. "
+                        "'(?P<group>[A-Z]\\d{2}_s\\d)'")
 
 
 @dataclass

@@ -185,6 +185,14 @@ def check_class_index(class_index, n: int, n_cls: int, name: str = "class_index"
     return c.astype(np.int32)
 
 
+def target_classes(model, x: np.ndarray, class_index, batch_size: int) -> np.ndarray:
+    """The class each image is explained for: the model's predicted class when ``class_index``
+    is None, else ``class_index`` checked (:func:`check_class_index`). (N,) int32."""
+    if class_index is None:
+        return predict_proba(model, x, batch_size).argmax(axis=1).astype(np.int32)
+    return check_class_index(class_index, len(x), n_classes(model))
+
+
 # ---------------------------------------------------------------------------------------------
 # Batched prediction (probabilities or logits of given classes)
 # ---------------------------------------------------------------------------------------------

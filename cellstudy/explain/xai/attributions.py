@@ -59,10 +59,7 @@ def integrated_gradients(model, images, class_index, baseline=None, steps: int =
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an int >= 1; got {steps!r}")
     n, C = len(x), x.shape[-1]
-    if class_index is None:
-        cls = K.predict_proba(model, x, batch_size).argmax(axis=1).astype(np.int32)
-    else:
-        cls = K.check_class_index(class_index, n, K.n_classes(model))
+    cls = K.target_classes(model, x, class_index, batch_size)
     if baseline is None:
         x0 = np.zeros_like(x)
     else:
@@ -139,10 +136,7 @@ def occlusion(model, images, class_index, patch: int | tuple = 8, stride: int | 
     if ph > H or pw > W:
         raise ValueError(f"patch {(ph, pw)} is larger than the images {(H, W)}")
     f = _fill_array(fill, C)
-    if class_index is None:
-        cls = K.predict_proba(model, x, batch_size).argmax(axis=1).astype(np.int32)
-    else:
-        cls = K.check_class_index(class_index, n, K.n_classes(model))
+    cls = K.target_classes(model, x, class_index, batch_size)
     rows = list(range(0, H - ph + 1, sh))
     cols = list(range(0, W - pw + 1, sw))
     if rows[-1] != H - ph:

@@ -119,10 +119,7 @@ def deletion_insertion(model, images, class_index, saliency, steps: int = 20, fi
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an int >= 1; got {steps!r}")
     f = _fill_array(fill, C)
-    if class_index is None:
-        cls = K.predict_proba(model, x, batch_size).argmax(axis=1).astype(np.int32)
-    else:
-        cls = K.check_class_index(class_index, n, K.n_classes(model))
+    cls = K.target_classes(model, x, class_index, batch_size)
     rng = np.random.default_rng(seed)
     fractions = np.round(np.linspace(0, 1, steps + 1) * H * W) / (H * W)
     order = pixel_order(s, rng)

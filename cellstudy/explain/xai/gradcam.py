@@ -176,10 +176,7 @@ def _inputs(model, images, class_index, batch_size) -> tuple[np.ndarray, np.ndar
     x = K.check_images(model, images)
     batch_size = K.check_batch_size(batch_size)
     n = len(x)
-    if class_index is None:
-        cls = K.predict_proba(model, x, batch_size).argmax(axis=1).astype(np.int32)
-    else:
-        cls = K.check_class_index(class_index, n, K.n_classes(model))
+    cls = K.target_classes(model, x, class_index, batch_size)
     return x, cls, batch_size, n
 
 

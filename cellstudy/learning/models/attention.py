@@ -107,14 +107,27 @@ def _attend(q, kv, name, num_heads, token_dim, pooling):
     return pool(name=f"{name}_pool")(y)
 
 
+def _start(network, backbone, hw, head, token_dim, num_heads, max_token_grid):
+    """What both families' builders check and start from: ``(backbone, head parameters, the
+    image input (H, W, 3))``."""
+    bbs.check_min_size(network, backbone, hw)
+    _check(token_dim, num_heads, max_token_grid)
+    return backbone, dict(head or {}), keras.Input((hw[0], hw[1], 3), name="image")
+
+
+def _finish(network, inp, x, n_classes, head, backbone, weights, weights_sha256, hw, cnn_filters):
+    """The shared head on ``x``, the model, and the backbone's local weights file when given."""
+    model = keras.Model(inp, classification_head(x, n_classes, **head), name=network)
+    if weights is not None:
+        from cellstudy.learning.models.weights import load_backbone_weights
+        load_backbone_weights(model, backbone, weights, hw, sha256=weights_sha256, cnn_filters=cnn_filters)
+    return model
+
+
 def build_rgb(network, hw, n_classes=2, head=None, weights=None, weights_sha256=None,
               token_dim=128, num_heads=2, max_token_grid=16, cnn_filters=bbs.CNN3_FILTERS):
     """Build ``rgb`` / ``rgb_res`` / ``rgb_den`` at input (H, W, 3) (see the module docstring)."""
-    backbone = RGB_BACKBONE[network]
-    bbs.check_min_size(network, backbone, hw)
-    _check(token_dim, num_heads, max_token_grid)
-    head = dict(head or {})
-    inp = keras.Input((hw[0], hw[1], 3), name="image")
+    backbone, head, inp = _start(network, RGB_BACKBONE[network], hw, head, token_dim, num_heads, max_token_grid)
     template = bbs.shared_backbone(backbone, hw, cnn_filters=cnn_filters)
     toks = {}
     for i, c in enumerate(CHANNEL_KEYS):
@@ -126,28 +139,14 @@ def build_rgb(network, hw, n_classes=2, head=None, weights=None, weights_sha256=
     pooled = [_attend(toks[a], toks[b], f"att_{a}{b}", num_heads, token_dim,
                       head.get("pooling", "avg")) for a, b in RGB_BLOCKS]
     x = layers.Concatenate(name="att_concat")(pooled)
-    out = classification_head(x, n_classes, **head)
-    model = keras.Model(inp, out, name=network)
-    if weights is not None:
-        from cellstudy.learning.models.weights import load_backbone_weights
-        load_backbone_weights(model, backbone, weights, hw, sha256=weights_sha256, cnn_filters=cnn_filters)
-    return model
+    return _finish(network, inp, x, n_classes, head, backbone, weights, weights_sha256, hw, cnn_filters)
 
 
 def build_mhl(network, hw, n_classes=2, head=None, weights=None, weights_sha256=None,
               token_dim=128, num_heads=2, max_token_grid=16, cnn_filters=bbs.CNN3_FILTERS):
     """Build ``mhl`` / ``mhl_res`` / ``mhl_den`` at input (H, W, 3) (see the module docstring)."""
-    backbone = MHL_BACKBONE[network]
-    bbs.check_min_size(network, backbone, hw)
-    _check(token_dim, num_heads, max_token_grid)
-    head = dict(head or {})
-    inp = keras.Input((hw[0], hw[1], 3), name="image")
+    backbone, head, inp = _start(network, MHL_BACKBONE[network], hw, head, token_dim, num_heads, max_token_grid)
     bb = bbs.apply_backbone(backbone, inp, cnn_filters=cnn_filters)
     t = _tokens(bb.features, int(max_token_grid), "", token_dim)
     x = _attend(t, t, "att_self", num_heads, token_dim, head.get("pooling", "avg"))
-    out = classification_head(x, n_classes, **head)
-    model = keras.Model(inp, out, name=network)
-    if weights is not None:
-        from cellstudy.learning.models.weights import load_backbone_weights
-        load_backbone_weights(model, backbone, weights, hw, sha256=weights_sha256, cnn_filters=cnn_filters)
-    return model
+    return _finish(network, inp, x, n_classes, head, backbone, weights, weights_sha256, hw, cnn_filters)
