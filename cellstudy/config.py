@@ -93,6 +93,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "he_init": [],
         "gradcam_min_size": 4,
         "whitening": "zca",      # "zca" (3 x 3, the paper's) or "channel" (each stain on its own)
+        "flips": False,          # a random rotation by quarter turns / flip per training image per epoch
     },
     # A look in ~20 minutes (configs/quick.yaml): the former CPU default, all eleven networks x 5
     # folds at S = 32 and 1 + 1 epochs. The networks do NOT learn at this scale (AUC 0.49-0.78 in
@@ -117,6 +118,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "he_init": [],
         "gradcam_min_size": 4,
         "whitening": "zca",      # "zca" (3 x 3, the paper's) or "channel" (each stain on its own)
+        "flips": False,          # a random rotation by quarter turns / flip per training image per epoch
     },
     # The CPU default of `make study`: all eleven networks x 5 folds x both regimes on a 2-core
     # machine, at the BBBC021 crops' native size (68 px -> S = 64: stride-32 backbones keep a
@@ -149,6 +151,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "he_init": ["vgg16"],    # He-normal conv kernels: VGG16 (no BatchNorm) does not train from Glorot
         "gradcam_min_size": 4,
         "whitening": "zca",      # "zca" (3 x 3, the paper's) or "channel" (each stain on its own)
+        "flips": False,          # a random rotation by quarter turns / flip per training image per epoch
     },
     # The paper's scale: S = 512, short (< 100) and long (> 100) regimes. Needs a GPU.
     "paper": {
@@ -170,13 +173,14 @@ SCALES: dict[str, dict[str, Any]] = {
         "he_init": ["vgg16"],    # VGG16 from random weights needs He-normal kernels (experiment.he_initialise),
         "gradcam_min_size": 4,
         "whitening": "zca",      # "zca" (3 x 3, the paper's) or "channel" (each stain on its own)
+        "flips": False,          # a random rotation by quarter turns / flip per training image per epoch
     },
 }
 
 
 #: Scale keys added after runs were made, with the value that reproduces those runs: a run
 #: folder's ``scale.json`` without the key is read as having it (``rundir.read_scale_file``).
-ADDED_SCALE_KEYS: dict[str, Any] = {"whitening": "zca"}
+ADDED_SCALE_KEYS: dict[str, Any] = {"whitening": "zca", "flips": False}
 
 
 def get_scale(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

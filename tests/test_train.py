@@ -506,3 +506,49 @@ def test_warmup_resume_equals_uninterrupted(tmp_path):
     with pytest.raises(ValueError, match="warmup_epochs"):
         train.train_fold(tiny_cnn(), *DATA, tmp_path / "bad", network_name="tiny", fold=0,
                          **{**kw, "warmup_epochs": 4})
+
+
+def test_dihedral_transforms_are_the_eight_symmetries():
+    x = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)
+    outs = [np.asarray(train.dihedral(x, np.int32(k))) for k in range(8)]
+    assert len({o.tobytes() for o in outs}) == 8                 # all different
+    np.testing.assert_array_equal(outs[0], x)                     # k = 0: identity
+    np.testing.assert_array_equal(outs[1], np.rot90(x, 1, axes=(1, 2)))
+    np.testing.assert_array_equal(outs[4], x[:, :, ::-1])         # flip only
+    for o in outs:  # pixels move, each pixel keeps its channels (commutes with colour whitening)
+        assert sorted(map(tuple, o.reshape(-1, 3))) == sorted(map(tuple, x.reshape(-1, 3)))
+
+
+def test_flips_pipeline_is_a_function_of_seed_and_epoch():
+    x, y = DATA[0][:12], np.arange(12).astype(np.int32)
+
+    def images(epoch, flips=True):
+        ds = train.make_train_dataset(x, y, 4, 0, epoch, flips=flips)
+        return [(b[0].numpy(), b[1].numpy()) for b in ds]
+
+    a = images(2)
+    plain = images(2, flips=False)
+    for (xa, ya), (xp, yp) in zip(a, plain):
+        np.testing.assert_array_equal(ya, yp)                     # the same order as without flips
+        for img, ref in zip(xa, xp):                              # each image a symmetry of its cell
+            assert any(np.array_equal(img, np.asarray(train.dihedral(ref, np.int32(k)))) for k in range(8))
+    ks_changed = sum(not np.array_equal(i, r) for (xa, _), (xp, _) in zip(a, plain) for i, r in zip(xa, xp))
+    assert ks_changed >= 6                                        # ~7/8 of the images transformed
+    for (x1, _), (x2, _) in zip(a, images(2)):
+        np.testing.assert_array_equal(x1, x2)                     # repeatable
+    assert not all(np.array_equal(x1, x2) for (x1, _), (x2, _) in zip(a, images(3)))
+
+
+@pytest.mark.slow  # three training runs of the tiny network
+def test_flips_resume_equals_uninterrupted_and_is_checked(tmp_path):
+    kw = {**COMMON, "flips": True}
+    ref = train.train_fold(tiny_cnn(), *DATA, tmp_path / "ref", network_name="tiny", fold=0, **kw)
+    assert json.loads((tmp_path / "ref" / "done.json").read_text())["flips"] is True
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0, callbacks=[KillAfter(1)], **kw)
+    with pytest.raises(train.CheckpointMismatchError, match="flips True there vs False now"):
+        train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0, **COMMON)
+    resumed = train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0, **kw)
+    assert resumed.resumed_from == 1
+    np.testing.assert_array_equal(resumed.proba["long"], ref.proba["long"])

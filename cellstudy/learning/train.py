@@ -162,20 +162,47 @@ def _pipeline_options():
     return opts
 
 
-def _epoch_dataset(base, n: int, batch_size: int, seed: int, epoch: int):
+def dihedral(x, k):
+    """The dihedral transform ``k`` in 0..7 of images ``x`` (..., H, W, C), H == W: rotation by
+    ``k % 4`` quarter turns, then a left-right flip when ``k >= 4``. The eight symmetries of the
+    square grid: exact (no interpolation), and they commute with the per-pixel colour whitening
+    (ZCA acts on each pixel's channels only), so they can follow it. NumPy or TensorFlow input."""
+    import tensorflow as tf
+    y = tf.image.rot90(x, k % 4)
+    return tf.cond(k >= 4, lambda: tf.image.flip_left_right(y), lambda: y)
+
+
+def _dihedral_map(seed: int, epoch: int):
+    """Per-image random dihedral transform of epoch ``epoch``: image ``i`` of the epoch's
+    (shuffled) order gets ``k = stateless_uniform(seed=(epoch_seed, i)) in 0..7`` — a function of
+    ``(seed, epoch, i)`` only, so a resumed run sees the same images."""
+    import tensorflow as tf
+    es = epoch_seed(seed, epoch)
+
+    def fn(i, xy):
+        k = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(es, tf.int64), i]),
+                                        maxval=8, dtype=tf.int32)
+        return dihedral(xy[0], k), xy[1]
+    return fn
+
+
+def _epoch_dataset(base, n: int, batch_size: int, seed: int, epoch: int, flips: bool = False):
     ds = base.shuffle(n, seed=epoch_seed(seed, epoch), reshuffle_each_iteration=False)
+    if flips:
+        ds = ds.enumerate().map(_dihedral_map(seed, epoch))
     return ds.batch(batch_size).prefetch(PREFETCH).with_options(_pipeline_options())
 
 
 def make_train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoch: int,
-                       cache: bool = True):
+                       cache: bool = True, flips: bool = False):
     """The training pipeline of one epoch: ``from_tensor_slices((x, y))`` -> ``cache`` ->
-    ``shuffle`` (full buffer, seed ``epoch_seed(seed, epoch)``) -> ``batch`` -> ``prefetch``
+    ``shuffle`` (full buffer, seed ``epoch_seed(seed, epoch)``) -> [``flips``: a random dihedral
+    transform per image, :func:`_dihedral_map`] -> ``batch`` -> ``prefetch``
     (``PREFETCH`` batches; tf.data autotuning off, see ``_pipeline_options``).
 
     x: (N, S, S, 3) float32; y: (N,) int32. Yields ((B, S, S, 3), (B,)) with B <= batch_size.
     No Python runs per image."""
-    return _epoch_dataset(_base_dataset(x, y, cache), len(x), batch_size, seed, epoch)
+    return _epoch_dataset(_base_dataset(x, y, cache), len(x), batch_size, seed, epoch, flips)
 
 
 def _test_dataset(x: np.ndarray, batch_size: int):
@@ -348,7 +375,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
                network_name: str = "network", fold: int = 0,
                callbacks: list | None = None, keep_checkpoint: bool = False,
                retry_failed: bool = False, cache: bool = True,
-               initial_weights: dict[str, Any] | None = None) -> TrainResult:
+               initial_weights: dict[str, Any] | None = None, flips: bool = False) -> TrainResult:
     """Train one (network, fold) and evaluate both regimes; resumable.
 
     build_fn: zero-argument builder of an *uncompiled* Keras 3 model, input (S, S, 3), output a
@@ -369,6 +396,9 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
     callbacks: extra Keras callbacks for each epoch's ``fit``.
     keep_checkpoint: keep ``checkpoint.npz`` after a finished run.
     retry_failed: re-run a run that has ``failed.json`` (otherwise it is returned as failed).
+    flips: a random dihedral transform (rotation by quarter turns, flip) of every training image
+        in every epoch, on top of the offline augmentation (``_dihedral_map``; seeded by epoch
+        and position, so a resume repeats it). Recorded in ``done.json`` (``flips``).
     initial_weights: where the model's backbone weights came from (``{backbone: {"path",
         "sha256"}}``; None: random, seeded), recorded in ``done.json`` and checked on resume.
 
@@ -469,6 +499,8 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
             "deterministic": bool(deterministic), "mixed_precision": policy,
             "jit_compile": bool(jit_compile), "initial_weights": initial_weights or None,
         }
+        if flips:  # only when on: checkpoints and done.json of earlier runs stay valid
+            meta["flips"] = True
 
         # ---- resume ---------------------------------------------------------------------------
         history: list[dict[str, Any]] = []
@@ -522,7 +554,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
         # ---- epochs ---------------------------------------------------------------------------
         try:
             for epoch in range(start_epoch, epochs_long):
-                ds = _epoch_dataset(base, n, batch_size, seed, epoch)
+                ds = _epoch_dataset(base, n, batch_size, seed, epoch, flips)
                 t0 = time.perf_counter()
                 h = model.fit(ds, initial_epoch=epoch, epochs=epoch + 1, verbose=0,
                               shuffle=False,
