@@ -109,6 +109,9 @@ def test_findings_page_numbers_equal_the_csvs(tmp_path):
     assert num["networks_top_stain"][0] == "actin" and num["classical_top_stain_rf"][0] == "actin"
     assert num["faithful_gradcam"][0] == 1
     assert "No network beats the classical baseline" in md
+    # the learning target: MHL (0.912) meets it, DL (VGG16 0.5) does not; the classical family is not counted
+    assert num["families_at_target"][0] == 1
+    assert "met by 1 of 2 families (MHL)" in md and "**not met by DL (best: VGG16, 0.500)**" in md
     for chapter in ("07_results.ipynb", "09_statistics.ipynb", "08_xai.ipynb", "06_classical_baseline.ipynb"):
         assert f"]({chapter})" in md                          # every paragraph links its chapter
     book = tmp_path / "book"

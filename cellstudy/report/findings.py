@@ -184,6 +184,11 @@ def best_per_family(verdicts: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 # The book's findings page, written from the run's own files
 # ---------------------------------------------------------------------------------------------
+#: The study's learning target (the issue "the default study learns"): the best network of each
+#: family reaches a long-regime AUC-ROC macro, fold mean, of at least this value. The findings page
+#: says, per family, whether the run met it.
+LEARNING_TARGET_AUC = 0.90
+
 STAIN_NAMES = {"third": "the third stain (tubulin)", "actin": "F-actin", "dna": "DNA", "shape": "cell / nucleus shape"}
 
 
@@ -248,6 +253,18 @@ def findings_page(run_dir: str | Path) -> dict:
         md.append(f"- **{r.family}**{tag}: {r.display}, AUC **{r.mean:.3f}** (95% CI {r.ci_low:.3f}–{r.ci_high:.3f})"
                   + ("" if r.beats_chance else ", *not above chance*"))
     md.append("")
+    fam = best_per_family(nets) if len(nets) else nets
+    if len(fam):
+        met = fam[fam["mean"] >= LEARNING_TARGET_AUC]
+        short = fam[fam["mean"] < LEARNING_TARGET_AUC]
+        num["families_at_target"] = (int(len(met)), "verdicts_long.csv:mean")
+        txt = (f"**Learning target** (the best network of each family at AUC ≥ {LEARNING_TARGET_AUC:.2f}): "
+               + (f"met by {int(len(met))} of {len(fam)} families ({', '.join(met['family'])})" if len(met)
+                  else f"met by none of the {len(fam)} families"))
+        if len(short):
+            txt += ("; **not met by " + ", ".join(f"{r.family} (best: {r.display}, {r.mean:.3f})"
+                                                  for r in short.itertuples()) + "**")
+        md += [txt + ".", ""]
     c = summary_counts(v)
     num.update(n_networks=(c["networks"], "verdicts_long.csv"), above_chance=(c["above_chance"], "verdicts_long.csv"),
                better=(c["better"], "verdicts_long.csv"), worse=(c["worse"], "verdicts_long.csv"))
