@@ -117,6 +117,23 @@ FAMILY: dict[str, str] = {s.name: s.family for s in CATALOGUE}
 DISPLAY: dict[str, str] = {s.name: s.display for s in CATALOGUE}
 
 
+#: Training speed of each network alone on a 2-core CPU, images/s at S = 64, batch 32 (measured
+#: 2026-12-02, issue "the default study learns"): what the workflow's job priorities go by.
+TRAIN_IMAGES_PER_S: dict[str, float] = {
+    "vgg16": 40, "resnet50": 64, "densenet121": 72, "denres131": 29, "vit": 195, "rgb": 66,
+    "rgb_res": 32, "rgb_den": 32, "mhl": 315, "mhl_res": 74, "mhl_den": 82}
+
+
+def train_priority(name: str) -> int:
+    """Scheduling priority of network ``name``'s training job: its relative cost per image,
+    ``round(1000 / images_per_s)`` (DenRes-131 34, RGB-Res / RGB-Den 31, VGG16 25 ... MHL 3).
+    The slowest networks start first, so the last job to finish on a machine with fewer
+    workers than networks is a short one (longest-processing-time-first); 1 for a network not
+    in :data:`TRAIN_IMAGES_PER_S`."""
+    ips = TRAIN_IMAGES_PER_S.get(name)
+    return max(1, round(1000 / ips)) if ips else 1
+
+
 def spec(name: str) -> ModelSpec:
     """The record of model ``name``; ValueError listing the known names otherwise."""
     try:

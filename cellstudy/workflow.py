@@ -494,18 +494,25 @@ def slurm_jobs_of(log_text: str) -> list[str]:
     return re.findall(r"SLURM jobid (\d+(?:_\d+)?)", log_text)
 
 
-def dag_jobs(run_dir: str | os.PathLike, config_file: str | os.PathLike, *, extra: Sequence[str] = (),
-             fold_jobs: bool = True) -> dict[str, int]:
-    """Jobs per rule of a dry run (``snakemake -n``) of ``config_file`` in ``run_dir``: what the
-    workflow would run now (``fold_jobs``: as on a cluster, one training job per (network, fold))."""
-    import re
+def dry_run(run_dir: str | os.PathLike, config_file: str | os.PathLike, *, extra: Sequence[str] = (),
+            fold_jobs: bool = True) -> str:
+    """The text of a dry run (``snakemake -n``) of ``config_file`` in ``run_dir``: every job it
+    would run now, with its rule, outputs and priority (``fold_jobs``: as on a cluster)."""
     cmd = [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(SNAKEFILE),
            "--configfile", str(config_file), "--config", f"fold_jobs={bool(fold_jobs)}",
            "--directory", str(run_dir), "--cores", "1", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise WorkflowError(f"snakemake -n of {config_file} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    text = out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
+def dag_jobs(run_dir: str | os.PathLike, config_file: str | os.PathLike, *, extra: Sequence[str] = (),
+             fold_jobs: bool = True) -> dict[str, int]:
+    """Jobs per rule of a dry run (:func:`dry_run`): what the workflow would run now
+    (``fold_jobs``: as on a cluster, one training job per (network, fold))."""
+    import re
+    text = dry_run(run_dir, config_file, extra=extra, fold_jobs=fold_jobs)
     table = text[text.find("Job stats:"):]
     counts = {}
     for line in table.splitlines()[3:]:

@@ -39,9 +39,32 @@ def test_dry_run_has_one_training_job_per_network_and_fold(tmp_path, name, train
     assert jobs["xai"] == trains          # on a cluster: one explanation job per (network, fold) too
     # on one machine (cellstudy run, make study): one training job per network, all its folds
     local = workflow.dag_jobs(tmp_path, REPO / "configs" / f"{name}.yaml", fold_jobs=False)
-    assert "train" not in local and "xai" not in local and local["train_network"] == len(workflow.make_plan(
-        runner.load_config(REPO / "configs" / f"{name}.yaml")).networks)
+    nets = workflow.make_plan(runner.load_config(REPO / "configs" / f"{name}.yaml")).networks
+    assert "train" not in local and "xai" not in local
+    assert {r: n for r, n in local.items() if r.startswith("train_network")} == {f"train_network_{n}": 1 for n in nets}
     assert local["step"] + local["gpu_step"] == steps
+
+
+def test_the_slowest_networks_train_first():
+    """Each network's training job has the priority of its cost per image: on one machine the
+    heavy networks start first (longest-processing-time-first), the light ones fill the end."""
+    from cellstudy import networks
+    pr = {n: networks.train_priority(n) for n in networks.NETWORK_NAMES}
+    assert set(networks.TRAIN_IMAGES_PER_S) == set(networks.NETWORK_NAMES)
+    order = sorted(pr, key=pr.get, reverse=True)
+    assert order[:3] == ["denres131", "rgb_res", "rgb_den"] and order[-2:] == ["vit", "mhl"]
+    assert all(p >= 1 for p in pr.values()) and networks.train_priority("not_a_network") == 1
+
+def test_snakemake_gives_each_training_job_its_priority(tmp_path):
+    import re
+    from cellstudy import networks
+    text = workflow.dry_run(tmp_path, REPO / "configs" / "default.yaml", fold_jobs=False)
+    seen = {}
+    for block in re.split(r"\n(?=\[)", text):       # one job per block, each after its "[date]" line
+        rule, prio = re.search(r"rule train_network_(\w+):", block), re.search(r"priority: (\d+)", block)
+        if rule:
+            seen[rule.group(1)] = int(prio.group(1)) if prio else 0
+    assert seen == {n: networks.train_priority(n) for n in networks.NETWORK_NAMES}
 
 
 def test_a_folds_workflow_target_is_written_once(tmp_path):
