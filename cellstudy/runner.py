@@ -470,11 +470,14 @@ def open_run(cfg: StudyConfig, runs_dir: Path, new: bool = False,
 
 
 def init_run(cfg: StudyConfig, config_path: str | os.PathLike, run_dir: Path, data_prov: dict[str, Any],
-             status: dict[str, Any]) -> dict[str, Any]:
+             status: dict[str, Any], processes: int | None = None) -> dict[str, Any]:
     """Write what every step of a run reads before it starts: ``status.json`` (``status``),
     ``scale.json`` (the resolved scale, once; a resumed run is checked against it),
     ``provenance.json`` and ``study.yaml``. Returns the notebooks' papermill parameters. Used by
-    ``run_study`` and by the Snakemake workflow (``cellstudy workflow``)."""
+    ``run_study`` and by the Snakemake workflow (``cellstudy workflow``).
+    ``processes``: how many TensorFlow jobs run at once on this machine (their thread settings
+    go into the provenance); None: the config's ``workers``; 0: the jobs run elsewhere (a
+    cluster), each with the threads its node gives it."""
     _write_status(run_dir, status)
     scale = rundir.Run(run_dir).scale(cfg.scale, cfg.overrides)
     prov = {
@@ -489,7 +492,9 @@ def init_run(cfg: StudyConfig, config_path: str | os.PathLike, run_dir: Path, da
         "started": status.get("started"),
     }
     # the kernels' TensorFlow threads (the runner process itself does not train)
-    prov["hardware"]["tf_threads"] = threads.settings_for(cfg.workers)
+    prov["hardware"]["tf_threads"] = (
+        threads.settings_for(cfg.workers if processes is None else processes) if processes != 0
+        else "set per cluster job (TensorFlow's default unless the job's environment sets them)")
     run = rundir.Run(run_dir)
     provenance.write_json(run.provenance, prov)
     atomic.write_text(run.study_config, yaml.safe_dump(asdict(cfg), sort_keys=False))

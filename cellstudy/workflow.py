@@ -460,8 +460,9 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
         runs.mkdir(parents=True, exist_ok=True)
         rd, status = runner.open_run(cfg, runs, new, echo)
     status["engine"] = "snakemake"
-    runner.init_run(cfg, config_path, rd, data_prov, status)
     local = prof is None and not on_cluster(None, extra)
+    runner.init_run(cfg, config_path, rd, data_prov, status,
+                    processes=(cores or available_cores()) if local else 0)
     try:
         snakemake(rd, cores=cores, profile=prof, targets=targets, extra=extra, data_root=data_prov["data_root"],
                   thread_env=threads.thread_env(cores or available_cores()) if local else None, echo=echo)

@@ -7,7 +7,7 @@ import nbformat
 import pytest
 import yaml
 
-from cellstudy import config, runner, threads
+from cellstudy import config, runner, study, threads
 
 
 def _nb(path, *sources, needs=None):
@@ -254,3 +254,24 @@ def test_a_page_failing_the_browser_check_fails_the_study_naming_page_and_proble
     # the progress line went to the run's log, not onto the page (the code that prints it is folded there)
     assert "progress line 1 of 1" in (run / "logs" / "00_ok.log").read_text()
     assert "progress line 1 of 1" not in (run / "book" / "_build" / "html" / "00_ok.html").read_text()
+
+
+def test_provenance_records_the_threads_of_the_jobs_the_run_starts(tmp_path, monkeypatch):
+    """`cellstudy workflow --cores N` on one machine: N jobs at once, each with cores // N threads;
+    on a cluster the threads are the job's own (not this machine's split)."""
+    for k in (threads.INTRA_ENV, threads.INTER_ENV):
+        monkeypatch.delenv(k, raising=False)
+    cfg = runner.load_config(_config(tmp_path, ["00_cohort"], workers=1))
+    prov = {"data_root": str(tmp_path), "cohort": cfg.cohort}
+
+    def recorded(processes, name):
+        rd = tmp_path / name
+        rd.mkdir()
+        runner.init_run(cfg, tmp_path / "study.yaml", rd, prov, {"steps": {}}, processes=processes)
+        return json.loads((rd / "provenance.json").read_text())["hardware"]["tf_threads"]
+
+    t2 = str(threads.threads_per_process(2))
+    assert recorded(2, "two") == {threads.INTRA_ENV: t2, threads.INTER_ENV: t2}
+    assert recorded(None, "config") == {threads.INTRA_ENV: None, threads.INTER_ENV: None}   # workers: 1
+    assert "per cluster job" in recorded(0, "cluster")
+    assert study.kernel_tf_threads(tmp_path / "cluster") is None
