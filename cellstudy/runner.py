@@ -94,11 +94,29 @@ class StudyConfig:
         """A short hash identifying what this config computes (used to match runs to resume): the
         config without its title and workers, and the scale's resolved values (an edited scale in
         config.py makes a new digest, so a run is never resumed at other values)."""
+        return self._digest(config.get_scale(self.scale, self.overrides))
+
+    def _digest(self, scale: dict[str, Any]) -> str:
         d = asdict(self)
         d.pop("title", None)
         d.pop("workers", None)
-        d["resolved_scale"] = config.get_scale(self.scale, self.overrides)
+        d["resolved_scale"] = scale
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def digests(self) -> set[str]:
+        """Every digest a run of this config may carry: :meth:`digest`, and the digests that the
+        versions before each scale key of ``config.ADDED_SCALE_KEYS`` was added gave it, while the
+        added keys still have the value those versions computed with. A run interrupted before a
+        scale key was added is resumed by the new version (its ``scale.json`` is read the same
+        way: ``rundir.read_scale_file``)."""
+        scale = config.get_scale(self.scale, self.overrides)
+        out = {self._digest(scale)}
+        for key, old in reversed(list(config.ADDED_SCALE_KEYS.items())):  # newest key first
+            if scale.get(key) != old:
+                break
+            scale = {k: v for k, v in scale.items() if k != key}
+            out.add(self._digest(scale))
+        return out
 
 
 def notebook_dir() -> Path:
@@ -294,9 +312,9 @@ def find_resumable(runs_dir: Path, cfg: StudyConfig) -> Path | None:
     cands = sorted(runs_dir.glob(f"{cfg.name}-*"), key=lambda p: p.name, reverse=True)
     for run in cands:
         st = read_status(run)
-        if st.get("digest") == cfg.digest() and st.get("state") != "complete":
+        if st.get("digest") in cfg.digests() and st.get("state") != "complete":
             return run
-        if st.get("digest") == cfg.digest():
+        if st.get("digest") in cfg.digests():
             return None  # the newest matching run completed: start a new one
     return None
 

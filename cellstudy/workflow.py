@@ -431,7 +431,7 @@ def available_cores() -> int:
 def check_same_config(run_dir: Path, cfg: runner.StudyConfig) -> None:
     """RunFolderError when ``run_dir`` was made by another study config (its status digest)."""
     st = runner.read_status(run_dir)
-    if st.get("digest") and st["digest"] != cfg.digest():
+    if st.get("digest") and st["digest"] not in cfg.digests():
         raise rundir.RunFolderError(
             f"run folder {run_dir} was made by another study config (digest {st['digest']} in "
             f"{rundir.Run(run_dir).status}, this config's is {cfg.digest()}); use a new run folder")

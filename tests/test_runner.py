@@ -275,3 +275,32 @@ def test_provenance_records_the_threads_of_the_jobs_the_run_starts(tmp_path, mon
     assert recorded(None, "config") == {threads.INTRA_ENV: None, threads.INTER_ENV: None}   # workers: 1
     assert "per cluster job" in recorded(0, "cluster")
     assert study.kernel_tf_threads(tmp_path / "cluster") is None
+
+
+def test_a_run_made_before_a_scale_key_existed_is_still_resumable(tmp_path, monkeypatch):
+    """A scale key added later (config.ADDED_SCALE_KEYS) at its old value leaves the run's
+    digest acceptable: an interrupted run of the older version is resumed, not restarted."""
+    import copy
+    cfg = runner.load_config(_config(tmp_path, ["00_cohort"]))
+    now = cfg.digest()
+    assert now in cfg.digests()
+    old_scales = copy.deepcopy(config.SCALES)
+    for sc in old_scales.values():        # the version before "flips" (and before "whitening")
+        sc.pop("flips")
+    monkeypatch.setattr(config, "SCALES", old_scales)
+    before_flips = cfg.digest()
+    for sc in old_scales.values():
+        sc.pop("whitening")
+    before_whitening = cfg.digest()
+    monkeypatch.undo()
+    assert len({now, before_flips, before_whitening}) == 3
+    assert {now, before_flips, before_whitening} == cfg.digests()
+    # a run at another value of the new key is another computation: not resumed
+    flipped = runner.load_config(_config(tmp_path, ["00_cohort"], overrides={"flips": True}))
+    assert before_flips not in flipped.digests() and before_whitening not in flipped.digests()
+    # find_resumable finds the older version's interrupted run
+    runs = tmp_path / "runs"
+    old_run = runs / "t-20261201-000000"
+    old_run.mkdir(parents=True)
+    (old_run / "status.json").write_text(json.dumps({"digest": before_flips, "state": "running"}))
+    assert runner.find_resumable(runs, cfg) == old_run
