@@ -132,6 +132,8 @@ SCALES: dict[str, dict[str, Any]] = {
     # 2-core Xeon, `make study` stopped after 64 min with 6 networks done: ~2 h 15 min estimated
     # end to end; long-regime AUC ViT 0.931, DenseNet121 0.921, VGG16 0.872, ResNet50 0.848, RGB
     # 0.833 (the RGB family short of 0.90: more epochs, a coarser token grid or 1e-2 did not help).
+    # Measured to the end later that day (Snakemake engine, fresh clone): 2 h 05 min, of which
+    # training 96 min (188 core-min; DenRes-131, RGB-Res, RGB-Den 54% of it); README "Time".
     "cpu": {
         "image_size": 64,
         "preprocess": dict(_PREPROCESS_FULL),
