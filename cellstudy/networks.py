@@ -48,7 +48,10 @@ class ModelSpec:
     choice; ``cellstudy.learning.models.gradcam_layers`` picks a shallower one by map size); ``builder``:
     which builder of ``cellstudy.learning.models`` makes it (``"dl"``, ``"denres"``, ``"vit"``, ``"rgb"``,
     ``"mhl"``; ``""`` for a classical classifier, built by ``cellstudy.learning.baseline``); ``defaults``:
-    its own build parameters (besides the head's) and their defaults."""
+    its own build parameters (besides the head's) and their defaults; ``train_images_per_s``: its
+    training speed alone on a 2-core CPU, images/s at S = 64, batch 32 (measured 2026-12-02, issue
+    "the default study learns"; None for a classical classifier): what the workflow's job
+    priorities go by (:func:`train_priority`)."""
 
     name: str
     family: str
@@ -58,6 +61,7 @@ class ModelSpec:
     gradcam_last: tuple[str, ...] = ()
     builder: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
+    train_images_per_s: float | None = None
 
     @property
     def is_network(self) -> bool:
@@ -69,34 +73,36 @@ _RGB_FEATS = ("feat_r", "feat_g", "feat_b")
 
 #: Every model of the study, in the book's order.
 CATALOGUE: tuple[ModelSpec, ...] = (
-    ModelSpec("vgg16", "DL", "VGG16", "VGG16 backbone + head", ("vgg16",), ("block5_conv3",), "dl"),
+    ModelSpec("vgg16", "DL", "VGG16", "VGG16 backbone + head", ("vgg16",), ("block5_conv3",), "dl",
+              train_images_per_s=40),
     ModelSpec("resnet50", "DL", "ResNet50", "ResNet50 backbone + head", ("resnet50",),
-              ("conv5_block3_out",), "dl"),
+              ("conv5_block3_out",), "dl", train_images_per_s=64),
     ModelSpec("densenet121", "DL", "DenseNet121", "DenseNet121 backbone + head", ("densenet121",),
-              ("relu",), "dl"),
+              ("relu",), "dl", train_images_per_s=72),
     ModelSpec("denres131", "DL", "DenRes-131",
               "ResNet50 and DenseNet121 side by side, four levels fused at stride 32 + head",
-              ("resnet50", "densenet121"), ("res_conv5_block3_out", "den_relu"), "denres", DENRES_DEFAULTS),
+              ("resnet50", "densenet121"), ("res_conv5_block3_out", "den_relu"), "denres", DENRES_DEFAULTS,
+              train_images_per_s=29),
     ModelSpec("vit", "ViT", "ViT", "Vision Transformer (patch embedding, encoder blocks) + head", (),
-              ("vit_grid",), "vit", VIT_DEFAULTS),
+              ("vit_grid",), "vit", VIT_DEFAULTS, train_images_per_s=195),
     ModelSpec("rgb", "RGB", "RGB",
               "isolated R, G, B through one shared 3-layer CNN, six 2-head attention blocks + head",
-              ("cnn3",), _RGB_FEATS, "rgb", ATTENTION_DEFAULTS),
+              ("cnn3",), _RGB_FEATS, "rgb", ATTENTION_DEFAULTS, train_images_per_s=66),
     ModelSpec("rgb_res", "RGB", "RGB-Res",
               "isolated R, G, B through one shared ResNet50, six 2-head attention blocks + head",
-              ("resnet50",), _RGB_FEATS, "rgb", ATTENTION_DEFAULTS),
+              ("resnet50",), _RGB_FEATS, "rgb", ATTENTION_DEFAULTS, train_images_per_s=32),
     ModelSpec("rgb_den", "RGB", "RGB-Den",
               "isolated R, G, B through one shared DenseNet121, six 2-head attention blocks + head",
-              ("densenet121",), _RGB_FEATS, "rgb", ATTENTION_DEFAULTS),
+              ("densenet121",), _RGB_FEATS, "rgb", ATTENTION_DEFAULTS, train_images_per_s=32),
     ModelSpec("mhl", "MHL", "MHL",
               "3-layer CNN on the RGB image, one 2-head self-attention block over its tokens + head",
-              ("cnn3",), ("cnn_relu3",), "mhl", ATTENTION_DEFAULTS),
+              ("cnn3",), ("cnn_relu3",), "mhl", ATTENTION_DEFAULTS, train_images_per_s=315),
     ModelSpec("mhl_res", "MHL", "MHL-Res",
               "ResNet50 on the RGB image, one 2-head self-attention block over its tokens + head",
-              ("resnet50",), ("conv5_block3_out",), "mhl", ATTENTION_DEFAULTS),
+              ("resnet50",), ("conv5_block3_out",), "mhl", ATTENTION_DEFAULTS, train_images_per_s=74),
     ModelSpec("mhl_den", "MHL", "MHL-Den",
               "DenseNet121 on the RGB image, one 2-head self-attention block over its tokens + head",
-              ("densenet121",), ("relu",), "mhl", ATTENTION_DEFAULTS),
+              ("densenet121",), ("relu",), "mhl", ATTENTION_DEFAULTS, train_images_per_s=82),
     ModelSpec("rf", CLASSICAL, "Random forest",
               "random forest on 67 per-cell shape, intensity and texture features (cellstudy.learning.baseline)"),
     ModelSpec("logreg", CLASSICAL, "Logistic regression",
@@ -117,20 +123,13 @@ FAMILY: dict[str, str] = {s.name: s.family for s in CATALOGUE}
 DISPLAY: dict[str, str] = {s.name: s.display for s in CATALOGUE}
 
 
-#: Training speed of each network alone on a 2-core CPU, images/s at S = 64, batch 32 (measured
-#: 2026-12-02, issue "the default study learns"): what the workflow's job priorities go by.
-TRAIN_IMAGES_PER_S: dict[str, float] = {
-    "vgg16": 40, "resnet50": 64, "densenet121": 72, "denres131": 29, "vit": 195, "rgb": 66,
-    "rgb_res": 32, "rgb_den": 32, "mhl": 315, "mhl_res": 74, "mhl_den": 82}
-
-
 def train_priority(name: str) -> int:
     """Scheduling priority of network ``name``'s training job: its relative cost per image,
     ``round(1000 / images_per_s)`` (DenRes-131 34, RGB-Res / RGB-Den 31, VGG16 25 ... MHL 3).
     The slowest networks start first, so the last job to finish on a machine with fewer
-    workers than networks is a short one (longest-processing-time-first); 1 for a network not
-    in :data:`TRAIN_IMAGES_PER_S`."""
-    ips = TRAIN_IMAGES_PER_S.get(name)
+    workers than networks is a short one (longest-processing-time-first); 1 for a model without
+    a measured speed (``ModelSpec.train_images_per_s``)."""
+    ips = SPECS[name].train_images_per_s if name in SPECS else None
     return max(1, round(1000 / ips)) if ips else 1
 
 

@@ -310,11 +310,12 @@ def find_resumable(runs_dir: Path, cfg: StudyConfig) -> Path | None:
     if not runs_dir.is_dir():
         return None
     cands = sorted(runs_dir.glob(f"{cfg.name}-*"), key=lambda p: p.name, reverse=True)
+    ours = cfg.digests()
     for run in cands:
         st = read_status(run)
-        if st.get("digest") in cfg.digests() and st.get("state") != "complete":
+        if st.get("digest") in ours and st.get("state") != "complete":
             return run
-        if st.get("digest") in cfg.digests():
+        if st.get("digest") in ours:
             return None  # the newest matching run completed: start a new one
     return None
 
@@ -510,9 +511,10 @@ def init_run(cfg: StudyConfig, config_path: str | os.PathLike, run_dir: Path, da
         "started": status.get("started"),
     }
     # the kernels' TensorFlow threads (the runner process itself does not train)
-    prov["hardware"]["tf_threads"] = (
-        threads.settings_for(cfg.workers if processes is None else processes) if processes != 0
-        else "set per cluster job (TensorFlow's default unless the job's environment sets them)")
+    if processes == 0:
+        prov["hardware"]["tf_threads"] = "set per cluster job (TensorFlow's default unless the job's environment sets them)"
+    else:
+        prov["hardware"]["tf_threads"] = threads.settings_for(cfg.workers if processes is None else processes)
     run = rundir.Run(run_dir)
     provenance.write_json(run.provenance, prov)
     atomic.write_text(run.study_config, yaml.safe_dump(asdict(cfg), sort_keys=False))

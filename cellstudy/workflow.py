@@ -461,11 +461,11 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
         rd, status = runner.open_run(cfg, runs, new, echo)
     status["engine"] = "snakemake"
     local = prof is None and not on_cluster(None, extra)
-    runner.init_run(cfg, config_path, rd, data_prov, status,
-                    processes=(cores or available_cores()) if local else 0)
+    jobs_here = (cores or available_cores()) if local else 0   # TensorFlow jobs at once on this machine
+    runner.init_run(cfg, config_path, rd, data_prov, status, processes=jobs_here)
     try:
         snakemake(rd, cores=cores, profile=prof, targets=targets, extra=extra, data_root=data_prov["data_root"],
-                  thread_env=threads.thread_env(cores or available_cores()) if local else None, echo=echo)
+                  thread_env=threads.thread_env(jobs_here) if local else None, echo=echo)
     except WorkflowError as e:
         _set_state(rd, "failed")
         raise WorkflowError(f"{e}; rerun the same command with --run-dir {rd} to resume (finished folds are "
