@@ -1,13 +1,17 @@
 """Tests of cellstudy.learning.train / cellstudy.learning.distribute on a tiny CNN at 32 px (CPU, deterministic)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
+import zipfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -104,8 +108,14 @@ def test_two_regimes_files_shapes_and_history(reference):
     assert set(done["test_accuracy"]) == {"short", "long"}
     assert not (out / "checkpoint.npz").exists()          # removed after a finished run
     # the saved long model reproduces the saved probabilities
-    m = keras.models.load_model(out / "model_long.keras")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = keras.models.load_model(out / "model_long.keras")
+    assert not [w for w in caught if "optimizer" in str(w.message)], [str(w.message) for w in caught]
     np.testing.assert_allclose(m.predict(DATA[2], verbose=0), res.proba["long"], atol=1e-5)
+    # ... and holds no optimiser state (for inference: the weights only once)
+    with zipfile.ZipFile(out / "model_long.keras") as z, h5py.File(io.BytesIO(z.read("model.weights.h5"))) as h:
+        assert "optimizer" not in h.keys(), list(h.keys())
     # progress: one epoch event per epoch, ETA decreasing to 0, regimes announced
     ep = [e for e in events if e["event"] == "epoch"]
     assert [e["epoch"] for e in ep] == [1, 2, 3, 4] and ep[-1]["eta_s"] == 0

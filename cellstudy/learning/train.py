@@ -12,7 +12,10 @@ Files written in ``out_dir`` (one folder per network x fold):
 ``proba_short.npy``    (N_test, 2) float32 test-set probabilities after ``epochs_short`` epochs
 ``proba_long.npy``     (N_test, 2) float32 after ``epochs_long`` epochs
 ``y_test.npy``         (N_test,) int labels, in the same row order
-``model_short.keras``  the whole model at the short regime (``model_long.keras``: long)
+``model_short.keras``  the model (architecture and weights) at the short regime (``model_long.keras``:
+                       long), for prediction and explanation: without the optimiser's state,
+                       which halves the file (SGD's momentum is one more copy of the weights;
+                       ResNet50 210 -> ~100 MB). Resuming uses ``checkpoint.npz``, never these.
 ``checkpoint.npz``     last finished epoch: model variables (incl. dropout RNG state), optimiser
                        variables, and JSON metadata (network, input shape, parameter count,
                        seed, hyper-parameters, history). Removed when the run is done unless
@@ -113,6 +116,22 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     atomic.save_npy(path, arr)
+
+
+def save_for_inference(model, path: str | os.PathLike) -> None:
+    """Save ``model`` as a ``.keras`` archive without its optimiser (architecture + weights):
+    what prediction, explanation and export load (``models.load(path)``, compile=False). Keras 3
+    writes the optimiser's variables of a compiled model into the archive and has no option to
+    leave them out (``include_optimizer`` applies to .h5 only), so the optimiser is detached for
+    the write and put back: training goes on from the same state. The archive is written as
+    of an uncompiled model too, so ``keras.models.load_model(path)`` loads it without a warning
+    about optimiser variables it does not hold (compile it to train it further)."""
+    opt, compiled = getattr(model, "optimizer", None), getattr(model, "compiled", False)
+    model.optimizer, model.compiled = None, False
+    try:
+        model.save(path)
+    finally:
+        model.optimizer, model.compiled = opt, compiled
 
 
 def check_writable(out_dir: str | os.PathLike) -> Path:
@@ -542,7 +561,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
             _save_npy(out / f"proba_{regime}.npy", proba)
             tmp = out / f".model_{regime}.tmp.keras"
             try:
-                model.save(tmp)
+                save_for_inference(model, tmp)
                 os.replace(tmp, out / f"model_{regime}.keras")
             except OSError as e:
                 raise OutputError(f"could not write {out / f'model_{regime}.keras'}: {e}") from e
