@@ -43,3 +43,24 @@ def test_data_root_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv(config.DATA_ROOT_ENV, str(tmp_path / "gone"))
     with pytest.raises(FileNotFoundError, match=r"gone.*\$CELLSTUDY_DATA_ROOT"):
         config.data_root()
+
+
+def test_whitening_per_family():
+    """whitening: one mode for every network, or a mapping family -> mode (a family left out:
+    "zca"); pre-training (network None) gets the one mode, else the paper's ZCA."""
+    assert config.whitening_for({"whitening": "channel"}, "mhl") == "channel"
+    assert config.whitening_for({}, "rgb") == "zca"                   # a scale from before the key
+    per = {"whitening": {"RGB": "channel", "MHL": "zca"}}
+    assert [config.whitening_for(per, n) for n in ("rgb", "rgb_res", "rgb_den", "mhl", "vgg16", "vit")] == \
+        ["channel", "channel", "channel", "zca", "zca", "zca"]
+    assert config.whitening_for(per) == "zca" and config.whitening_for({"whitening": "channel"}) == "channel"
+    # the default scale: the RGB family on its own stains, the others the paper's ZCA
+    cpu = config.get_scale("cpu")
+    assert {n: config.whitening_for(cpu, n) for n in ("rgb", "rgb_res", "rgb_den", "mhl", "densenet121", "vit")} == \
+        {"rgb": "channel", "rgb_res": "channel", "rgb_den": "channel", "mhl": "zca", "densenet121": "zca", "vit": "zca"}
+    # overrides: a mode for all replaces the mapping; a mapping changes the families it names
+    assert config.whitening_for(config.get_scale("cpu", {"whitening": "zca"}), "rgb") == "zca"
+    assert config.whitening_for(config.get_scale("cpu", {"whitening": {"MHL": "channel"}}), "mhl") == "channel"
+    for bad in ("pca", {"CNN": "zca"}, {"RGB": "pca"}, ["zca"]):
+        with pytest.raises(config.ConfigError, match="whitening="):
+            config.get_scale("paper", {"whitening": bad})

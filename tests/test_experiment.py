@@ -92,3 +92,19 @@ def test_he_initialise_draws_he_normal_kernels_reproducibly():
     keras.utils.set_random_seed(3)
     glorot = tiny().layers[1].kernel.numpy()
     assert glorot.std() < a.std()                            # Glorot's is smaller for ReLU nets
+
+
+def test_each_network_gets_its_familys_whitening(tmp_path, shared_data):
+    """whitening per family (the default scale's RGB: each stain on its own): the fold's fitted
+    whitening (zca.json, what prediction and explanation re-apply) is the network's family's."""
+    import json
+
+    p = study.prepare("bbbc021-paper", "ci", tmp_path, data_root=str(shared_data),
+                      overrides={"folds_to_run": [0], "whitening": {"RGB": "channel"}})
+    for name, mode in (("rgb", "channel"), ("mhl", "zca")):
+        experiment.run_fold(p, name, 0, progress=lambda e: None)
+        state = json.loads((tmp_path / "training" / name / "fold0" / "zca.json").read_text())
+        assert state["mode"] == mode, (name, state["mode"])
+        w = np.asarray(state["W"])
+        mixed = np.count_nonzero(w - np.diag(np.diag(w)))               # stains mixed into another
+        assert (mixed == 0) == (mode == "channel"), (name, w)

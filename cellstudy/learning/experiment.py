@@ -215,7 +215,7 @@ def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
     fa = augment.fold_arrays(prepared.images, prepared.labels, prepared.folds, k,
                              max_shift_px=config.max_shift_px(sc),
                              max_rotation_deg=sc["max_rotation_deg"], seed=seed,
-                             whitening=sc.get("whitening", "zca"))
+                             whitening=config.whitening_for(sc, name))
     fd = run.fold(name, k, create=True)
     test_idx = fa["test_index"]
     cells = pd.DataFrame({"cell_id": prepared.cell_ids[test_idx], "group": prepared.groups[test_idx],

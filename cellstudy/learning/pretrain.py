@@ -109,7 +109,7 @@ def pretrain_backbone(backbone: str, cohort: str, serves: str, out: str | os.Pat
                                   seeds.int_seed(seed, "pretrain", 1))
     xt = np.concatenate([x, copies])
     yt = np.concatenate([coh.labels, coh.labels])
-    zca = augment.ZCAWhitening(mode=sc.get("whitening", "zca")).fit(xt)
+    zca = augment.ZCAWhitening(mode=config.whitening_for(sc)).fit(xt)
     xt = zca.transform(xt)
     keras.utils.set_random_seed(seeds.int_seed(seed, "pretrain", 2))
     inp = keras.Input((S, S, 3))

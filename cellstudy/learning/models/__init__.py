@@ -24,8 +24,8 @@ Parameters (``**params``; unknown keys are rejected):
 - ``denres131``: ``level_filters`` (256), ``level_kernel`` (3).
 - ``vit``: ``patch_size`` (None = automatic), ``width`` (64), ``depth`` (4), ``num_heads`` (4),
   ``mlp_dim`` (128), ``attention_dropout`` (0.0).
-- RGB / MHL families: ``token_dim`` (128), ``num_heads`` (2), ``max_token_grid`` (16),
-  ``cnn_filters`` ((32, 64, 128), for ``rgb`` / ``mhl``).
+- RGB / MHL families: ``token_dim`` (RGB family 16, MHL family 128), ``num_heads`` (2),
+  ``max_token_grid`` (16), ``cnn_filters`` ((32, 64, 128), for ``rgb`` / ``mhl``).
 
 ``weights``: None (random initialisation) or a local ``.h5`` / ``.weights.h5`` file of backbone
 weights (for ``denres131`` a mapping ``{"resnet50": path, "densenet121": path}``). Nothing is ever
@@ -133,6 +133,9 @@ def build(name: str, input_size, n_classes: int = 2, weights=None, **params) -> 
     bad = sorted(set(params) - set(allowed))
     if bad:
         raise ValueError(f"unknown parameter(s) {bad} for network {name!r}; expected some of {sorted(allowed)}")
+    # the catalogue's defaults (cellstudy.networks) are what a network is built with, e.g. the RGB
+    # family's token width; the builders' own keyword defaults serve direct calls only
+    params = {**catalogue.SPECS[name].defaults, **params}
     head = {k[len("head_"):]: params.pop(k) for k in list(params) if k.startswith("head_")}
     sha = params.pop("weights_sha256", None)
     if weights is not None:
