@@ -282,6 +282,20 @@ def test_rgb_stage_taps_change_no_number(monkeypatch):
 
 # --- errors ---------------------------------------------------------------------------------
 
+def test_the_catalogues_defaults_are_what_is_built():
+    """models.build applies each network's catalogue defaults (cellstudy.networks): the RGB
+    family's tokens are RGB_ATTENTION_DEFAULTS' width, the MHL family's ATTENTION_DEFAULTS'; a
+    parameter given overrides it."""
+    from cellstudy import networks
+
+    rgb_d = networks.RGB_ATTENTION_DEFAULTS["token_dim"]
+    assert rgb_d != networks.ATTENTION_DEFAULTS["token_dim"]
+    assert M.build("rgb", 32).get_layer("tokens_g").units == rgb_d
+    assert M.build("mhl", 32).get_layer("tokens").units == networks.ATTENTION_DEFAULTS["token_dim"]
+    assert M.build("rgb", 32, token_dim=8).get_layer("tokens_g").units == 8
+    assert M.valid_params("rgb_den")["token_dim"] == rgb_d
+
+
 def test_unknown_name_lists_valid_ones():
     with pytest.raises(ValueError, match="unknown network 'resnet'.*'resnet50'"):
         M.build("resnet", 32)

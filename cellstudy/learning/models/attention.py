@@ -4,7 +4,8 @@
 The isolator splits the image into its 1-channel images ``X_R, X_G, X_B`` (``isolate_r/g/b``).
 ONE backbone ``f`` (one set of weights) is applied to each: ``F_c = f(X_c)``, ``(h, w, C)``
 (eq. 3's per-channel features). The spatial positions of ``F_c`` are the tokens, average-pooled to
-at most ``max_token_grid`` per side, and projected to a common width ``d = token_dim``:
+at most ``max_token_grid`` per side, and projected to a common width ``d = token_dim`` (16 by
+default, the catalogue's ``RGB_ATTENTION_DEFAULTS``; the MHL family's is 128):
 ``T_c = F_c W_c`` (``tokens_r/g/b``, ``(N, T, d)``). Six 2-head attention blocks form the upper
 triangle of eq. 4-5: self-attention RR, GG, BB and cross-attention RG, RB, GB with queries from the
 first channel and keys / values from the second (eq. 6-9:
@@ -41,6 +42,7 @@ from keras import layers
 from cellstudy.learning.models import backbones as bbs
 from cellstudy.learning.models.denres import pool_to
 from cellstudy.learning.models.head import classification_head
+from cellstudy.networks import ATTENTION_DEFAULTS, RGB_ATTENTION_DEFAULTS
 
 RGB_BACKBONE = {"rgb": "cnn3", "rgb_res": "resnet50", "rgb_den": "densenet121"}
 MHL_BACKBONE = {"mhl": "cnn3", "mhl_res": "resnet50", "mhl_den": "densenet121"}
@@ -125,7 +127,8 @@ def _finish(network, inp, x, n_classes, head, backbone, weights, weights_sha256,
 
 
 def build_rgb(network, hw, n_classes=2, head=None, weights=None, weights_sha256=None,
-              token_dim=128, num_heads=2, max_token_grid=16, cnn_filters=bbs.CNN3_FILTERS):
+              token_dim=RGB_ATTENTION_DEFAULTS["token_dim"], num_heads=2, max_token_grid=16,
+              cnn_filters=bbs.CNN3_FILTERS):
     """Build ``rgb`` / ``rgb_res`` / ``rgb_den`` at input (H, W, 3) (see the module docstring)."""
     backbone, head, inp = _start(network, RGB_BACKBONE[network], hw, head, token_dim, num_heads, max_token_grid)
     template = bbs.shared_backbone(backbone, hw, cnn_filters=cnn_filters)
@@ -143,7 +146,8 @@ def build_rgb(network, hw, n_classes=2, head=None, weights=None, weights_sha256=
 
 
 def build_mhl(network, hw, n_classes=2, head=None, weights=None, weights_sha256=None,
-              token_dim=128, num_heads=2, max_token_grid=16, cnn_filters=bbs.CNN3_FILTERS):
+              token_dim=ATTENTION_DEFAULTS["token_dim"], num_heads=2, max_token_grid=16,
+              cnn_filters=bbs.CNN3_FILTERS):
     """Build ``mhl`` / ``mhl_res`` / ``mhl_den`` at input (H, W, 3) (see the module docstring)."""
     backbone, head, inp = _start(network, MHL_BACKBONE[network], hw, head, token_dim, num_heads, max_token_grid)
     bb = bbs.apply_backbone(backbone, inp, cnn_filters=cnn_filters)
