@@ -156,7 +156,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "bn_momentum": 0.9,
         "he_init": ["vgg16"],    # He-normal conv kernels: VGG16 (no BatchNorm) does not train from Glorot
         "gradcam_min_size": 4,
-        "whitening": {"DL": "zca", "ViT": "zca", "RGB": "channel", "MHL": "zca"},  # per family (below)
+        "whitening": {"RGB": "channel"},  # per family (above); the families not named: "zca"
         "flips": False,          # a random rotation by quarter turns / flip per training image per epoch
     },
     # The paper's scale: S = 512, short (< 100) and long (> 100) regimes. Needs a GPU.
@@ -197,7 +197,10 @@ def get_scale(name: str, overrides: dict[str, Any] | None = None) -> dict[str, A
     for k, v in (overrides or {}).items():
         if k not in p:
             raise ConfigError(f"unknown scale parameter {k!r}; expected one of {sorted(p)}")
-        if isinstance(p[k], dict) and isinstance(v, dict):
+        if k == "whitening":      # a mode or a mapping family -> mode: the override replaces it whole
+            check_whitening(v)
+            p[k] = copy.deepcopy(v)
+        elif isinstance(p[k], dict) and isinstance(v, dict):
             bad = set(v) - set(p[k])
             if bad:
                 raise ConfigError(f"unknown {k} parameter(s) {sorted(bad)}; expected {sorted(p[k])}")
@@ -216,7 +219,9 @@ WHITENING_MODES = ("zca", "channel")
 
 def check_whitening(value: Any) -> None:
     """ConfigError unless ``value`` is a whitening mode or a mapping family -> mode over the
-    network families (DL, ViT, RGB, MHL)."""
+    network families (DL, ViT, RGB, MHL; a family not named gets "zca"). An override of the
+    scale's ``whitening`` replaces it whole: ``{"MHL": "channel"}`` on the default scale gives MHL
+    per-stain whitening and every other family, RGB included, the ZCA."""
     from cellstudy.networks import CLASSICAL, FAMILY_ORDER
 
     fams = [f for f in FAMILY_ORDER if f != CLASSICAL]

@@ -4,8 +4,8 @@
 default the lowest finished fold, no selection on a test score; the package's documentation says
 which) in the bioimage.io format 0.5 (read by ilastik, deepImageJ, QuPath and napari plugins):
 
-- weights: Keras 3 (``keras_v3``, backend tensorflow), the fold's saved model with its ZCA
-  whitening (fitted on that fold's training cells) baked in as a first, frozen per-pixel layer
+- weights: Keras 3 (``keras_v3``, backend tensorflow), the fold's saved model with its
+  whitening (3 x 3 ZCA or per stain, ``zca.json``; fitted on that fold's training cells) baked in as a first, frozen per-pixel layer
   (``zca_whitening``: a Dense 3 -> 3 with kernel ``W^T`` and bias ``-W m``, exactly
   ``ZCAWhitening.transform``), so the package takes the study's preprocessed image;
 - input ``image``: (batch, y, x, channel) float32, S x S, channels R, G, B = the cohort's stains
@@ -177,7 +177,8 @@ def export(run_dir: str | os.PathLike, network: str, out: str | os.PathLike, *, 
             f"Mamalakis et al. (arXiv:2309.00911), on the cohort `{Path(str(st['cohort'])).stem}` at "
             f"S = {S} (scale `{st['scale']}`, seed {st['seed']}), regime `{regime}`.", "",
             f"**Which model.** The model of fold {fold} of the run's grouped 5-fold cross-validation (the lowest "
-            "finished fold unless chosen: no selection on a test score), with that fold's ZCA whitening "
+            "finished fold unless chosen: no selection on a test score), with that fold's whitening (3 x 3 ZCA, "
+            "or each stain on its own where the run's scale gives the network's family that) "
             "(fitted on its training cells) as its first, frozen layer `zca_whitening`.", "",
             "**Metrics of the run.** "
             + (f"Test AUC of this fold: {met['fold_auc']:.3f}. " if met["fold_auc"] is not None else "")

@@ -58,9 +58,13 @@ def test_whitening_per_family():
     cpu = config.get_scale("cpu")
     assert {n: config.whitening_for(cpu, n) for n in ("rgb", "rgb_res", "rgb_den", "mhl", "densenet121", "vit")} == \
         {"rgb": "channel", "rgb_res": "channel", "rgb_den": "channel", "mhl": "zca", "densenet121": "zca", "vit": "zca"}
-    # overrides: a mode for all replaces the mapping; a mapping changes the families it names
+    # overrides replace the scale's whitening whole (a mode for all, or a mapping: the families
+    # it does not name get "zca")
     assert config.whitening_for(config.get_scale("cpu", {"whitening": "zca"}), "rgb") == "zca"
-    assert config.whitening_for(config.get_scale("cpu", {"whitening": {"MHL": "channel"}}), "mhl") == "channel"
-    for bad in ("pca", {"CNN": "zca"}, {"RGB": "pca"}, ["zca"]):
-        with pytest.raises(config.ConfigError, match="whitening="):
-            config.get_scale("paper", {"whitening": bad})
+    sc = config.get_scale("cpu", {"whitening": {"MHL": "channel"}})
+    assert (config.whitening_for(sc, "mhl"), config.whitening_for(sc, "rgb")) == ("channel", "zca")
+    assert config.SCALES["cpu"]["whitening"] == {"RGB": "channel"}          # not changed by overrides
+    for scale in ("paper", "cpu"):
+        for bad in ("pca", {"CNN": "zca"}, {"RGB": "pca"}, ["zca"]):
+            with pytest.raises(config.ConfigError, match="whitening="):
+                config.get_scale(scale, {"whitening": bad})

@@ -282,11 +282,15 @@ def test_rgb_stage_taps_change_no_number(monkeypatch):
 
 # --- errors ---------------------------------------------------------------------------------
 
-def test_the_catalogues_defaults_are_what_is_built():
+def test_the_catalogues_defaults_are_what_is_built(monkeypatch):
     """models.build applies each network's catalogue defaults (cellstudy.networks): the RGB
     family's tokens are RGB_ATTENTION_DEFAULTS' width, the MHL family's ATTENTION_DEFAULTS'; a
     parameter given overrides it."""
     from cellstudy import networks
+
+    with monkeypatch.context() as m:          # build reads the catalogue, not only the builder's signature
+        m.setitem(networks.RGB_ATTENTION_DEFAULTS, "token_dim", 4)
+        assert M.build("rgb", 32).get_layer("tokens_g").units == 4
 
     rgb_d = networks.RGB_ATTENTION_DEFAULTS["token_dim"]
     assert rgb_d != networks.ATTENTION_DEFAULTS["token_dim"]
