@@ -108,3 +108,10 @@ def test_each_network_gets_its_familys_whitening(tmp_path, shared_data):
         w = np.asarray(state["W"])
         mixed = np.count_nonzero(w - np.diag(np.diag(w)))               # stains mixed into another
         assert (mixed == 0) == (mode == "channel"), (name, w)
+    # the finished fold is read back only by the same network: other model parameters (as when a
+    # network's catalogue defaults change between the run and its resume) are refused, by name
+    from cellstudy.learning.checkpoints import CheckpointMismatchError
+    res, _ = experiment.run_fold(p, "rgb", 0, progress=lambda e: None)
+    assert res.skipped
+    with pytest.raises(CheckpointMismatchError, match=r"fold0/done.json was trained with .* parameters, but 'rgb'"):
+        experiment.run_fold(p, "rgb", 0, model_params={"token_dim": 8}, progress=lambda e: None)

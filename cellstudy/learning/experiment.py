@@ -160,6 +160,35 @@ def fold_builder(name: str, scale: dict[str, Any], params: dict[str, Any] | None
     return train.WeightResetter(build)
 
 
+def _check_same_model(fd: rundir.FoldDir, name: str, builder) -> None:
+    """CheckpointMismatchError when the finished fold ``fd`` was trained with another parameter
+    count than ``builder`` builds network ``name`` with now (its defaults changed since, e.g. the
+    RGB family's token width, or other model parameters were given): its results would sit
+    beside folds of a different network. A fresh build, once per builder (not the builder's cached
+    model, whose first build a later fold's training seeds); a marker without ``n_params``
+    (failed.json) is not checked."""
+    from cellstudy.learning import checkpoints
+
+    marker = fd.done if fd.done.exists() else fd.failed
+    stored = json.loads(marker.read_text()).get("n_params")
+    if stored is None:
+        return
+    now = getattr(builder, "_checked_n_params", None)
+    if now is None:
+        model = getattr(builder, "build_fn", builder)()
+        now = int(checkpoints.n_params(model))
+        del model
+        try:
+            builder._checked_n_params = now
+        except AttributeError:  # a plain function: count again next time
+            pass
+    if int(stored) != now:
+        raise checkpoints.CheckpointMismatchError(
+            f"{marker} was trained with {int(stored):,} parameters, but {name!r} is built with {now:,} now "
+            "(its model parameters or the catalogue's defaults changed since, e.g. the RGB family's "
+            "token width); use another run folder, or delete the fold's folder to train it again")
+
+
 def _read_back(fd: rundir.FoldDir, image_size: int):
     """A finished fold's result and test cells, read from its folder without touching it;
     CheckpointMismatchError when its marker belongs to another network, fold or image size."""
@@ -204,14 +233,15 @@ def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
         raise ValueError(f"fold {k} is not one the run trains (the scale's folds_to_run={folds})")
     run = rundir.Run(prepared.run_dir)
     fd = run.fold(name, k)
+    builder = builder if builder is not None else fold_builder(
+        name, sc, {**weights_params(name, weights), **(model_params or {})})
     if fd.is_finished() and fd.test_cells.is_file():
+        _check_same_model(fd, name, builder)
         if progress is not None:
             progress({"event": "skipped", "network": name, "fold": k,
                       "status": "done" if fd.done.exists() else "failed",
                       "path": str(fd.done if fd.done.exists() else fd.failed)})
         return _read_back(fd, S)
-    builder = builder if builder is not None else fold_builder(
-        name, sc, {**weights_params(name, weights), **(model_params or {})})
     fa = augment.fold_arrays(prepared.images, prepared.labels, prepared.folds, k,
                              max_shift_px=config.max_shift_px(sc),
                              max_rotation_deg=sc["max_rotation_deg"], seed=seed,
