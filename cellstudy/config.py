@@ -198,7 +198,6 @@ def get_scale(name: str, overrides: dict[str, Any] | None = None) -> dict[str, A
         if k not in p:
             raise ConfigError(f"unknown scale parameter {k!r}; expected one of {sorted(p)}")
         if k == "whitening":      # a mode or a mapping family -> mode: the override replaces it whole
-            check_whitening(v)
             p[k] = copy.deepcopy(v)
         elif isinstance(p[k], dict) and isinstance(v, dict):
             bad = set(v) - set(p[k])
@@ -233,18 +232,34 @@ def check_whitening(value: Any) -> None:
                       f"mapping family -> mode over {fams}, e.g. {{'RGB': 'channel'}}")
 
 
-def whitening_for(scale: dict[str, Any], network: str | None = None) -> str:
-    """The whitening of ``network``'s input at ``scale`` (its ``whitening``: one mode for every
-    network, or a mapping family -> mode where a family left out gets "zca"; a scale without the
-    key: "zca"). ``network`` None (backbone pre-training, which serves more than one family): the
-    scale's mode when it is one for all, else "zca". ConfigError for a bad value."""
-    from cellstudy.networks import family
-
+def family_whitening(scale: dict[str, Any], family: str) -> str:
+    """The whitening of network family ``family``'s input at ``scale``: its ``whitening`` when it
+    is one mode for every network, else the mapping's mode for the family ("zca" for a family it
+    does not name; a scale without the key: "zca"). ConfigError for a bad value."""
     value = scale.get("whitening", "zca")
     check_whitening(value)
-    if isinstance(value, str):
-        return value
-    return value.get(family(network), "zca") if network is not None else "zca"
+    return value if isinstance(value, str) else value.get(family, "zca")
+
+
+def whitening_for(scale: dict[str, Any], network: str | None = None) -> str:
+    """The whitening of ``network``'s input at ``scale`` (:func:`family_whitening` of its family).
+    ``network`` None (backbone pre-training, which serves more than one family): the scale's mode
+    when it is one for all, else "zca". ConfigError for a bad value."""
+    from cellstudy.networks import family
+
+    if network is not None:
+        return family_whitening(scale, family(network))
+    value = scale.get("whitening", "zca")
+    check_whitening(value)
+    return value if isinstance(value, str) else "zca"
+
+
+def per_stain_families(scale: dict[str, Any]) -> list[str]:
+    """The network families whose input ``scale`` whitens each stain on its own ("channel"), in
+    the book's order (what the preprocessing and reproducibility chapters state)."""
+    from cellstudy.networks import CLASSICAL, FAMILY_ORDER
+
+    return [f for f in FAMILY_ORDER if f != CLASSICAL and family_whitening(scale, f) == "channel"]
 
 
 def max_shift_px(scale: dict[str, Any]) -> float:

@@ -68,3 +68,12 @@ def test_whitening_per_family():
         for bad in ("pca", {"CNN": "zca"}, {"RGB": "pca"}, ["zca"]):
             with pytest.raises(config.ConfigError, match="whitening="):
                 config.get_scale(scale, {"whitening": bad})
+
+
+def test_per_stain_families():
+    """The families a scale whitens per stain, as the preprocessing and reproducibility chapters
+    state them."""
+    assert config.per_stain_families(config.get_scale("cpu")) == ["RGB"]
+    assert config.per_stain_families(config.get_scale("paper")) == []
+    assert config.per_stain_families({"whitening": "channel"}) == ["DL", "ViT", "RGB", "MHL"]
+    assert config.per_stain_families({"whitening": {"MHL": "channel", "DL": "zca"}}) == ["MHL"]

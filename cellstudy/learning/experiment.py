@@ -160,38 +160,30 @@ def fold_builder(name: str, scale: dict[str, Any], params: dict[str, Any] | None
     return train.WeightResetter(build)
 
 
-def _check_same_model(fd: rundir.FoldDir, name: str, builder) -> None:
-    """CheckpointMismatchError when the finished fold ``fd`` was trained with another parameter
-    count than ``builder`` builds network ``name`` with now (its defaults changed since, e.g. the
-    RGB family's token width, or other model parameters were given): its results would sit
-    beside folds of a different network. A fresh build, once per builder (not the builder's cached
-    model, whose first build a later fold's training seeds); a marker without ``n_params``
-    (failed.json) is not checked."""
+def _built_n_params(builder) -> int:
+    """The parameter count of the network ``builder`` builds, from a fresh build once per builder
+    (kept on it): not the builder's cached model, whose first build a later fold's training seeds."""
     from cellstudy.learning import checkpoints
 
-    marker = fd.done if fd.done.exists() else fd.failed
-    stored = json.loads(marker.read_text()).get("n_params")
-    if stored is None:
-        return
-    now = getattr(builder, "_checked_n_params", None)
-    if now is None:
+    n = getattr(builder, "_checked_n_params", None)
+    if n is None:
         model = getattr(builder, "build_fn", builder)()
-        now = int(checkpoints.n_params(model))
+        n = int(checkpoints.n_params(model))
         del model
         try:
-            builder._checked_n_params = now
+            builder._checked_n_params = n
         except AttributeError:  # a plain function: count again next time
             pass
-    if int(stored) != now:
-        raise checkpoints.CheckpointMismatchError(
-            f"{marker} was trained with {int(stored):,} parameters, but {name!r} is built with {now:,} now "
-            "(its model parameters or the catalogue's defaults changed since, e.g. the RGB family's "
-            "token width); use another run folder, or delete the fold's folder to train it again")
+    return n
 
 
-def _read_back(fd: rundir.FoldDir, image_size: int):
+def _read_back(fd: rundir.FoldDir, image_size: int, builder=None):
     """A finished fold's result and test cells, read from its folder without touching it;
-    CheckpointMismatchError when its marker belongs to another network, fold or image size."""
+    CheckpointMismatchError when its marker belongs to another network, fold or image size, or
+    (``builder`` given, marker with ``n_params``; failed.json has none) was trained with another
+    parameter count than ``builder`` builds the network with now: its model parameters or the
+    catalogue's defaults changed since (e.g. the RGB family's token width), and its results would
+    sit beside folds of a different network."""
     from cellstudy.learning import checkpoints, train
 
     res = train.load_result(fd.path)
@@ -203,6 +195,12 @@ def _read_back(fd: rundir.FoldDir, image_size: int):
         raise checkpoints.CheckpointMismatchError(
             f"{marker} belongs to network {meta.get('network')!r} fold {meta.get('fold')} at input "
             f"{shape}, not {fd.network!r} fold {fd.fold} at {image_size} px; use another run folder")
+    stored = meta.get("n_params")
+    if builder is not None and stored is not None and int(stored) != (now := _built_n_params(builder)):
+        raise checkpoints.CheckpointMismatchError(
+            f"{marker} was trained with {int(stored):,} parameters, but {fd.network!r} is built with {now:,} now "
+            "(its model parameters or the catalogue's defaults changed since, e.g. the RGB family's "
+            "token width); use another run folder, or delete the fold's folder to train it again")
     cells = pd.read_csv(fd.test_cells, dtype={"cell_id": str, "group": str})
     return res, cells
 
@@ -236,12 +234,11 @@ def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
     builder = builder if builder is not None else fold_builder(
         name, sc, {**weights_params(name, weights), **(model_params or {})})
     if fd.is_finished() and fd.test_cells.is_file():
-        _check_same_model(fd, name, builder)
         if progress is not None:
             progress({"event": "skipped", "network": name, "fold": k,
                       "status": "done" if fd.done.exists() else "failed",
                       "path": str(fd.done if fd.done.exists() else fd.failed)})
-        return _read_back(fd, S)
+        return _read_back(fd, S, builder)
     fa = augment.fold_arrays(prepared.images, prepared.labels, prepared.folds, k,
                              max_shift_px=config.max_shift_px(sc),
                              max_rotation_deg=sc["max_rotation_deg"], seed=seed,
