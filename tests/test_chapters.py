@@ -75,6 +75,18 @@ def test_resolution_notes_lists_the_rows_at_S():
         chapters.resolution_notes(summary, 32, 4)
 
 
+def test_resolution_note_reads_lists_with_or_without_spaces():
+    """describe joins per-channel lists with "; " (a book table cell can wrap there); a summary
+    CSV of an older run has ";": both give the same note."""
+    rgb = {"network": "rgb", "image_size": 64, "gradcam_layers": "feat_r; feat_g; feat_b",
+           "gradcam_grid": "16 x 16; 16 x 16; 16 x 16", "last_conv_layers": "feat_r; feat_g; feat_b",
+           "last_conv_grid": "16 x 16; 16 x 16; 16 x 16", "gradcam_min_size": 4, "token_grid": "16 x 16"}
+    old = {k: v.replace("; ", ";") if isinstance(v, str) else v for k, v in rgb.items()}
+    note = describe.resolution_note(rgb, "RGB")
+    assert note == describe.resolution_note(old, "RGB")
+    assert "`feat_r`, `feat_g`, `feat_b` (one per isolated channel; 16 x 16 maps each)" in note
+
+
 def test_family_chapter_writes_and_shows(tmp_path, monkeypatch):
     summary = _summary_rows()
     stages = pd.DataFrame({"stage": ["input"], "layer": ["image"], "output_shape": ["Nx64x64x3"], "params": [0]})

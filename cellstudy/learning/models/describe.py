@@ -33,8 +33,8 @@ def describe(networks: Iterable[str] | None = None, sizes: Iterable[int] = (48, 
              min_size: int | None = None, **params) -> pd.DataFrame:
     """One row per (network, size): ``network``, ``family``, ``image_size``, ``n_params``
     (all weights), ``n_trainable``, ``input_shape``, ``output_shape``, ``gradcam_layers``
-    (";"-joined, ``gradcam_layers(model, min_size)``), ``gradcam_shapes`` (";"-joined
-    ``N x h x w x C``), ``gradcam_grid`` (";"-joined ``h x w``), ``gradcam_min_size``,
+    ("; "-joined, ``gradcam_layers(model, min_size)``; a space after each ";" so a table cell can
+    wrap), ``gradcam_shapes`` ("; "-joined ``N x h x w x C``), ``gradcam_grid`` ("; "-joined ``h x w``), ``gradcam_min_size``,
     ``last_conv_layers`` / ``last_conv_grid`` (the last conv maps and their ``h x w``),
     ``token_grid`` (``gh x gw`` the attention runs over, :func:`token_grid`; "" for the DL family),
     ``n_tokens`` (0 for the DL family), ``forward_ms`` (median single-image ``predict_on_batch``
@@ -70,12 +70,12 @@ def _row(name: str, m, size: int, timed: bool, n_runs: int, min_size: int | None
         "n_params": int(m.count_params()),
         "n_trainable": int(sum(int(np.prod(w.shape)) for w in m.trainable_weights)),
         "input_shape": _shape(m.inputs[0]), "output_shape": _shape(m.outputs[0]),
-        "gradcam_layers": ";".join(gl),
-        "gradcam_shapes": ";".join(_shape(m.get_layer(n).output) for n in gl),
-        "gradcam_grid": ";".join(_grid(m.get_layer(n).output) for n in gl),
+        "gradcam_layers": "; ".join(gl),
+        "gradcam_shapes": "; ".join(_shape(m.get_layer(n).output) for n in gl),
+        "gradcam_grid": "; ".join(_grid(m.get_layer(n).output) for n in gl),
         "gradcam_min_size": min_size,
-        "last_conv_layers": ";".join(last),
-        "last_conv_grid": ";".join(_grid(m.get_layer(n).output) for n in last),
+        "last_conv_layers": "; ".join(last),
+        "last_conv_grid": "; ".join(_grid(m.get_layer(n).output) for n in last),
         "token_grid": "" if tg is None else f"{tg[0]} x {tg[1]}",
         "n_tokens": 0 if tg is None else tg[0] * tg[1],
         "forward_ms": forward_time_ms(m, n_runs=n_runs) if timed else np.nan,
@@ -168,8 +168,10 @@ def resolution_note(row, display_name: str | None = None) -> str:
     r = dict(row)
     name = display_name or r["network"]
     S = int(r["image_size"])
-    layers, grids = r["gradcam_layers"].split(";"), r["gradcam_grid"].split(";")
-    last, last_grids = r["last_conv_layers"].split(";"), r["last_conv_grid"].split(";")
+    def parts(key):
+        return [v.strip() for v in str(r[key]).split(";")]
+    layers, grids = parts("gradcam_layers"), parts("gradcam_grid")
+    last, last_grids = parts("last_conv_layers"), parts("last_conv_grid")
     if len(set(grids)) == 1 and len(layers) == 3 and all(l.startswith("feat_") for l in layers):
         # the RGB family: one map per isolated channel, all of the same size
         used = f"`{'`, `'.join(layers)}` (one per isolated channel; {grids[0]} maps each)"
