@@ -134,6 +134,8 @@ SCALES: dict[str, dict[str, Any]] = {
     # 0.833 (the RGB family short of 0.90: more epochs, a coarser token grid or 1e-2 did not help).
     # Measured to the end later that day (Snakemake engine, fresh clone): 2 h 05 min, of which
     # training 96 min (188 core-min; DenRes-131, RGB-Res, RGB-Den 54% of it); README "Time".
+    # With the RGB family's current defaults (below), again from a fresh clone: 1 h 49 min, training
+    # 87 min (171 core-min); RGB 0.881 (0.896 at 20 epochs, not the default: README "Time").
     # Whitening per family: the RGB family isolates the stains into streams, and the 3 x 3 ZCA
     # makes each stream a mix of all three; with each stain whitened on its own RGB's AUC rose
     # (token width 32: 0.801 with ZCA, 0.868 per stain over the five folds; width 128: 0.832 / 0.859).
