@@ -33,13 +33,15 @@ def describe(networks: Iterable[str] | None = None, sizes: Iterable[int] = (48, 
              min_size: int | None = None, **params) -> pd.DataFrame:
     """One row per (network, size): ``network``, ``family``, ``image_size``, ``n_params``
     (all weights), ``n_trainable``, ``input_shape``, ``output_shape``, ``gradcam_layers``
-    ("; "-joined, ``gradcam_layers(model, min_size)``; a space after each ";" so a table cell can
-    wrap), ``gradcam_shapes`` ("; "-joined ``N x h x w x C``), ``gradcam_grid`` ("; "-joined ``h x w``), ``gradcam_min_size``,
+    (``gradcam_layers(model, min_size)``), ``gradcam_shapes`` (``N x h x w x C``), ``gradcam_grid``
+    (``h x w``), ``gradcam_min_size``,
     ``last_conv_layers`` / ``last_conv_grid`` (the last conv maps and their ``h x w``),
     ``token_grid`` (``gh x gw`` the attention runs over, :func:`token_grid`; "" for the DL family),
     ``n_tokens`` (0 for the DL family), ``forward_ms`` (median single-image ``predict_on_batch``
     time on this machine, only for sizes in ``time_sizes``; NaN otherwise). ``networks`` None =
-    all eleven. ``params`` go to ``build``.
+    all eleven. ``params`` go to ``build``. The per-map fields (one entry per Grad-CAM target,
+    e.g. the RGB family's three channels) are :func:`join_list`-ed ("; ", so a book table cell can
+    wrap) and read back with :func:`split_list`.
     """
     from cellstudy.learning.models import NETWORKS, build, check_name
 
@@ -52,6 +54,20 @@ def describe(networks: Iterable[str] | None = None, sizes: Iterable[int] = (48, 
             rows.append(_row(name, m, int(s), int(s) in time_sizes, n_runs, min_size))
             del m
     return pd.DataFrame(rows)
+
+
+#: Separator of the per-map lists in a card row (written by :func:`join_list`).
+LIST_SEP = "; "
+
+
+def join_list(values: Iterable[str]) -> str:
+    """One card cell from a per-map list: ``["a", "b"] -> "a; b"``."""
+    return LIST_SEP.join(values)
+
+
+def split_list(cell) -> list[str]:
+    """The list in a card cell: ``"a; b"`` and an older run's ``"a;b"`` both give ``["a", "b"]``."""
+    return [v.strip() for v in str(cell).split(LIST_SEP.strip())]
 
 
 def _grid(t) -> str:
@@ -70,12 +86,12 @@ def _row(name: str, m, size: int, timed: bool, n_runs: int, min_size: int | None
         "n_params": int(m.count_params()),
         "n_trainable": int(sum(int(np.prod(w.shape)) for w in m.trainable_weights)),
         "input_shape": _shape(m.inputs[0]), "output_shape": _shape(m.outputs[0]),
-        "gradcam_layers": "; ".join(gl),
-        "gradcam_shapes": "; ".join(_shape(m.get_layer(n).output) for n in gl),
-        "gradcam_grid": "; ".join(_grid(m.get_layer(n).output) for n in gl),
+        "gradcam_layers": join_list(gl),
+        "gradcam_shapes": join_list(_shape(m.get_layer(n).output) for n in gl),
+        "gradcam_grid": join_list(_grid(m.get_layer(n).output) for n in gl),
         "gradcam_min_size": min_size,
-        "last_conv_layers": "; ".join(last),
-        "last_conv_grid": "; ".join(_grid(m.get_layer(n).output) for n in last),
+        "last_conv_layers": join_list(last),
+        "last_conv_grid": join_list(_grid(m.get_layer(n).output) for n in last),
         "token_grid": "" if tg is None else f"{tg[0]} x {tg[1]}",
         "n_tokens": 0 if tg is None else tg[0] * tg[1],
         "forward_ms": forward_time_ms(m, n_runs=n_runs) if timed else np.nan,
@@ -168,10 +184,8 @@ def resolution_note(row, display_name: str | None = None) -> str:
     r = dict(row)
     name = display_name or r["network"]
     S = int(r["image_size"])
-    def parts(key):
-        return [v.strip() for v in str(r[key]).split(";")]
-    layers, grids = parts("gradcam_layers"), parts("gradcam_grid")
-    last, last_grids = parts("last_conv_layers"), parts("last_conv_grid")
+    layers, grids = split_list(r["gradcam_layers"]), split_list(r["gradcam_grid"])
+    last, last_grids = split_list(r["last_conv_layers"]), split_list(r["last_conv_grid"])
     if len(set(grids)) == 1 and len(layers) == 3 and all(l.startswith("feat_") for l in layers):
         # the RGB family: one map per isolated channel, all of the same size
         used = f"`{'`, `'.join(layers)}` (one per isolated channel; {grids[0]} maps each)"
