@@ -115,3 +115,6 @@ def test_each_network_gets_its_familys_whitening(tmp_path, shared_data):
     assert res.skipped
     with pytest.raises(CheckpointMismatchError, match=r"fold0/done.json was trained with .* parameters, but 'rgb'"):
         experiment.run_fold(p, "rgb", 0, model_params={"token_dim": 8}, progress=lambda e: None)
+    # the same parameter count, another network (a dropout rate): refused by its fingerprint
+    with pytest.raises(CheckpointMismatchError, match=r"fold0/done.json was trained with architecture [0-9a-f]{16}, but 'rgb'"):
+        experiment.run_fold(p, "rgb", 0, model_params={"head_dropout": 0.5}, progress=lambda e: None)

@@ -27,7 +27,7 @@ EPOCHS = dict(epochs_short=2, epochs_long=4)
 COMMON = dict(batch_size=8, seed=0, deterministic=True, **EPOCHS)
 
 
-def tiny_cnn(size: int = S, nan: bool = False):
+def tiny_cnn(size: int = S, nan: bool = False, dropout: float = 0.3):
     """A zero-argument builder of a tiny uncompiled CNN with dropout (RNG state to resume)."""
     def build():
         layers = [keras.Input((size, size, 3)),
@@ -36,7 +36,7 @@ def tiny_cnn(size: int = S, nan: bool = False):
                   keras.layers.Conv2D(8, 3, activation="relu"),
                   keras.layers.GlobalAveragePooling2D(),
                   keras.layers.Dense(8, activation="relu"),
-                  keras.layers.Dropout(0.3)]
+                  keras.layers.Dropout(dropout)]
         if nan:  # after the last ReLU: oneDNN's fused MatMul+ReLU maps NaN to 0
             layers.append(keras.layers.Lambda(lambda t: t * float("nan")))
         layers.append(keras.layers.Dense(2, activation="softmax"))
@@ -282,11 +282,31 @@ def test_checkpoint_from_another_network_or_size(tmp_path):
     with pytest.raises(train.CheckpointMismatchError,
                        match=r"network 'tiny' \(input 32x32x3.*input 24x24x3"):
         train.train_fold(tiny_cnn(24), *d24, out, network_name="tiny", fold=0, **COMMON)
+    # the same parameter count, another architecture (a dropout rate): refused by its fingerprint
+    with pytest.raises(train.CheckpointMismatchError, match=r"architecture [0-9a-f]{16}, fold 0\) but"):
+        train.train_fold(tiny_cnn(dropout=0.5), *DATA, out, network_name="tiny", fold=0, **COMMON)
+    # a checkpoint written before the fingerprint existed is compared by parameter count
+    old = checkpoints.read_checkpoint_meta(out / "checkpoint.npz")
+    checkpoints.compare_meta(out, {k: v for k, v in old.items() if k != "architecture"}, old)
     # another seed: the checkpoint cannot continue this run
     with pytest.raises(train.CheckpointMismatchError, match="seed 0 there vs 5 now"):
         train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0,
                          **{**COMMON, "seed": 5})
     assert issubclass(train.CheckpointMismatchError, ValueError)
+
+
+def test_architecture_fingerprint_sees_settings_the_parameter_count_does_not():
+    """checkpoints.architecture: the same for two builds (auto-generated layer names differ), the
+    same at another precision, different for another dropout rate with the same parameters."""
+    a, b = tiny_cnn()(), tiny_cnn()()
+    assert [l.name for l in a.layers] != [l.name for l in b.layers]
+    assert checkpoints.architecture(a) == checkpoints.architecture(b)
+    with precision_policy("mixed_bfloat16"):
+        assert checkpoints.architecture(tiny_cnn()()) == checkpoints.architecture(a)
+    c = tiny_cnn(dropout=0.5)()
+    assert checkpoints.n_params(c) == checkpoints.n_params(a)
+    assert checkpoints.architecture(c) != checkpoints.architecture(a)
+    assert len(checkpoints.architecture(a)) == 16
 
 
 def test_weight_resetter_reuses_model_without_retracing(reference, tmp_path):

@@ -8,6 +8,7 @@ the variables are read through the model objects they belong to.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -55,6 +56,32 @@ def optimizer_variables(model) -> list:
 
 def n_params(model) -> int:
     return int(sum(int(np.prod(v.shape)) for v in model.weights))
+
+
+#: Keys left out of a layer's config in :func:`architecture`: names are auto-generated per build
+#: ("dense_7"), the dtype policy is the run's precision (recorded as ``mixed_precision``).
+_NOT_ARCHITECTURE = frozenset({"name", "dtype", "trainable"})
+
+
+def _architecture_config(o):
+    if isinstance(o, dict):
+        return {k: _architecture_config(v) for k, v in sorted(o.items()) if k not in _NOT_ARCHITECTURE}
+    if isinstance(o, (list, tuple)):
+        return [_architecture_config(v) for v in o]
+    return o
+
+
+def architecture(model) -> str:
+    """A fingerprint of the network's architecture: 16 hex digits of the sha256 of every layer's
+    class, configuration (without names, dtype policy, trainable flag) and weight shapes, in
+    layer order. Two builds of one network with the same parameters give the same fingerprint (in
+    any process, at any precision); a changed token grid, pooling, dropout rate or BatchNorm
+    momentum gives another, even where the parameter count is the same. Recorded in every
+    checkpoint and ``done.json`` (``architecture``)."""
+    rows = [[type(l).__name__, _architecture_config(l.get_config()), [list(w.shape) for w in l.weights]]
+            for l in model.layers]
+    blob = json.dumps(rows, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def input_shape(model) -> list[int | None]:
@@ -146,7 +173,8 @@ def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------------------------------------
 def identity(meta: dict[str, Any]) -> str:
     shp = "x".join(str(s) for s in meta.get("input_shape", []))
-    return (f"network {meta.get('network')!r} (input {shp}, {meta.get('n_params')} parameters, "
+    arch = f", architecture {meta['architecture']}" if meta.get("architecture") else ""
+    return (f"network {meta.get('network')!r} (input {shp}, {meta.get('n_params')} parameters{arch}, "
             f"fold {meta.get('fold')})")
 
 
@@ -170,7 +198,9 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
 
 def compare_meta(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     ident = ("network", "input_shape", "n_params")
-    if any(old.get(k) != new.get(k) for k in ident):
+    # checkpoints written before the fingerprint existed are compared by parameter count only
+    arch = old.get("architecture") is not None and new.get("architecture") is not None
+    if any(old.get(k) != new.get(k) for k in ident) or (arch and old["architecture"] != new["architecture"]):
         raise CheckpointMismatchError(
             f"{path} was written by {identity(old)} but this run is "
             f"{identity(new)}; use another out_dir or delete the old files")

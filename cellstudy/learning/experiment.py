@@ -160,30 +160,34 @@ def fold_builder(name: str, scale: dict[str, Any], params: dict[str, Any] | None
     return train.WeightResetter(build)
 
 
-def _built_n_params(builder) -> int:
-    """The parameter count of the network ``builder`` builds, from a fresh build once per builder
-    (kept on it): not the builder's cached model, whose first build a later fold's training seeds."""
+def _built_identity(builder) -> dict[str, Any]:
+    """``{"n_params", "architecture"}`` of the network ``builder`` builds (``checkpoints.n_params``,
+    ``checkpoints.architecture``), from a fresh build once per builder (kept on it): not the
+    builder's cached model, whose first build a later fold's training seeds."""
     from cellstudy.learning import checkpoints
 
-    n = getattr(builder, "_checked_n_params", None)
-    if n is None:
+    ident = getattr(builder, "_checked_identity", None)
+    if ident is None:
         model = getattr(builder, "build_fn", builder)()
-        n = int(checkpoints.n_params(model))
+        ident = {"n_params": int(checkpoints.n_params(model)),
+                 "architecture": checkpoints.architecture(model)}
         del model
         try:
-            builder._checked_n_params = n
-        except AttributeError:  # a plain function: count again next time
+            builder._checked_identity = ident
+        except AttributeError:  # a plain function: build again next time
             pass
-    return n
+    return ident
 
 
 def _read_back(fd: rundir.FoldDir, image_size: int, builder=None):
     """A finished fold's result and test cells, read from its folder without touching it;
     CheckpointMismatchError when its marker belongs to another network, fold or image size, or
-    (``builder`` given, marker with ``n_params``; failed.json has none) was trained with another
-    parameter count than ``builder`` builds the network with now: its model parameters or the
-    catalogue's defaults changed since (e.g. the RGB family's token width), and its results would
-    sit beside folds of a different network."""
+    (``builder`` given, marker with ``n_params`` / ``architecture``; failed.json has none) was
+    trained with another parameter count or architecture fingerprint (``checkpoints.architecture``)
+    than ``builder`` builds the network with now: its model parameters or the catalogue's defaults
+    changed since (e.g. the RGB family's token width, a dropout rate), and its results would sit
+    beside folds of a different network. Markers written before the fingerprint existed are
+    compared by parameter count only."""
     from cellstudy.learning import checkpoints, train
 
     res = train.load_result(fd.path)
@@ -195,12 +199,20 @@ def _read_back(fd: rundir.FoldDir, image_size: int, builder=None):
         raise checkpoints.CheckpointMismatchError(
             f"{marker} belongs to network {meta.get('network')!r} fold {meta.get('fold')} at input "
             f"{shape}, not {fd.network!r} fold {fd.fold} at {image_size} px; use another run folder")
-    stored = meta.get("n_params")
-    if builder is not None and stored is not None and int(stored) != (now := _built_n_params(builder)):
-        raise checkpoints.CheckpointMismatchError(
-            f"{marker} was trained with {int(stored):,} parameters, but {fd.network!r} is built with {now:,} now "
-            "(its model parameters or the catalogue's defaults changed since, e.g. the RGB family's "
-            "token width); use another run folder, or delete the fold's folder to train it again")
+    if builder is not None and (meta.get("n_params") is not None or meta.get("architecture")):
+        now = _built_identity(builder)
+        if meta.get("n_params") is not None and int(meta["n_params"]) != now["n_params"]:
+            raise checkpoints.CheckpointMismatchError(
+                f"{marker} was trained with {int(meta['n_params']):,} parameters, but {fd.network!r} is built "
+                f"with {now['n_params']:,} now (its model parameters or the catalogue's defaults changed "
+                "since, e.g. the RGB family's token width); use another run folder, or delete the fold's "
+                "folder to train it again")
+        if meta.get("architecture") and meta["architecture"] != now["architecture"]:
+            raise checkpoints.CheckpointMismatchError(
+                f"{marker} was trained with architecture {meta['architecture']}, but {fd.network!r} is "
+                f"built as {now['architecture']} now (same parameter count, other layers' settings: "
+                "e.g. its token grid, pooling, dropout rate or BatchNorm momentum changed since); use "
+                "another run folder, or delete the fold's folder to train it again")
     cells = pd.read_csv(fd.test_cells, dtype={"cell_id": str, "group": str})
     return res, cells
 
