@@ -308,6 +308,21 @@ def test_architecture_fingerprint_sees_settings_the_parameter_count_does_not():
     assert checkpoints.architecture(c) != checkpoints.architecture(a)
     assert len(checkpoints.architecture(a)) == 16
 
+    def residual(from_input: bool):   # the same layers in the same order, wired otherwise
+        x = keras.Input((4,))
+        d1 = keras.layers.Dense(4)(x)
+        d2 = keras.layers.Dense(4)(d1)
+        return keras.Model(x, keras.layers.Add()([d2, x if from_input else d1]))
+    a1, a2 = residual(False), residual(True)
+    rows = [[type(l).__name__, [list(w.shape) for w in l.weights]] for l in (a1, a2)[0].layers]
+    assert rows == [[type(l).__name__, [list(w.shape) for w in l.weights]] for l in a2.layers]
+    assert checkpoints.architecture(a1) == checkpoints.architecture(residual(False))
+    assert checkpoints.architecture(a1) != checkpoints.architecture(a2)
+    # a fingerprint made by another Keras version is not compared (configs gain keys)
+    m = checkpoints.architecture_meta(a)
+    assert checkpoints.architecture_differs(m, {**m, "architecture": "0" * 16})
+    assert not checkpoints.architecture_differs(m, {"architecture": "0" * 16, "architecture_keras": "0.0"})
+
 
 def test_weight_resetter_reuses_model_without_retracing(reference, tmp_path):
     res, _, _ = reference

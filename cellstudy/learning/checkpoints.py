@@ -71,17 +71,67 @@ def _architecture_config(o):
     return o
 
 
+def _wiring(model) -> list | None:
+    """Which layers feed which: every layer's inbound nodes from the model's config, with each
+    source layer's (auto-generated) name replaced by its position in the config's layer list.
+    None for a model without a functional config (a subclassed model)."""
+    try:
+        cfg = model.get_config()
+    except Exception:  # noqa: BLE001 - a subclassed model without get_config
+        return None
+    layer_cfgs = cfg.get("layers") if isinstance(cfg, dict) else None
+    if not isinstance(layer_cfgs, list):
+        return None
+    index = {c.get("name"): i for i, c in enumerate(layer_cfgs)}
+
+    def sub(o):
+        if isinstance(o, dict):
+            if "keras_history" in o:
+                h = list(o["keras_history"])
+                return {"keras_history": [index.get(h[0], "?")] + h[1:]}
+            return {k: sub(v) for k, v in sorted(o.items()) if k != "name"}
+        if isinstance(o, (list, tuple)):
+            return [sub(v) for v in o]
+        return o
+    return [sub(c.get("inbound_nodes", [])) for c in layer_cfgs]
+
+
+def _not_json(o):
+    # no repr: an object's default repr holds its memory address, which differs per process
+    return type(o).__qualname__
+
+
 def architecture(model) -> str:
     """A fingerprint of the network's architecture: 16 hex digits of the sha256 of every layer's
     class, configuration (without names, dtype policy, trainable flag) and weight shapes, in
-    layer order. Two builds of one network with the same parameters give the same fingerprint (in
-    any process, at any precision); a changed token grid, pooling, dropout rate or BatchNorm
-    momentum gives another, even where the parameter count is the same. Recorded in every
-    checkpoint and ``done.json`` (``architecture``)."""
+    layer order, and of the wiring (which layer's output feeds which, by position). Two builds of
+    one network with the same parameters give the same fingerprint (in any process, at any
+    precision); a changed token grid, pooling, dropout rate, BatchNorm momentum or swapped inputs
+    give another, even where the parameter count is the same. Not covered: how the weights were
+    initialised (e.g. the scale's ``he_init``, fixed per run folder by its ``scale.json``). Keras
+    versions add keys to layer configs, so a fingerprint is only compared with one made by the
+    same Keras version (:func:`architecture_differs`). Recorded in every checkpoint and
+    ``done.json`` (``architecture``, ``architecture_keras``)."""
     rows = [[type(l).__name__, _architecture_config(l.get_config()), [list(w.shape) for w in l.weights]]
             for l in model.layers]
-    blob = json.dumps(rows, sort_keys=True, default=str).encode()
+    blob = json.dumps([rows, _wiring(model)], sort_keys=True, default=_not_json).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def architecture_meta(model) -> dict[str, str]:
+    """``{"architecture": fingerprint, "architecture_keras": Keras version}`` for a meta dict."""
+    import keras
+
+    return {"architecture": architecture(model), "architecture_keras": str(keras.__version__)}
+
+
+def architecture_differs(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """True when both metas carry a fingerprint made by the same Keras version and the two differ.
+    A marker written before the fingerprint existed, or by another Keras version, cannot be
+    compared by it (its parameter count still is)."""
+    a, b = old.get("architecture"), new.get("architecture")
+    return (bool(a) and bool(b) and old.get("architecture_keras") == new.get("architecture_keras")
+            and a != b)
 
 
 def input_shape(model) -> list[int | None]:
@@ -198,9 +248,7 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
 
 def compare_meta(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     ident = ("network", "input_shape", "n_params")
-    # checkpoints written before the fingerprint existed are compared by parameter count only
-    arch = old.get("architecture") is not None and new.get("architecture") is not None
-    if any(old.get(k) != new.get(k) for k in ident) or (arch and old["architecture"] != new["architecture"]):
+    if any(old.get(k) != new.get(k) for k in ident) or architecture_differs(old, new):
         raise CheckpointMismatchError(
             f"{path} was written by {identity(old)} but this run is "
             f"{identity(new)}; use another out_dir or delete the old files")

@@ -161,16 +161,15 @@ def fold_builder(name: str, scale: dict[str, Any], params: dict[str, Any] | None
 
 
 def _built_identity(builder) -> dict[str, Any]:
-    """``{"n_params", "architecture"}`` of the network ``builder`` builds (``checkpoints.n_params``,
-    ``checkpoints.architecture``), from a fresh build once per builder (kept on it): not the
+    """``{"n_params", "architecture", "architecture_keras"}`` of the network ``builder`` builds
+    (``checkpoints.n_params``, ``checkpoints.architecture_meta``), from a fresh build once per builder (kept on it): not the
     builder's cached model, whose first build a later fold's training seeds."""
     from cellstudy.learning import checkpoints
 
     ident = getattr(builder, "_checked_identity", None)
     if ident is None:
         model = getattr(builder, "build_fn", builder)()
-        ident = {"n_params": int(checkpoints.n_params(model)),
-                 "architecture": checkpoints.architecture(model)}
+        ident = {"n_params": int(checkpoints.n_params(model)), **checkpoints.architecture_meta(model)}
         del model
         try:
             builder._checked_identity = ident
@@ -182,12 +181,11 @@ def _built_identity(builder) -> dict[str, Any]:
 def _read_back(fd: rundir.FoldDir, image_size: int, builder=None):
     """A finished fold's result and test cells, read from its folder without touching it;
     CheckpointMismatchError when its marker belongs to another network, fold or image size, or
-    (``builder`` given, marker with ``n_params`` / ``architecture``; failed.json has none) was
-    trained with another parameter count or architecture fingerprint (``checkpoints.architecture``)
-    than ``builder`` builds the network with now: its model parameters or the catalogue's defaults
-    changed since (e.g. the RGB family's token width, a dropout rate), and its results would sit
-    beside folds of a different network. Markers written before the fingerprint existed are
-    compared by parameter count only."""
+    (``builder`` given, marker with ``n_params`` / ``architecture``) was trained with another
+    parameter count or architecture fingerprint (``checkpoints.architecture``) than ``builder``
+    builds the network with now: its model parameters or the catalogue's defaults changed since (e.g. the RGB family's token width, a dropout rate), and its results would sit
+    beside folds of a different network. Markers written before the fingerprint existed, or by
+    another Keras version, are compared by parameter count only."""
     from cellstudy.learning import checkpoints, train
 
     res = train.load_result(fd.path)
@@ -207,11 +205,11 @@ def _read_back(fd: rundir.FoldDir, image_size: int, builder=None):
                 f"with {now['n_params']:,} now (its model parameters or the catalogue's defaults changed "
                 "since, e.g. the RGB family's token width); use another run folder, or delete the fold's "
                 "folder to train it again")
-        if meta.get("architecture") and meta["architecture"] != now["architecture"]:
+        if checkpoints.architecture_differs(meta, now):
             raise checkpoints.CheckpointMismatchError(
                 f"{marker} was trained with architecture {meta['architecture']}, but {fd.network!r} is "
-                f"built as {now['architecture']} now (same parameter count, other layers' settings: "
-                "e.g. its token grid, pooling, dropout rate or BatchNorm momentum changed since); use "
+                f"built as {now['architecture']} now (the same parameter count, other layer settings or "
+                "wiring: e.g. its token grid, pooling, dropout rate or BatchNorm momentum changed since); use "
                 "another run folder, or delete the fold's folder to train it again")
     cells = pd.read_csv(fd.test_cells, dtype={"cell_id": str, "group": str})
     return res, cells

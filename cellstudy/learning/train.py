@@ -511,7 +511,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
         meta = {
             "format": FORMAT_VERSION, "network": network_name, "fold": int(fold),
             "input_shape": list(x_train.shape[1:]), "n_params": ck.n_params(model),
-            "architecture": ck.architecture(model),
+            **ck.architecture_meta(model),
             "seed": int(seed), "batch_size": int(batch_size),
             "learning_rate": float(learning_rate), "momentum": float(momentum),
             "warmup_epochs": int(warmup_epochs), "n_train": int(len(x_train)), "n_test": int(len(x_test)),
