@@ -82,7 +82,8 @@ def _fake_run(tmp_path):
     pd.DataFrame({"network": ["mhl", "rf"], "family": ["MHL", "Classical"], "n_cells": [560, 560], "n_fields": [14, 14],
                   "auc": [0.912, 0.977], "auc_ci_low": [0.85, 0.95], "auc_ci_high": [0.96, 0.99]}).to_csv(
         run / "07_results" / "external_metrics.csv", index=False)
-    pd.DataFrame({"network": ["vgg16", "mhl"], "converged": [False, True]}).to_csv(run / "07_results" / "convergence.csv", index=False)
+    pd.DataFrame({"network": ["vgg16", "mhl"], "converged": [False, True], "epochs": [10, 10]}).to_csv(
+        run / "07_results" / "convergence.csv", index=False)
     pd.DataFrame({"regime": ["long", "long"], "metric": ["auc_macro", "f1_macro"], "family_a": ["DL", "DL"],
                   "family_b": ["MHL", "Classical"], "p": [0.001, 0.2], "significant": [True, False]}).to_csv(
         run / "09_statistics" / "welch_tests.csv", index=False)
@@ -104,7 +105,7 @@ def test_findings_page_numbers_equal_the_csvs(tmp_path):
     assert num["best_Classical"][0] == round(v.loc["rf", "mean"], 3)
     assert num["cells_normal"][0] == 10 and num["cells_abnormal"][0] == 10 and num["fields"][0] == 20
     assert num["external_best_network"][0] == 0.912 and "**0.912**" in md and "**0.977**" in md
-    assert num["converged"][0] == 1 and "(not: VGG16)" in md
+    assert num["converged"][0] == 1 and "(not: VGG16; their numbers are those of a training stopped after 10 epochs" in md
     assert num["table3_significant"][0] == 1 and "DL vs MHL: AUC" in md
     assert num["networks_top_stain"][0] == "actin" and num["classical_top_stain_rf"][0] == "actin"
     assert num["faithful_gradcam"][0] == 1

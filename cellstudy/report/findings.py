@@ -292,8 +292,12 @@ def findings_page(run_dir: str | Path) -> dict:
         nc = int(conv["converged"].astype(bool).sum())
         num["converged"] = (nc, "convergence.csv:converged")
         bad = [DISPLAY_NAMES.get(n, n) for n in conv.loc[~conv["converged"].astype(bool), "network"]]
+        stopped = ""
+        if bad and "epochs" in conv.columns and conv["epochs"].notna().any():
+            stopped = (f"; their numbers are those of a training stopped after {int(conv['epochs'].max())} "
+                       "epochs, short of that plateau")
         md.append(f"**Training:** {nc} of {len(conv)} networks reached their training plateau in every fold"
-                  + (f" (not: {', '.join(bad)})" if bad else "") + "; "
+                  + (f" (not: {', '.join(bad)}{stopped})" if bad else "") + "; "
                   + (f"{len(one)} (network, fold) pairs gave every test cell one class."
                      if one is not None and len(one) else "no network gave every cell of a test fold one class.")
                   + f" ({_link('results', '07_results')})")
