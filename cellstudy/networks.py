@@ -56,8 +56,9 @@ class ModelSpec:
     which builder of ``cellstudy.learning.models`` makes it (``"dl"``, ``"denres"``, ``"vit"``, ``"rgb"``,
     ``"mhl"``; ``""`` for a classical classifier, built by ``cellstudy.learning.baseline``); ``defaults``:
     its own build parameters (besides the head's) and their defaults; ``train_images_per_s``: its
-    training speed alone on a 2-core CPU, images/s at S = 64, batch 32 (measured 2026-12-02, issue
-    "the default study learns"; None for a classical classifier): what the workflow's job
+    training speed alone on a 2-core CPU, images/s at S = 64, batch 32
+    (``benchmarks/train_throughput.py``, all eleven in one process, 2026-12-06, a 2-core Xeon with
+    AMX-BF16; None for a classical classifier): what the workflow's job
     priorities go by (:func:`train_priority`)."""
 
     name: str
@@ -81,35 +82,35 @@ _RGB_FEATS = ("feat_r", "feat_g", "feat_b")
 #: Every model of the study, in the book's order.
 CATALOGUE: tuple[ModelSpec, ...] = (
     ModelSpec("vgg16", "DL", "VGG16", "VGG16 backbone + head", ("vgg16",), ("block5_conv3",), "dl",
-              train_images_per_s=40),
+              train_images_per_s=32),
     ModelSpec("resnet50", "DL", "ResNet50", "ResNet50 backbone + head", ("resnet50",),
-              ("conv5_block3_out",), "dl", train_images_per_s=64),
+              ("conv5_block3_out",), "dl", train_images_per_s=53),
     ModelSpec("densenet121", "DL", "DenseNet121", "DenseNet121 backbone + head", ("densenet121",),
-              ("relu",), "dl", train_images_per_s=72),
+              ("relu",), "dl", train_images_per_s=52),
     ModelSpec("denres131", "DL", "DenRes-131",
               "ResNet50 and DenseNet121 side by side, four levels fused at stride 32 + head",
               ("resnet50", "densenet121"), ("res_conv5_block3_out", "den_relu"), "denres", DENRES_DEFAULTS,
-              train_images_per_s=29),
+              train_images_per_s=19),
     ModelSpec("vit", "ViT", "ViT", "Vision Transformer (patch embedding, encoder blocks) + head", (),
-              ("vit_grid",), "vit", VIT_DEFAULTS, train_images_per_s=195),
+              ("vit_grid",), "vit", VIT_DEFAULTS, train_images_per_s=97),
     ModelSpec("rgb", "RGB", "RGB",
               "isolated R, G, B through one shared 3-layer CNN, six 2-head attention blocks + head",
-              ("cnn3",), _RGB_FEATS, "rgb", RGB_ATTENTION_DEFAULTS, train_images_per_s=66),
+              ("cnn3",), _RGB_FEATS, "rgb", RGB_ATTENTION_DEFAULTS, train_images_per_s=83),
     ModelSpec("rgb_res", "RGB", "RGB-Res",
               "isolated R, G, B through one shared ResNet50, six 2-head attention blocks + head",
-              ("resnet50",), _RGB_FEATS, "rgb", RGB_ATTENTION_DEFAULTS, train_images_per_s=32),
+              ("resnet50",), _RGB_FEATS, "rgb", RGB_ATTENTION_DEFAULTS, train_images_per_s=20),
     ModelSpec("rgb_den", "RGB", "RGB-Den",
               "isolated R, G, B through one shared DenseNet121, six 2-head attention blocks + head",
-              ("densenet121",), _RGB_FEATS, "rgb", RGB_ATTENTION_DEFAULTS, train_images_per_s=32),
+              ("densenet121",), _RGB_FEATS, "rgb", RGB_ATTENTION_DEFAULTS, train_images_per_s=23),
     ModelSpec("mhl", "MHL", "MHL",
               "3-layer CNN on the RGB image, one 2-head self-attention block over its tokens + head",
-              ("cnn3",), ("cnn_relu3",), "mhl", ATTENTION_DEFAULTS, train_images_per_s=315),
+              ("cnn3",), ("cnn_relu3",), "mhl", ATTENTION_DEFAULTS, train_images_per_s=226),
     ModelSpec("mhl_res", "MHL", "MHL-Res",
               "ResNet50 on the RGB image, one 2-head self-attention block over its tokens + head",
-              ("resnet50",), ("conv5_block3_out",), "mhl", ATTENTION_DEFAULTS, train_images_per_s=74),
+              ("resnet50",), ("conv5_block3_out",), "mhl", ATTENTION_DEFAULTS, train_images_per_s=46),
     ModelSpec("mhl_den", "MHL", "MHL-Den",
               "DenseNet121 on the RGB image, one 2-head self-attention block over its tokens + head",
-              ("densenet121",), ("relu",), "mhl", ATTENTION_DEFAULTS, train_images_per_s=82),
+              ("densenet121",), ("relu",), "mhl", ATTENTION_DEFAULTS, train_images_per_s=60),
     ModelSpec("rf", CLASSICAL, "Random forest",
               "random forest on 67 per-cell shape, intensity and texture features (cellstudy.learning.baseline)"),
     ModelSpec("logreg", CLASSICAL, "Logistic regression",
@@ -132,7 +133,7 @@ DISPLAY: dict[str, str] = {s.name: s.display for s in CATALOGUE}
 
 def train_priority(name: str) -> int:
     """Scheduling priority of network ``name``'s training job: its relative cost per image,
-    ``round(1000 / images_per_s)`` (DenRes-131 34, RGB-Res / RGB-Den 31, VGG16 25 ... MHL 3).
+    ``round(1000 / images_per_s)`` (DenRes-131 53, RGB-Res 50, RGB-Den 43, VGG16 31 ... MHL 4).
     The slowest networks start first, so the last job to finish on a machine with fewer
     workers than networks is a short one (longest-processing-time-first); 1 for a model without
     a measured speed (``ModelSpec.train_images_per_s``)."""
