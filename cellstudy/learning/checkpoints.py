@@ -106,8 +106,8 @@ def architecture(model) -> str:
     class, configuration (without names, dtype policy, trainable flag) and weight shapes, in
     layer order, and of the wiring (which layer's output feeds which, by position). Two builds of
     one network with the same parameters give the same fingerprint (in any process, at any
-    precision); a changed token grid, pooling, dropout rate, BatchNorm momentum or swapped inputs
-    give another, even where the parameter count is the same. Not covered: how the weights were
+    precision); a changed token grid, pooling, dropout rate, BatchNorm momentum or wiring (e.g. a
+    residual added from another layer) gives another, even where the parameter count is the same. Not covered: how the weights were
     initialised (e.g. the scale's ``he_init``, fixed per run folder by its ``scale.json``). Keras
     versions add keys to layer configs, so a fingerprint is only compared with one made by the
     same Keras version (:func:`architecture_differs`). Recorded in every checkpoint and
@@ -119,7 +119,8 @@ def architecture(model) -> str:
 
 
 def architecture_meta(model) -> dict[str, str]:
-    """``{"architecture": fingerprint, "architecture_keras": Keras version}`` for a meta dict."""
+    """``{"architecture": fingerprint, "architecture_keras": Keras version}`` for a meta dict
+    (Keras is already imported by whoever holds a model)."""
     import keras
 
     return {"architecture": architecture(model), "architecture_keras": str(keras.__version__)}
