@@ -99,7 +99,7 @@ def _pretrain(a: argparse.Namespace) -> int:
     from cellstudy.learning.pretrain import pretrain_backbone
 
     pretrain_backbone(a.backbone, a.cohort, a.serves, a.output, scale=a.scale, epochs=a.epochs, seed=a.seed,
-                      data_root=a.data_root, force=a.force)
+                      data_root=a.data_root, force=a.force, family=a.family)
     return 0
 
 
@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--data-root", default=None)
     pt.add_argument("--force", action="store_true", help="replace an existing weights file")
+    pt.add_argument("--family", default=None, help="the family the weights are for (RGB, MHL, DL): its "
+                    "input whitening at the scale (default: the scale's one mode, or ZCA)")
     pt.set_defaults(func=_pretrain)
     ex = sub.add_parser("export", help="a bioimage.io model package (zip) of one fold's model of a finished run")
     ex.add_argument("run_dir")

@@ -179,5 +179,16 @@ def test_pretraining_never_uses_the_served_cohorts_cells_or_fields(shared_data, 
     with pytest.raises(ValueError, match=r"was pre-trained on \d+ file\(s\) and \d+ source field\(s\) of this "
                                          r"study's cohort 'bbbc021-full'.*--serves bbbc021-full"):
         runner.check_weights(runner.load_config(p))
+    assert rec["whitening"] == "zca" and rec["family"] is None
+    # for one family: its input's whitening at the scale (RGB: each stain on its own), named in the record;
+    # a family without a network on the backbone is refused before any work
+    rgb = pretrain.pretrain_backbone("cnn3", "bbbc021-full", "bbbc021-paper", tmp_path / "rgb.weights.h5",
+                                     scale="ci", overrides={"whitening": {"RGB": "channel"}}, epochs=1,
+                                     max_cells=40, family="RGB", data_root=str(shared_data), echo=lambda s: None)
+    assert (rgb["family"], rgb["whitening"]) == ("RGB", "channel")
+    with pytest.raises(pretrain.PretrainError, match=r"family 'ViT' has no network on backbone 'cnn3'; expected one of \['MHL', 'RGB'\]"):
+        pretrain.pretrain_backbone("cnn3", "bbbc021-full", "bbbc021-paper", tmp_path / "v.weights.h5",
+                                   scale="ci", family="ViT", echo=lambda s: None)
+    assert not (tmp_path / "v.weights.h5").exists()
     with pytest.raises(pretrain.PretrainError, match="exists; not overwritten"):
         pretrain.pretrain_backbone("cnn3", "bbbc021-full", "bbbc021-paper", out, scale="ci", echo=lambda s: None)

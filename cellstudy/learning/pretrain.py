@@ -55,15 +55,31 @@ def pretraining_cells(pre_table, served_table) -> np.ndarray:
     return keep
 
 
+def _whitening(scale: dict[str, Any], backbone: str, family: str | None) -> str:
+    """The whitening mode of the pre-training input (see :func:`pretrain_backbone`); PretrainError
+    for a family that has no network on ``backbone``."""
+    if family is None:
+        return config.whitening_for(scale)
+    from cellstudy.networks import CATALOGUE
+    fams = sorted({s.family for s in CATALOGUE if backbone in s.backbones})
+    if family not in fams:
+        raise PretrainError(f"family {family!r} has no network on backbone {backbone!r}; expected one of {fams}")
+    return config.family_whitening(scale, family)
+
+
 def pretrain_backbone(backbone: str, cohort: str, serves: str, out: str | os.PathLike, *, scale: str = "cpu",
                       overrides: dict[str, Any] | None = None, epochs: int | None = None, seed: int = 0,
                       data_root: str | None = None, max_cells: int | None = None, force: bool = False,
-                      echo: Callable[[str], None] = print) -> dict[str, Any]:
+                      family: str | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Pre-train ``backbone`` on ``cohort`` minus every field of ``serves`` (the cohort the weights
     will start networks of) at ``scale``; write the backbone's weights to ``out`` (``.weights.h5``)
     and ``out`` + ``.json`` (what was done: cohorts, cells, fields, epochs, final training
     accuracy, the sha256 to put in the study config). ``epochs``: default the scale's
-    ``epochs_long``. ``max_cells``: a seeded, class-balanced subsample (tests). Returns the record."""
+    ``epochs_long``. ``max_cells``: a seeded, class-balanced subsample (tests). ``family``: the
+    network family the weights are for; the input is whitened as the scale whitens that family's
+    (``config.family_whitening``: e.g. each stain on its own for RGB at the default scale). None:
+    the scale's one mode, or ZCA when the scale names a mode per family (the backbone may serve
+    families whitened differently). Returns the record."""
     import keras
 
     from cellstudy import data
@@ -79,6 +95,7 @@ def pretrain_backbone(backbone: str, cohort: str, serves: str, out: str | os.Pat
     if out.exists() and not force:
         raise PretrainError(f"{out} exists; not overwritten (--force replaces it)")
     sc = config.get_scale(scale, overrides)
+    whitening = _whitening(sc, backbone, family)
     S = int(sc["image_size"])
     epochs = int(epochs if epochs is not None else sc["epochs_long"])
     if epochs < 1:
@@ -103,13 +120,14 @@ def pretrain_backbone(backbone: str, cohort: str, serves: str, out: str | os.Pat
         tmp_manifest.unlink(missing_ok=True)
     t0 = time.perf_counter()
     echo(f"pretrain {backbone}: {len(coh)} cells of {cohort} ({sub['group'].nunique()} fields; every field of "
-         f"{serves} left out), S = {S}, {epochs} epoch(s)")
+         f"{serves} left out), S = {S}, {epochs} epoch(s), whitening {whitening}"
+         + (f" (family {family})" if family else ""))
     x = preprocess.preprocess_batch(coh.images, list(coh.sha256), S, sc["preprocess"], progress=False)
     copies = augment.augment_copy(x, config.max_shift_px(sc), sc["max_rotation_deg"],
                                   seeds.int_seed(seed, "pretrain", 1))
     xt = np.concatenate([x, copies])
     yt = np.concatenate([coh.labels, coh.labels])
-    zca = augment.ZCAWhitening(mode=config.whitening_for(sc)).fit(xt)
+    zca = augment.ZCAWhitening(mode=whitening).fit(xt)
     xt = zca.transform(xt)
     keras.utils.set_random_seed(seeds.int_seed(seed, "pretrain", 2))
     inp = keras.Input((S, S, 3))
@@ -133,7 +151,8 @@ def pretrain_backbone(backbone: str, cohort: str, serves: str, out: str | os.Pat
            "fields_left_out": sorted(set(served["group"].astype(str))
                                                                            & set(pre_table["group"].astype(str))),
            "rule": "no cell and no source field of the served cohort is used", "scale": scale,
-           "image_size": S, "epochs": epochs, "train_accuracy_by_epoch": acc, "seed": int(seed),
+           "image_size": S, "epochs": epochs, "family": family, "whitening": whitening,
+           "train_accuracy_by_epoch": acc, "seed": int(seed),
            "seconds": round(time.perf_counter() - t0, 1)}
     atomic.write_text(Path(str(out) + ".json"), json.dumps(rec, indent=1))
     echo(f"pretrain {backbone}: wrote {out} (training accuracy {acc[-1]:.2f} after {epochs} epoch(s), "
