@@ -63,11 +63,16 @@ def n_params(model) -> int:
 _NOT_ARCHITECTURE = frozenset({"name", "dtype", "trainable"})
 
 
-def _architecture_config(o):
+def _canonical(o, drop: frozenset, index: dict[str, int] | None = None):
+    """A Keras config with its keys sorted and the keys in ``drop`` left out, at every depth; with
+    ``index``, a ``keras_history`` reference names its source layer by position instead of name."""
     if isinstance(o, dict):
-        return {k: _architecture_config(v) for k, v in sorted(o.items()) if k not in _NOT_ARCHITECTURE}
+        if index is not None and "keras_history" in o:
+            h = list(o["keras_history"])
+            return {"keras_history": [index.get(h[0], "?")] + h[1:]}
+        return {k: _canonical(v, drop, index) for k, v in sorted(o.items()) if k not in drop}
     if isinstance(o, (list, tuple)):
-        return [_architecture_config(v) for v in o]
+        return [_canonical(v, drop, index) for v in o]
     return o
 
 
@@ -83,17 +88,7 @@ def _wiring(model) -> list | None:
     if not isinstance(layer_cfgs, list):
         return None
     index = {c.get("name"): i for i, c in enumerate(layer_cfgs)}
-
-    def sub(o):
-        if isinstance(o, dict):
-            if "keras_history" in o:
-                h = list(o["keras_history"])
-                return {"keras_history": [index.get(h[0], "?")] + h[1:]}
-            return {k: sub(v) for k, v in sorted(o.items()) if k != "name"}
-        if isinstance(o, (list, tuple)):
-            return [sub(v) for v in o]
-        return o
-    return [sub(c.get("inbound_nodes", [])) for c in layer_cfgs]
+    return [_canonical(c.get("inbound_nodes", []), frozenset({"name"}), index) for c in layer_cfgs]
 
 
 def _not_json(o):
@@ -107,13 +102,14 @@ def architecture(model) -> str:
     layer order, and of the wiring (which layer's output feeds which, by position). Two builds of
     one network with the same parameters give the same fingerprint (in any process, at any
     precision); a changed token grid, pooling, dropout rate, BatchNorm momentum or wiring (e.g. a
-    residual added from another layer) gives another, even where the parameter count is the same. Not covered: how the weights were
-    initialised (e.g. the scale's ``he_init``, fixed per run folder by its ``scale.json``). Keras
+    residual added from another layer) gives another, even where the parameter count is the same.
+    Not covered: how the weights were initialised (e.g. the scale's ``he_init``, fixed per run
+    folder by its ``scale.json``). Keras
     versions add keys to layer configs, so a fingerprint is only compared with one made by the
     same Keras version (:func:`architecture_differs`). Recorded in every checkpoint and
     ``done.json`` (``architecture``, ``architecture_keras``)."""
-    rows = [[type(l).__name__, _architecture_config(l.get_config()), [list(w.shape) for w in l.weights]]
-            for l in model.layers]
+    rows = [[type(l).__name__, _canonical(l.get_config(), _NOT_ARCHITECTURE),
+             [list(w.shape) for w in l.weights]] for l in model.layers]
     blob = json.dumps([rows, _wiring(model)], sort_keys=True, default=_not_json).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -162,8 +162,9 @@ def fold_builder(name: str, scale: dict[str, Any], params: dict[str, Any] | None
 
 def _built_identity(builder) -> dict[str, Any]:
     """``{"n_params", "architecture", "architecture_keras"}`` of the network ``builder`` builds
-    (``checkpoints.n_params``, ``checkpoints.architecture_meta``), from a fresh build once per builder (kept on it): not the
-    builder's cached model, whose first build a later fold's training seeds."""
+    (``checkpoints.n_params``, ``checkpoints.architecture_meta``), from a fresh build once per
+    builder (kept on it): not the builder's cached model, whose first build a later fold's
+    training seeds."""
     from cellstudy.learning import checkpoints
 
     ident = getattr(builder, "_checked_identity", None)
@@ -183,8 +184,9 @@ def _read_back(fd: rundir.FoldDir, image_size: int, builder=None):
     CheckpointMismatchError when its marker belongs to another network, fold or image size, or
     (``builder`` given, marker with ``n_params`` / ``architecture``) was trained with another
     parameter count or architecture fingerprint (``checkpoints.architecture``) than ``builder``
-    builds the network with now: its model parameters or the catalogue's defaults changed since (e.g. the RGB family's token width, a dropout rate), and its results would sit
-    beside folds of a different network. Markers written before the fingerprint existed, or by
+    builds the network with now: its model parameters or the catalogue's defaults changed since
+    (e.g. the RGB family's token width, a dropout rate), and its results would sit beside folds of
+    a different network. Markers written before the fingerprint existed, or by
     another Keras version, are compared by parameter count only."""
     from cellstudy.learning import checkpoints, train
 
