@@ -138,7 +138,7 @@ SCALES: dict[str, dict[str, Any]] = {
     # 87 min (171 core-min); RGB 0.881 (0.896 at 20 epochs, not the default: README "Time").
     # Why 10 epochs and not to the plateau (README "The trade-off", measured to 20 epochs for the
     # five networks of configs/five.yaml): DenseNet121 / ResNet50 reach the convergence rule's
-    # plateau in every fold at 15 / 20 epochs and lose AUC on the way (0.920 -> 0.907, 0.847 ->
+    # plateau in every fold at 15 / 20 epochs and lose AUC on the way (0.920 -> 0.907, 0.848 ->
     # 0.834); no network gains more than 0.015 from 10 to 20 epochs, for twice the time.
     # Whitening per family: the RGB family isolates the stains into streams, and the 3 x 3 ZCA
     # makes each stream a mix of all three; with each stain whitened on its own RGB's AUC rose

@@ -145,3 +145,53 @@ def test_expected_on_page_is_what_the_page_writes(tmp_path):
     assert ("0.912", "external_best_network = 0.912 (from external_metrics.csv:auc/mhl)") in exp
     assert findings.shown_as(0.5) == "0.500" and findings.shown_as(3) == "3"
     assert findings.shown_as("actin") == findings.STAIN_NAMES["actin"]
+
+
+def test_findings_page_says_confound_regime_stain_method_and_unseen_gap(tmp_path):
+    # the page states what the CSVs hold: the class / well confound, the regime of the significant
+    # Welch tests (here the short one only), how the stain ranking depends on the method and whether
+    # the intervals separate the stains, and the networks' ensembles against the classical model on
+    # the unseen fields
+    run = _fake_run(tmp_path)
+    (run / "00_cohort").mkdir()
+    pd.DataFrame({"source": ["well"], "normal cells from": ["B02 (100)"], "abnormal cells from": ["B03 (60)"],
+                  "shared by both classes": ["none"]}).to_csv(run / "00_cohort" / "class_vs_source.csv", index=False)
+    pd.DataFrame({"regime": ["short", "long"], "metric": ["recall_macro", "f1_macro"], "family_a": ["RGB", "DL"],
+                  "family_b": ["MHL", "Classical"], "p": [0.001, 0.2], "significant": [True, False]}).to_csv(
+        run / "09_statistics" / "welch_tests.csv", index=False)
+    ci = pd.DataFrame({"network": ["mhl"] * 6 + ["vgg16"] * 6, "channel": ["third", "actin", "dna"] * 4,
+                       "method": (["mean"] * 3 + ["zero"] * 3) * 2,
+                       "mean_drop": [0.01, 0.2, 0.05, 0.3, 0.1, 0.0, 0.0, 0.1, 0.3, 0.0, 0.1, 0.3],
+                       "ci_low": [0.0, 0.15, 0.0, 0.2, 0.0, 0.0, 0.0, 0.05, 0.05, 0.0, 0.0, 0.2],
+                       "ci_high": [0.05, 0.25, 0.1, 0.4, 0.2, 0.1, 0.1, 0.2, 0.5, 0.1, 0.2, 0.4],
+                       "n_cells": 40})
+    ci.to_csv(run / "08_xai" / "channel_importance.csv", index=False)
+    page = findings.findings_page(run)
+    md, num = page["markdown"], page["numbers"]
+    assert "the class coincides with the well" in md and "B02 (100)" in md and num["confounded_with"][0] == "well"
+    assert "none in the long regime" in md and "in the short regime: RGB vs MHL: recall" in md
+    assert "in the long regime: RGB" not in md
+    # mean: MHL actin, VGG16 DNA; zero: MHL third, VGG16 DNA -> agree for 1 of 2
+    assert "agree on the top stain for 1 of 2 networks" in md
+    # MHL: actin [0.15, 0.25] vs DNA [0.0, 0.1] separate; VGG16: DNA [0.05, 0.5] vs actin [0.05, 0.2] overlap
+    assert num["stain_ci_overlap"][0] == 1 and "For 1 of 2 networks the top stain's 95% interval overlaps" in md
+    assert "(AUC drop 0.140)" in md and "−0." not in md
+    # unseen fields: MHL 0.912 < RF 0.977
+    assert num["external_networks_below_classical"][0] == 1 and "1 of 1 network ensembles score below" in md
+    for token, what in findings.expected_on_page(run):
+        assert token in md, what
+    # without the confound (a source shared by both classes) no box
+    pd.DataFrame({"source": ["well"], "normal cells from": ["B02"], "abnormal cells from": ["B02"],
+                  "shared by both classes": ["B02"]}).to_csv(run / "00_cohort" / "class_vs_source.csv", index=False)
+    assert "coincides" not in findings.findings_page(run)["markdown"]
+
+
+def test_verdict_sentence_says_when_p_is_not_holm_adjusted():
+    tidy = _tidy({"mhl": [0.9, 0.94, 0.88, 0.93, 0.91], "rf": [0.99, 0.98, 1.0, 0.97, 0.99],
+                  "logreg": [0.95, 0.96, 0.94, 0.97, 0.93]})
+    v = findings.network_verdicts(tidy, n_train=176, n_test=44)
+    text = findings.verdict_sentences(v)
+    lr = next(s for s in text if s.startswith("**Logistic regression**"))
+    mhl = next(s for s in text if s.startswith("**MHL**"))
+    assert "Holm-adjusted" not in lr and "not adjusted" in lr
+    assert "Holm-adjusted p" in mhl

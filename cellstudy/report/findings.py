@@ -155,10 +155,12 @@ def verdict_sentences(verdicts: pd.DataFrame, metric_label: str = "AUC") -> list
             "above chance" if r["beats_chance"] else "**not** above chance (its CI includes 0.5)")
         if r["versus"]:
             base = DISPLAY_NAMES.get(r["baseline"], r["baseline"])
-            p = r["p_adj"] if np.isfinite(r["p_adj"]) else r["p"]
+            adjusted = np.isfinite(r["p_adj"])
+            p = r["p_adj"] if adjusted else r["p"]
             s += (f"; {r['versus']} the {base} baseline (difference {r['diff']:+.3f}, 95% CI "
-                  f"{r['diff_low']:+.3f} to {r['diff_high']:+.3f}, Holm-adjusted p {p:.3g}, "
-                  f"d_z {r['d_z']:.2f})")
+                  f"{r['diff_low']:+.3f} to {r['diff_high']:+.3f}, "
+                  + (f"Holm-adjusted p {p:.3g}" if adjusted else f"p {p:.3g}, not adjusted: a classical model, "
+                     "outside the networks' Holm family") + f", d_z {r['d_z']:.2f})")
         elif r["family"] == CLASSICAL and r["network"] == r["baseline"]:
             s += "; the best classical baseline, against which the networks are compared"
         out.append(s + ".")
@@ -234,6 +236,20 @@ def findings_page(run_dir: str | Path) -> dict:
         num.update(cells_normal=(n0, fp.name), cells_abnormal=(n1, fp.name), fields=(nf, fp.name))
         md.append(f"**Cohort** `{cohort}`: {n0} normal-role and {n1} abnormal-role cells from {nf} source fields, "
                   f"5-fold cross-validation grouped by field ({_link('cohort', '00_cohort')}); scale `{scale}`.")
+    cvs = _read(run / "00_cohort" / "class_vs_source.csv")
+    if cvs is not None and {"source", "shared by both classes"} <= set(cvs.columns):
+        for _, row in cvs.iterrows():
+            if str(row["shared by both classes"]).strip().lower() != "none":
+                continue
+            src = str(row["source"])
+            num["confounded_with"] = (src, "class_vs_source.csv:source")
+            md += ["", f"```{{important}}\nIn this cohort **the class coincides with the {src}**: normal-role cells "
+                   f"come from {src} {row.get('normal cells from', '?')}, abnormal-role cells from "
+                   f"{row.get('abnormal cells from', '?')}; no {src} holds both. Every number below measures class "
+                   f"*or* {src} (its place on the plate, its staining), not the biology alone; the "
+                   f"{_link('cohort chapter', '00_cohort')} says what the folds and the unseen fields can and cannot "
+                   "separate.\n```"]
+            break
     if scale == "quick":
         md += ["", "```{warning}\nThis run is the `quick` scale (S = 32, 1 + 1 epochs): the networks are not trained to "
                "their plateau and **its numbers are not conclusive**. Run the default scale for the study's findings.\n```"]
@@ -252,6 +268,8 @@ def findings_page(run_dir: str | Path) -> dict:
         tag = " (the classical baseline)" if r.family == CLASSICAL else ""
         md.append(f"- **{r.family}**{tag}: {r.display}, AUC **{r.mean:.3f}** (95% CI {r.ci_low:.3f}–{r.ci_high:.3f})"
                   + ("" if r.beats_chance else ", *not above chance*"))
+    if (best_per_family(v)["ci_high"] >= 1.0).any():
+        md += ["", "(An interval that reaches 1.000 is cut there: an AUC cannot exceed 1.)"]
     md.append("")
     fam = best_per_family(nets) if len(nets) else nets
     if len(fam):
@@ -321,7 +339,15 @@ def findings_page(run_dir: str | Path) -> dict:
             num["external_best_classical"] = (round(float(ec.loc[bj, "auc"]), 3), f"external_metrics.csv:auc/{ec.loc[bj, 'network']}")
             parts.append(f"; the classical {DISPLAY_NAMES.get(ec.loc[bj, 'network'], ec.loc[bj, 'network'])} "
                          f"AUC **{ec.loc[bj, 'auc']:.3f}** ({ec.loc[bj, 'auc_ci_low']:.3f}–{ec.loc[bj, 'auc_ci_high']:.3f})")
-        md.append(" ".join(parts[:2]) + "".join(parts[2:]) + ".")
+        line = " ".join(parts[:2]) + "".join(parts[2:]) + "."
+        if len(en) and len(ec):
+            cbest = float(ec["auc"].max())
+            below = int((en["auc"] < cbest).sum())
+            num["external_networks_below_classical"] = (below, "external_metrics.csv:auc")
+            line += (f" **{below} of {len(en)} network ensembles score below the classical model** there"
+                     if below else " Every network ensemble scores above the classical model there") + \
+                " (point estimates; the chapter gives each its interval)."
+        md.append(line)
     else:
         md.append("No external test in this run (no external set is defined for this cohort, or the results step did not write it).")
     md.append("")
@@ -334,11 +360,15 @@ def findings_page(run_dir: str | Path) -> dict:
         num["table3_significant"] = (int(len(sig)), "welch_tests.csv:significant")
         if len(sig):
             label = {"recall_macro": "recall", "f1_macro": "F1", "precision_macro": "precision", "auc_macro": "AUC"}
-            long_ = sig[sig["regime"] == "long"] if (sig["regime"] == "long").any() else sig
-            items = "; ".join(f"{a} vs {b}: " + ", ".join(label.get(m, m) for m in g["metric"])
-                              for (a, b), g in long_.groupby(["family_a", "family_b"], sort=False))
+            def _items(g_):
+                return "; ".join(f"{a} vs {b}: " + ", ".join(label.get(m, m) for m in g["metric"])
+                                 for (a, b), g in g_.groupby(["family_a", "family_b"], sort=False))
+            long_ = sig[sig["regime"] == "long"]
+            where = (f"in the long regime: {_items(long_)}" if len(long_) else
+                     "none in the long regime, the regime of the study's results; in the "
+                     + ", ".join(sorted(set(sig["regime"].astype(str)))) + f" regime: {_items(sig)}")
             md.append(f"{len(sig)} of {int(w['p'].notna().sum())} Welch tests (families x metrics x regimes) are "
-                      f"significant after Bonferroni; in the long regime: {items} "
+                      f"significant after Bonferroni; {where} "
                       f"({_link('statistics', '09_statistics')}; the tests treat a family's per-fold values as "
                       "independent, which they are not: the paired tests there are the honest comparison).")
         else:
@@ -354,14 +384,40 @@ def findings_page(run_dir: str | Path) -> dict:
     si = _read(run / "06_classical_baseline" / "stain_importance.csv")
     lines = []
     if ci is not None and len(ci):
+        def _tops(frame):
+            top_ = frame.loc[frame.groupby("network")["mean_drop"].idxmax()]
+            return top_, top_["channel"].value_counts()
+
+        def _count_text(counts_, n):
+            return (f"{STAIN_NAMES.get(counts_.index[0], counts_.index[0])} matters most for {int(counts_.iloc[0])} "
+                    f"of {n} networks" + "".join(f", {STAIN_NAMES.get(k, k)} for {int(c_)}"
+                                                  for k, c_ in counts_.iloc[1:].items()))
         m = ci[ci["method"] == "mean"] if "mean" in set(ci["method"]) else ci
-        top = m.loc[m.groupby("network")["mean_drop"].idxmax()]
-        counts = top["channel"].value_counts()
+        top, counts = _tops(m)
         lead = counts.index[0]
         num["networks_top_stain"] = (str(lead), "channel_importance.csv")
-        lines.append(f"Networks (probability drop when a stain is replaced by its mean, {_link('explanations', '08_xai')}): "
-                     f"{STAIN_NAMES.get(lead, lead)} matters most for {int(counts.iloc[0])} of {len(top)} networks"
-                     + "".join(f", {STAIN_NAMES.get(k, k)} for {int(n)}" for k, n in counts.iloc[1:].items()) + ".")
+        txt = (f"Networks (probability drop when a stain is replaced by its mean, {_link('explanations', '08_xai')}): "
+               f"{_count_text(counts, len(top))}.")
+        z = ci[ci["method"] == "zero"] if "method" in ci.columns else ci.iloc[0:0]
+        if len(z) and "mean" in set(ci["method"]):
+            ztop, zcounts = _tops(z)
+            same = int((top.set_index("network")["channel"] == ztop.set_index("network")["channel"]).sum())
+            if same < len(top):
+                txt += (f" Set to 0 instead, {_count_text(zcounts, len(ztop))}: the two ways of removing a stain "
+                        f"agree on the top stain for {same} of {len(top)} networks, so the ranking depends on how a "
+                        "stain is removed.")
+        if {"ci_low", "ci_high"} <= set(m.columns):
+            overlap = 0
+            for _, g in m.groupby("network"):
+                g = g.sort_values("mean_drop", ascending=False)
+                if len(g) >= 2 and g["ci_low"].iloc[0] <= g["ci_high"].iloc[1]:
+                    overlap += 1
+            num["stain_ci_overlap"] = (overlap, "channel_importance.csv:ci_low,ci_high")
+            txt += (f" For {overlap} of {len(top)} networks the top stain's 95% interval overlaps the next stain's "
+                    f"({int(m['n_cells'].max()) if 'n_cells' in m.columns else '?'} explained cells): "
+                    "a ranking, not a measured difference." if overlap else
+                    " For every network the top stain's 95% interval lies above the next stain's.")
+        lines.append(txt)
     if si is not None and len(si):
         tops = si.loc[si.groupby("classifier")["auc_drop_mean"].idxmax()]
         for r in tops.itertuples():
@@ -369,7 +425,7 @@ def findings_page(run_dir: str | Path) -> dict:
         lines.append("Classical baseline (AUC drop when a stain's features are permuted, "
                      f"{_link('baseline', '06_classical_baseline')}): "
                      + "; ".join(f"{DISPLAY_NAMES.get(r.classifier, r.classifier)}: {STAIN_NAMES.get(r.group, r.group)} "
-                                 f"(−{r.auc_drop_mean:.3f})" for r in tops.itertuples()) + ".")
+                                 f"(AUC drop {r.auc_drop_mean:.3f})" for r in tops.itertuples()) + ".")
     md.append(" ".join(lines) if lines else "No stain-importance results in this run.")
     md.append("")
     # --- faithfulness
