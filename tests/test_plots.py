@@ -111,13 +111,26 @@ def test_training_curves(tmp_path):
     for ax in fig.axes:
         assert len(ax.lines) == 3 * 2 + 1  # 3 folds x (train + val) + the regime marker
     np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), 1 / np.arange(1, 9))
+    assert "dashed: validation" in fig._suptitle.get_text()
     fig.savefig(tmp_path / "hist.png", dpi=60)
     assert (tmp_path / "hist.png").stat().st_size > 1000
     # no network/fold columns, no val columns: one run, one line per panel
     fig = P.training_curves(hist[hist.fold == 0][["epoch", "loss", "accuracy"]])
     assert [len(ax.lines) for ax in fig.axes] == [1, 1]
+    assert fig._suptitle.get_text() == "Training curves"
     with pytest.raises(ValueError, match="accuracy"):
         P.training_curves(hist.drop(columns="accuracy"))
+    # two networks x 3 folds without validation: the folds of a network share its colour, the
+    # legend names the networks once each, and the title does not promise validation curves
+    two = pd.concat([hist.drop(columns=["val_loss", "val_accuracy"]),
+                     hist.drop(columns=["val_loss", "val_accuracy"]).assign(network="mhl")])
+    fig = P.training_curves(two)
+    ax = fig.axes[0]
+    nets = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert nets == ["vgg16", "mhl"]
+    by_net = [tuple(l.get_color()) for l in ax.lines]
+    assert len(set(by_net[:3])) == 1 and len(set(by_net[3:])) == 1 and by_net[0] != by_net[3]
+    assert "validation" not in fig._suptitle.get_text()
 
 
 def test_step_times_figure(tmp_path):

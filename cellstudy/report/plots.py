@@ -210,30 +210,43 @@ def training_curves(
 ) -> Figure:
     """Training curves from a per-epoch history: one panel per metric, one line per run
     (a run = each distinct ``network`` x ``fold`` present; a single run if neither column is
-    there), plus a dashed line for ``val_<metric>`` where that column exists. ``mark_epochs``:
-    vertical dotted lines, e.g. the short regime's epoch.
+    there), plus a dashed line for ``val_<metric>`` where that column exists. When a network has
+    several folds, its folds share one colour and the legend names the networks (up to 14).
+    ``mark_epochs``: vertical dotted lines, e.g. the short regime's epoch.
     """
     _need(history, ["epoch", *metrics], "history")
     if history.empty:
         raise ValueError("history is empty; expected one row per epoch")
     keys = [c for c in ("network", "fold") if c in history.columns]
-    runs = list(history.groupby(keys, sort=True)) if keys else [((), history)]
+    runs = list(history.groupby(keys, sort=False)) if keys else [((), history)]
+    # one colour per network (its folds share it, one legend entry each), else one per run
+    by_net = "network" in keys and history["network"].nunique() < len(runs)
+    names = list(dict.fromkeys(history["network"])) if by_net else None
+    n_col = len(names) if by_net else len(runs)
+    palette = sns.color_palette("husl" if n_col > 10 else "tab10", n_col)
+    has_val = any(f"val_{m}" in history.columns for m in metrics)
     fig, axes = _grid(len(metrics), len(metrics), 4.0, 3.0)
-    colours = sns.color_palette("husl" if len(runs) > 10 else "tab10", len(runs))
     for ax, metric in zip(axes, metrics):
-        for (key, run), colour in zip(runs, colours):
+        labelled = set()
+        for i, (key, run) in enumerate(runs):
             run = run.sort_values("epoch")
             key = key if isinstance(key, tuple) else (key,)
-            name = ", ".join(f"{k} {v}" for k, v in zip(keys, key)) or "train"
-            ax.plot(run["epoch"], run[metric], color=colour, lw=1.2, label=name)
+            if by_net:
+                net = key[keys.index("network")]
+                colour, name = palette[names.index(net)], (net if net not in labelled else None)
+                labelled.add(net)
+            else:
+                colour, name = palette[i], ", ".join(f"{k} {v}" for k, v in zip(keys, key)) or "train"
+            ax.plot(run["epoch"], run[metric], color=colour, lw=1.0 if by_net else 1.2, alpha=0.8, label=name)
             if f"val_{metric}" in run.columns:
                 ax.plot(run["epoch"], run[f"val_{metric}"], color=colour, lw=1.2, ls="--")
         for e in mark_epochs:
             ax.axvline(e, color="0.4", ls=":", lw=1)
         ax.set(xlabel="epoch", ylabel=metric, title=metric)
-        if len(runs) <= 10:
-            ax.legend(fontsize="x-small")
-    fig.suptitle(title or "Training curves (dashed: validation)")
+        if n_col <= 14:
+            ax.legend(fontsize="x-small", ncol=1 if n_col <= 7 else 2)
+    fig.suptitle(title or ("Training curves" + (" (one colour per network, one line per fold)" if by_net else "")
+                           + (" (dashed: validation)" if has_val else "")))
     return fig
 
 
