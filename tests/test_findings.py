@@ -195,3 +195,17 @@ def test_verdict_sentence_says_when_p_is_not_holm_adjusted():
     mhl = next(s for s in text if s.startswith("**MHL**"))
     assert "Holm-adjusted" not in lr and "not adjusted" in lr
     assert "Holm-adjusted p" in mhl
+
+
+def test_book_tables_are_not_cut():
+    # the book's tables (convergence reasons, exclusion reasons, the paired comparisons) show
+    # their text and rows whole: importing cellstudy.report sets pandas' display options
+    import cellstudy.report as report
+    pd.reset_option("display.max_colwidth")
+    pd.reset_option("display.max_rows")
+    pd.reset_option("display.min_rows")
+    df = pd.DataFrame({"why_not": ["fold 0: still rising: +0.047 over the last 3 epochs; fold 1: " + "x" * 80] * 120})
+    assert "..." in df._repr_html_()                   # pandas' defaults cut both
+    report.book_table_options()
+    html = df._repr_html_()
+    assert "..." not in html and html.count("still rising") == 120
