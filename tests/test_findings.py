@@ -166,6 +166,9 @@ def test_findings_page_says_confound_regime_stain_method_and_unseen_gap(tmp_path
                        "ci_high": [0.05, 0.25, 0.1, 0.4, 0.2, 0.1, 0.1, 0.2, 0.5, 0.1, 0.2, 0.4],
                        "n_cells": 40})
     ci.to_csv(run / "08_xai" / "channel_importance.csv", index=False)
+    pd.DataFrame({"network": ["mhl", "mhl"], "method": ["gradcam", "gradcam"], "curve": ["deletion", "insertion"],
+                  "difference": [-0.02, 0.04], "beats_random": [True, True]}).to_csv(
+        run / "08_xai" / "faithfulness.csv", index=False)
     page = findings.findings_page(run)
     md, num = page["markdown"], page["numbers"]
     assert "the class coincides with the well" in md and "B02 (100)" in md and num["confounded_with"][0] == "well"
@@ -177,6 +180,7 @@ def test_findings_page_says_confound_regime_stain_method_and_unseen_gap(tmp_path
     assert num["stain_ci_overlap"][0] == 1 and "For 1 of 2 networks the top stain's 95% interval overlaps" in md
     assert "(AUC drop 0.140)" in md and "−0." not in md
     # unseen fields: MHL 0.912 < RF 0.977
+    assert "median distance from the random curve's area 0.030" in md     # |-0.02|, |0.04|
     assert num["external_networks_below_classical"][0] == 1 and "1 of 1 network ensembles score below" in md
     for token, what in findings.expected_on_page(run):
         assert token in md, what

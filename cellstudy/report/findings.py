@@ -435,12 +435,19 @@ def findings_page(run_dir: str | Path) -> dict:
     if fa is not None and len(fa):
         ok = fa.groupby(["network", "method"])["beats_random"].all().reset_index()
         per = ok.groupby("method")["beats_random"].agg(["sum", "count"])
+        gap = (fa.assign(gap=fa["difference"].abs()).groupby("method")["gap"].median().to_dict()
+               if "difference" in fa.columns else {})
+        for meth, g in gap.items():
+            num[f"faithful_gap_{meth}"] = (round(float(g), 3), "faithfulness.csv:difference")
         for meth, r in per.iterrows():
             num[f"faithful_{meth}"] = (int(r["sum"]), "faithfulness.csv:beats_random")
         md.append("Deletion and insertion curves against a random order of pixels "
                   f"({_link('explanations', '08_xai')}): "
                   + "; ".join(f"{meth.replace('_', ' ')} beats random on both curves for {int(r['sum'])} of {int(r['count'])} networks"
-                              for meth, r in per.iterrows()) + ".")
+                              + (f" (median distance from the random curve's area {gap[meth]:.3f})" if meth in gap else "")
+                              for meth, r in per.iterrows()) + "."
+                  + (" The distance is in units of the curve's area (0 to 1): a test can call a distance of a few "
+                     "hundredths significant that changes little." if gap else ""))
     else:
         md.append("No faithfulness results in this run.")
     md.append("")
