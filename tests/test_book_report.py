@@ -236,3 +236,13 @@ def test_caption_markdown():
     assert figures.caption_markdown("  ROC curves,\n pooled. ") == "**Figure.** ROC curves, pooled."
     with pytest.raises(ValueError, match="caption is empty"):
         figures.caption_markdown("  ")
+
+
+def test_pages_name_the_run_folder_when_given_as_a_relative_path(tmp_path, monkeypatch):
+    # the workflow builds the book from inside the run folder (run_dir "."): the pages still
+    # name the folder (they showed `` before)
+    from pathlib import Path
+    run, _ = _fake_run(tmp_path, _executed_notebook())
+    monkeypatch.chdir(run)
+    assert "- Run folder: `t-20261202-000000`" in book.provenance_page(Path("."))
+    assert "| run | `t-20261202-000000` (config `t.yaml`" in book.run_parameters_markdown(Path("."))

@@ -87,7 +87,7 @@ def provenance_page(run_dir: Path) -> str:
         "",
         "## The run",
         "",
-        f"- Run folder: `{run_dir.name}`",
+        f"- Run folder: `{Path(run_dir).resolve().name}`",
         f"- Study config: `{Path(prov['config_file']).name}` (name `{cfg['name']}`, cohort `{cfg['cohort']}`, "
         f"scale `{cfg['scale']}`, seed {cfg['seed']})",
         f"- Started: {prov.get('started')}",
@@ -110,7 +110,8 @@ def provenance_page(run_dir: Path) -> str:
     for step, st in status.get("steps", {}).items():
         lines.append(f"| {step} | {st.get('state')} | {st.get('seconds', '')} |")
     if "notebooks_seconds" in status:
-        lines.append(f"| all notebooks | | {status['notebooks_seconds']} |")
+        lines.append(f"| the last `cellstudy run` command: every step, the training jobs included (wall clock) | | "
+                     f"{status['notebooks_seconds']} |")
     hw = prov["hardware"]
     lines += ["", "## Hardware", "", "| item | value |", "|---|---|"]
     for k, v in hw.items():
@@ -316,7 +317,7 @@ def run_parameters_markdown(run_dir: Path) -> str:
     if extra:
         rows.append(("per-notebook parameters", "; ".join(f"{s}: `{json.dumps(v, sort_keys=True)}`" for s, v in extra.items())))
     rows += [
-        ("run", f"`{run_dir.name}` (config `{Path(prov.get('config_file', '?')).name}`, "
+        ("run", f"`{Path(run_dir).resolve().name}` (config `{Path(prov.get('config_file', '?')).name}`, "
          f"{_fmt(cfg.get('workers', 1))} notebook(s) at once), started {_fmt(prov.get('started'))}"),
         ("code", f"git commit `{commit[:12]}`" + (" with uncommitted changes" if git.get("dirty") else "")),
     ]
