@@ -255,7 +255,7 @@ def channel_importance_figure(table: pd.DataFrame, methods: Sequence[str] = ("ze
         ax.set_xticks(np.arange(len(chans)), [STAIN_LABELS.get(c, c) for c in chans], fontsize=8)
         ax.set_ylabel("drop of p(true class)", fontsize=8)
         ax.set_title(f"channel set to {'0' if m == 'zero' else 'its training mean'}", fontsize=9)
-    axes[-1].legend(fontsize=7, title="network", title_fontsize=7)
+    axes[-1].legend(fontsize=7, title="network", title_fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the bars, not on them
     return fig
 
 

@@ -312,7 +312,9 @@ def reliability(calibration_df: pd.DataFrame, networks: Sequence[str] | None = N
         ax.scatter(s["mean_predicted"], s["fraction_positive"], s=10 + 190 * s["count"] / biggest,
                    color=colour, alpha=0.8, edgecolor="0.2", lw=0.5, zorder=3)
         ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), xlabel="mean predicted p(abnormal)",
-               ylabel="fraction abnormal", title=f"{DISPLAY_NAMES.get(net, net)}: ECE {ece:.3f} (n={int(n)})")
+               ylabel="fraction abnormal")
+        # two lines: long names ("Logistic regression") ran into the next panel's title
+        ax.set_title(f"{DISPLAY_NAMES.get(net, net)}\nECE {ece:.3f}, n = {int(n)}", fontsize="small")
         ax.set_aspect("equal")
     fig.suptitle(title or "Reliability on the external test set (marker area: cells in the bin)")
     return fig
