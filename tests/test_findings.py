@@ -177,7 +177,7 @@ def test_findings_page_says_confound_regime_stain_method_and_unseen_gap(tmp_path
     # mean: MHL actin, VGG16 DNA; zero: MHL third, VGG16 DNA -> agree for 1 of 2
     assert "agree on the top stain for 1 of 2 networks" in md
     # MHL: actin [0.15, 0.25] vs DNA [0.0, 0.1] separate; VGG16: DNA [0.05, 0.5] vs actin [0.05, 0.2] overlap
-    assert num["stain_ci_overlap"][0] == 1 and "For 1 of 2 networks the top stain's 95% interval overlaps" in md
+    assert num["stain_ci_overlap"][0] == 1 and "for 1 of 2 networks the top stain's 95% interval overlaps" in md
     assert "(AUC drop 0.140)" in md and "−0." not in md
     # unseen fields: MHL 0.912 < RF 0.977
     assert "median distance from the random curve's area 0.030" in md     # |-0.02|, |0.04|

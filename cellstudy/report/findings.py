@@ -367,7 +367,7 @@ def findings_page(run_dir: str | Path) -> dict:
             where = (f"in the long regime: {_items(long_)}" if len(long_) else
                      "none in the long regime, the regime of the study's results; in the "
                      + ", ".join(sorted(set(sig["regime"].astype(str)))) + f" regime: {_items(sig)}")
-            md.append(f"{len(sig)} of {int(w['p'].notna().sum())} Welch tests (families x metrics x regimes) are "
+            md.append(f"{len(sig)} of {int(w['p'].notna().sum())} Welch tests (family pairs x metrics x regimes) are "
                       f"significant after Bonferroni; {where} "
                       f"({_link('statistics', '09_statistics')}; the tests treat a family's per-fold values as "
                       "independent, which they are not: the paired tests there are the honest comparison).")
@@ -413,10 +413,11 @@ def findings_page(run_dir: str | Path) -> dict:
                 if len(g) >= 2 and g["ci_low"].iloc[0] <= g["ci_high"].iloc[1]:
                     overlap += 1
             num["stain_ci_overlap"] = (overlap, "channel_importance.csv:ci_low,ci_high")
-            txt += (f" For {overlap} of {len(top)} networks the top stain's 95% interval overlaps the next stain's "
+            txt += (f" Replaced by its mean, for {overlap} of {len(top)} networks the top stain's 95% interval "
+                    "overlaps the next stain's "
                     f"({int(m['n_cells'].max()) if 'n_cells' in m.columns else '?'} explained cells): "
                     "a ranking, not a measured difference." if overlap else
-                    " For every network the top stain's 95% interval lies above the next stain's.")
+                    " Replaced by its mean, for every network the top stain's 95% interval lies above the next stain's.")
         lines.append(txt)
     if si is not None and len(si):
         tops = si.loc[si.groupby("classifier")["auc_drop_mean"].idxmax()]
