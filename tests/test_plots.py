@@ -127,7 +127,7 @@ def test_training_curves(tmp_path):
     fig = P.training_curves(two)
     ax = fig.axes[0]
     nets = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert nets == ["vgg16", "mhl"]
+    assert nets == ["VGG16", "MHL"]                   # the book's names
     by_net = [tuple(l.get_color()) for l in ax.lines]
     assert len(set(by_net[:3])) == 1 and len(set(by_net[3:])) == 1 and by_net[0] != by_net[3]
     assert "validation" not in fig._suptitle.get_text()

@@ -233,7 +233,8 @@ def training_curves(
             key = key if isinstance(key, tuple) else (key,)
             if by_net:
                 net = key[keys.index("network")]
-                colour, name = palette[names.index(net)], (net if net not in labelled else None)
+                colour = palette[names.index(net)]
+                name = DISPLAY_NAMES.get(net, net) if net not in labelled else None
                 labelled.add(net)
             else:
                 colour, name = palette[i], ", ".join(f"{k} {v}" for k, v in zip(keys, key)) or "train"
