@@ -246,3 +246,16 @@ def test_pages_name_the_run_folder_when_given_as_a_relative_path(tmp_path, monke
     monkeypatch.chdir(run)
     assert "- Run folder: `t-20261202-000000`" in book.provenance_page(Path("."))
     assert "| run | `t-20261202-000000` (config `t.yaml`" in book.run_parameters_markdown(Path("."))
+
+
+def test_run_parameters_name_he_init_only_for_networks_the_run_trains(tmp_path):
+    import json
+    run, _ = _fake_run(tmp_path, _executed_notebook())
+    prov = json.loads((run / "provenance.json").read_text())
+    prov["scale_parameters"]["he_init"] = ["vgg16"]
+    prov["scale_parameters"]["networks"] = ["vit", "mhl"]
+    (run / "provenance.json").write_text(json.dumps(prov))
+    assert "He-normal" not in book.run_parameters_markdown(run)
+    prov["scale_parameters"]["networks"] = ["vgg16", "mhl"]
+    (run / "provenance.json").write_text(json.dumps(prov))
+    assert "He-normal convolutions for vgg16" in book.run_parameters_markdown(run)

@@ -87,7 +87,7 @@ def network_convergence(history: pd.DataFrame, window: int = WINDOW, tol: float 
     t = convergence_table(history, window, tol, min_accuracy)
     rows = []
     for net, g in t.groupby("network", sort=False):
-        bad = g[~g["converged"]]
+        bad = g[~g["converged"]].sort_values("fold")
         rows.append({"network": net, "converged": bool(len(bad) == 0),
                      "folds_converged": int(g["converged"].sum()), "n_folds": int(len(g)),
                      "final_train_accuracy": float(g["final_accuracy"].median()),

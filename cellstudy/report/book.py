@@ -296,7 +296,7 @@ def run_parameters_markdown(run_dir: Path) -> str:
     n_splits = sc.get("n_splits")
     warm = sc.get("warmup_epochs") or 0
     bn = sc.get("bn_momentum")
-    he = sc.get("he_init") or []
+    he = [n for n in (sc.get("he_init") or []) if not nets or n in nets]   # only networks this run trains
     rows = [
         ("cohort", f"`{cfg.get('cohort')}`" + (f", {data['n_cells']} cells" if "n_cells" in data else "")),
         ("scale", f"`{cfg.get('scale')}`"),
