@@ -14,6 +14,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from cellstudy import config
+from cellstudy.learning.metrics import DISPLAY_NAMES
 from cellstudy.report.figures import _display, _tint
 
 CLASS_NAMES = config.CLASS_NAMES
@@ -250,7 +251,7 @@ def channel_importance_figure(table: pd.DataFrame, methods: Sequence[str] = ("ze
             g = t[t.network == net].set_index("channel").reindex(chans)
             x = np.arange(len(chans)) + (k - (len(nets) - 1) / 2) * width
             err = np.vstack([g.mean_drop - g.ci_low, g.ci_high - g.mean_drop])
-            ax.bar(x, g.mean_drop, width, yerr=err, capsize=2, label=net)
+            ax.bar(x, g.mean_drop, width, yerr=err, capsize=2, label=DISPLAY_NAMES.get(net, net))
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xticks(np.arange(len(chans)), [STAIN_LABELS.get(c, c) for c in chans], fontsize=8)
         ax.set_ylabel("drop of p(true class)", fontsize=8)
