@@ -262,13 +262,14 @@ def findings_page(run_dir: str | Path) -> dict:
     md.append("")
     md.append(f"From {_link('the results chapter', '07_results')}:")
     md.append("")
-    for r in best_per_family(v).itertuples():
+    best = best_per_family(v)
+    for r in best.itertuples():
         key = f"best_{r.family}"
         num[key] = (round(float(r.mean), 3), f"verdicts_long.csv:mean/{r.network}")
         tag = " (the classical baseline)" if r.family == CLASSICAL else ""
         md.append(f"- **{r.family}**{tag}: {r.display}, AUC **{r.mean:.3f}** (95% CI {r.ci_low:.3f}–{r.ci_high:.3f})"
                   + ("" if r.beats_chance else ", *not above chance*"))
-    if (best_per_family(v)["ci_high"] >= 1.0).any():
+    if (best["ci_high"] >= 1.0).any():
         md += ["", "(An interval that reaches 1.000 is cut there: an AUC cannot exceed 1.)"]
     md.append("")
     fam = best_per_family(nets) if len(nets) else nets
@@ -398,7 +399,7 @@ def findings_page(run_dir: str | Path) -> dict:
         num["networks_top_stain"] = (str(lead), "channel_importance.csv")
         txt = (f"Networks (probability drop when a stain is replaced by its mean, {_link('explanations', '08_xai')}): "
                f"{_count_text(counts, len(top))}.")
-        z = ci[ci["method"] == "zero"] if "method" in ci.columns else ci.iloc[0:0]
+        z = ci[ci["method"] == "zero"]
         if len(z) and "mean" in set(ci["method"]):
             ztop, zcounts = _tops(z)
             same = int((top.set_index("network")["channel"] == ztop.set_index("network")["channel"]).sum())
