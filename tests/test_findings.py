@@ -113,6 +113,10 @@ def test_findings_page_numbers_equal_the_csvs(tmp_path):
     # the learning target: MHL (0.912) meets it, DL (VGG16 0.5) does not; the classical family is not counted
     assert num["families_at_target"][0] == 1
     assert "met by 1 of 2 families (MHL)" in md and "**not met by DL (best: VGG16, 0.500)**" in md
+    # MHL's interval (0.865-0.959) holds 0.90, VGG16's does not: the page says the target cannot tell MHL from it
+    assert v.loc["mhl", "ci_low"] < 0.9 < v.loc["mhl", "ci_high"] and v.loc["vgg16", "ci_high"] < 0.9
+    assert num["families_ci_contains_target"][0] == 1
+    assert "the 95% CIs of 1 of 2 families' best networks contain 0.90 (MHL)" in md
     for chapter in ("07_results.ipynb", "09_statistics.ipynb", "08_xai.ipynb", "06_classical_baseline.ipynb"):
         assert f"]({chapter})" in md                          # every paragraph links its chapter
     book = tmp_path / "book"

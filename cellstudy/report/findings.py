@@ -283,7 +283,18 @@ def findings_page(run_dir: str | Path) -> dict:
         if len(short):
             txt += ("; **not met by " + ", ".join(f"{r.family} (best: {r.display}, {r.mean:.3f})"
                                                   for r in short.itertuples()) + "**")
-        md += [txt + ".", ""]
+        txt += "."
+        T = LEARNING_TARGET_AUC
+        inside = fam[(fam["ci_low"] <= T) & (fam["ci_high"] >= T)]
+        num["families_ci_contains_target"] = (int(len(inside)), "verdicts_long.csv:ci_low,ci_high")
+        if len(inside):
+            who = (f"all {len(fam)} families' best networks" if len(inside) == len(fam)
+                   else f"{int(len(inside))} of {len(fam)} families' best networks")
+            txt += (f" The target compares point estimates: the 95% CIs of {who} contain "
+                    f"{T:.2f} ({', '.join(inside['family'])}), so the folds "
+                    f"cannot tell {'that AUC' if len(inside) == 1 else 'those AUCs'} from {T:.2f} in either "
+                    "direction: a family above the line is not shown to be better than one below it.")
+        md += [txt, ""]
     c = summary_counts(v)
     num.update(n_networks=(c["networks"], "verdicts_long.csv"), above_chance=(c["above_chance"], "verdicts_long.csv"),
                better=(c["better"], "verdicts_long.csv"), worse=(c["worse"], "verdicts_long.csv"))
