@@ -23,6 +23,7 @@ from sklearn.metrics import roc_curve
 from cellstudy import networks
 from cellstudy.config import CLASS_NAMES
 from cellstudy.learning.metrics import DISPLAY_NAMES, NETWORK_ORDER, PROBA_COLUMNS
+from cellstudy.report.external import expected_calibration_error
 
 __all__ = ["roc_summary", "roc_curves", "metric_boxplots", "training_curves", "step_times"]
 
@@ -307,7 +308,7 @@ def reliability(calibration_df: pd.DataFrame, networks: Sequence[str] | None = N
     for ax, net in zip(axes, nets):
         s = calibration_df[(calibration_df["network"] == net) & (calibration_df["count"] > 0)]
         n = float(s["count"].sum())
-        ece = float((s["count"] * (s["fraction_positive"] - s["mean_predicted"]).abs()).sum() / n) if n else math.nan
+        ece = expected_calibration_error(s)
         ax.plot([0, 1], [0, 1], ls="--", color="0.5", lw=1)
         ax.plot(s["mean_predicted"], s["fraction_positive"], color=colour, lw=1)
         ax.scatter(s["mean_predicted"], s["fraction_positive"], s=10 + 190 * s["count"] / biggest,
