@@ -174,6 +174,12 @@ def networks_of(family_name: str) -> list[str]:
     return [n for n in NETWORK_NAMES if FAMILY[n] == family_name]
 
 
+def networks_on(backbone: str) -> list[str]:
+    """The networks built on ``backbone`` (one of ``ModelSpec.backbones``), in the book's order:
+    what a pretrained weights file for it starts. [] for a backbone no network uses."""
+    return [n for n in NETWORK_NAMES if backbone in SPECS[n].backbones]
+
+
 def ordered(names, order=ORDER) -> list[str]:
     """The distinct ``names`` sorted by ``order`` (the book's order by default); names outside it
     follow, alphabetically."""

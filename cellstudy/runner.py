@@ -285,7 +285,7 @@ def check_weights(cfg: StudyConfig) -> dict[str, Any]:
             raise ValueError(f"{ex} (study config weights[{b!r}])") from None
         _check_pretraining_record(p, b, cfg)
         out[b] = {**e, "bytes": p.stat().st_size,
-                  "networks": [n for n in catalogue.NETWORK_NAMES if b in catalogue.SPECS[n].backbones]}
+                  "networks": catalogue.networks_on(b)}
     return out
 
 

@@ -15,6 +15,10 @@ def test_catalogue_holds_the_eleven_networks_then_the_baseline():
     assert [networks.family(n) for n in networks.ORDER] == ["DL"] * 4 + ["ViT"] + ["RGB"] * 3 + ["MHL"] * 3 + [
         "Classical"] * 2
     assert networks.networks_of("RGB") == ["rgb", "rgb_res", "rgb_den"]
+    # what a pretrained backbone file starts (the runner's provenance, pretrain's family check)
+    assert networks.networks_on("cnn3") == ["rgb", "mhl"]
+    assert networks.networks_on("resnet50") == ["resnet50", "denres131", "rgb_res", "mhl_res"]
+    assert networks.networks_on("none") == []
     assert networks.display("denres131") == "DenRes-131" and networks.display("other") == "other"
     assert networks.family("other") == "other" and networks.family("other", "?") == "?"
     # every network names a builder, its Grad-CAM targets and (but the ViT) a backbone; the

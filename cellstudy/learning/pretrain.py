@@ -60,8 +60,8 @@ def _whitening(scale: dict[str, Any], backbone: str, family: str | None) -> str:
     for a family that has no network on ``backbone``."""
     if family is None:
         return config.whitening_for(scale)
-    from cellstudy.networks import CATALOGUE
-    fams = sorted({s.family for s in CATALOGUE if backbone in s.backbones})
+    from cellstudy import networks
+    fams = sorted({networks.family(n) for n in networks.networks_on(backbone)})
     if family not in fams:
         raise PretrainError(f"family {family!r} has no network on backbone {backbone!r}; expected one of {fams}")
     return config.family_whitening(scale, family)
