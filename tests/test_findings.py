@@ -117,6 +117,12 @@ def test_findings_page_numbers_equal_the_csvs(tmp_path):
     assert v.loc["mhl", "ci_low"] < 0.9 < v.loc["mhl", "ci_high"] and v.loc["vgg16", "ci_high"] < 0.9
     assert num["families_ci_contains_target"][0] == 1
     assert "the 95% CIs of 1 of 2 families' best networks contain 0.90 (MHL)" in md
+    # the networks short of the plateau are named in the book's order, not the CSV's
+    pd.DataFrame({"network": ["mhl", "vgg16"], "converged": [False, False], "epochs": [10, 10]}).to_csv(
+        run / "07_results" / "convergence.csv", index=False)
+    assert "(not: VGG16, MHL;" in findings.findings_page(run)["markdown"]
+    pd.DataFrame({"network": ["vgg16", "mhl"], "converged": [False, True], "epochs": [10, 10]}).to_csv(
+        run / "07_results" / "convergence.csv", index=False)
     for chapter in ("07_results.ipynb", "09_statistics.ipynb", "08_xai.ipynb", "06_classical_baseline.ipynb"):
         assert f"]({chapter})" in md                          # every paragraph links its chapter
     book = tmp_path / "book"

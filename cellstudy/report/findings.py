@@ -44,8 +44,7 @@ def fold_sizes(folds_csv: str | Path) -> tuple[float, float, int]:
 
 
 def _ordered(names: Sequence[str]) -> list[str]:
-    order = {n: i for i, n in enumerate(NETWORK_ORDER)}
-    return sorted(dict.fromkeys(names), key=lambda n: (order.get(n, len(order)), n))
+    return networks.ordered(names, NETWORK_ORDER)
 
 
 def best_baseline(tidy: pd.DataFrame, metric: str = "auc_macro", regime: str = "long") -> str | None:
@@ -321,7 +320,7 @@ def findings_page(run_dir: str | Path) -> dict:
     if conv is not None and len(conv):
         nc = int(conv["converged"].astype(bool).sum())
         num["converged"] = (nc, "convergence.csv:converged")
-        bad = [DISPLAY_NAMES.get(n, n) for n in conv.loc[~conv["converged"].astype(bool), "network"]]
+        bad = [DISPLAY_NAMES.get(n, n) for n in _ordered(conv.loc[~conv["converged"].astype(bool), "network"])]
         stopped = ""
         if bad and "epochs" in conv.columns and conv["epochs"].notna().any():
             stopped = (f"; their numbers are those of a training stopped after {int(conv['epochs'].max())} "
