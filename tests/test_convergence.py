@@ -38,6 +38,7 @@ def test_network_convergence_needs_every_fold():
     assert not mhl["converged"] and mhl["folds_converged"] == 1 and mhl["n_folds"] == 2
     assert "fold 1" in mhl["why_not"]
     assert t.set_index("network").loc["vit", "converged"]
+    assert list(t["network"]) == ["vit", "mhl"]              # the book's order, not the history's
     with pytest.raises(ValueError, match="lacks"):
         convergence.network_convergence(pd.DataFrame({"network": ["a"]}))
     assert "last 3 epochs" in convergence.rule_text()

@@ -82,11 +82,15 @@ def convergence_table(history: pd.DataFrame, window: int = WINDOW, tol: float = 
 
 def network_convergence(history: pd.DataFrame, window: int = WINDOW, tol: float = TOL,
                         min_accuracy: float = MIN_ACCURACY) -> pd.DataFrame:
-    """One row per network: ``converged`` (all folds), ``folds_converged`` / ``n_folds``, the
-    median final training accuracy, and the reasons of the folds that did not converge."""
+    """One row per network, in the book's order (``networks.ordered``): ``converged`` (all folds),
+    ``folds_converged`` / ``n_folds``, the median final training accuracy, and the reasons of the
+    folds that did not converge."""
     t = convergence_table(history, window, tol, min_accuracy)
+    from cellstudy import networks
+
     rows = []
-    for net, g in t.groupby("network", sort=False):
+    for net in networks.ordered(t["network"]):
+        g = t[t["network"] == net]
         bad = g[~g["converged"]].sort_values("fold")
         rows.append({"network": net, "converged": bool(len(bad) == 0),
                      "folds_converged": int(g["converged"].sum()), "n_folds": int(len(g)),
