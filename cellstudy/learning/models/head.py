@@ -2,8 +2,8 @@
 
 Default (the paper's): global average pooling -> Dense 1024 ReLU -> Dropout 0.3 -> Dense 512 ReLU
 -> Dropout 0.3 -> Dense ``n_classes`` -> softmax. The dropouts act in training only; calling the
-model with ``training=True`` at test time would give Monte Carlo dropout samples, which no chapter
-computes yet (the prediction issue).
+model with ``training=True`` at test time gives Monte Carlo dropout samples (``cellstudy predict``
+and the prediction chapter, 11, draw them through the head).
 
 The last Dense is a separate layer named ``"logits"`` (pre-softmax class scores, what Grad-CAM
 eq. 12 differentiates) and the softmax is a separate ``Activation`` named ``"probs"``. Both run in
