@@ -189,6 +189,10 @@ def config_from_dict(raw: dict[str, Any], path: str | os.PathLike = "<config>") 
     elif cfg.cohort not in cohorts.COHORTS:
         raise config.ConfigError(f"unknown cohort {cfg.cohort!r}; expected one of {sorted(cohorts.COHORTS)} "
                                  "or a path to a manifest .csv (cellstudy manifest)")
+    if cfg.data_root is not None and str(cfg.data_root).strip():
+        # as the cohort's path: relative to the caller's folder, made absolute (the jobs run in the run folder)
+        root = Path(str(cfg.data_root)).expanduser()
+        cfg.data_root = str((root if root.is_absolute() else Path.cwd() / root).resolve())
     steps = available_steps()
     bad = [s for s in cfg.steps if s not in steps]
     if bad:

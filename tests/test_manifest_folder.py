@@ -288,6 +288,12 @@ def test_a_run_takes_the_manifest_path_as_its_cohort(tmp_path, monkeypatch):
     assert rundir.Run(tmp_path / "run").folds_file(cfg.cohort) == tmp_path / "run" / "folds" / "mine.csv"
     with pytest.raises(FileNotFoundError, match="absent.csv"):
         runner.load_config(cfg_file, cohort="absent.csv")
+    # a relative data root (the README's `--data-root cells/`) is made absolute as the cohort's path:
+    # the jobs run inside the run folder, where "cells/" would not exist
+    rel = runner.load_config(cfg_file, cohort="mine.csv", data_root="cells/")
+    assert rel.data_root == str(src.resolve())
+    assert runner.preflight(rel)["n_cells"] == 16
+    assert runner.load_config(cfg_file).data_root is None        # unset stays unset ($CELLSTUDY_DATA_ROOT, ../shared/data)
 
 
 def test_unlabelled_cells_to_predict(tmp_path):
