@@ -6,6 +6,7 @@ names themselves::
     <run>/
       study.yaml          the study config the runner ran        Run.study_config
       scale.json          the resolved scale, written once       Run.scale_file / Run.scale()
+      cohort.json         the run's cohort (its cells' hash)     Run.cohort_file / Run.check_cohort()
       provenance.json     config, scale, versions, checksums     Run.provenance
       status.json         steps, timings, state                  Run.status
       logs/<step>.log     a step's progress output               Run.log(step)
@@ -160,6 +161,10 @@ class Run:
         return self.root / SCALE_FILE
 
     @property
+    def cohort_file(self) -> Path:
+        return self.root / "cohort.json"
+
+    @property
     def provenance(self) -> Path:
         return self.root / "provenance.json"
 
@@ -289,6 +294,29 @@ class Run:
                 f"with overrides {overrides or {}} resolves to now (differing: {diff or ['the name']}); "
                 "a run keeps one scale: start a new run folder, or pass the scale and overrides it was made with")
         return resolved
+
+    def check_cohort(self, cohort: str, cells_hash: str, n_cells: int) -> None:
+        """The run's cohort, by its cells' hash (``folds.cells_hash``: cell ids, labels, groups).
+        The first call writes ``cohort.json``; later calls refuse another cohort with a
+        RunFolderError naming both, so that one run never reads back folds trained on other cells
+        (a notebook run by hand with another ``cohort`` in the same run folder). The same cells
+        under another name or manifest path pass."""
+        rec = {"cohort": str(cohort), "cells_hash": str(cells_hash), "n_cells": int(n_cells)}
+        if not self.cohort_file.is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(self.cohort_file, rec, indent=1)
+            return
+        try:
+            stored = json.loads(self.cohort_file.read_text())
+            old_hash, old_name, old_n = stored["cells_hash"], stored.get("cohort"), stored.get("n_cells")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RunFolderError(f"{self.cohort_file}: cannot read the run's cohort record ({e})") from e
+        if old_hash != rec["cells_hash"]:
+            raise RunFolderError(
+                f"{self.root} was made for cohort {old_name!r} ({old_n} cells), not {str(cohort)!r} "
+                f"({int(n_cells)} cells; other cells, labels or groups: {self.cohort_file}); a run keeps one "
+                "cohort (its trained folds would be read back as this cohort's): start a new run folder, or "
+                "pass the cohort it was made with")
 
 
 def scale_record(name: str, overrides: dict[str, Any] | None, resolved: dict[str, Any]) -> dict[str, Any]:

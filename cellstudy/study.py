@@ -75,10 +75,13 @@ def run_scale(run_dir: str | os.PathLike, scale: str, overrides: dict[str, Any] 
 def prepare(cohort: str, scale: str, run_dir: str | os.PathLike, data_root: str | None = None,
             seed: int = 0, overrides: dict[str, Any] | None = None, progress: bool = True) -> Prepared:
     """Load, verify and preprocess ``cohort`` at ``scale``; make or reuse the run's folds. The
-    scale is the run's (``run_scale``: a run folder made at other scale values is refused)."""
+    scale is the run's (``run_scale``: a run folder made at other scale values is refused), and so
+    is the cohort (``rundir.Run.check_cohort``: a run folder made for other cells is refused)."""
     sc = run_scale(run_dir, scale, overrides)
     t0 = time.perf_counter()
     coh = data.load_cohort(cohort, root=data_root)
+    rundir.Run(run_dir).check_cohort(cohort, folds_mod.cells_hash(coh.cell_ids, coh.labels, coh.groups),
+                                     len(coh.cell_ids))
     t1 = time.perf_counter()
     images = preprocess.preprocess_batch(coh.images, list(coh.sha256), sc["image_size"], sc["preprocess"],
                                          progress=progress)

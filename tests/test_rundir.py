@@ -95,6 +95,32 @@ def test_prepare_uses_the_runs_scale(tmp_path, shared_data):
                       overrides={"image_size": 64}, progress=False)
 
 
+def test_a_run_keeps_one_cohort(tmp_path):
+    run = rundir.Run(tmp_path / "r")
+    run.check_cohort("bbbc021-paper", "a" * 64, 220)                 # the first cohort is written
+    assert json.loads(run.cohort_file.read_text()) == {"cohort": "bbbc021-paper", "cells_hash": "a" * 64,
+                                                        "n_cells": 220}
+    run.check_cohort("/data/same_cells.csv", "a" * 64, 220)          # the same cells under another name pass
+    with pytest.raises(rundir.RunFolderError, match=r"made for cohort 'bbbc021-paper' \(220 cells\), not "
+                                                    r"'rxrx1-cells' \(1440 cells.*a run keeps one cohort"):
+        run.check_cohort("rxrx1-cells", "b" * 64, 1440)
+    assert json.loads(run.cohort_file.read_text())["cohort"] == "bbbc021-paper"   # nothing overwritten
+    run.cohort_file.write_text("{}")
+    with pytest.raises(rundir.RunFolderError, match="cannot read the run's cohort record"):
+        run.check_cohort("bbbc021-paper", "a" * 64, 220)
+
+
+def test_prepare_refuses_another_cohort_in_the_run_folder(tmp_path, shared_data):
+    """The newcomer's case: notebooks run by hand with -p cohort rxrx1-cells in a bbbc021-paper run
+    folder read the bbbc021 folds back as RxRx1's."""
+    from cellstudy import study
+
+    study.prepare("bbbc021-paper", "ci", tmp_path, data_root=str(shared_data), progress=False)
+    with pytest.raises(rundir.RunFolderError, match="made for cohort 'bbbc021-paper'"):
+        study.prepare("rxrx1-cells", "ci", tmp_path, data_root=str(shared_data), progress=False)
+    assert not rundir.Run(tmp_path).folds_file("rxrx1-cells", create=False).exists()   # refused before any work
+
+
 def test_atomic_writes_are_whole_or_absent(tmp_path):
     p = tmp_path / "sub" / "x.json"
     atomic.write_json(p, {"a": np.int64(3), "b": np.float32(0.5), "c": np.arange(2), "d": tmp_path})
