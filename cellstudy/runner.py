@@ -585,6 +585,12 @@ def run_study(
     workflow.make_plan(cfg)  # a config whose steps select no network fails here, before any work
     runs_dir = Path(runs_dir) if runs_dir else config.REPO_ROOT / "runs"
     data_prov = preflight(cfg)  # fails before any long work
+    if build:
+        from cellstudy.report.book import BookError, check_mathjax
+        try:
+            check_mathjax()
+        except BookError as e:
+            raise StudyError(f"{e}; or pass --no-book to run the notebooks only") from None
     _check_writable(runs_dir)
 
     run_dir, status = open_run(cfg, runs_dir, new, echo)
@@ -633,5 +639,5 @@ def run_study(
                              + (f"; and {more} more" if more > 0 else ""))
     update_status(run_dir, state="complete", finished=provenance.now(), **fields)
     if build:
-        echo(f"\nThe book: {fields['book']}")
+        echo(f"\nThe book: {(run.root / fields['book']).resolve()}")   # the index is relative to the run folder
     return run_dir

@@ -448,6 +448,12 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
     make_plan(cfg)  # a config whose steps select no network fails here, before any work
     prof = check_profile(profile) if profile else None
     data_prov = runner.preflight(cfg)
+    if not targets or {"all", "book"} & set(targets):   # the book is built: MathJax before any work
+        from cellstudy.report.book import BookError, check_mathjax
+        try:
+            check_mathjax()
+        except BookError as e:
+            raise WorkflowError(f"{e}; or pass --target notebooks / training to leave the book out") from None
     if run_dir:
         rd = Path(run_dir).resolve()
         rd.mkdir(parents=True, exist_ok=True)

@@ -304,3 +304,20 @@ def test_a_run_made_before_a_scale_key_existed_is_still_resumable(tmp_path, monk
     old_run.mkdir(parents=True)
     (old_run / "status.json").write_text(json.dumps({"digest": before_flips, "state": "running"}))
     assert runner.find_resumable(runs, cfg) == old_run
+
+
+def test_missing_mathjax_stops_the_study_before_any_work(tmp_path, fake_notebooks, monkeypatch):
+    """`cellstudy run` after `make venv` alone (no `make assets`) used to train and run every
+    notebook, then fail in the book job; now it says so first and starts nothing."""
+    from cellstudy import workflow
+    from cellstudy.report import book
+
+    monkeypatch.setattr(book, "MATHJAX_DIR", tmp_path / "no_mathjax")
+    _nb(fake_notebooks / "00_ok.ipynb", "x = 1")
+    runs = tmp_path / "runs"
+    with pytest.raises(runner.StudyError, match=r"MathJax is missing .*make assets.*--no-book"):
+        runner.run_study(_config(tmp_path, ["00_ok"]), runs_dir=runs, log_output=False, echo=lambda s: None)
+    assert not runs.exists() or not any(runs.iterdir())               # no run folder begun
+    with pytest.raises(workflow.WorkflowError, match=r"MathJax is missing .*--target notebooks"):
+        workflow.run_workflow(_config(tmp_path, ["00_ok"]), runs_dir=str(runs), echo=lambda s: None)
+    assert not runs.exists() or not any(runs.iterdir())

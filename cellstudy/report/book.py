@@ -62,10 +62,17 @@ def notebook_title(nb_path: Path) -> str:
     return Path(nb_path).stem
 
 
+def check_mathjax() -> None:
+    """BookError when MathJax (the offline book's formulas) is not installed: the runner asks
+    before any work, not after the study's last notebook."""
+    if not (MATHJAX_DIR / "tex-chtml.js").is_file():
+        raise BookError(f"MathJax is missing at {MATHJAX_DIR} (the book needs it offline); run `make assets` "
+                        f"(npm install, in {config.REPO_ROOT}) first; `make study` does it")
+
+
 def _copy_mathjax(dest: Path) -> None:
     """Copy the parts of MathJax 3 the pages need (tex-chtml + its fonts) into the book."""
-    if not (MATHJAX_DIR / "tex-chtml.js").is_file():
-        raise BookError(f"MathJax is missing at {MATHJAX_DIR}; run `npm install` (make does) first")
+    check_mathjax()
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(MATHJAX_DIR / "tex-chtml.js", dest / "tex-chtml.js")
     for sub in ("output/chtml/fonts", "input/tex/extensions"):
