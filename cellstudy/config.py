@@ -194,6 +194,22 @@ SCALES: dict[str, dict[str, Any]] = {
 #: folder's ``scale.json`` without the key is read as having it (``rundir.read_scale_file``).
 ADDED_SCALE_KEYS: dict[str, Any] = {"whitening": "zca", "flips": False}
 
+# Scales for a look or for the tests: their networks are not trained to the plateau, and the
+# books of their runs say that their numbers are not conclusive (``not_conclusive_note``).
+LOOK_SCALES: dict[str, str] = {"ci": "the tests' scale", "quick": "a look in ~20 minutes"}
+
+
+def not_conclusive_note(scale_name: str, scale: dict[str, Any] | None = None) -> str:
+    """The sentence a run's book states for a scale of ``LOOK_SCALES`` ("" for the others):
+    which scale, its image size and epochs (``scale``: the run's resolved values; default the
+    named scale's), and that the numbers are not conclusive."""
+    if scale_name not in LOOK_SCALES:
+        return ""
+    sc = scale if scale is not None else get_scale(scale_name)
+    return (f"This run is the `{scale_name}` scale ({LOOK_SCALES[scale_name]}: S = {sc['image_size']}, "
+            f"{sc['epochs_short']} + {sc['epochs_long']} epochs): the networks are not trained to their plateau "
+            "and **its numbers are not conclusive**. Run the default scale for the study's findings.")
+
 
 def get_scale(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Return a deep copy of scale ``name`` with ``overrides`` applied (unknown keys rejected)."""

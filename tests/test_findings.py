@@ -138,6 +138,19 @@ def test_findings_page_states_missing_parts_and_quick_scale(tmp_path):
         (run / f).unlink()
     md = findings.findings_page(run)["markdown"]
     assert "not conclusive" in md and "No external test in this run" in md
+    from cellstudy import config
+    q = config.get_scale("quick")
+    assert f"`quick` scale (a look in ~20 minutes: S = {q['image_size']}, {q['epochs_short']} + {q['epochs_long']} epochs)" in md
+    # the tests' scale says so too (its book read like findings); the default scale does not
+    (run / "study.yaml").write_text("cohort: toy\nscale: ci\n")
+    assert "`ci` scale (the tests' scale" in findings.findings_page(run)["markdown"]
+    (run / "study.yaml").write_text("cohort: toy\nscale: cpu\n")
+    assert "not conclusive" not in findings.findings_page(run)["markdown"]
+    # the run's own values (scale.json, overrides included) are the ones stated
+    (run / "study.yaml").write_text("cohort: toy\nscale: ci\n")
+    from cellstudy import rundir
+    rundir.Run(run).scale("ci", {"epochs_long": 3})
+    assert "1 + 3 epochs" in findings.findings_page(run)["markdown"]
     assert "statistics step did not run" in md and "No faithfulness results" in md
     (run / "07_results" / "verdicts_long.csv").unlink()
     with pytest.raises(FileNotFoundError, match="verdicts_long.csv"):

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from cellstudy import networks, rundir
+from cellstudy import config, networks, rundir
 from cellstudy.report import stats
 from cellstudy.learning.metrics import DISPLAY_NAMES, NETWORK_FAMILY, NETWORK_ORDER
 
@@ -45,6 +45,15 @@ def fold_sizes(folds_csv: str | Path) -> tuple[float, float, int]:
 
 def _ordered(names: Sequence[str]) -> list[str]:
     return networks.ordered(names, NETWORK_ORDER)
+
+
+def _run_scale(run: Path, scale: str | None) -> dict | None:
+    """The run's resolved scale from ``scale.json`` (None without one, or for another scale)."""
+    f = rundir.Run(run).scale_file
+    if not f.is_file():
+        return None
+    rec = rundir.read_scale_file(f)
+    return rec["values"] if rec.get("name") == scale else None
 
 
 def best_baseline(tidy: pd.DataFrame, metric: str = "auc_macro", regime: str = "long") -> str | None:
@@ -249,9 +258,9 @@ def findings_page(run_dir: str | Path) -> dict:
                    f"{_link('cohort chapter', '00_cohort')} says what the folds and the unseen fields can and cannot "
                    "separate.\n```"]
             break
-    if scale == "quick":
-        md += ["", "```{warning}\nThis run is the `quick` scale (S = 32, 1 + 1 epochs): the networks are not trained to "
-               "their plateau and **its numbers are not conclusive**. Run the default scale for the study's findings.\n```"]
+    look = config.not_conclusive_note(scale, _run_scale(run, scale))
+    if look:
+        md += ["", f"```{{warning}}\n{look}\n```"]
     md.append("")
     # --- best of each family and the baseline
     nets = v[v["family"] != CLASSICAL]
