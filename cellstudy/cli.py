@@ -111,6 +111,15 @@ def _export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _test_package(a: argparse.Namespace) -> int:
+    from cellstudy.export import test_package
+
+    summary = test_package(a.package)
+    print(summary.format())
+    print(f"test-package: {a.package}: {summary.status}")
+    return 0 if summary.status == "passed" else 1
+
+
 def _weights(a: argparse.Namespace) -> int:
     from cellstudy.learning.models import weights as W
 
@@ -263,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--force", action="store_true", help="replace an existing package")
     ex.add_argument("--no-test", action="store_true", help="skip bioimageio's test of the package")
     ex.set_defaults(func=_export)
+    tp = sub.add_parser("test-package", help="bioimageio's test of a package cellstudy export wrote, with "
+                        "cellstudy's layers loaded (the ViT and RGB packages need them)")
+    tp.add_argument("package", help="the package, e.g. vit.zip")
+    tp.set_defaults(func=_test_package)
     wt = sub.add_parser("weights", help="fetch Keras's published ImageNet weights (online machines only) and "
                         "print the study config's weights block")
     wts = wt.add_subparsers(dest="weights_command", required=True)

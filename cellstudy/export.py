@@ -103,6 +103,20 @@ def _metrics(run: rundir.Run, network: str, fold: int, regime: str) -> dict[str,
             "folds": sorted(aucs)}
 
 
+def test_package(path: str | os.PathLike):
+    """bioimageio.core's ``test_model`` of a package (zip or rdf.yaml) with cellstudy's Keras layers
+    registered (the ViT's and the RGB family's packages need them; ``bioimageio test`` in a fresh
+    process cannot load those) and the TensorFlow Keras backend. Returns the validation summary
+    (``.status``: "passed" or "failed"; ``.format()``). FileNotFoundError for a missing path."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"package {p} does not exist; expected a .zip written by cellstudy export")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")   # bioimageio.core's default is torch
+    import cellstudy.learning.models  # noqa: F401  (registers the custom layers)
+    from bioimageio.core import test_model
+    return test_model(p)
+
+
 def export(run_dir: str | os.PathLike, network: str, out: str | os.PathLike, *, fold: int | None = None,
            regime: str = "long", license: str = "CC-BY-NC-SA-4.0", authors: tuple[str, ...] = ("cellstudy",),
            force: bool = False, test: bool = True, echo: Callable[[str], None] = print) -> Path:
@@ -194,8 +208,11 @@ def export(run_dir: str | os.PathLike, network: str, out: str | os.PathLike, *, 
             ("**Loading.** This network uses cellstudy's own Keras layers: `import cellstudy.learning.models` "
              "before loading the weights (Keras 3 stores no class code)." if custom else
              "**Loading.** Standard Keras 3 layers only."),
-            "With bioimageio.core set `KERAS_BACKEND=tensorflow` (its default is torch): "
-            "`KERAS_BACKEND=tensorflow bioimageio test <package>.zip`.", "",
+            ("With bioimageio.core set `KERAS_BACKEND=tensorflow` (its default is torch). Test this package "
+             "with `cellstudy test-package <package>.zip` (bioimageio's test with cellstudy's layers loaded; "
+             "`bioimageio test` alone cannot load them)." if custom else
+             "With bioimageio.core set `KERAS_BACKEND=tensorflow` (its default is torch): "
+             "`KERAS_BACKEND=tensorflow bioimageio test <package>.zip`."), "",
             "## Validation", "",
             "Grouped 5-fold cross-validation by source field (cells of one field never on both sides); the "
             "test fold of this model was never used to fit it, its whitening or its checkpoint. The metrics "
@@ -234,9 +251,7 @@ def export(run_dir: str | os.PathLike, network: str, out: str | os.PathLike, *, 
         tmp_zip = d / "package.zip"
         save_bioimageio_package(descr, output_path=tmp_zip)
         if test:
-            os.environ.setdefault("KERAS_BACKEND", "tensorflow")   # bioimageio.core's default is torch
-            from bioimageio.core import test_model
-            summary = test_model(tmp_zip)
+            summary = test_package(tmp_zip)
             if summary.status != "passed":
                 raise ExportError(f"the package of {network} fold {fold} failed bioimageio's test:\n"
                                   + summary.format())

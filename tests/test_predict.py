@@ -193,3 +193,28 @@ def test_export_a_bioimageio_package_that_bioimageio_tests(tiny_run, tmp_path):
         export.export(tiny_run, "mhl", tmp_path / "x.zip", fold=4, echo=lambda s: None)
     with pytest.raises(export.ExportError, match="no finished fold of 'vgg16'"):
         export.export(tiny_run, "vgg16", tmp_path / "x.zip", echo=lambda s: None)
+
+
+@pytest.mark.slow
+def test_a_vit_package_is_tested_with_cellstudys_layers(shared_data, tmp_path):
+    """The ViT (and the RGB family) use cellstudy's own Keras layers: `bioimageio test` in a fresh
+    process cannot load them (a newcomer found the README's check failing); `cellstudy
+    test-package`, a fresh process too, can, and says passed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cellstudy import cli, study
+    from cellstudy.learning import experiment
+
+    run = tmp_path / "run"
+    p = study.prepare("bbbc021-paper", "ci", run, data_root=str(shared_data),
+                      overrides={"networks": ["vit"], "folds_to_run": [0]}, progress=False)
+    experiment.run_networks(p, "ViT", "03_vit", echo=lambda s: None, progress=lambda e: None)
+    pkg = tmp_path / "vit.zip"
+    assert cli.main(["export", str(run), "--network", "vit", "-o", str(pkg), "--no-test"]) == 0
+    exe = Path(sys.executable).with_name("cellstudy")
+    r = subprocess.run([str(exe), "test-package", str(pkg)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and f"test-package: {pkg}: passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    r = subprocess.run([str(exe), "test-package", str(tmp_path / "absent.zip")], capture_output=True, text=True)
+    assert r.returncode != 0 and "absent.zip does not exist" in r.stderr
