@@ -245,8 +245,19 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
             "stain they were trained on. Map your channels to the run's order (cellstudy manifest "
             "--channels), or pass --ignore-stains to predict anyway (a stand-in stain, as this study's "
             "tubulin for vimentin)")
-    coh = data.load_cohort(str(cells), root=data_root if data_root is not None else st["data_root"],
-                           labelled=False)
+    from cellstudy.data import cohorts
+    if data_root is not None:
+        root, whence = data_root, "--data-root"
+    elif str(cells) in cohorts.COHORTS and st["cohort"] not in cohorts.COHORTS:
+        # a shipped cohort (bbbc021-unseen) for a run of your own cells: the shipped data's root
+        root, whence = str(config.data_root(None)), "the shipped cohorts' data root"
+    else:
+        root, whence = st["data_root"], "the run's data root"
+    try:
+        coh = data.load_cohort(str(cells), root=root, labelled=False)
+    except data.MissingFileError as e:
+        raise PredictError(f"{e}\nThe paths of {cells} are read relative to {root} ({whence}); pass "
+                           "--data-root FOLDER, the folder they are relative to") from None
     ref = data.load_cohort(st["cohort"], root=st["data_root"])
     if coh.images.shape[1:3] != ref.images.shape[1:3]:
         raise PredictError(f"the cells of {cells} are stored at {coh.images.shape[1]} x {coh.images.shape[2]} px, "

@@ -155,6 +155,11 @@ def test_unlabelled_cells_and_other_stains(tiny_run, shared_data, tmp_path):
     res = P.predict(tiny_run, str(tmp_path / "vim.csv"), network="mhl", mc_samples=0, data_root=shared_data,
                     gradcam=False, ignore_stains=True, echo=lambda s: None)
     assert res.info["stains"] == ["vimentin", "F-actin", "DNA"]
+    # cells whose paths do not exist under the root used: the error says which root and why, and the option
+    with pytest.raises(P.PredictError, match=r"(?s)file does not exist.*read relative to .*\(--data-root\); pass "
+                                             r"--data-root FOLDER"):
+        P.predict(tiny_run, str(tmp_path / "unlab.csv"), network="mhl", mc_samples=0, data_root=tmp_path,
+                  echo=lambda s: None)
 
 
 @pytest.mark.slow
