@@ -50,7 +50,7 @@ def _manifest(a: argparse.Namespace) -> int:
     except data.DataError as e:
         if len(e.problems) <= 1:
             raise
-        listed = "\n".join(f"  - {p}" for p in e.problems)
+        listed = "\n".join(f"  - {p}" for p in data.group_problems(e.problems))
         print(f"cellstudy: error: {len(e.problems)} problem(s) in {a.folder}; nothing written:\n{listed}",
               file=sys.stderr)
         return 2

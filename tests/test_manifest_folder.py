@@ -224,6 +224,8 @@ def test_argument_errors(tmp_path):
     with pytest.raises(data.DataError, match="the same file token"):
         mf.parse_channel_map("third=w1,actin=w1,dna=w2", per_file=True)
     assert mf.parse_channel_map("b=0,g=1,r=2").values == ("2", "1", "0")
+    with pytest.raises(data.DataError, match=r"two stains read the same stored channel \(R, G, B = 1, 1, 0\)"):
+        mf.parse_channel_map("third=1,actin=1,dna=0")          # F-actin twice, the third stain dropped
     with pytest.raises(data.DataError, match="named group"):
         mf.build_manifest(src, channels="2,1,0", **{**kw, "group_pattern": "[A-Z]"})
     with pytest.raises(data.DataError, match="exactly one of --group-pattern"):
@@ -349,3 +351,34 @@ def test_stains_column_rules(tmp_path):
     # the shipped cohorts name their stains
     assert data.stains_of(data.load_manifest("bbbc021-paper")) == ("tubulin", "F-actin", "DNA")
     assert data.stains_of(data.load_manifest("rxrx1-cells")) == ("concanavalin A", "F-actin", "DNA")
+
+
+def test_a_wrong_channel_token_is_named_once_and_repeated_problems_are_grouped(tmp_path, capsys):
+    """A newcomer's `--channels third=w4,...` on w1/w2/w3 files gave 121 lines without the cause."""
+    from cellstudy import cli
+
+    src = tmp_path / "grey"
+    for ci, cls in enumerate(("ctrl", "drug")):
+        (src / cls).mkdir(parents=True)
+        for well in _wells(5, "AB"[ci]):
+            for w in ("w1", "w2", "w3"):
+                tifffile.imwrite(src / cls / f"{well}_{w}.tif", _pixels(ci, 1)[:, :, 0])
+    with pytest.raises(data.DataError) as e:
+        mf.build_manifest(src, normal="ctrl", abnormal="drug", channels="third=w4,actin=w2,dna=w1",
+                          channel_pattern="_{channel}.tif", group_pattern=GROUP_RX, n_splits=2)
+    assert any("no file name carries the channel token(s) ['w4']" in p and "['w1', 'w2', 'w3']" in p
+               for p in e.value.problems)
+    n_missing = sum("missing channel file" in p for p in e.value.problems)
+    assert n_missing == 10
+    grouped = data.group_problems(e.value.problems)
+    assert sum("missing channel file" in p for p in grouped) == 4          # 3 examples + one summary line
+    assert any(p.startswith("... and 7 more file(s) with the same problem: missing channel file for") for p in grouped)
+    out = tmp_path / "m.csv"
+    assert cli.main(["manifest", str(src), "-o", str(out), "--normal", "ctrl", "--abnormal", "drug",
+                     "--channels", "third=w4,actin=w2,dna=w1", "--channel-pattern", "_{channel}.tif",
+                     "--group-pattern", GROUP_RX]) == 2
+    err = capsys.readouterr().err
+    assert "no file name carries the channel token(s) ['w4']" in err and "... and 7 more" in err
+    assert len(err.splitlines()) < 15 and not out.exists()
+    # problems of one file each, all different, are all listed
+    assert data.group_problems(["a.tif: x", "b.tif: y"]) == ["a.tif: x", "b.tif: y"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,27 @@ class DataError(ValueError):
 
 class MissingFileError(DataError, FileNotFoundError):
     """Every problem found is a missing file (both a ``DataError`` and a ``FileNotFoundError``)."""
+
+
+def group_problems(problems: list[str], examples: int = 3) -> list[str]:
+    """``problems`` ("<file>: <what is wrong>") for a reader: the problems that differ only in their
+    file keep their first ``examples`` lines, then one line "... and N more: <what is wrong>"; the
+    order is that of first appearance. A wrong option gives one problem per file; its cause then
+    reads once instead of 60 times."""
+    def kind(p: str) -> str:
+        head, sep, rest = p.partition(": ")
+        if not (sep and ("/" in head or "." in head or ";" in head)):
+            return p
+        return re.sub(r"[^\s,;()]+\.(?:ome\.tiff?|tiff?|npy|png)\b", "<file>", rest, flags=re.I)
+    order: dict[str, list[str]] = {}
+    for p in problems:
+        order.setdefault(kind(p), []).append(p)
+    out = []
+    for k, ps in order.items():
+        out += ps[:examples]
+        if len(ps) > examples:
+            out.append(f"... and {len(ps) - examples} more file(s) with the same problem: {k}")
+    return out
 
 
 def _raise_problems(problems: list[str], what: str, missing_only: bool = False) -> None:

@@ -112,6 +112,9 @@ def parse_channel_map(spec: str, per_file: bool = False) -> ChannelMap:
             raise DataError(f"--channels {spec!r}: values {list(values)}; expected stored channel "
                             f"indices (0, 1, 2, ...), e.g. {form}; for one file per channel give "
                             f"--channel-pattern")
+        if len({int(v) for v in values}) != 3:
+            raise DataError(f"--channels {spec!r}: two stains read the same stored channel (R, G, B = "
+                            f"{', '.join(values)}); expected three different channel indices, e.g. {form}")
     return ChannelMap(values=values, per_file=per_file, spec=str(spec))  # type: ignore[arg-type]
 
 
@@ -201,6 +204,11 @@ def _find_cells(rels: list[str], cmap: ChannelMap, channel_pattern: str | None,
         by_key.setdefault(key, {})[token] = rel
     for token, n in sorted(ignored.items()):
         notes.append(f"{n} file(s) of channel {token!r} ignored: not in --channels {cmap.spec!r}")
+    seen = set(ignored) | {t for found in by_key.values() for t in found}
+    absent = [t for t in cmap.values if t not in seen]
+    if absent and seen:   # the cause of every "missing channel file" below, said once
+        problems.append(f"no file name carries the channel token(s) {absent} of --channels {cmap.spec!r}; "
+                        f"the tokens found in the file names: {sorted(seen)}")
     cells = []
     for key, found in by_key.items():
         missing = [k for k in range(3) if cmap.values[k] not in found]
