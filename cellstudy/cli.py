@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("config", help="study config YAML, e.g. configs/default.yaml")
     r.add_argument("--runs-dir", default=None, help="where run folders go (default: <repo>/runs)")
     r.add_argument("--new", action="store_true", help="start a new run even if an incomplete one could be resumed")
-    r.add_argument("--scale", default=None, help="override the config's scale (ci | cpu | paper)")
+    r.add_argument("--scale", default=None, help="override the config's scale (ci | quick | cpu | paper)")
     r.add_argument("--cohort", default=None, help="override the config's cohort")
     r.add_argument("--data-root", default=None, help="the data root (default: $CELLSTUDY_DATA_ROOT or ../shared/data)")
     r.add_argument("--no-book", action="store_true", help="run the notebooks only")
@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="how many jobs (training jobs, notebooks) run at once (overrides the config's workers; 1 = one after another)")
     r.set_defaults(func=_run)
     v = sub.add_parser("verify", help="check a cohort's files and checksums")
-    v.add_argument("cohort")
+    v.add_argument("cohort", help="a cohort name (data_manifest/, e.g. bbbc021-paper) or a manifest CSV "
+                   "(cellstudy manifest)")
     v.add_argument("--data-root", default=None)
     v.set_defaults(func=_verify)
     m = sub.add_parser("manifest", help="build a cohort manifest from a folder of your own cell images",
