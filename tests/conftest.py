@@ -16,6 +16,16 @@ def pytest_configure(config):
     if "CELLSTUDY_CACHE" not in os.environ:
         import tempfile
         os.environ["CELLSTUDY_CACHE"] = tempfile.mkdtemp(prefix="cellstudy-cache-")
+        config._cellstudy_made_cache = os.environ["CELLSTUDY_CACHE"]
+
+
+def pytest_unconfigure(config):
+    # the session's cache folder goes with the session (each run left up to 13 MB in /tmp)
+    made = getattr(config, "_cellstudy_made_cache", None)
+    if made and os.environ.get("CELLSTUDY_CACHE") == made:
+        import shutil
+        shutil.rmtree(made, ignore_errors=True)
+        del os.environ["CELLSTUDY_CACHE"]
 
 
 @pytest.fixture(scope="session")
