@@ -325,6 +325,20 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
     # prediction is not a test of anything (same pixels: the same content checksum)
     tab["in_run_cohort"] = np.isin(np.asarray(coh.sha256, dtype=str), np.asarray(ref.sha256, dtype=str))
     tab = pd.concat([tab, qc], axis=1)
+    n_own, said = int(tab["in_run_cohort"].sum()), []
+    if n_own:
+        said.append({"network": network, "fold": None, "status": "in run cohort",
+                     "detail": f"{n_own} of {len(tab)} cells are the run's own cells (same pixels; column "
+                               "in_run_cohort): each was in the training folds of all fold models but one, "
+                               "so their calls test nothing"})
+    if not (new_stains and ref_stains):
+        said.append({"network": network, "fold": None, "status": "stains not compared",
+                     "detail": f"{'the run cohort ' + repr(st['cohort']) if not ref_stains else str(cells)} "
+                               "names no stains (manifest column stains; cellstudy manifest --stains), so "
+                               "whether the cells are stained as the models learned was not checked"})
+    for n in said:
+        echo(f"predict: note: {n['detail']}")
+    notes += said
     if classical:
         mod = external._baseline_module(notes)
         cache: dict = {}

@@ -97,6 +97,9 @@ def test_predict_reproduces_the_runs_test_fold_probabilities(tiny_run, shared_da
     assert pd.read_parquet(tmp_path / "out" / "predictions.parquet").shape == written.shape
     info = json.loads((tmp_path / "out" / "prediction.json").read_text())
     assert info["folds"] == [0, 1] and info["network"] == "mhl" and info["image_size"] == 32
+    # the run's own cells are said to test nothing (the prediction's notes, and the terminal)
+    assert any(n["status"] == "in run cohort" and "220 of 220 cells" in n["detail"] for n in info["notes"])
+    assert not any(n["status"] == "stains not compared" for n in info["notes"])   # both name their stains
     assert (tmp_path / "out" / "gallery_uncertain.png").stat().st_size > 5000
     assert (tmp_path / "out" / "gallery_uncertain_gradcam.png").stat().st_size > 5000
     assert set(res.gradcam) == set(np.concatenate(list(res.gallery.values())).tolist())
@@ -156,6 +159,12 @@ def test_unlabelled_cells_and_other_stains(tiny_run, shared_data, tmp_path):
                     gradcam=False, ignore_stains=True, echo=lambda s: None)
     assert res.info["stains"] == ["vimentin", "F-actin", "DNA"]
     # cells whose paths do not exist under the root used: the error says which root and why, and the option
+    m.drop(columns=["stains"]).to_csv(tmp_path / "nostain.csv", index=False)
+    said = []
+    res = P.predict(tiny_run, str(tmp_path / "nostain.csv"), network="mhl", mc_samples=0, data_root=shared_data,
+                    gradcam=False, echo=said.append)
+    assert any(n["status"] == "stains not compared" for n in res.info["notes"])
+    assert any("names no stains" in s and "not checked" in s for s in said)
     with pytest.raises(P.PredictError, match=r"(?s)file does not exist.*read relative to .*\(--data-root\); pass "
                                              r"--data-root FOLDER"):
         P.predict(tiny_run, str(tmp_path / "unlab.csv"), network="mhl", mc_samples=0, data_root=tmp_path,
