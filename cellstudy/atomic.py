@@ -85,6 +85,24 @@ def write_json(path: str | os.PathLike, obj: Any, default: Callable[[Any], Any] 
     return write_text(path, json.dumps(obj, indent=indent, default=default))
 
 
+def create_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> bool:
+    """Write ``obj`` as JSON to ``path`` only if no file of that name exists: whole (a temporary
+    file, hard-linked to the name, which fails when the name exists, so of two processes creating
+    it at once exactly one succeeds). True when this call created it, False when it existed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(obj)}.tmp")
+    write_text(tmp, json.dumps(obj, indent=indent, default=json_default))
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise OutputError(f"could not write {path}: {e.strerror or e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_npy(path: str | os.PathLike, arr: np.ndarray) -> Path:
     """``np.save`` to ``path`` atomically (no pickles)."""
     return write(path, lambda f: np.save(f, np.asarray(arr), allow_pickle=False))

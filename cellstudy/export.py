@@ -111,7 +111,7 @@ def test_package(path: str | os.PathLike):
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"package {p} does not exist; expected a .zip written by cellstudy export")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")   # bioimageio.core's default is torch
+    os.environ["KERAS_BACKEND"] = "tensorflow"   # the packages are TensorFlow Keras; bioimageio.core's default is torch
     import cellstudy.learning.models  # noqa: F401  (registers the custom layers)
     from bioimageio.core import test_model
     return test_model(p)

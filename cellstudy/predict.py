@@ -252,7 +252,7 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
         # a shipped cohort (bbbc021-unseen) for a run of your own cells: the shipped data's root
         root, whence = str(config.data_root(None)), "the shipped cohorts' data root"
     else:
-        root, whence = st["data_root"], "the run's data root"
+        root, whence = str(config.data_root(st["data_root"])), "the run's data root"
     try:
         coh = data.load_cohort(str(cells), root=root, labelled=False)
     except data.MissingFileError as e:
@@ -329,8 +329,8 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
     if n_own:
         said.append({"network": network, "fold": None, "status": "in run cohort",
                      "detail": f"{n_own} of {len(tab)} cells are the run's own cells (same pixels; column "
-                               "in_run_cohort): each was in the training folds of all fold models but one, "
-                               "so their calls test nothing"})
+                               "in_run_cohort): each is a training cell of every fold model but the one whose "
+                               "test fold held it, so their calls test nothing"})
     if not (new_stains and ref_stains):
         said.append({"network": network, "fold": None, "status": "stains not compared",
                      "detail": f"{'the run cohort ' + repr(st['cohort']) if not ref_stains else str(cells)} "

@@ -297,26 +297,45 @@ class Run:
 
     def check_cohort(self, cohort: str, cells_hash: str, n_cells: int) -> None:
         """The run's cohort, by its cells' hash (``folds.cells_hash``: cell ids, labels, groups).
-        The first call writes ``cohort.json``; later calls refuse another cohort with a
-        RunFolderError naming both, so that one run never reads back folds trained on other cells
-        (a notebook run by hand with another ``cohort`` in the same run folder). The same cells
-        under another name or manifest path pass."""
+        The first call writes ``cohort.json`` (created exclusively: of two processes starting at
+        once, the second reads the first's record and is checked against it); later calls refuse
+        another cohort with a RunFolderError naming both, so that one run never reads back folds
+        trained on other cells (a notebook run by hand with another ``cohort`` in the same run
+        folder). A run folder made before ``cohort.json`` existed is checked against the hashes in
+        the headers of its folds files. The same cells under another name or manifest path pass."""
         rec = {"cohort": str(cohort), "cells_hash": str(cells_hash), "n_cells": int(n_cells)}
         if not self.cohort_file.is_file():
+            for f in sorted((self.root / "folds").glob("*.csv")) if (self.root / "folds").is_dir() else []:
+                old = _folds_header(f)
+                if old.get("cells_sha256") not in (None, rec["cells_hash"]):
+                    self._refuse(f"the cells of {f.name}", old.get("n_cells"), cohort, n_cells, f)
             self.root.mkdir(parents=True, exist_ok=True)
-            atomic.write_json(self.cohort_file, rec, indent=1)
-            return
+            if atomic.create_json(self.cohort_file, rec):
+                return
         try:
             stored = json.loads(self.cohort_file.read_text())
             old_hash, old_name, old_n = stored["cells_hash"], stored.get("cohort"), stored.get("n_cells")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise RunFolderError(f"{self.cohort_file}: cannot read the run's cohort record ({e})") from e
         if old_hash != rec["cells_hash"]:
-            raise RunFolderError(
-                f"{self.root} was made for cohort {old_name!r} ({old_n} cells), not {str(cohort)!r} "
-                f"({int(n_cells)} cells; other cells, labels or groups: {self.cohort_file}); a run keeps one "
-                "cohort (its trained folds would be read back as this cohort's): start a new run folder, or "
-                "pass the cohort it was made with")
+            self._refuse(f"cohort {old_name!r}", old_n, cohort, n_cells, self.cohort_file)
+
+    def _refuse(self, made_for: str, old_n: Any, cohort: str, n_cells: int, where: Path) -> None:
+        raise RunFolderError(
+            f"{self.root} was made for {made_for} ({old_n} cells), not {str(cohort)!r} ({int(n_cells)} cells; "
+            f"other cells, labels or groups: {where}); a run keeps one cohort (its trained folds would be read "
+            "back as this cohort's): start a new run folder, or pass the cohort it was made with")
+
+
+def _folds_header(path: Path) -> dict[str, Any]:
+    """The JSON header (second line, ``# {...}``) of a folds file; {} when it has none."""
+    try:
+        with open(path) as fh:
+            fh.readline()
+            line = fh.readline()
+        return json.loads(line[1:]) if line.startswith("#") else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def scale_record(name: str, overrides: dict[str, Any] | None, resolved: dict[str, Any]) -> dict[str, Any]:

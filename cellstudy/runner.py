@@ -192,7 +192,8 @@ def config_from_dict(raw: dict[str, Any], path: str | os.PathLike = "<config>") 
     if cfg.data_root is not None and str(cfg.data_root).strip():
         # as the cohort's path: relative to the caller's folder, made absolute (the jobs run in the run folder)
         root = Path(str(cfg.data_root)).expanduser()
-        cfg.data_root = str((root if root.is_absolute() else Path.cwd() / root).resolve())
+        if not root.is_absolute():   # an absolute one is kept as written (the config's digest finds its run)
+            cfg.data_root = str((Path.cwd() / root).resolve())
     steps = available_steps()
     bad = [s for s in cfg.steps if s not in steps]
     if bad:

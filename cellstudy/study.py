@@ -79,9 +79,18 @@ def prepare(cohort: str, scale: str, run_dir: str | os.PathLike, data_root: str 
     is the cohort (``rundir.Run.check_cohort``: a run folder made for other cells is refused)."""
     sc = run_scale(run_dir, scale, overrides)
     t0 = time.perf_counter()
+    run = rundir.Run(run_dir)
+    try:   # the cohort's identity from its manifest, before its images are read
+        tab = data.load_manifest(cohort)
+        ident = (folds_mod.cells_hash(tab["cell_id"].astype(str), tab["label"].astype(int), tab["group"].astype(str)),
+                 len(tab))
+    except (ValueError, KeyError, TypeError):   # a manifest load_cohort refuses with its own message
+        ident = None
+    if ident is not None:
+        run.check_cohort(cohort, *ident)
     coh = data.load_cohort(cohort, root=data_root)
-    rundir.Run(run_dir).check_cohort(cohort, folds_mod.cells_hash(coh.cell_ids, coh.labels, coh.groups),
-                                     len(coh.cell_ids))
+    if ident is None:
+        run.check_cohort(cohort, folds_mod.cells_hash(coh.cell_ids, coh.labels, coh.groups), len(coh.cell_ids))
     t1 = time.perf_counter()
     images = preprocess.preprocess_batch(coh.images, list(coh.sha256), sc["image_size"], sc["preprocess"],
                                          progress=progress)

@@ -448,7 +448,9 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
     make_plan(cfg)  # a config whose steps select no network fails here, before any work
     prof = check_profile(profile) if profile else None
     data_prov = runner.preflight(cfg)
-    if not targets or {"all", "book"} & set(targets):   # the book is built: MathJax before any work
+    looking = {"-n", "--dry-run", "--dryrun", "--list", "-l", "--touch", "-t", "--list-rules",
+               "--summary", "-S", "--detailed-summary", "-D", "--dag", "--rulegraph"} & set(extra)
+    if not looking and (not targets or {"all", "book"} & set(targets)):   # the book is built: MathJax first
         from cellstudy.report.book import BookError, check_mathjax
         try:
             check_mathjax()

@@ -110,6 +110,26 @@ def test_a_run_keeps_one_cohort(tmp_path):
         run.check_cohort("bbbc021-paper", "a" * 64, 220)
 
 
+def test_a_run_made_before_cohort_json_is_checked_against_its_folds(tmp_path):
+    from cellstudy.learning import folds
+
+    run = rundir.Run(tmp_path / "old")
+    ids, y, g = [f"c{i}" for i in range(10)], [0, 1] * 5, [f"g{i}" for i in range(10)]
+    folds.save_folds(run.folds_file("bbbc021-paper"), ids, y, g, [0, 1] * 5, {"n_splits": 2, "seed": 0})
+    with pytest.raises(rundir.RunFolderError, match=r"made for the cells of bbbc021-paper.csv \(10 cells\)"):
+        run.check_cohort("rxrx1-cells", "b" * 64, 1440)
+    assert not run.cohort_file.exists()
+    run.check_cohort("bbbc021-paper", folds.cells_hash(ids, y, g), 10)      # its own cells: recorded
+    assert json.loads(run.cohort_file.read_text())["n_cells"] == 10
+
+
+def test_create_json_creates_once(tmp_path):
+    p = tmp_path / "c.json"
+    assert atomic.create_json(p, {"a": 1}) is True
+    assert atomic.create_json(p, {"a": 2}) is False          # the first one stays; no temporary left
+    assert json.loads(p.read_text()) == {"a": 1} and sorted(q.name for q in tmp_path.iterdir()) == ["c.json"]
+
+
 def test_prepare_refuses_another_cohort_in_the_run_folder(tmp_path, shared_data):
     """The newcomer's case: notebooks run by hand with -p cohort rxrx1-cells in a bbbc021-paper run
     folder read the bbbc021 folds back as RxRx1's."""

@@ -321,3 +321,10 @@ def test_missing_mathjax_stops_the_study_before_any_work(tmp_path, fake_notebook
     with pytest.raises(workflow.WorkflowError, match=r"MathJax is missing .*--target notebooks"):
         workflow.run_workflow(_config(tmp_path, ["00_ok"]), runs_dir=str(runs), echo=lambda s: None)
     assert not runs.exists() or not any(runs.iterdir())
+    # a dry run (or the training alone) builds no book and needs no MathJax
+    calls = []
+    monkeypatch.setattr(workflow, "snakemake", lambda *a, **k: calls.append(k.get("extra")))
+    workflow.run_workflow(_config(tmp_path, ["00_ok"]), runs_dir=str(runs), extra=["-n"], echo=lambda s: None)
+    workflow.run_workflow(_config(tmp_path, ["00_ok"]), runs_dir=str(runs), targets=["training"],
+                          echo=lambda s: None)
+    assert len(calls) == 2

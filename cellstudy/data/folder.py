@@ -113,7 +113,7 @@ def parse_channel_map(spec: str, per_file: bool = False) -> ChannelMap:
                             f"indices (0, 1, 2, ...), e.g. {form}; for one file per channel give "
                             f"--channel-pattern")
         if len({int(v) for v in values}) != 3:
-            raise DataError(f"--channels {spec!r}: two stains read the same stored channel (R, G, B = "
+            raise DataError(f"--channels {spec!r}: stains read the same stored channel (R, G, B = "
                             f"{', '.join(values)}); expected three different channel indices, e.g. {form}")
     return ChannelMap(values=values, per_file=per_file, spec=str(spec))  # type: ignore[arg-type]
 

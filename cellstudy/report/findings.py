@@ -52,7 +52,10 @@ def _run_scale(run: Path, scale: str | None) -> dict | None:
     f = rundir.Run(run).scale_file
     if not f.is_file():
         return None
-    rec = rundir.read_scale_file(f)
+    try:
+        rec = rundir.read_scale_file(f)
+    except rundir.RunFolderError:   # an unreadable scale.json: the named scale's values
+        return None
     return rec["values"] if rec.get("name") == scale else None
 
 
@@ -298,10 +301,12 @@ def findings_page(run_dir: str | Path) -> dict:
         if len(inside):
             who = (f"all {len(fam)} families' best networks" if len(inside) == len(fam)
                    else f"{int(len(inside))} of {len(fam)} families' best networks")
-            txt += (f" The target compares point estimates: the 95% CIs of {who} contain "
-                    f"{T:.2f} ({', '.join(inside['family'])}), so the folds "
-                    f"cannot tell {'that AUC' if len(inside) == 1 else 'those AUCs'} from {T:.2f} in either "
-                    "direction: a family above the line is not shown to be better than one below it.")
+            one = len(inside) == 1
+            txt += (f" The target compares point estimates: the 95% CIs of {who} contain {T:.2f} "
+                    f"({', '.join(inside['family'])}), so the folds cannot tell whether "
+                    f"{'that network is' if one else 'those networks are'} above or below {T:.2f} "
+                    f"(how families compare with each other is the {_link('statistics', '09_statistics')} "
+                    "chapter's paired tests).")
         md += [txt, ""]
     c = summary_counts(v)
     num.update(n_networks=(c["networks"], "verdicts_long.csv"), above_chance=(c["above_chance"], "verdicts_long.csv"),
