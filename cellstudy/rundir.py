@@ -18,7 +18,8 @@ names themselves::
           done.json | failed.json, zca.json, test_cells.csv,
           model_<regime>.keras, proba_<regime>.npy, model.joblib (classical), ...
 
-No TensorFlow, no pandas: paths, JSON and the folder's state only.
+No TensorFlow, no pandas at import: paths, JSON and the folder's state only (``Run.check_cohort``
+reads old folds files' headers with ``cellstudy.learning.folds.read_header``, imported when called).
 """
 from __future__ import annotations
 
@@ -305,8 +306,13 @@ class Run:
         the headers of its folds files. The same cells under another name or manifest path pass."""
         rec = {"cohort": str(cohort), "cells_hash": str(cells_hash), "n_cells": int(n_cells)}
         if not self.cohort_file.is_file():
+            from cellstudy.learning.folds import FoldsError, read_header
+
             for f in sorted((self.root / "folds").glob("*.csv")) if (self.root / "folds").is_dir() else []:
-                old = _folds_header(f)
+                try:
+                    old = read_header(f)
+                except (OSError, FoldsError):   # not a folds file: it records no cohort
+                    continue
                 if old.get("cells_sha256") not in (None, rec["cells_hash"]):
                     self._refuse(f"the cells of {f.name}", old.get("n_cells"), cohort, n_cells, f)
             self.root.mkdir(parents=True, exist_ok=True)
@@ -325,17 +331,6 @@ class Run:
             f"{self.root} was made for {made_for} ({old_n} cells), not {str(cohort)!r} ({int(n_cells)} cells; "
             f"other cells, labels or groups: {where}); a run keeps one cohort (its trained folds would be read "
             "back as this cohort's): start a new run folder, or pass the cohort it was made with")
-
-
-def _folds_header(path: Path) -> dict[str, Any]:
-    """The JSON header (second line, ``# {...}``) of a folds file; {} when it has none."""
-    try:
-        with open(path) as fh:
-            fh.readline()
-            line = fh.readline()
-        return json.loads(line[1:]) if line.startswith("#") else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def scale_record(name: str, overrides: dict[str, Any] | None, resolved: dict[str, Any]) -> dict[str, Any]:

@@ -161,21 +161,33 @@ def save_folds(path: str | os.PathLike, cell_ids: Sequence[str], labels: Sequenc
     return atomic.write_text(path, buf.getvalue())
 
 
+def _read_header(fh, path: Path) -> dict[str, Any]:
+    """The metadata of an open folds file (its first two lines), leaving ``fh`` at the table."""
+    first = fh.readline().rstrip("\r\n")
+    second = fh.readline().rstrip("\r\n")
+    if first != FOLDS_MAGIC or not second.startswith("# "):
+        raise FoldsError(f"folds file {path}: expected the header line {FOLDS_MAGIC!r} and a "
+                         "metadata line; not a cellstudy folds file")
+    try:
+        return json.loads(second[2:])
+    except json.JSONDecodeError as e:
+        raise FoldsError(f"folds file {path}: unreadable metadata line ({e})") from None
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """A folds file's metadata (``cells_sha256``, ``n_cells``, ``n_splits``, ``seed``) without
+    reading its table; FoldsError when it is not a folds file."""
+    with open(path, newline="") as fh:
+        return _read_header(fh, Path(path))
+
+
 def read_folds(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Read a folds file: (table with cell_id, group, label, fold; header metadata)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"folds file {path} does not exist")
     with open(path, newline="") as fh:
-        first = fh.readline().rstrip("\r\n")
-        second = fh.readline().rstrip("\r\n")
-        if first != FOLDS_MAGIC or not second.startswith("# "):
-            raise FoldsError(f"folds file {path}: expected the header line {FOLDS_MAGIC!r} and a "
-                             "metadata line; not a cellstudy folds file")
-        try:
-            meta = json.loads(second[2:])
-        except json.JSONDecodeError as e:
-            raise FoldsError(f"folds file {path}: unreadable metadata line ({e})") from None
+        meta = _read_header(fh, path)
         table = pd.read_csv(fh, dtype={"cell_id": str, "group": str})
     need = ["cell_id", "group", "label", "fold"]
     if list(table.columns) != need:
