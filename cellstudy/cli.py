@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import re
 import sys
@@ -188,6 +189,9 @@ def is_noise(message: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # TensorFlow's C++ INFO / WARNING lines (CPU features, ...) are noise in a command's output;
+    # errors still print. An exported value is kept (TF_CPP_MIN_LOG_LEVEL=0 shows everything).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     p = argparse.ArgumentParser(prog="cellstudy", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a study config: notebooks with papermill, then the book")
@@ -263,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     pt.set_defaults(func=_pretrain)
     ex = sub.add_parser("export", help="a bioimage.io model package (zip) of one fold's model of a finished run")
     ex.add_argument("run_dir")
-    ex.add_argument("--network", required=True, help="a trained network of the run, e.g. mhl")
+    ex.add_argument("--network", required=True, help="a trained network of the run: its id or the paper's "
+                    "name, e.g. mhl_res or MHL-Res")
     ex.add_argument("-o", "--output", required=True, help="the package to write, e.g. mhl.zip")
     ex.add_argument("--fold", type=int, default=None, help="which fold's model (default: the lowest finished fold)")
     ex.add_argument("--regime", default="long", choices=("short", "long"))
@@ -296,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("run_dir", help="a finished run folder (runs/<name>-<date>-<time>)")
     q.add_argument("cells", help="a cohort name (data_manifest/) or a manifest CSV of the new cells")
     q.add_argument("-o", "--out", required=True, help="output folder (predictions.csv / .parquet, galleries)")
-    q.add_argument("--network", default=None, help="which network (default: the run's best by long-regime AUC)")
+    q.add_argument("--network", default=None, help="which network: its id or the paper's name, e.g. mhl_res or "
+                   "MHL-Res (default: the run's best by long-regime AUC)")
     q.add_argument("--regime", default="long", choices=("short", "long"))
     q.add_argument("--mc-samples", type=int, default=20, help="Monte Carlo dropout passes per fold model (0: none)")
     q.add_argument("--classical", action="store_true", help="add the classical baseline's probabilities")

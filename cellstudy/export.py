@@ -113,8 +113,24 @@ def test_package(path: str | os.PathLike):
         raise FileNotFoundError(f"package {p} does not exist; expected a .zip written by cellstudy export")
     os.environ["KERAS_BACKEND"] = "tensorflow"   # the packages are TensorFlow Keras; bioimageio.core's default is torch
     import cellstudy.learning.models  # noqa: F401  (registers the custom layers)
+    import logging
+
+    import keras
     from bioimageio.core import test_model
-    return test_model(p)
+
+    # bioimageio's predict() calls draw Keras progress bars; without interactive logging Keras
+    # sends them to absl's logger at INFO instead, which is held at WARNING for the test.
+    interactive = keras.utils.is_interactive_logging_enabled()
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    keras.utils.disable_interactive_logging()
+    absl_log.setLevel(logging.WARNING)
+    try:
+        return test_model(p)
+    finally:
+        absl_log.setLevel(level)
+        if interactive:
+            keras.utils.enable_interactive_logging()
 
 
 def export(run_dir: str | os.PathLike, network: str, out: str | os.PathLike, *, fold: int | None = None,
@@ -137,7 +153,7 @@ def export(run_dir: str | os.PathLike, network: str, out: str | os.PathLike, *, 
     from cellstudy.learning.models import load as load_model
     from cellstudy.predict import run_settings
 
-    networks.check_network(network)
+    network = networks.resolve(network)   # an id or the paper's name: "MHL-Res" is mhl_res
     out = Path(out)
     if out.suffix != ".zip":
         raise ExportError(f"{out}: expected a .zip file name for the package")
@@ -146,7 +162,9 @@ def export(run_dir: str | os.PathLike, network: str, out: str | os.PathLike, *, 
     run = rundir.Run(run_dir)
     folds = [fd.fold for fd in run.usable_folds(network, regime)[0]]
     if not folds:
-        raise ExportError(f"{run.root} has no finished fold of {network!r} with model_{regime}.keras")
+        trained = [n for n in networks.NETWORK_NAMES if run.usable_folds(n, regime)[0]]
+        raise ExportError(f"{run.root} has no finished fold of {network!r} with model_{regime}.keras; "
+                          + (f"networks with one: {trained}" if trained else "it has none: run the study first"))
     fold = folds[0] if fold is None else int(fold)
     if fold not in folds:
         raise ExportError(f"{network} fold {fold} is not a finished fold of {run.root}; finished: {folds}")

@@ -222,7 +222,7 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
         raise PredictError(f"{run.root} has no network with a trained model_{regime}.keras; run the study first")
     if network is None:
         network = best_network(run_dir, trained)
-    networks.check_network(network)
+    network = networks.resolve(network)   # an id or the paper's name: "MHL-Res" is mhl_res
     if network not in trained:
         raise PredictError(f"network {network!r} has no trained fold with model_{regime}.keras in {run.training}; "
                            f"trained: {trained}")

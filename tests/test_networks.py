@@ -35,10 +35,24 @@ def test_unknown_names_are_clear_errors():
         networks.spec("resnet5")
     with pytest.raises(ValueError, match="unknown network 'rf'"):
         networks.check_network("rf")
+    with pytest.raises(ValueError, match=r"unknown network 'MHL-Resnet'; expected one of: vgg16 \(VGG16\)"):
+        networks.resolve("MHL-Resnet")
+    with pytest.raises(ValueError, match="unknown network 'rf'"):
+        networks.resolve("rf")   # a classifier is not a network
     with pytest.raises(ValueError, match="unknown family 'CNN'"):
         networks.networks_of("CNN")
     with pytest.raises(ValueError, match="unknown family 'Classical'"):
         networks.networks_of("Classical")
+
+
+def test_resolve_takes_ids_and_the_papers_names():
+    """What a user types after --network: the id or the display name, any case, - or _."""
+    for n in networks.NETWORK_NAMES:
+        assert networks.resolve(n) == n
+        assert networks.resolve(networks.display(n)) == n
+        assert networks.resolve(networks.display(n).upper()) == n
+    assert networks.resolve("mhl-res") == "mhl_res" and networks.resolve("DenRes131") == "denres131"
+    assert networks.resolve(" MHL ") == "mhl"
 
 
 def test_ordered_follows_the_catalogue_then_alphabet():

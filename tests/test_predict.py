@@ -50,7 +50,11 @@ def test_bad_requests_are_refused_before_any_model_loads(tmp_path):
     with pytest.raises(ValueError, match="unknown network 'resnet5'"):
         P.predict(run, "bbbc021-paper", network="resnet5")
     with pytest.raises(P.PredictError, match=r"network 'vgg16' has no trained fold.*trained: \['mhl'\]"):
-        P.predict(run, "bbbc021-paper", network="vgg16")
+        P.predict(run, "bbbc021-paper", network="VGG16")   # the paper's name is the network's id
+    with pytest.raises(P.PredictError, match="exists; choose another output folder"):   # "MHL" is mhl: past the name
+        (tmp_path / "o2").mkdir()
+        (tmp_path / "o2" / "predictions.csv").write_text("x")
+        P.predict(run, "bbbc021-paper", network="MHL", out_dir=tmp_path / "o2")
     with pytest.raises(P.PredictError, match="has no network with a trained model_short.keras"):
         P.predict(run, "bbbc021-paper", regime="short")
     out = tmp_path / "out"
@@ -205,8 +209,10 @@ def test_export_a_bioimageio_package_that_bioimageio_tests(tiny_run, tmp_path):
         export.export(tiny_run, "mhl", pkg, echo=lambda s: None)
     with pytest.raises(export.ExportError, match=r"fold 4 is not a finished fold .* finished: \[0, 1\]"):
         export.export(tiny_run, "mhl", tmp_path / "x.zip", fold=4, echo=lambda s: None)
-    with pytest.raises(export.ExportError, match="no finished fold of 'vgg16'"):
-        export.export(tiny_run, "vgg16", tmp_path / "x.zip", echo=lambda s: None)
+    with pytest.raises(export.ExportError, match=r"no finished fold of 'vgg16'.*networks with one: \['mhl'\]"):
+        export.export(tiny_run, "VGG16", tmp_path / "x.zip", echo=lambda s: None)   # the paper's name works too
+    with pytest.raises(ValueError, match=r"unknown network 'MHL-Resnet'.*mhl_res \(MHL-Res\)"):
+        export.export(tiny_run, "MHL-Resnet", tmp_path / "x.zip", echo=lambda s: None)
 
 
 @pytest.mark.slow
@@ -230,5 +236,7 @@ def test_a_vit_package_is_tested_with_cellstudys_layers(shared_data, tmp_path):
     exe = Path(sys.executable).with_name("cellstudy")
     r = subprocess.run([str(exe), "test-package", str(pkg)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and f"test-package: {pkg}: passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    # quiet: no Keras progress bars from bioimageio's predict() calls, no TensorFlow CPU-feature lines
+    assert "ms/step" not in r.stdout + r.stderr and "cpu_feature_guard" not in r.stderr, r.stdout + r.stderr
     r = subprocess.run([str(exe), "test-package", str(tmp_path / "absent.zip")], capture_output=True, text=True)
     assert r.returncode != 0 and "absent.zip does not exist" in r.stderr
