@@ -60,7 +60,8 @@ def _manifest(a: argparse.Namespace) -> int:
     for note in df.attrs["notes"]:
         print(f"note: {note}")
     if a.unlabelled:
-        print(f"wrote {out}: {len(df)} unlabelled cells in {df['group'].nunique()} groups\ndata root: {root}\n"
+        print(f"wrote {out}: {len(df)} unlabelled cells in {df['group'].nunique()} groups\n"
+              f"{folder.shape_line(df)}\ndata root: {root}\n"
               f"predict them: cellstudy predict runs/<run> {out.resolve()} --data-root {root} -o <out>")
         return 0
     print(f"wrote {out}: {len(df)} cells\n{folder.summary(df)}\ndata root: {root}\n"

@@ -382,3 +382,68 @@ def test_a_wrong_channel_token_is_named_once_and_repeated_problems_are_grouped(t
     assert len(err.splitlines()) < 15 and not out.exists()
     # problems of one file each, all different, are all listed
     assert data.group_problems(["a.tif: x", "b.tif: y"]) == ["a.tif: x", "b.tif: y"]
+
+
+def test_grey_files_without_a_channel_pattern_get_the_option_named(tmp_path, capsys):
+    """A newcomer's one-file-per-channel folder without --channel-pattern gave a page of per-file
+    lines and no hint; the first problem now names --channel-pattern and the names' tokens."""
+    from cellstudy import cli
+
+    src = tmp_path / "grey"
+    for ci, cls in enumerate(("ctrl", "drug")):
+        (src / cls).mkdir(parents=True)
+        for well in _wells(5, "AB"[ci]):
+            for w in ("w1", "w2", "w3"):
+                tifffile.imwrite(src / cls / f"{well}_c0_{w}.tif", _pixels(ci, 1)[:, :, 0])
+    with pytest.raises(data.DataError) as e:
+        mf.build_manifest(src, normal="ctrl", abnormal="drug", channels="third=2,actin=1,dna=0",
+                          group_pattern=GROUP_RX, n_splits=2)
+    first = e.value.problems[0]
+    assert "all 30 image files have one grey channel" in first and "--channel-pattern '_{channel}.tif'" in first
+    assert "['w1', 'w2', 'w3']" in first and "--channels third=w3,actin=w2,dna=w1" in first
+    assert cli.main(["manifest", str(src), "-o", str(tmp_path / "m.csv"), "--normal", "ctrl", "--abnormal",
+                     "drug", "--channels", "third=2,actin=1,dna=0", "--group-pattern", GROUP_RX]) == 2
+    assert "--channel-pattern '_{channel}.tif'" in capsys.readouterr().err
+    # following the hint works, and the cell ids lose the whole "_w<k>" (the pattern's literal "w" too)
+    df = mf.build_manifest(src, normal="ctrl", abnormal="drug", channels="third=3,actin=2,dna=1",
+                           channel_pattern="_w{channel}.tif", group_pattern=GROUP_RX, n_splits=2)
+    assert "ctrl/A01_s1_c0" in set(df["cell_id"]) and not df["cell_id"].str.endswith("_w").any()
+    assert len(df) == 10
+
+
+def test_the_cell_id_of_a_channel_token_inside_the_name_or_a_folder(tmp_path):
+    """The pattern's whole match leaves the id, separators kept: B01_s1_w1_c0.tif -> B01_s1_c0;
+    w1/B01_s1_c0.tif (a folder per channel) -> B01_s1_c0."""
+    rels = ["ctrl/A01_s1_w1_c0.tif", "ctrl/A01_s1_w2_c0.tif", "ctrl/A01_s1_w3_c0.tif"]
+    cmap = mf.parse_channel_map("third=3,actin=2,dna=1", per_file=True)
+    cells = mf._find_cells(rels, cmap, "_w{channel}_", [], [])
+    assert [c.cell_id for c in cells] == ["ctrl/A01_s1_c0"]
+    rels = [f"w{k}/A01_s1_c0.tif" for k in (1, 2, 3)]
+    cells = mf._find_cells(rels, cmap, "w{channel}/", [], [])
+    assert [c.cell_id for c in cells] == ["A01_s1_c0"]
+
+
+def test_the_summary_states_the_shape_as_read_and_a_relative_labels_path(tmp_path, monkeypatch):
+    """A (3, H, W) TIFF is read channel last: the summary says so (the shape column read 8x8x3
+    for a channel-first file and a newcomer took it for a mistake); a relative labels CSV that is
+    not there names the working directory it was read from."""
+    src = tmp_path / "cf"
+    for ci, cls in enumerate(("ctrl", "treated")):
+        (src / cls).mkdir(parents=True)
+        for well in _wells(4, "AB"[ci]):
+            tifffile.imwrite(src / cls / f"{well}_c0.tif", np.moveaxis(_pixels(ci, 3), -1, 0), photometric="minisblack",
+                             metadata={"axes": "CYX"})
+    df = mf.build_manifest(src, normal="ctrl", abnormal="treated", channels="third=2,actin=1,dna=0",
+                           group_pattern=GROUP_RX, n_splits=2)
+    assert df["shape"].eq(f"{SIZE}x{SIZE}x3").all()
+    line = mf.summary(df).splitlines()[0]
+    assert f"{SIZE} x {SIZE} px, 3 channel(s) as read" in line and "channel last" in line
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"labels CSV labels.csv does not exist .*working directory {tmp_path}"):
+        mf.build_manifest(src, normal="ctrl", abnormal="treated", channels="2,1,0", labels="labels.csv",
+                          group_column="well")
+
+
+def test_the_shape_line_of_one_grey_file_per_channel():
+    df = pd.DataFrame({"path": ["a_w3.tif;a_w2.tif;a_w1.tif"], "shape": ["8x8;8x8;8x8"]})
+    assert "8 x 8 px, one grey file per channel as read" in mf.shape_line(df)

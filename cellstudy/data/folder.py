@@ -189,6 +189,7 @@ def _find_cells(rels: list[str], cmap: ChannelMap, channel_pattern: str | None,
         return [_Cell(cell_id=_cell_id(r), files=[r]) for r in rels]
     rx = channel_regex(str(channel_pattern), cmap.values)
     by_key: dict[str, dict[str, str]] = {}
+    id_of: dict[str, str] = {}
     ignored: Counter[str] = Counter()
     for rel in rels:
         m = rx.search(rel)
@@ -202,6 +203,9 @@ def _find_cells(rels: list[str], cmap: ChannelMap, channel_pattern: str | None,
             continue
         key = rel[: m.start("channel")] + PLACEHOLDER + rel[m.end("channel"):]
         by_key.setdefault(key, {})[token] = rel
+        # the cell's id drops the pattern's whole match ("_w1.tif" of "_w{channel}.tif"), not
+        # only the token: "B02_c3_w1.tif" is cell "B02_c3", not "B02_c3_w"
+        id_of.setdefault(key, rel[: m.start()] + "_" + rel[m.end():])
     for token, n in sorted(ignored.items()):
         notes.append(f"{n} file(s) of channel {token!r} ignored: not in --channels {cmap.spec!r}")
     seen = set(ignored) | {t for found in by_key.values() for t in found}
@@ -219,8 +223,27 @@ def _find_cells(rels: list[str], cmap: ChannelMap, channel_pattern: str | None,
                     f"{cmap.describe(k)} of the cell with "
                     f"{', '.join(sorted(found.values()))}; expected one file per channel")
             continue
-        cells.append(_Cell(cell_id=_cell_id(key), files=[found[t] for t in cmap.values]))
+        cells.append(_Cell(cell_id=_cell_id(id_of[key]), files=[found[t] for t in cmap.values]))
     return cells
+
+
+def _per_channel_hint(rels: list[str]) -> str:
+    """The problem line for grey files read as one multi-channel file per cell: give
+    ``--channel-pattern``; names the tokens when the file names end in one (``_w1.tif``)."""
+    msg = (f"all {len(rels)} image files have one grey channel, so each cannot be a cell's three stains: "
+           f"for one file per channel give --channel-pattern (how a file name holds its channel) and "
+           f"--channels with the names' tokens")
+    split = [re.fullmatch(r"(.+?)([_\-.])([A-Za-z0-9]+)(\.[A-Za-z.]+)", PurePosixPath(r).name) for r in rels]
+    if not all(split):
+        return msg + ", e.g. --channel-pattern '_{channel}.tif' --channels third=w3,actin=w2,dna=w1"
+    tokens = Counter(m.group(3) for m in split)
+    stems = Counter((m.group(1), m.group(4)) for m in split)
+    sep, ext = split[0].group(2), split[0].group(4)
+    if 2 <= len(tokens) <= 8 and min(stems.values()) >= 2:
+        t = sorted(tokens)
+        return (msg + f"; the names end in the tokens {t}, e.g. --channel-pattern '{sep}{{channel}}{ext}' "
+                f"--channels third={t[-1]},actin={t[min(1, len(t) - 1)]},dna={t[0]} (with your stains' tokens)")
+    return msg + ", e.g. --channel-pattern '_{channel}.tif' --channels third=w3,actin=w2,dna=w1"
 
 
 def _read_labels(labels: str | os.PathLike | pd.DataFrame, file_column: str, class_column: str | None,
@@ -230,7 +253,8 @@ def _read_labels(labels: str | os.PathLike | pd.DataFrame, file_column: str, cla
     else:
         p = Path(labels)
         if not p.is_file():
-            raise FileNotFoundError(f"labels CSV {p} does not exist")
+            where = "" if p.is_absolute() else f" (a relative path is read from the working directory {Path.cwd()})"
+            raise FileNotFoundError(f"labels CSV {p} does not exist{where}")
         table = pd.read_csv(p, dtype=str, keep_default_na=False)
         name = f"labels CSV {p}"
     want = [file_column] + ([class_column] if class_column else []) + ([group_column] if group_column else [])
@@ -479,6 +503,8 @@ def build_manifest(folder: str | os.PathLike, *, normal: str | None = None, abno
                         + (" (remove or relabel the others)" if len(found) > 2 else ""))
 
     info = _read_cells(cells, folder, cmap, problems)
+    if not cmap.per_file and info and all(v[2] == 1 for v in info.values()):
+        problems.insert(0, _per_channel_hint(list(info)))
 
     label_of = {normal: 0, abnormal: 1}
     rows = []
@@ -535,9 +561,24 @@ def write_manifest(df: pd.DataFrame, out: str | os.PathLike, force: bool = False
     return atomic.write_text(out, df.to_csv(index=False))
 
 
+def shape_line(df: pd.DataFrame) -> str:
+    """The images' shape as the study reads it (the manifest's ``shape`` column: H x W x C,
+    channel last, a channel-first file's axes moved), for the command line."""
+    shapes = Counter(s for v in df["shape"].astype(str) for s in v.split(";") if s)
+    if not shapes:
+        return "  images: no shape read"
+    common, rest = shapes.most_common(1)[0][0], len(shapes) - 1
+    dims = common.split("x")
+    per_file = df["path"].astype(str).str.contains(";").any()
+    what = (common if len(dims) < 2 else f"{dims[0]} x {dims[1]} px, "
+            + ("one grey file per channel" if per_file else f"{dims[2] if len(dims) > 2 else 1} channel(s)"))
+    return (f"  images: {what} as read (shape column {common}: height x width x channels, channel last; "
+            f"--channels indexes that last axis)" + (f"; {rest} other shape(s)" if rest else ""))
+
+
 def summary(df: pd.DataFrame) -> str:
-    """One line per class: cells and groups (for the command line)."""
-    lines = []
+    """One line per class: cells and groups, and the images' shape (for the command line)."""
+    lines = [shape_line(df)]
     for lab in (0, 1):
         s = df[df["label"] == lab]
         name = s["class_name"].iloc[0] if len(s) else "?"
