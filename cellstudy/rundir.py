@@ -290,10 +290,13 @@ class Run:
         now = json.loads(json.dumps(resolved))
         if rec.get("name") != name or stored != now:
             diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+            shown = "; ".join(f"{k}: {stored.get(k)!r} in the run, {now.get(k)!r} now" for k in diff[:4])
+            more = f" (and {len(diff) - 4} more: {diff[4:]})" if len(diff) > 4 else ""
             raise RunFolderError(
-                f"{self.scale_file} holds scale {rec.get('name')!r} with other values than scale {name!r} "
-                f"with overrides {overrides or {}} resolves to now (differing: {diff or ['the name']}); "
-                "a run keeps one scale: start a new run folder, or pass the scale and overrides it was made with")
+                f"this run folder was made at scale {rec.get('name')!r} with overrides {rec.get('overrides') or {}} "
+                f"({self.scale_file}); you asked for scale {name!r} with overrides {overrides or {}}, which "
+                + (f"differs in {shown}{more}" if diff else "has other values under another name")
+                + ". A run keeps one scale: start a new run folder, or pass the scale and overrides it was made with")
         return resolved
 
     def check_cohort(self, cohort: str, cells_hash: str, n_cells: int) -> None:

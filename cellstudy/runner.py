@@ -606,8 +606,11 @@ def run_study(
             and run.executed(s).is_file()]
     if done:
         echo(f"steps done earlier, kept: {done}")
-    echo(f"running the workflow of {n_steps} step(s) with up to {cfg.workers} job(s) at once"
-         + (" (training jobs and notebooks side by side)" if cfg.workers > 1 else ""))
+    n_train = len(workflow.make_plan(cfg).networks)
+    echo(f"running the workflow: {n_steps} notebook(s), {n_train} training job(s) (one per network)"
+         + (" and the book" if build else "") + f", up to {cfg.workers} job(s) at once"
+         + (" (training jobs and notebooks side by side)" if cfg.workers > 1 else "")
+         + "; Snakemake counts these and its own 'all' target")
     t_study = time.perf_counter()
     before = {s: dict(v) for s, v in read_status(run_dir).get("steps", {}).items()}
     try:

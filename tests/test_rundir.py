@@ -71,9 +71,11 @@ def test_scale_is_written_once_and_checked(tmp_path):
     rec = json.loads(run.scale_file.read_text())
     assert rec["name"] == "ci" and rec["overrides"] == {"image_size": 48} and rec["values"]["image_size"] == 48
     assert run.scale("ci", {"image_size": 48}) == sc            # read back, same values
-    with pytest.raises(rundir.RunFolderError, match=r"scale.json holds scale 'ci'.*differing: \['image_size'\]"):
+    with pytest.raises(rundir.RunFolderError, match=r"made at scale 'ci' with overrides \{'image_size': 48\} "
+                       r"\(.*scale.json\); you asked for scale 'ci' with overrides \{\}, which differs in "
+                       r"image_size: 48 in the run, 32 now\. A run keeps one scale"):
         run.scale("ci")
-    with pytest.raises(rundir.RunFolderError, match="differing: .*epochs_long"):
+    with pytest.raises(rundir.RunFolderError, match=r"differs in .*epochs_long: 2 in the run, 10 now.*and 6 more"):
         run.scale("cpu", {"image_size": 48})
     # an edited scale (the same name resolving to other values) is refused too
     rec["values"]["epochs_long"] = 99
