@@ -72,6 +72,24 @@ def run_scale(run_dir: str | os.PathLike, scale: str, overrides: dict[str, Any] 
     return rundir.Run(run_dir).scale(scale, overrides)
 
 
+def check_run_cohort(run_dir: str | Path, cohort: str):
+    """Refuse ``cohort`` for the run folder ``run_dir`` when the run was made for other cells
+    (``rundir.Run.check_cohort``; the first step to call it records the cohort), from the cohort's
+    manifest alone (no image is read): every chapter that takes a ``cohort`` parameter calls it
+    (``prepare`` does), so a notebook run by hand with another cohort stops before it reads or
+    writes anything. Returns the manifest table (``data.load_manifest``), or None when the
+    manifest cannot be read this way (``data.load_cohort`` then refuses it with its own message;
+    ``prepare`` checks the cohort from the loaded cells instead)."""
+    try:
+        tab = data.load_manifest(cohort)
+        ident = (folds_mod.cells_hash(tab["cell_id"].astype(str), tab["label"].astype(int), tab["group"].astype(str)),
+                 len(tab))
+    except (ValueError, KeyError, TypeError):   # a manifest load_cohort refuses with its own message
+        return None
+    rundir.Run(run_dir).check_cohort(cohort, *ident)
+    return tab
+
+
 def prepare(cohort: str, scale: str, run_dir: str | os.PathLike, data_root: str | None = None,
             seed: int = 0, overrides: dict[str, Any] | None = None, progress: bool = True) -> Prepared:
     """Load, verify and preprocess ``cohort`` at ``scale``; make or reuse the run's folds. The
@@ -80,16 +98,9 @@ def prepare(cohort: str, scale: str, run_dir: str | os.PathLike, data_root: str 
     sc = run_scale(run_dir, scale, overrides)
     t0 = time.perf_counter()
     run = rundir.Run(run_dir)
-    try:   # the cohort's identity from its manifest, before its images are read
-        tab = data.load_manifest(cohort)
-        ident = (folds_mod.cells_hash(tab["cell_id"].astype(str), tab["label"].astype(int), tab["group"].astype(str)),
-                 len(tab))
-    except (ValueError, KeyError, TypeError):   # a manifest load_cohort refuses with its own message
-        ident = None
-    if ident is not None:
-        run.check_cohort(cohort, *ident)
-    coh = data.load_cohort(cohort, root=data_root)
-    if ident is None:
+    tab = check_run_cohort(run_dir, cohort)
+    coh = data.load_cohort(cohort, root=data_root, manifest=tab)
+    if tab is None:
         run.check_cohort(cohort, folds_mod.cells_hash(coh.cell_ids, coh.labels, coh.groups), len(coh.cell_ids))
     t1 = time.perf_counter()
     images = preprocess.preprocess_batch(coh.images, list(coh.sha256), sc["image_size"], sc["preprocess"],

@@ -195,3 +195,41 @@ def test_a_run_made_before_a_scale_key_existed_still_opens(tmp_path):
     del rec["values"]["whitening"]
     run.scale_file.write_text(_json.dumps(rec))
     assert run.scale("ci")["whitening"] == "zca" == _config.ADDED_SCALE_KEYS["whitening"]
+
+
+def test_every_chapter_with_a_cohort_parameter_checks_it_before_it_writes(tmp_path):
+    """00, 07, 09 and 11 do not call study.prepare (they read the run's files, not the images):
+    by hand with another cohort they were not refused. Each chapter now calls prepare or
+    check_run_cohort before its first step_dir (which makes its output folder)."""
+    import nbformat
+
+    from cellstudy import config as cfg_mod
+
+    checked = []
+    for nb_path in sorted((cfg_mod.REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(nb_path, as_version=4)
+        params = "".join(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        if "cohort =" not in params:
+            continue
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", []))
+        if "prepare(" in code:      # study.prepare checks the cohort before it reads an image
+            continue
+        first_out, guard = code.find("step_dir(run_dir"), code.find("check_run_cohort(run_dir, cohort)")
+        assert 0 <= guard < first_out, f"{nb_path.name}: no cohort check before its first step_dir"
+        checked.append(nb_path.name[:2])
+    assert set(checked) == {"00", "07", "09", "11"}
+
+
+def test_check_run_cohort_reads_only_the_manifest(tmp_path, shared_data):
+    from cellstudy import study
+
+    tab = study.check_run_cohort(tmp_path, "bbbc021-paper")          # records it; no image read
+    assert len(tab) == 220 and json.loads(rundir.Run(tmp_path).cohort_file.read_text())["n_cells"] == 220
+    with pytest.raises(rundir.RunFolderError, match="made for cohort 'bbbc021-paper'"):
+        study.check_run_cohort(tmp_path, "rxrx1-cells")
+    with pytest.raises(FileNotFoundError, match="absent.csv does not exist"):
+        study.check_run_cohort(tmp_path / "other", str(tmp_path / "absent.csv"))
+    bad = tmp_path / "nolabel.csv"          # a manifest load_cohort refuses with its own message: not checked here
+    bad.write_text("cell_id,path,group\nc0,a.npy,g0\n")
+    assert study.check_run_cohort(tmp_path / "other", str(bad)) is None
+    assert not (tmp_path / "other").exists()

@@ -638,7 +638,8 @@ class Cohort:
 
 def load_cohort(cohort: str, root: str | os.PathLike | None = None, verify: bool = True,
                 check_sha: bool = True, low: float = DEFAULT_LOW,
-                high: float = DEFAULT_HIGH, labelled: bool = True) -> Cohort:
+                high: float = DEFAULT_HIGH, labelled: bool = True,
+                manifest: pd.DataFrame | None = None) -> Cohort:
     """Load cohort ``cohort`` (a name in ``data_manifest/`` or a manifest path) from ``root``
     (``config.data_root(root)``) as a ``Cohort`` of robust-scaled images.
 
@@ -649,8 +650,9 @@ def load_cohort(cohort: str, root: str | os.PathLike | None = None, verify: bool
 
     ``labelled=False``: cells to predict (``cellstudy predict``): the manifest may leave
     ``label`` / ``class_name`` out or empty; an unknown label is -1 in ``Cohort.labels``.
+    ``manifest``: ``load_manifest(cohort)`` when the caller has read it already (not read again).
     """
-    df = load_manifest(cohort)
+    df = load_manifest(cohort) if manifest is None else manifest
     root = config.data_root(root)
     what = f"cohort {cohort!r} (manifest {df.attrs['manifest']}, data root {root})"
     problems = _check_table(df, labelled=labelled) if verify else []
