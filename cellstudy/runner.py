@@ -587,11 +587,8 @@ def run_study(
     runs_dir = Path(runs_dir) if runs_dir else config.REPO_ROOT / "runs"
     data_prov = preflight(cfg)  # fails before any long work
     if build:
-        from cellstudy.report.book import BookError, check_mathjax
-        try:
-            check_mathjax()
-        except BookError as e:
-            raise StudyError(f"{e}; or pass --no-book to run the notebooks only") from None
+        from cellstudy.report.book import check_mathjax
+        check_mathjax("pass --no-book to run the notebooks only", StudyError)
     _check_writable(runs_dir)
 
     run_dir, status = open_run(cfg, runs_dir, new, echo)

@@ -451,11 +451,8 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
     looking = {"-n", "--dry-run", "--dryrun", "--list", "-l", "--touch", "-t", "--list-rules",
                "--summary", "-S", "--detailed-summary", "-D", "--dag", "--rulegraph"} & set(extra)
     if not looking and (not targets or {"all", "book"} & set(targets)):   # the book is built: MathJax first
-        from cellstudy.report.book import BookError, check_mathjax
-        try:
-            check_mathjax()
-        except BookError as e:
-            raise WorkflowError(f"{e}; or pass --target notebooks / training to leave the book out") from None
+        from cellstudy.report.book import check_mathjax
+        check_mathjax("pass --target notebooks / training to leave the book out", WorkflowError)
     if run_dir:
         rd = Path(run_dir).resolve()
         rd.mkdir(parents=True, exist_ok=True)

@@ -379,9 +379,14 @@ def test_all_problems_collected_and_capped(tmp_path):
     assert len(err.problems) == 13
     assert not isinstance(err, FileNotFoundError)          # not only missing files
     msg = str(err)
-    assert msg.startswith("13 problem(s)") and "... and 3 more problem(s)" in msg
-    assert msg.count("\n  - ") == data.MAX_LISTED
+    # the 12 missing files read as 3 examples and a count, the broken file on its own line
+    assert msg.startswith("13 problem(s)") and "... and 9 more file(s) with the same problem" in msg
+    assert msg.count("\n  - ") == 5 and df.path[15] in msg
     assert any(df.path[15] in q for q in err.problems)
+    # problems that all differ are capped at MAX_LISTED lines
+    with pytest.raises(DataError) as e:
+        data._raise_problems([f"problem {i}" for i in range(13)], "x")
+    assert str(e.value).count("\n  - ") == data.MAX_LISTED and "... and 3 more line(s) like these" in str(e.value)
 
 
 def test_nothing_written_on_failure(tmp_path):

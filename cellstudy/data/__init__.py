@@ -97,9 +97,12 @@ def group_problems(problems: list[str], examples: int = 3) -> list[str]:
 def _raise_problems(problems: list[str], what: str, missing_only: bool = False) -> None:
     if not problems:
         return
-    listed = "\n".join(f"  - {p}" for p in problems[:MAX_LISTED])
-    more = len(problems) - MAX_LISTED
-    tail = f"\n  ... and {more} more problem(s)" if more > 0 else ""
+    # a problem that repeats file after file reads once with examples (group_problems), as the
+    # manifest command lists them; then at most MAX_LISTED lines (every one is in .problems)
+    shown = group_problems(problems)
+    listed = "\n".join(f"  - {p}" for p in shown[:MAX_LISTED])
+    more = len(shown) - MAX_LISTED
+    tail = f"\n  ... and {more} more line(s) like these" if more > 0 else ""
     msg = f"{len(problems)} problem(s) in {what}:\n{listed}{tail}"
     cls = MissingFileError if missing_only else DataError
     raise cls(msg, problems)

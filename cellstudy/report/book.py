@@ -62,12 +62,14 @@ def notebook_title(nb_path: Path) -> str:
     return Path(nb_path).stem
 
 
-def check_mathjax() -> None:
-    """BookError when MathJax (the offline book's formulas) is not installed: the runner asks
-    before any work, not after the study's last notebook."""
+def check_mathjax(or_else: str = "", error: type[Exception] = BookError) -> None:
+    """``error`` (BookError) when MathJax (the offline book's formulas) is not installed: the
+    runner and the workflow ask before any work, not after the study's last notebook; ``or_else``
+    says how to run without the book (their option)."""
     if not (MATHJAX_DIR / "tex-chtml.js").is_file():
-        raise BookError(f"MathJax is missing at {MATHJAX_DIR} (the book needs it offline); run `make assets` "
-                        f"(npm install, in {config.REPO_ROOT}) first; `make study` does it")
+        raise error(f"MathJax is missing at {MATHJAX_DIR} (the book needs it offline); run `make assets` "
+                    f"(npm install, in {config.REPO_ROOT}) first; `make study` does it"
+                    + (f"; or {or_else}" if or_else else ""))
 
 
 def _copy_mathjax(dest: Path) -> None:
