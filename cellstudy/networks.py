@@ -59,7 +59,10 @@ class ModelSpec:
     training speed alone on a 2-core CPU, images/s at S = 64, batch 32
     (``benchmarks/train_throughput.py``, all eleven in one process, 2026-12-06, a 2-core Xeon with
     AMX-BF16; None for a classical classifier): what the workflow's job
-    priorities go by (:func:`train_priority`)."""
+    priorities go by (:func:`train_priority`); ``model_mb``: the size of one saved model file
+    (``model_<regime>.keras``, MB; Keras 3.15, built at S = 64 and saved, 2026-12-06; the same at
+    S = 32, the heads pool globally), from which ``cellstudy run`` estimates the disk a run's
+    models take (two files per fold, one per regime) before it trains."""
 
     name: str
     family: str
@@ -70,6 +73,7 @@ class ModelSpec:
     builder: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
     train_images_per_s: float | None = None
+    model_mb: float | None = None
 
     @property
     def is_network(self) -> bool:
@@ -82,35 +86,35 @@ _RGB_FEATS = ("feat_r", "feat_g", "feat_b")
 #: Every model of the study, in the book's order.
 CATALOGUE: tuple[ModelSpec, ...] = (
     ModelSpec("vgg16", "DL", "VGG16", "VGG16 backbone + head", ("vgg16",), ("block5_conv3",), "dl",
-              train_images_per_s=32),
+              train_images_per_s=32, model_mb=63.2),
     ModelSpec("resnet50", "DL", "ResNet50", "ResNet50 backbone + head", ("resnet50",),
-              ("conv5_block3_out",), "dl", train_images_per_s=53),
+              ("conv5_block3_out",), "dl", train_images_per_s=53, model_mb=105.5),
     ModelSpec("densenet121", "DL", "DenseNet121", "DenseNet121 backbone + head", ("densenet121",),
-              ("relu",), "dl", train_images_per_s=52),
+              ("relu",), "dl", train_images_per_s=52, model_mb=36.0),
     ModelSpec("denres131", "DL", "DenRes-131",
               "ResNet50 and DenseNet121 side by side, four levels fused at stride 32 + head",
               ("resnet50", "densenet121"), ("res_conv5_block3_out", "den_relu"), "denres", DENRES_DEFAULTS,
-              train_images_per_s=19),
+              train_images_per_s=19, model_mb=192.4),
     ModelSpec("vit", "ViT", "ViT", "Vision Transformer (patch embedding, encoder blocks) + head", (),
-              ("vit_grid",), "vit", VIT_DEFAULTS, train_images_per_s=97),
+              ("vit_grid",), "vit", VIT_DEFAULTS, train_images_per_s=97, model_mb=3.2),
     ModelSpec("rgb", "RGB", "RGB",
               "isolated R, G, B through one shared 3-layer CNN, six 2-head attention blocks + head",
-              ("cnn3",), _RGB_FEATS, "rgb", RGB_ATTENTION_DEFAULTS, train_images_per_s=83),
+              ("cnn3",), _RGB_FEATS, "rgb", RGB_ATTENTION_DEFAULTS, train_images_per_s=83, model_mb=3.2),
     ModelSpec("rgb_res", "RGB", "RGB-Res",
               "isolated R, G, B through one shared ResNet50, six 2-head attention blocks + head",
-              ("resnet50",), _RGB_FEATS, "rgb", RGB_ATTENTION_DEFAULTS, train_images_per_s=20),
+              ("resnet50",), _RGB_FEATS, "rgb", RGB_ATTENTION_DEFAULTS, train_images_per_s=20, model_mb=98.2),
     ModelSpec("rgb_den", "RGB", "RGB-Den",
               "isolated R, G, B through one shared DenseNet121, six 2-head attention blocks + head",
-              ("densenet121",), _RGB_FEATS, "rgb", RGB_ATTENTION_DEFAULTS, train_images_per_s=23),
+              ("densenet121",), _RGB_FEATS, "rgb", RGB_ATTENTION_DEFAULTS, train_images_per_s=23, model_mb=32.8),
     ModelSpec("mhl", "MHL", "MHL",
               "3-layer CNN on the RGB image, one 2-head self-attention block over its tokens + head",
-              ("cnn3",), ("cnn_relu3",), "mhl", ATTENTION_DEFAULTS, train_images_per_s=226),
+              ("cnn3",), ("cnn_relu3",), "mhl", ATTENTION_DEFAULTS, train_images_per_s=226, model_mb=3.4),
     ModelSpec("mhl_res", "MHL", "MHL-Res",
               "ResNet50 on the RGB image, one 2-head self-attention block over its tokens + head",
-              ("resnet50",), ("conv5_block3_out",), "mhl", ATTENTION_DEFAULTS, train_images_per_s=46),
+              ("resnet50",), ("conv5_block3_out",), "mhl", ATTENTION_DEFAULTS, train_images_per_s=46, model_mb=99.0),
     ModelSpec("mhl_den", "MHL", "MHL-Den",
               "DenseNet121 on the RGB image, one 2-head self-attention block over its tokens + head",
-              ("densenet121",), ("relu",), "mhl", ATTENTION_DEFAULTS, train_images_per_s=60),
+              ("densenet121",), ("relu",), "mhl", ATTENTION_DEFAULTS, train_images_per_s=60, model_mb=33.1),
     ModelSpec("rf", CLASSICAL, "Random forest",
               "random forest on 67 per-cell shape, intensity and texture features (cellstudy.learning.baseline)"),
     ModelSpec("logreg", CLASSICAL, "Logistic regression",

@@ -568,6 +568,41 @@ def check_built_book(run_dir: Path, index: Path, report: str | os.PathLike | Non
     return out
 
 
+def check_disk(run_dir: str | os.PathLike, cfg: StudyConfig, error: type[Exception] = None,
+               echo: Callable[[str], None] = print, free_bytes: int | None = None) -> float:
+    """Before any training: the model files the run still has to write (each (network, fold) of
+    the plan not yet trained keeps a short- and a long-regime model, ``networks.ModelSpec.model_mb``
+    each) against the free space of the run folder's file system (``free_bytes``: a test's
+    stand-in). ``error`` (StudyError) naming both and what to do when they do not fit (with a
+    tenth spare for the notebooks' figures and the book); else the estimate is echoed. Returns the
+    estimate in MB. The default study's models take ~6.7 GB, a ``ci`` run's ~0.44 GB."""
+    import shutil
+
+    from cellstudy import networks, workflow
+
+    error = error or StudyError
+    run = rundir.Run(run_dir)
+    todo = [(n, k) for n, k in workflow.make_plan(cfg).train if not run.fold(n, k).model("long").is_file()]
+    need_mb = sum(2 * (networks.SPECS[n].model_mb or 0.0) for n, _ in todo)
+    free_mb = (shutil.disk_usage(run.root).free if free_bytes is None else free_bytes) / 1e6
+    if need_mb * 1.1 > free_mb:
+        raise error(f"the run's models need ~{need_mb / 1e3:.1f} GB ({len(todo)} fold(s) x 2 regimes; "
+                    f"the heaviest: {_heaviest(todo)}) and {run.root} has {free_mb / 1e3:.1f} GB free; free "
+                    "space there (old runs' training/*/fold*/model_*.keras are the bulk) or choose fewer networks "
+                    "(overrides: {networks: [...]}), then rerun the same command")
+    if todo:
+        echo(f"the models of {len(todo)} fold(s) will take ~{need_mb / 1e3:.1f} GB under {run.training} "
+             f"({free_mb / 1e3:.0f} GB free)")
+    return need_mb
+
+
+def _heaviest(pairs) -> str:
+    from cellstudy import networks
+
+    names = sorted({n for n, _ in pairs}, key=lambda n: -(networks.SPECS[n].model_mb or 0.0))[:3]
+    return ", ".join(f"{networks.display(n)} {networks.SPECS[n].model_mb:.0f} MB a file" for n in names)
+
+
 def run_study(
     config_path: str | os.PathLike,
     runs_dir: str | os.PathLike | None = None,
@@ -592,6 +627,7 @@ def run_study(
     _check_writable(runs_dir)
 
     run_dir, status = open_run(cfg, runs_dir, new, echo)
+    check_disk(run_dir, cfg, StudyError, echo)   # before the training, not when the disk fills
     status["engine"] = "snakemake"
     init_run(cfg, config_path, run_dir, data_prov, status)
     run = rundir.Run(run_dir)

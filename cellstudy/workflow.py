@@ -464,6 +464,8 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
         runs = Path(runs_dir) if runs_dir else config.REPO_ROOT / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         rd, status = runner.open_run(cfg, runs, new, echo)
+    if not looking:
+        runner.check_disk(rd, cfg, WorkflowError, echo)   # before the training, not when the disk fills
     status["engine"] = "snakemake"
     local = prof is None and not on_cluster(None, extra)
     jobs_here = (cores or available_cores()) if local else 0   # TensorFlow jobs at once on this machine

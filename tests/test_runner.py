@@ -7,7 +7,7 @@ import nbformat
 import pytest
 import yaml
 
-from cellstudy import config, runner, study, threads
+from cellstudy import config, rundir, runner, study, threads
 
 
 def _nb(path, *sources, needs=None):
@@ -328,3 +328,25 @@ def test_missing_mathjax_stops_the_study_before_any_work(tmp_path, fake_notebook
     workflow.run_workflow(_config(tmp_path, ["00_ok"]), runs_dir=str(runs), targets=["training"],
                           echo=lambda s: None)
     assert len(calls) == 2
+
+
+def test_the_disk_the_models_take_is_checked_before_training(tmp_path):
+    """A default run writes ~6.7 GB of model files (a newcomer's ci run folder was 479 MB); a disk
+    that cannot hold them is said before the training, not when it fills after an hour."""
+    from cellstudy import networks, workflow
+
+    ci = runner.load_config(config.REPO_ROOT / "configs" / "ci.yaml")
+    plan = workflow.make_plan(ci)
+    expected = sum(2 * networks.SPECS[n].model_mb for n, _ in plan.train)
+    said = []
+    assert runner.check_disk(tmp_path, ci, echo=said.append, free_bytes=10**12) == pytest.approx(expected)
+    assert 400 < expected < 500 and "will take ~0.4 GB" in said[0]
+    with pytest.raises(runner.StudyError, match=r"need ~0.4 GB .*VGG16 63 MB a file.* has 0.2 GB free"):
+        runner.check_disk(tmp_path, ci, free_bytes=2 * 10**8)
+    # folds trained already need nothing more
+    for n, k in plan.train:
+        fd = rundir.Run(tmp_path).fold(n, k, create=True)
+        fd.model("long").write_bytes(b"x")
+    assert runner.check_disk(tmp_path, ci, free_bytes=0) == 0
+    default = runner.load_config(config.REPO_ROOT / "configs" / "default.yaml")
+    assert 6000 < runner.check_disk(tmp_path / "d", default, echo=lambda s: None, free_bytes=10**12) < 7500
