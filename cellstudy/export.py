@@ -162,7 +162,7 @@ def export(run_dir: str | os.PathLike, network: str, out: str | os.PathLike, *, 
     run = rundir.Run(run_dir)
     folds = [fd.fold for fd in run.usable_folds(network, regime)[0]]
     if not folds:
-        trained = [n for n in networks.NETWORK_NAMES if run.usable_folds(n, regime)[0]]
+        trained = run.trained_networks(regime)
         raise ExportError(f"{run.root} has no finished fold of {network!r} with model_{regime}.keras; "
                           + (f"networks with one: {trained}" if trained else "it has none: run the study first"))
     fold = folds[0] if fold is None else int(fold)

@@ -217,7 +217,7 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
         raise PredictError(f"mc_samples={mc_samples!r}; expected an int >= 0 (0: no Monte Carlo dropout)")
     run = rundir.Run(run_dir)
     st = run_settings(run_dir)
-    trained = [n for n in networks.NETWORK_NAMES if run.usable_folds(n, regime, need_test_cells=False)[0]]
+    trained = run.trained_networks(regime, need_test_cells=False)
     if not trained:
         raise PredictError(f"{run.root} has no network with a trained model_{regime}.keras; run the study first")
     if network is None:

@@ -273,6 +273,14 @@ class Run:
             notes.append({"network": network, "fold": None, "status": "not trained", "detail": detail})
         return found, notes
 
+    def trained_networks(self, regime: str, *, need_test_cells: bool = True) -> list[str]:
+        """The networks (book's order) with at least one fold usable for ``regime``
+        (:meth:`usable_folds`): what ``predict`` and ``export`` offer."""
+        from cellstudy import networks
+
+        return [n for n in networks.NETWORK_NAMES
+                if self.usable_folds(n, regime, need_test_cells=need_test_cells)[0]]
+
     # -- the resolved scale ----------------------------------------------------------------------
     def scale(self, name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The run's resolved scale. The first call writes ``scale.json`` (``name``, the
@@ -292,11 +300,17 @@ class Run:
             diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
             shown = "; ".join(f"{k}: {stored.get(k)!r} in the run, {now.get(k)!r} now" for k in diff[:4])
             more = f" (and {len(diff) - 4} more: {diff[4:]})" if len(diff) > 4 else ""
+            same_ask = rec.get("name") == name and (rec.get("overrides") or {}) == json.loads(json.dumps(overrides or {}))
+            if not diff:
+                what = "which resolves to the same values under another name"
+            elif same_ask:   # the same request, other values: the scale was edited since (config.py)
+                what = f"the same request, but the scale's values have changed since the run was made: {shown}{more}"
+            else:
+                what = f"which differs in {shown}{more}"
             raise RunFolderError(
                 f"this run folder was made at scale {rec.get('name')!r} with overrides {rec.get('overrides') or {}} "
-                f"({self.scale_file}); you asked for scale {name!r} with overrides {overrides or {}}, which "
-                + (f"differs in {shown}{more}" if diff else "has other values under another name")
-                + ". A run keeps one scale: start a new run folder, or pass the scale and overrides it was made with")
+                f"({self.scale_file}); you asked for scale {name!r} with overrides {overrides or {}}, {what}. "
+                "A run keeps one scale: start a new run folder, or pass the scale and overrides it was made with")
         return resolved
 
     def check_cohort(self, cohort: str, cells_hash: str, n_cells: int) -> None:

@@ -568,31 +568,40 @@ def check_built_book(run_dir: Path, index: Path, report: str | os.PathLike | Non
     return out
 
 
-def check_disk(run_dir: str | os.PathLike, cfg: StudyConfig, error: type[Exception] = None,
-               echo: Callable[[str], None] = print, free_bytes: int | None = None) -> float:
-    """Before any training: the model files the run still has to write (each (network, fold) of
-    the plan not yet trained keeps a short- and a long-regime model, ``networks.ModelSpec.model_mb``
-    each) against the free space of the run folder's file system (``free_bytes``: a test's
-    stand-in). ``error`` (StudyError) naming both and what to do when they do not fit (with a
-    tenth spare for the notebooks' figures and the book); else the estimate is echoed. Returns the
-    estimate in MB. The default study's models take ~6.7 GB, a ``ci`` run's ~0.44 GB."""
+def check_disk(cfg: StudyConfig, where: str | os.PathLike, run_dir: str | os.PathLike | None = None,
+               error: type[Exception] | None = None, echo: Callable[[str], None] = print,
+               free_bytes: int | None = None) -> float:
+    """Before any training: the model files a run still has to write (each (network, fold) of the
+    plan that has not finished keeps a short- and a long-regime model, ``networks.ModelSpec.model_mb``
+    each) against the free space at ``where`` (the runs folder or the run folder; its nearest
+    existing folder; ``free_bytes``: a test's stand-in). ``run_dir``: the run to be resumed (its
+    finished folds, done or failed, need nothing; models deleted after a finished run are not
+    trained again), None for a new run. ``error`` (StudyError) naming both and what to do when
+    they do not fit (with a tenth spare for the notebooks' figures and the book); else the
+    estimate is echoed. Called before the run folder is made or opened, so a refusal leaves
+    nothing behind. Returns the estimate in MB: the default study's models take ~6.7 GB, a
+    ``ci`` run's ~0.44 GB."""
     import shutil
 
     from cellstudy import networks, workflow
 
     error = error or StudyError
-    run = rundir.Run(run_dir)
-    todo = [(n, k) for n, k in workflow.make_plan(cfg).train if not run.fold(n, k).model("long").is_file()]
+    run = rundir.Run(run_dir) if run_dir is not None and Path(run_dir).is_dir() else None
+    todo = [(n, k) for n, k in workflow.make_plan(cfg).train if run is None or not run.fold(n, k).is_finished()]
     need_mb = sum(2 * (networks.SPECS[n].model_mb or 0.0) for n, _ in todo)
-    free_mb = (shutil.disk_usage(run.root).free if free_bytes is None else free_bytes) / 1e6
+    place = Path(where).resolve()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    free_mb = (shutil.disk_usage(place).free if free_bytes is None else free_bytes) / 1e6
     if need_mb * 1.1 > free_mb:
         raise error(f"the run's models need ~{need_mb / 1e3:.1f} GB ({len(todo)} fold(s) x 2 regimes; "
-                    f"the heaviest: {_heaviest(todo)}) and {run.root} has {free_mb / 1e3:.1f} GB free; free "
-                    "space there (old runs' training/*/fold*/model_*.keras are the bulk) or choose fewer networks "
-                    "(overrides: {networks: [...]}), then rerun the same command")
+                    f"the heaviest: {_heaviest(todo)}) and {place} has {free_mb / 1e3:.1f} GB free; nothing "
+                    "was started. Free space there (old runs' training/*/fold*/model_*.keras are the bulk) and "
+                    "rerun the same command, or choose fewer networks (overrides: {networks: [...]}; a changed "
+                    "config starts a new run folder)")
     if todo:
-        echo(f"the models of {len(todo)} fold(s) will take ~{need_mb / 1e3:.1f} GB under {run.training} "
-             f"({free_mb / 1e3:.0f} GB free)")
+        echo(f"the models of {len(todo)} fold(s) will take ~{need_mb / 1e3:.1f} GB ({free_mb / 1e3:.0f} GB "
+             f"free in {place})")
     return need_mb
 
 
@@ -626,8 +635,9 @@ def run_study(
         check_mathjax("pass --no-book to run the notebooks only", StudyError)
     _check_writable(runs_dir)
 
+    # the disk the models take, before the run folder is made or opened (not when it fills)
+    check_disk(cfg, runs_dir, None if new else find_resumable(runs_dir, cfg), StudyError, echo)
     run_dir, status = open_run(cfg, runs_dir, new, echo)
-    check_disk(run_dir, cfg, StudyError, echo)   # before the training, not when the disk fills
     status["engine"] = "snakemake"
     init_run(cfg, config_path, run_dir, data_prov, status)
     run = rundir.Run(run_dir)
@@ -643,7 +653,7 @@ def run_study(
     echo(f"running the workflow: {n_steps} notebook(s), {n_train} training job(s) (one per network)"
          + (" and the book" if build else "") + f", up to {cfg.workers} job(s) at once"
          + (" (training jobs and notebooks side by side)" if cfg.workers > 1 else "")
-         + "; Snakemake counts these and its own 'all' target")
+         + "; Snakemake's job count adds its own target and leaves out what is done")
     t_study = time.perf_counter()
     before = {s: dict(v) for s, v in read_status(run_dir).get("steps", {}).items()}
     try:

@@ -72,19 +72,25 @@ def run_scale(run_dir: str | os.PathLike, scale: str, overrides: dict[str, Any] 
     return rundir.Run(run_dir).scale(scale, overrides)
 
 
-def check_run_cohort(run_dir: str | Path, cohort: str):
+def check_run_cohort(run_dir: str | Path, cohort: str, strict: bool = True):
     """Refuse ``cohort`` for the run folder ``run_dir`` when the run was made for other cells
     (``rundir.Run.check_cohort``; the first step to call it records the cohort), from the cohort's
     manifest alone (no image is read): every chapter that takes a ``cohort`` parameter calls it
     (``prepare`` does), so a notebook run by hand with another cohort stops before it reads or
-    writes anything. Returns the manifest table (``data.load_manifest``), or None when the
-    manifest cannot be read this way (``data.load_cohort`` then refuses it with its own message;
-    ``prepare`` checks the cohort from the loaded cells instead)."""
+    writes anything. Returns the manifest table (``data.load_manifest``). A cohort whose manifest
+    cannot be read this way (an unknown name, a missing column) raises its error (DataError /
+    FileNotFoundError) unless ``strict=False`` (``prepare``: ``data.load_cohort`` then refuses it with
+    its own message, and the cohort is checked from the loaded cells), which returns None."""
     try:
         tab = data.load_manifest(cohort)
         ident = (folds_mod.cells_hash(tab["cell_id"].astype(str), tab["label"].astype(int), tab["group"].astype(str)),
                  len(tab))
-    except (ValueError, KeyError, TypeError):   # a manifest load_cohort refuses with its own message
+    except (ValueError, KeyError, TypeError) as e:
+        if strict:
+            if isinstance(e, data.DataError):
+                raise
+            raise data.DataError(f"cohort {cohort!r}: its manifest has no usable cell_id / label / group "
+                                 f"columns ({type(e).__name__}: {e}); `cellstudy verify {cohort}` says more") from e
         return None
     rundir.Run(run_dir).check_cohort(cohort, *ident)
     return tab
@@ -98,7 +104,7 @@ def prepare(cohort: str, scale: str, run_dir: str | os.PathLike, data_root: str 
     sc = run_scale(run_dir, scale, overrides)
     t0 = time.perf_counter()
     run = rundir.Run(run_dir)
-    tab = check_run_cohort(run_dir, cohort)
+    tab = check_run_cohort(run_dir, cohort, strict=False)
     coh = data.load_cohort(cohort, root=data_root, manifest=tab)
     if tab is None:
         run.check_cohort(cohort, folds_mod.cells_hash(coh.cell_ids, coh.labels, coh.groups), len(coh.cell_ids))

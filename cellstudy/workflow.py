@@ -455,6 +455,8 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
         check_mathjax("pass --target notebooks / training to leave the book out", WorkflowError)
     if run_dir:
         rd = Path(run_dir).resolve()
+        if not looking:   # the disk the models take, before the run folder is made (not when it fills)
+            runner.check_disk(cfg, rd, rd, WorkflowError, echo)
         rd.mkdir(parents=True, exist_ok=True)
         check_same_config(rd, cfg)
         status = runner.read_status(rd) or {"name": cfg.name, "digest": cfg.digest(), "started": provenance.now(),
@@ -463,9 +465,9 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
     else:
         runs = Path(runs_dir) if runs_dir else config.REPO_ROOT / "runs"
         runs.mkdir(parents=True, exist_ok=True)
+        if not looking:
+            runner.check_disk(cfg, runs, None if new else runner.find_resumable(runs, cfg), WorkflowError, echo)
         rd, status = runner.open_run(cfg, runs, new, echo)
-    if not looking:
-        runner.check_disk(rd, cfg, WorkflowError, echo)   # before the training, not when the disk fills
     status["engine"] = "snakemake"
     local = prof is None and not on_cluster(None, extra)
     jobs_here = (cores or available_cores()) if local else 0   # TensorFlow jobs at once on this machine

@@ -386,7 +386,7 @@ def test_all_problems_collected_and_capped(tmp_path):
     # problems that all differ are capped at MAX_LISTED lines
     with pytest.raises(DataError) as e:
         data._raise_problems([f"problem {i}" for i in range(13)], "x")
-    assert str(e.value).count("\n  - ") == data.MAX_LISTED and "... and 3 more line(s) like these" in str(e.value)
+    assert str(e.value).count("\n  - ") == data.MAX_LISTED and "... and 3 more line(s)" in str(e.value)
 
 
 def test_nothing_written_on_failure(tmp_path):

@@ -404,11 +404,20 @@ def test_grey_files_without_a_channel_pattern_get_the_option_named(tmp_path, cap
     assert cli.main(["manifest", str(src), "-o", str(tmp_path / "m.csv"), "--normal", "ctrl", "--abnormal",
                      "drug", "--channels", "third=2,actin=1,dna=0", "--group-pattern", GROUP_RX]) == 2
     assert "--channel-pattern '_{channel}.tif'" in capsys.readouterr().err
-    # following the hint works, and the cell ids lose the whole "_w<k>" (the pattern's literal "w" too)
+    # following the hint works
+    df = mf.build_manifest(src, normal="ctrl", abnormal="drug", channels="third=w3,actin=w2,dna=w1",
+                           channel_pattern="_{channel}.tif", group_pattern=GROUP_RX, n_splits=2)
+    assert "ctrl/A01_s1_c0" in set(df["cell_id"]) and len(df) == 10
+    # the cell ids lose the whole "_w<k>" of a pattern with literal text around the token
     df = mf.build_manifest(src, normal="ctrl", abnormal="drug", channels="third=3,actin=2,dna=1",
                            channel_pattern="_w{channel}.tif", group_pattern=GROUP_RX, n_splits=2)
     assert "ctrl/A01_s1_c0" in set(df["cell_id"]) and not df["cell_id"].str.endswith("_w").any()
     assert len(df) == 10
+    # two or four tokens: no --channels that parse_channel_map would refuse
+    two = mf._per_channel_hint([f"A01_s1_c{k}_{w}.tif" for k in range(2) for w in ("w1", "w2")])
+    assert "only two tokens ['w1', 'w2']" in two and "--channels third" not in two
+    four = mf._per_channel_hint([f"A01_s1_c{k}_{w}.tif" for k in range(2) for w in ("w1", "w2", "w3", "w4")])
+    assert "third=<token>" in four and "['w1', 'w2', 'w3', 'w4']" in four
 
 
 def test_the_cell_id_of_a_channel_token_inside_the_name_or_a_folder(tmp_path):
@@ -421,6 +430,14 @@ def test_the_cell_id_of_a_channel_token_inside_the_name_or_a_folder(tmp_path):
     rels = [f"w{k}/A01_s1_c0.tif" for k in (1, 2, 3)]
     cells = mf._find_cells(rels, cmap, "w{channel}/", [], [])
     assert [c.cell_id for c in cells] == ["A01_s1_c0"]
+    rels = [f"ctrl/w{k}/A01.tif" for k in (1, 2, 3)]     # the folder separator stays
+    assert [c.cell_id for c in mf._find_cells(rels, cmap, "/w{channel}/", [], [])] == ["ctrl/A01"]
+    # a regular expression may match text that differs between cells: only the token goes
+    cmap = mf.parse_channel_map("third=w3,actin=w2,dna=w1", per_file=True)
+    rels = [f"A_{w}_z0{z}.tif" for z in (1, 2) for w in ("w1", "w2", "w3")]
+    cells = mf._find_cells(rels, cmap, r"_(?P<channel>w\d)_z\d+\.tif$", [], [])
+    assert sorted(c.cell_id for c in cells) == ["A_z01", "A_z02"]
+
 
 
 def test_the_summary_states_the_shape_as_read_and_a_relative_labels_path(tmp_path, monkeypatch):

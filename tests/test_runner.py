@@ -339,14 +339,46 @@ def test_the_disk_the_models_take_is_checked_before_training(tmp_path):
     plan = workflow.make_plan(ci)
     expected = sum(2 * networks.SPECS[n].model_mb for n, _ in plan.train)
     said = []
-    assert runner.check_disk(tmp_path, ci, echo=said.append, free_bytes=10**12) == pytest.approx(expected)
-    assert 400 < expected < 500 and "will take ~0.4 GB" in said[0]
-    with pytest.raises(runner.StudyError, match=r"need ~0.4 GB .*VGG16 63 MB a file.* has 0.2 GB free"):
-        runner.check_disk(tmp_path, ci, free_bytes=2 * 10**8)
-    # folds trained already need nothing more
-    for n, k in plan.train:
-        fd = rundir.Run(tmp_path).fold(n, k, create=True)
-        fd.model("long").write_bytes(b"x")
-    assert runner.check_disk(tmp_path, ci, free_bytes=0) == 0
+    run = tmp_path / "runs" / "r"      # not there yet: free space of the nearest existing folder
+    assert runner.check_disk(ci, run, None, echo=said.append, free_bytes=10**12) == pytest.approx(expected)
+    assert 400 < expected < 500 and "will take ~0.4 GB" in said[0] and str(tmp_path) in said[0]
+    with pytest.raises(runner.StudyError, match=r"need ~0.4 GB .*VGG16 63 MB a file.* has 0.2 GB free; nothing was started"):
+        runner.check_disk(ci, run, None, free_bytes=2 * 10**8)
+    # a resumed run: its finished folds (done or failed; their models may have been deleted) need nothing
+    for i, (n, k) in enumerate(plan.train):
+        fd = rundir.Run(run).fold(n, k, create=True)
+        (fd.done if i % 2 else fd.failed).write_text("{}")
+    assert runner.check_disk(ci, run, run, free_bytes=0) == 0
+    assert runner.check_disk(ci, run, None, echo=lambda s: None, free_bytes=10**12) == pytest.approx(expected)
     default = runner.load_config(config.REPO_ROOT / "configs" / "default.yaml")
-    assert 6000 < runner.check_disk(tmp_path / "d", default, echo=lambda s: None, free_bytes=10**12) < 7500
+    assert 6000 < runner.check_disk(default, tmp_path, None, echo=lambda s: None, free_bytes=10**12) < 7500
+
+
+def test_run_and_workflow_check_the_disk_before_they_make_a_run_folder(tmp_path, fake_notebooks, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from cellstudy import workflow
+
+    _nb(fake_notebooks / "00_ok.ipynb", "x = 1")
+    _nb(fake_notebooks / "05_mhl_family.ipynb", "x = 1")    # a family step: the plan trains MHL
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))   # 1 MB free
+    runs = tmp_path / "runs"
+    with pytest.raises(runner.StudyError, match="nothing was started"):
+        runner.run_study(_config(tmp_path, ["00_ok", "05_mhl_family"]), runs_dir=runs, build=False, log_output=False,
+                         echo=lambda s: None)
+    assert not runs.exists() or not any(runs.iterdir())               # no run folder begun
+    with pytest.raises(workflow.WorkflowError, match="nothing was started"):
+        workflow.run_workflow(_config(tmp_path, ["00_ok", "05_mhl_family"]), runs_dir=str(runs), targets=["notebooks"],
+                              echo=lambda s: None)
+    with pytest.raises(workflow.WorkflowError, match="nothing was started"):
+        workflow.run_workflow(_config(tmp_path, ["00_ok", "05_mhl_family"]), run_dir=str(runs / "mine"), targets=["notebooks"],
+                              echo=lambda s: None)
+    assert not any(runs.iterdir())
+    # a dry run writes no model: not refused
+    calls = []
+    monkeypatch.setattr(workflow, "snakemake", lambda *a, **k: calls.append(k.get("extra")))
+    workflow.run_workflow(_config(tmp_path, ["00_ok", "05_mhl_family"]), runs_dir=str(runs), extra=["-n"], targets=["notebooks"],
+                          echo=lambda s: None)
+    assert calls == [["-n"]]

@@ -102,7 +102,7 @@ def _raise_problems(problems: list[str], what: str, missing_only: bool = False) 
     shown = group_problems(problems)
     listed = "\n".join(f"  - {p}" for p in shown[:MAX_LISTED])
     more = len(shown) - MAX_LISTED
-    tail = f"\n  ... and {more} more line(s) like these" if more > 0 else ""
+    tail = f"\n  ... and {more} more line(s)" if more > 0 else ""
     msg = f"{len(problems)} problem(s) in {what}:\n{listed}{tail}"
     cls = MissingFileError if missing_only else DataError
     raise cls(msg, problems)

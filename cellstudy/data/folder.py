@@ -190,6 +190,7 @@ def _find_cells(rels: list[str], cmap: ChannelMap, channel_pattern: str | None,
     rx = channel_regex(str(channel_pattern), cmap.values)
     by_key: dict[str, dict[str, str]] = {}
     id_of: dict[str, str] = {}
+    literal = PLACEHOLDER in str(channel_pattern)
     ignored: Counter[str] = Counter()
     for rel in rels:
         m = rx.search(rel)
@@ -203,9 +204,16 @@ def _find_cells(rels: list[str], cmap: ChannelMap, channel_pattern: str | None,
             continue
         key = rel[: m.start("channel")] + PLACEHOLDER + rel[m.end("channel"):]
         by_key.setdefault(key, {})[token] = rel
-        # the cell's id drops the pattern's whole match ("_w1.tif" of "_w{channel}.tif"), not
-        # only the token: "B02_c3_w1.tif" is cell "B02_c3", not "B02_c3_w"
-        id_of.setdefault(key, rel[: m.start()] + "_" + rel[m.end():])
+        # a {channel} pattern's literal text is the same in every file name, so the cell's id drops
+        # the whole match ("_w1.tif" of "_w{channel}.tif"): "B02_c3_w1.tif" is cell "B02_c3", not
+        # "B02_c3_w" (a folder separator in the match stays one); a regular expression may match
+        # text that differs from cell to cell, so there only the channel token goes
+        if literal:
+            cut = m.group(0)
+            joined = rel[: m.start()] + ("/" if "/" in cut else "_") + rel[m.end():]
+            id_of.setdefault(key, re.sub(r"/+", "/", joined).lstrip("/"))
+        else:
+            id_of.setdefault(key, key)
     for token, n in sorted(ignored.items()):
         notes.append(f"{n} file(s) of channel {token!r} ignored: not in --channels {cmap.spec!r}")
     seen = set(ignored) | {t for found in by_key.values() for t in found}
@@ -241,8 +249,15 @@ def _per_channel_hint(rels: list[str]) -> str:
     sep, ext = split[0].group(2), split[0].group(4)
     if 2 <= len(tokens) <= 8 and min(stems.values()) >= 2:
         t = sorted(tokens)
-        return (msg + f"; the names end in the tokens {t}, e.g. --channel-pattern '{sep}{{channel}}{ext}' "
-                f"--channels third={t[-1]},actin={t[min(1, len(t) - 1)]},dna={t[0]} (with your stains' tokens)")
+        pattern = f"--channel-pattern '{sep}{{channel}}{ext}'"
+        if len(t) == 3:
+            return (msg + f"; the names end in the tokens {t}, e.g. {pattern} --channels "
+                    f"third={t[2]},actin={t[1]},dna={t[0]} (put each stain's own token)")
+        if len(t) == 2:
+            return (msg + f"; the names end in only two tokens {t}, e.g. {pattern}, but the study needs "
+                    "three stains (R = third stain, G = F-actin, B = DNA): a channel's files are missing")
+        return (msg + f"; the names end in the tokens {t}, e.g. {pattern} --channels third=<token>,"
+                "actin=<token>,dna=<token> with three of them (the others are ignored)")
     return msg + ", e.g. --channel-pattern '_{channel}.tif' --channels third=w3,actin=w2,dna=w1"
 
 
