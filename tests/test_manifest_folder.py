@@ -353,16 +353,21 @@ def test_stains_column_rules(tmp_path):
     assert data.stains_of(data.load_manifest("rxrx1-cells")) == ("concanavalin A", "F-actin", "DNA")
 
 
-def test_a_wrong_channel_token_is_named_once_and_repeated_problems_are_grouped(tmp_path, capsys):
-    """A newcomer's `--channels third=w4,...` on w1/w2/w3 files gave 121 lines without the cause."""
-    from cellstudy import cli
-
-    src = tmp_path / "grey"
+def _grey_folder(src: Path, infix: str = "") -> Path:
+    """One grey TIFF per channel: <class>/<well>{infix}_w1/_w2/_w3.tif, 5 wells per class."""
     for ci, cls in enumerate(("ctrl", "drug")):
         (src / cls).mkdir(parents=True)
         for well in _wells(5, "AB"[ci]):
             for w in ("w1", "w2", "w3"):
-                tifffile.imwrite(src / cls / f"{well}_{w}.tif", _pixels(ci, 1)[:, :, 0])
+                tifffile.imwrite(src / cls / f"{well}{infix}_{w}.tif", _pixels(ci, 1)[:, :, 0])
+    return src
+
+
+def test_a_wrong_channel_token_is_named_once_and_repeated_problems_are_grouped(tmp_path, capsys):
+    """A newcomer's `--channels third=w4,...` on w1/w2/w3 files gave 121 lines without the cause."""
+    from cellstudy import cli
+
+    src = _grey_folder(tmp_path / "grey")
     with pytest.raises(data.DataError) as e:
         mf.build_manifest(src, normal="ctrl", abnormal="drug", channels="third=w4,actin=w2,dna=w1",
                           channel_pattern="_{channel}.tif", group_pattern=GROUP_RX, n_splits=2)
@@ -389,12 +394,7 @@ def test_grey_files_without_a_channel_pattern_get_the_option_named(tmp_path, cap
     lines and no hint; the first problem now names --channel-pattern and the names' tokens."""
     from cellstudy import cli
 
-    src = tmp_path / "grey"
-    for ci, cls in enumerate(("ctrl", "drug")):
-        (src / cls).mkdir(parents=True)
-        for well in _wells(5, "AB"[ci]):
-            for w in ("w1", "w2", "w3"):
-                tifffile.imwrite(src / cls / f"{well}_c0_{w}.tif", _pixels(ci, 1)[:, :, 0])
+    src = _grey_folder(tmp_path / "grey", "_c0")
     with pytest.raises(data.DataError) as e:
         mf.build_manifest(src, normal="ctrl", abnormal="drug", channels="third=2,actin=1,dna=0",
                           group_pattern=GROUP_RX, n_splits=2)
