@@ -587,8 +587,9 @@ def shape_line(df: pd.DataFrame) -> str:
     per_file = df["path"].astype(str).str.contains(";").any()
     what = (common if len(dims) < 2 else f"{dims[0]} x {dims[1]} px, "
             + ("one grey file per channel" if per_file else f"{dims[2] if len(dims) > 2 else 1} channel(s)"))
-    return (f"  images: {what} as read (shape column {common}: height x width x channels, channel last; "
-            f"--channels indexes that last axis)" + (f"; {rest} other shape(s)" if rest else ""))
+    how = (f"shape column {common} a file: height x width; --channels names each stain's file token" if per_file
+           else f"shape column {common}: height x width x channels, channel last; --channels indexes that last axis")
+    return f"  images: {what} as read ({how})" + (f"; {rest} other shape(s)" if rest else "")
 
 
 def summary(df: pd.DataFrame) -> str:
