@@ -164,18 +164,16 @@ def _key(name: str) -> str:
     return str(name).strip().lower().replace("-", "_").replace(" ", "_")
 
 
+#: id and display name, normalised (``_key``) -> network id: what :func:`resolve` looks up.
+_BY_KEY: dict[str, str] = {_key(k): n for n in NETWORK_NAMES for k in (n, DISPLAY[n])}
+
+
 def resolve(name: str) -> str:
     """The network id (``mhl_res``) of ``name``, given as an id or as the paper's display name
     (``MHL-Res``), case-insensitive, ``-`` / ``_`` / space alike: what a user types after
     ``--network``. ValueError listing the ids with their display names otherwise."""
-    if name in NETWORK_NAMES:
-        return name
-    by_key = {}
-    for n in NETWORK_NAMES:
-        by_key[_key(n)] = n
-        by_key[_key(DISPLAY[n])] = n
     try:
-        return by_key[_key(name)]
+        return _BY_KEY[_key(name)]
     except KeyError:
         known = ", ".join(f"{n} ({DISPLAY[n]})" for n in NETWORK_NAMES)
         raise ValueError(f"unknown network {name!r}; expected one of: {known}") from None

@@ -568,11 +568,11 @@ def check_built_book(run_dir: Path, index: Path, report: str | os.PathLike | Non
     return out
 
 
-def check_disk(cfg: StudyConfig, where: str | os.PathLike, run_dir: str | os.PathLike | None = None,
+def check_disk(plan, where: str | os.PathLike, run_dir: str | os.PathLike | None = None,
                error: type[Exception] | None = None, echo: Callable[[str], None] = print,
                free_bytes: int | None = None) -> float:
-    """Before any training: the model files a run still has to write (each (network, fold) of the
-    plan that has not finished keeps a short- and a long-regime model, ``networks.ModelSpec.model_mb``
+    """Before any training: the model files a run still has to write (each (network, fold) of
+    ``plan`` (``workflow.make_plan``: the caller's, already checked) that has not finished keeps a short- and a long-regime model, ``networks.ModelSpec.model_mb``
     each) against the free space at ``where`` (the runs folder or the run folder; its nearest
     existing folder; ``free_bytes``: a test's stand-in). ``run_dir``: the run to be resumed (its
     finished folds, done or failed, need nothing; models deleted after a finished run are not
@@ -583,11 +583,11 @@ def check_disk(cfg: StudyConfig, where: str | os.PathLike, run_dir: str | os.Pat
     ``ci`` run's ~0.44 GB."""
     import shutil
 
-    from cellstudy import networks, workflow
+    from cellstudy import networks
 
     error = error or StudyError
     run = rundir.Run(run_dir) if run_dir is not None and Path(run_dir).is_dir() else None
-    todo = [(n, k) for n, k in workflow.make_plan(cfg).train if run is None or not run.fold(n, k).is_finished()]
+    todo = [(n, k) for n, k in plan.train if run is None or not run.fold(n, k).is_finished()]
     need_mb = sum(2 * (networks.SPECS[n].model_mb or 0.0) for n, _ in todo)
     place = Path(where).resolve()
     while not place.exists() and place != place.parent:
@@ -627,7 +627,7 @@ def run_study(
     from cellstudy import workflow
 
     cfg = load_config(config_path, **override)
-    workflow.make_plan(cfg)  # a config whose steps select no network fails here, before any work
+    plan = workflow.make_plan(cfg)  # a config whose steps select no network fails here, before any work
     runs_dir = Path(runs_dir) if runs_dir else config.REPO_ROOT / "runs"
     data_prov = preflight(cfg)  # fails before any long work
     if build:
@@ -636,7 +636,7 @@ def run_study(
     _check_writable(runs_dir)
 
     # the disk the models take, before the run folder is made or opened (not when it fills)
-    check_disk(cfg, runs_dir, None if new else find_resumable(runs_dir, cfg), StudyError, echo)
+    check_disk(plan, runs_dir, None if new else find_resumable(runs_dir, cfg), StudyError, echo)
     run_dir, status = open_run(cfg, runs_dir, new, echo)
     status["engine"] = "snakemake"
     init_run(cfg, config_path, run_dir, data_prov, status)
@@ -649,8 +649,7 @@ def run_study(
             and run.executed(s).is_file()]
     if done:
         echo(f"steps done earlier, kept: {done}")
-    n_train = len(workflow.make_plan(cfg).networks)
-    echo(f"running the workflow: {n_steps} notebook(s), {n_train} training job(s) (one per network)"
+    echo(f"running the workflow: {n_steps} notebook(s), {len(plan.networks)} training job(s) (one per network)"
          + (" and the book" if build else "") + f", up to {cfg.workers} job(s) at once"
          + (" (training jobs and notebooks side by side)" if cfg.workers > 1 else "")
          + "; Snakemake's job count adds its own target and leaves out what is done")

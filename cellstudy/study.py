@@ -80,7 +80,7 @@ def check_run_cohort(run_dir: str | Path, cohort: str, strict: bool = True):
     writes anything. Returns the manifest table (``data.load_manifest``). A cohort whose manifest
     cannot be read this way (an unknown name, a missing column) raises its error (DataError /
     FileNotFoundError) unless ``strict=False`` (``prepare``: ``data.load_cohort`` then refuses it with
-    its own message, and the cohort is checked from the loaded cells), which returns None."""
+    its own message), which returns None."""
     try:
         tab = data.load_manifest(cohort)
         ident = (folds_mod.cells_hash(tab["cell_id"].astype(str), tab["label"].astype(int), tab["group"].astype(str)),
@@ -103,11 +103,10 @@ def prepare(cohort: str, scale: str, run_dir: str | os.PathLike, data_root: str 
     is the cohort (``rundir.Run.check_cohort``: a run folder made for other cells is refused)."""
     sc = run_scale(run_dir, scale, overrides)
     t0 = time.perf_counter()
-    run = rundir.Run(run_dir)
+    # None: a manifest check_run_cohort cannot read, which load_cohort (reading it again) refuses
+    # with its own message (an unknown cohort, a missing column, a label that is not 0 / 1)
     tab = check_run_cohort(run_dir, cohort, strict=False)
     coh = data.load_cohort(cohort, root=data_root, manifest=tab)
-    if tab is None:
-        run.check_cohort(cohort, folds_mod.cells_hash(coh.cell_ids, coh.labels, coh.groups), len(coh.cell_ids))
     t1 = time.perf_counter()
     images = preprocess.preprocess_batch(coh.images, list(coh.sha256), sc["image_size"], sc["preprocess"],
                                          progress=progress)

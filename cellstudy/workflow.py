@@ -445,7 +445,7 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
     workflow in it; returns the run folder. WorkflowError naming the log of the failed job's rule
     when Snakemake fails (its report above names the job and its log)."""
     cfg = runner.load_config(config_path, data_root=data_root)
-    make_plan(cfg)  # a config whose steps select no network fails here, before any work
+    plan = make_plan(cfg)  # a config whose steps select no network fails here, before any work
     prof = check_profile(profile) if profile else None
     data_prov = runner.preflight(cfg)
     looking = {"-n", "--dry-run", "--dryrun", "--list", "-l", "--touch", "-t", "--list-rules",
@@ -456,7 +456,7 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
     if run_dir:
         rd = Path(run_dir).resolve()
         if not looking:   # the disk the models take, before the run folder is made (not when it fills)
-            runner.check_disk(cfg, rd, rd, WorkflowError, echo)
+            runner.check_disk(plan, rd, rd, WorkflowError, echo)
         rd.mkdir(parents=True, exist_ok=True)
         check_same_config(rd, cfg)
         status = runner.read_status(rd) or {"name": cfg.name, "digest": cfg.digest(), "started": provenance.now(),
@@ -466,7 +466,7 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
         runs = Path(runs_dir) if runs_dir else config.REPO_ROOT / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         if not looking:
-            runner.check_disk(cfg, runs, None if new else runner.find_resumable(runs, cfg), WorkflowError, echo)
+            runner.check_disk(plan, runs, None if new else runner.find_resumable(runs, cfg), WorkflowError, echo)
         rd, status = runner.open_run(cfg, runs, new, echo)
     status["engine"] = "snakemake"
     local = prof is None and not on_cluster(None, extra)

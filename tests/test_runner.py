@@ -340,17 +340,17 @@ def test_the_disk_the_models_take_is_checked_before_training(tmp_path):
     expected = sum(2 * networks.SPECS[n].model_mb for n, _ in plan.train)
     said = []
     run = tmp_path / "runs" / "r"      # not there yet: free space of the nearest existing folder
-    assert runner.check_disk(ci, run, None, echo=said.append, free_bytes=10**12) == pytest.approx(expected)
+    assert runner.check_disk(plan, run, None, echo=said.append, free_bytes=10**12) == pytest.approx(expected)
     assert 400 < expected < 500 and "will take ~0.4 GB" in said[0] and str(tmp_path) in said[0]
     with pytest.raises(runner.StudyError, match=r"need ~0.4 GB .*VGG16 63 MB a file.* has 0.2 GB free; nothing was started"):
-        runner.check_disk(ci, run, None, free_bytes=2 * 10**8)
+        runner.check_disk(plan, run, None, free_bytes=2 * 10**8)
     # a resumed run: its finished folds (done or failed; their models may have been deleted) need nothing
     for i, (n, k) in enumerate(plan.train):
         fd = rundir.Run(run).fold(n, k, create=True)
         (fd.done if i % 2 else fd.failed).write_text("{}")
-    assert runner.check_disk(ci, run, run, free_bytes=0) == 0
-    assert runner.check_disk(ci, run, None, echo=lambda s: None, free_bytes=10**12) == pytest.approx(expected)
-    default = runner.load_config(config.REPO_ROOT / "configs" / "default.yaml")
+    assert runner.check_disk(plan, run, run, free_bytes=0) == 0
+    assert runner.check_disk(plan, run, None, echo=lambda s: None, free_bytes=10**12) == pytest.approx(expected)
+    default = workflow.make_plan(runner.load_config(config.REPO_ROOT / "configs" / "default.yaml"))
     assert 6000 < runner.check_disk(default, tmp_path, None, echo=lambda s: None, free_bytes=10**12) < 7500
 
 

@@ -242,12 +242,10 @@ def _per_channel_hint(rels: list[str]) -> str:
            f"for one file per channel give --channel-pattern (how a file name holds its channel) and "
            f"--channels with the names' tokens")
     split = [re.fullmatch(r"(.+?)([_\-.])([A-Za-z0-9]+)(\.[A-Za-z.]+)", PurePosixPath(r).name) for r in rels]
-    if not all(split):
-        return msg + ", e.g. --channel-pattern '_{channel}.tif' --channels third=w3,actin=w2,dna=w1"
-    tokens = Counter(m.group(3) for m in split)
-    stems = Counter((m.group(1), m.group(4)) for m in split)
-    sep, ext = split[0].group(2), split[0].group(4)
-    if 2 <= len(tokens) <= 8 and min(stems.values()) >= 2:
+    tokens = Counter(m.group(3) for m in split if m)
+    stems = Counter((m.group(1), m.group(4)) for m in split if m)
+    if all(split) and 2 <= len(tokens) <= 8 and min(stems.values()) >= 2:
+        sep, ext = split[0].group(2), split[0].group(4)
         t = sorted(tokens)
         pattern = f"--channel-pattern '{sep}{{channel}}{ext}'"
         if len(t) == 3:
