@@ -94,6 +94,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "gradcam_min_size": 4,
         "whitening": "zca",      # "zca" (3 x 3, the paper's) or "channel" (each stain on its own)
         "flips": False,          # a random rotation by quarter turns / flip per training image per epoch
+        "lr_decay": "none",      # after the warm-up: "none" (fixed rate) or "cosine" (to 0 by the last epoch)
     },
     # A look in ~20 minutes (configs/quick.yaml): the former CPU default, all eleven networks x 5
     # folds at S = 32 and 1 + 1 epochs. The networks do NOT learn at this scale (AUC 0.49-0.78 in
@@ -119,6 +120,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "gradcam_min_size": 4,
         "whitening": "zca",      # "zca" (3 x 3, the paper's) or "channel" (each stain on its own)
         "flips": False,          # a random rotation by quarter turns / flip per training image per epoch
+        "lr_decay": "none",      # after the warm-up: "none" (fixed rate) or "cosine" (to 0 by the last epoch)
     },
     # The CPU default of `make study`: all eleven networks x 5 folds x both regimes on a 2-core
     # machine, at the BBBC021 crops' native size (68 px -> S = 64: stride-32 backbones keep a
@@ -164,6 +166,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "gradcam_min_size": 4,
         "whitening": {"RGB": "channel"},  # per family (above); the families not named: "zca"
         "flips": False,          # a random rotation by quarter turns / flip per training image per epoch
+        "lr_decay": "none",      # after the warm-up: "none" (fixed rate) or "cosine" (to 0 by the last epoch)
     },
     # The paper's scale: S = 512, short (< 100) and long (> 100) regimes. Needs a GPU.
     "paper": {
@@ -186,13 +189,14 @@ SCALES: dict[str, dict[str, Any]] = {
         "gradcam_min_size": 4,
         "whitening": "zca",      # "zca" (3 x 3, the paper's) or "channel" (each stain on its own)
         "flips": False,          # a random rotation by quarter turns / flip per training image per epoch
+        "lr_decay": "none",      # after the warm-up: "none" (fixed rate) or "cosine" (to 0 by the last epoch)
     },
 }
 
 
 #: Scale keys added after runs were made, with the value that reproduces those runs: a run
 #: folder's ``scale.json`` without the key is read as having it (``rundir.read_scale_file``).
-ADDED_SCALE_KEYS: dict[str, Any] = {"whitening": "zca", "flips": False}
+ADDED_SCALE_KEYS: dict[str, Any] = {"whitening": "zca", "flips": False, "lr_decay": "none"}
 
 # Scales for a look or for the tests: their networks are not trained to the plateau, and the
 # books of their runs say that their numbers are not conclusive (``not_conclusive_note``).
@@ -229,7 +233,21 @@ def get_scale(name: str, overrides: dict[str, Any] | None = None) -> dict[str, A
         else:
             p[k] = v
     check_whitening(p.get("whitening", "zca"))
+    check_lr_decay(p.get("lr_decay", "none"))
     return p
+
+
+#: The learning-rate decays after the warm-up (a scale's ``lr_decay``): "none", the paper's fixed
+#: rate; "cosine", a half cosine from the rate to 0 over the rest of the long regime
+#: (``train.learning_rate_schedule``).
+LR_DECAYS = ("none", "cosine")
+
+
+def check_lr_decay(value: Any) -> None:
+    """ConfigError unless ``value`` is one of :data:`LR_DECAYS`."""
+    if value not in LR_DECAYS:
+        raise ConfigError(f"lr_decay={value!r}; expected 'none' (the rate stays fixed after the warm-up) "
+                          "or 'cosine' (it falls to 0 by the end of the long regime)")
 
 
 #: The input whitening modes (``augment.ZCAWhitening``): "zca", the paper's 3 x 3 ZCA over the

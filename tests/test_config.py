@@ -77,3 +77,13 @@ def test_per_stain_families():
     assert config.per_stain_families(config.get_scale("paper")) == []
     assert config.per_stain_families({"whitening": "channel"}) == ["DL", "ViT", "RGB", "MHL"]
     assert config.per_stain_families({"whitening": {"MHL": "channel", "DL": "zca"}}) == ["MHL"]
+
+
+def test_lr_decay_is_checked_when_the_scale_is_read():
+    """A scale's ``lr_decay``: "none" (the paper's fixed rate) or "cosine"; another value stops
+    the config before any work, naming the value."""
+    assert config.get_scale("paper")["lr_decay"] == "none"
+    assert config.get_scale("cpu", {"lr_decay": "cosine"})["lr_decay"] == "cosine"
+    for bad in ("linear", None, 1):
+        with pytest.raises(config.ConfigError, match=f"lr_decay={bad!r}; expected 'none'"):
+            config.get_scale("cpu", {"lr_decay": bad})

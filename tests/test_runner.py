@@ -285,16 +285,21 @@ def test_a_run_made_before_a_scale_key_existed_is_still_resumable(tmp_path, monk
     now = cfg.digest()
     assert now in cfg.digests()
     old_scales = copy.deepcopy(config.SCALES)
-    for sc in old_scales.values():        # the version before "flips" (and before "whitening")
-        sc.pop("flips")
+    for sc in old_scales.values():        # the version before "lr_decay"
+        sc.pop("lr_decay")
     monkeypatch.setattr(config, "SCALES", old_scales)
+    before_decay = cfg.digest()
+    for sc in old_scales.values():        # before "flips" (and before "whitening")
+        sc.pop("flips")
     before_flips = cfg.digest()
     for sc in old_scales.values():
         sc.pop("whitening")
     before_whitening = cfg.digest()
     monkeypatch.undo()
-    assert len({now, before_flips, before_whitening}) == 3
-    assert {now, before_flips, before_whitening} == cfg.digests()
+    assert len({now, before_decay, before_flips, before_whitening}) == 4
+    assert {now, before_decay, before_flips, before_whitening} == cfg.digests()
+    decayed = runner.load_config(_config(tmp_path, ["00_cohort"], overrides={"lr_decay": "cosine"}))
+    assert not {before_decay, before_flips} & decayed.digests()
     # a run at another value of the new key is another computation: not resumed
     flipped = runner.load_config(_config(tmp_path, ["00_cohort"], overrides={"flips": True}))
     assert before_flips not in flipped.digests() and before_whitening not in flipped.digests()

@@ -536,6 +536,51 @@ def test_learning_rate_warmup_schedule():
     assert type(sched).__module__.startswith("keras")
 
 
+def test_cosine_decay_schedule():
+    """After the warm-up the rate falls as a half cosine to 0 at the end of the long regime."""
+    sched = train.learning_rate_schedule(1e-2, 10, 20)
+    lr = [float(sched(s)) for s in (0, 5, 10, 15, 20, 25, 30, 31, 500)]
+    half = [(1 + np.cos(np.pi * u)) / 2 * 1e-2 for u in (0.25, 0.5, 0.75)]
+    np.testing.assert_allclose(lr, [0.0, 5e-3, 1e-2, half[0], half[1], half[2], 0.0, 0.0, 0.0],
+                               rtol=1e-5, atol=1e-9)
+    no_warm = train.learning_rate_schedule(1e-2, 0, 20)
+    np.testing.assert_allclose([float(no_warm(s)) for s in (0, 10, 20)], [1e-2, 5e-3, 0.0], atol=1e-9)
+    assert type(sched).__module__.startswith("keras") and type(no_warm).__module__.startswith("keras")
+    # the decay spans the long regime after the warm-up, in optimiser steps
+    assert train.decay_steps_for("cosine", 10, 2, 11) == 88
+    assert train.decay_steps_for("none", 10, 2, 11) == 0
+    with pytest.raises(ValueError, match="lr_decay='linear'"):
+        train.decay_steps_for("linear", 10, 2, 11)
+    with pytest.raises(ValueError, match="warmup_steps=-1"):
+        train.learning_rate_schedule(1e-2, -1, 20)
+
+
+@pytest.mark.slow  # three training runs of the tiny network
+def test_cosine_decay_resume_equals_uninterrupted_and_is_checked(tmp_path):
+    """The decay follows the optimiser's step count (restored from the checkpoint); a checkpoint
+    of another decay, or of the same decay over another length, is refused."""
+    kw = {**COMMON, "warmup_epochs": 1, "learning_rate": 1e-2, "lr_decay": "cosine"}
+    ref = train.train_fold(tiny_cnn(), *DATA, tmp_path / "ref", network_name="tiny", fold=0, **kw)
+    done = json.loads((tmp_path / "ref" / "done.json").read_text())
+    steps = int(np.ceil(len(DATA[0]) / COMMON["batch_size"]))
+    assert done["lr_decay"] == "cosine" and done["decay_steps"] == (COMMON["epochs_long"] - 1) * steps
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0, callbacks=[KillAfter(1)], **kw)
+    with pytest.raises(train.CheckpointMismatchError, match="lr_decay 'cosine' there vs 'none' now"):
+        train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0,
+                         **{**kw, "lr_decay": "none"})
+    with pytest.raises(train.CheckpointMismatchError, match="decay_steps"):
+        train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0,
+                         **{**kw, "epochs_long": COMMON["epochs_long"] + 1})
+    resumed = train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0, **kw)
+    assert resumed.resumed_from == 1
+    np.testing.assert_array_equal(resumed.proba["long"], ref.proba["long"])
+    with pytest.raises(train.TrainError, match="lr_decay .* must be one of"):
+        train.train_fold(tiny_cnn(), *DATA, tmp_path / "bad", network_name="tiny", fold=0,
+                         **{**kw, "lr_decay": "step"})
+
+
 @pytest.mark.slow  # three training runs (~10 s on 2 loaded cores); resume itself: test_resume_after_kill_*
 def test_warmup_resume_equals_uninterrupted(tmp_path):
     """The warm-up follows the optimiser's step count, which the checkpoint restores."""

@@ -268,7 +268,8 @@ def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
         warmup_epochs=int(sc.get("warmup_epochs", 0)), seed=seed,
         deterministic=deterministic, strategy=strategy, mixed_precision=mixed_precision,
         jit_compile=jit_compile, progress=progress, network_name=name, fold=k,
-        initial_weights=initial_weights(name, weights), flips=bool(sc.get("flips", False)))
+        initial_weights=initial_weights(name, weights), flips=bool(sc.get("flips", False)),
+        lr_decay=str(sc.get("lr_decay", "none")))
     return res, cells
 
 

@@ -135,8 +135,10 @@ def pretrain_backbone(backbone: str, cohort: str, serves: str, out: str | os.Pat
     h = keras.layers.GlobalAveragePooling2D()(bb(inp))
     model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(h))
     steps = int(np.ceil(len(xt) / int(sc["batch_size"])))
-    from cellstudy.learning.train import learning_rate_schedule
-    lr = learning_rate_schedule(float(sc["learning_rate"]), int(sc.get("warmup_epochs", 0) or 0) * steps)
+    from cellstudy.learning.train import decay_steps_for, learning_rate_schedule
+    warm = int(sc.get("warmup_epochs", 0) or 0)
+    lr = learning_rate_schedule(float(sc["learning_rate"]), warm * steps,
+                                decay_steps_for(sc.get("lr_decay", "none"), epochs, warm, steps))
     model.compile(optimizer=keras.optimizers.SGD(lr, momentum=float(sc["momentum"])),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     hist = model.fit(xt, yt, batch_size=int(sc["batch_size"]), epochs=epochs, shuffle=True, verbose=0)

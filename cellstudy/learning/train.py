@@ -50,6 +50,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cellstudy import ONEDNN_ENV, atomic, onednn_enabled, seeds, threads
+from cellstudy.config import LR_DECAYS
 from cellstudy.learning import checkpoints as ck
 from cellstudy.learning.checkpoints import (DONE, FAILED, HISTORY, HISTORY_COLUMNS, REGIMES,  # noqa: F401  (re-exported)
                           CheckpointMismatchError, OutputError, TrainError, TrainResult, load_result)
@@ -311,25 +312,51 @@ def _check_arrays(x, y, what: str, network: str, fold: int) -> tuple[np.ndarray,
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
-def _compile_cfg(learning_rate, momentum, jit_compile, strategy, policy, warmup_steps=0) -> tuple:
+def _compile_cfg(learning_rate, momentum, jit_compile, strategy, policy, warmup_steps=0,
+                 decay_steps=0) -> tuple:
     return (float(learning_rate), float(momentum), bool(jit_compile), id(strategy), policy,
-            int(warmup_steps))
+            int(warmup_steps), int(decay_steps))
 
 
-def learning_rate_schedule(learning_rate: float, warmup_steps: int = 0):
-    """SGD's learning rate: the fixed ``learning_rate`` (paper 4.3), reached after a linear
-    warm-up from 0 over ``warmup_steps`` optimiser steps when ``warmup_steps`` > 0.
+def learning_rate_schedule(learning_rate: float, warmup_steps: int = 0, decay_steps: int = 0):
+    """SGD's learning rate at optimiser step t: the fixed ``learning_rate`` (paper 4.3), reached
+    after a linear warm-up from 0 over ``warmup_steps`` steps when ``warmup_steps`` > 0; with
+    ``decay_steps`` > 0 it then falls as a half cosine, ``lr * (1 + cos(pi * u)) / 2`` with
+    ``u = min(t - warmup_steps, decay_steps) / decay_steps``, to 0 after ``decay_steps`` more steps
+    (SGDR's annealing, Loshchilov & Hutter 2017, without restarts; ``decay_steps_for`` sets it to
+    the end of the long regime, so the last epochs take ever smaller steps).
 
-    With a warm-up this is Keras' own ``CosineDecay`` with ``alpha=1`` (no decay: constant at
-    ``learning_rate`` after the warm-up), a built-in schedule, so saved models load without
-    cellstudy. The step count is the optimiser's ``iterations`` variable, saved in every
-    checkpoint, so a resumed run continues the schedule where it stopped."""
-    if int(warmup_steps) <= 0:
+    A float when the rate is constant; else Keras' own ``CosineDecay`` (``alpha=1``, no decay,
+    when only warming up), a built-in schedule, so saved models load without cellstudy. The step
+    count is the optimiser's ``iterations`` variable, saved in every checkpoint, so a resumed run
+    continues the schedule where it stopped."""
+    warmup_steps, decay_steps = int(warmup_steps), int(decay_steps)
+    if warmup_steps < 0 or decay_steps < 0:
+        raise ValueError(f"warmup_steps={warmup_steps}, decay_steps={decay_steps}; expected >= 0")
+    if warmup_steps <= 0 and decay_steps <= 0:
         return float(learning_rate)
     import keras
+    if decay_steps <= 0:
+        return keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0, decay_steps=1, alpha=1.0, warmup_target=float(learning_rate),
+            warmup_steps=warmup_steps)
+    if warmup_steps <= 0:
+        return keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=float(learning_rate), decay_steps=decay_steps, alpha=0.0)
     return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0, decay_steps=1, alpha=1.0, warmup_target=float(learning_rate),
-        warmup_steps=int(warmup_steps))
+        initial_learning_rate=0.0, decay_steps=decay_steps, alpha=0.0,
+        warmup_target=float(learning_rate), warmup_steps=warmup_steps)
+
+
+def decay_steps_for(lr_decay: str, epochs_long: int, warmup_epochs: int, steps_per_epoch: int) -> int:
+    """Optimiser steps of the decay after the warm-up: 0 for ``lr_decay`` "none"; for "cosine"
+    the rest of the long regime, ``(epochs_long - warmup_epochs) * steps_per_epoch``.
+    ValueError for another ``lr_decay``."""
+    if lr_decay not in LR_DECAYS:
+        raise ValueError(f"lr_decay={lr_decay!r}; expected one of {list(LR_DECAYS)}")
+    if lr_decay == "none":
+        return 0
+    return max(0, int(epochs_long) - int(warmup_epochs)) * int(steps_per_epoch)
 
 
 def build_training_state(model, x_example, y_example) -> None:
@@ -348,7 +375,7 @@ def build_training_state(model, x_example, y_example) -> None:
 
 
 def _prepare_model(model, cfg: tuple, learning_rate, momentum, jit_compile, x_example,
-                   y_example, warmup_steps: int = 0) -> bool:
+                   y_example, warmup_steps: int = 0, decay_steps: int = 0) -> bool:
     """Compile (first time / other settings) or reset the optimiser of an already-compiled model.
     Returns True when the compiled functions were reused."""
     import keras
@@ -358,7 +385,7 @@ def _prepare_model(model, cfg: tuple, learning_rate, momentum, jit_compile, x_ex
             v.assign(a)
         return True
     model.compile(optimizer=keras.optimizers.SGD(
-                      learning_rate=learning_rate_schedule(learning_rate, warmup_steps),
+                      learning_rate=learning_rate_schedule(learning_rate, warmup_steps, decay_steps),
                       momentum=momentum),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                   jit_compile=bool(jit_compile))
@@ -394,7 +421,8 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
                network_name: str = "network", fold: int = 0,
                callbacks: list | None = None, keep_checkpoint: bool = False,
                retry_failed: bool = False, cache: bool = True,
-               initial_weights: dict[str, Any] | None = None, flips: bool = False) -> TrainResult:
+               initial_weights: dict[str, Any] | None = None, flips: bool = False,
+               lr_decay: str = "none") -> TrainResult:
     """Train one (network, fold) and evaluate both regimes; resumable.
 
     build_fn: zero-argument builder of an *uncompiled* Keras 3 model, input (S, S, 3), output a
@@ -418,6 +446,9 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
     flips: a random dihedral transform (rotation by quarter turns, flip) of every training image
         in every epoch, on top of the offline augmentation (``_dihedral_map``; seeded by epoch
         and position, so a resume repeats it). Recorded in ``done.json`` (``flips``).
+    lr_decay: "none" (the rate stays fixed after the warm-up) or "cosine" (it falls to 0 by the
+        end of the long regime; ``learning_rate_schedule``). Recorded in ``done.json`` when not
+        "none".
     initial_weights: where the model's backbone weights came from (``{backbone: {"path",
         "sha256"}}``; None: random, seeded), recorded in ``done.json`` and checked on resume.
 
@@ -446,6 +477,8 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
                          f"{warmup_epochs!r}")
     if not (0 <= momentum < 1):
         raise TrainError(f"momentum for {where} must be in [0, 1), got {momentum!r}")
+    if lr_decay not in LR_DECAYS:
+        raise TrainError(f"lr_decay for {where} must be one of {list(LR_DECAYS)}, got {lr_decay!r}")
     x_train, y_train = _check_arrays(x_train, y_train, "train", network_name, fold)
     x_test, y_test = _check_arrays(x_test, y_test, "test", network_name, fold)
     counts = np.bincount(y_train, minlength=2)
@@ -502,11 +535,13 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
             if tuple(model.output_shape[1:]) != (2,):
                 raise TrainError(f"model {network_name!r} outputs {model.output_shape}; expected "
                                  "(None, 2) class probabilities (2-way softmax)")
-            warmup_steps = int(warmup_epochs) * math.ceil(len(x_train) / int(batch_size))
+            steps_per_epoch = math.ceil(len(x_train) / int(batch_size))
+            warmup_steps = int(warmup_epochs) * steps_per_epoch
+            decay_steps = decay_steps_for(lr_decay, epochs_long, warmup_epochs, steps_per_epoch)
             cfg = _compile_cfg(learning_rate, momentum, jit_compile, sinfo.strategy, policy,
-                               warmup_steps)
+                               warmup_steps, decay_steps)
             reused = _prepare_model(model, cfg, learning_rate, momentum, jit_compile,
-                                    x_train[:1], y_train[:1], warmup_steps)
+                                    x_train[:1], y_train[:1], warmup_steps, decay_steps)
 
         meta = {
             "format": FORMAT_VERSION, "network": network_name, "fold": int(fold),
@@ -521,6 +556,8 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
         }
         if flips:  # only when on: checkpoints and done.json of earlier runs stay valid
             meta["flips"] = True
+        if lr_decay != "none":  # likewise; the decay's length depends on epochs_long
+            meta["lr_decay"], meta["decay_steps"] = lr_decay, int(decay_steps)
 
         # ---- resume ---------------------------------------------------------------------------
         history: list[dict[str, Any]] = []

@@ -315,7 +315,9 @@ def run_parameters_markdown(run_dir: Path) -> str:
         ("networks, folds", ("all eleven" if not nets else _fmt(nets)) + "; "
          + (f"all {n_splits} folds" if folds is None else f"folds {_fmt(folds)} of {n_splits}")),
         ("training", f"SGD, learning rate {_fmt(sc.get('learning_rate'))}"
-         + (f" after a {warm}-epoch linear warm-up" if warm else "") + f", momentum {_fmt(sc.get('momentum'))}, "
+         + (f" after a {warm}-epoch linear warm-up" if warm else "")
+         + (", then a cosine decay to 0 by the last epoch" if sc.get("lr_decay", "none") == "cosine" else "")
+         + f", momentum {_fmt(sc.get('momentum'))}, "
          f"batch {_fmt(sc.get('batch_size'))}; epochs {_epochs(sc)}"),
         ("initial weights", "random" + (f"; He-normal convolutions for {_fmt(he)}" if he else "")
          + f"; BatchNorm momentum {'0.99 (Keras default)' if bn is None else _fmt(bn)}"),
