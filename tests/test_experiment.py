@@ -124,3 +124,19 @@ def test_each_network_gets_its_familys_whitening(tmp_path, shared_data):
     done.write_text(json.dumps({k: v for k, v in meta.items() if not k.startswith("architecture")}))
     res, _ = experiment.run_fold(p, "rgb", 0, model_params={"head_dropout": 0.5}, progress=lambda e: None)
     assert res.skipped
+
+
+def test_training_options_are_the_scales_numbers():
+    """What a scale sets of the training (the study's jobs and the GPU chapter both use it): the
+    global batch grows with the replicas, the schedule's warm-up and decay, the flips."""
+    from cellstudy import config
+    sc = config.get_scale("cpu", {"lr_decay": "cosine", "flips": True})
+    opts = experiment.training_options(sc)
+    assert opts == {"epochs_short": 5, "epochs_long": 10, "batch_size": 32, "learning_rate": 3e-3,
+                    "momentum": 0.9, "warmup_epochs": 2, "flips": True, "lr_decay": "cosine"}
+    assert experiment.training_options(sc, replicas=4)["batch_size"] == 128
+    paper = experiment.training_options(config.get_scale("paper"))
+    assert (paper["warmup_epochs"], paper["lr_decay"], paper["flips"]) == (0, "none", False)
+    import inspect
+    from cellstudy.learning import train
+    assert set(opts) <= set(inspect.signature(train.train_fold).parameters)   # all train_fold keywords

@@ -263,14 +263,22 @@ def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
     atomic.write_json(fd.zca, fa["zca_state"], default=lambda o: np.asarray(o).tolist(), indent=None)
     res = train.train_fold(
         builder, fa["x_train"], fa["y_train"], fa["x_test"], fa["y_test"], fd.path,
-        int(sc["epochs_short"]), int(sc["epochs_long"]), batch_size=int(sc["batch_size"]),
-        learning_rate=float(sc["learning_rate"]), momentum=float(sc["momentum"]),
-        warmup_epochs=int(sc.get("warmup_epochs", 0)), seed=seed,
+        **training_options(sc), seed=seed,
         deterministic=deterministic, strategy=strategy, mixed_precision=mixed_precision,
         jit_compile=jit_compile, progress=progress, network_name=name, fold=k,
-        initial_weights=initial_weights(name, weights), flips=bool(sc.get("flips", False)),
-        lr_decay=str(sc.get("lr_decay", "none")))
+        initial_weights=initial_weights(name, weights))
     return res, cells
+
+
+def training_options(sc: dict[str, Any], replicas: int = 1) -> dict[str, Any]:
+    """``train.train_fold``'s keywords that a scale sets: both regimes' epochs, the global batch
+    (the scale's per-replica ``batch_size`` x ``replicas``), SGD's rate, momentum, warm-up and
+    decay, the flips. The study's training jobs and the GPU chapter both train with these."""
+    return {"epochs_short": int(sc["epochs_short"]), "epochs_long": int(sc["epochs_long"]),
+            "batch_size": int(sc["batch_size"]) * max(1, int(replicas)),
+            "learning_rate": float(sc["learning_rate"]), "momentum": float(sc["momentum"]),
+            "warmup_epochs": int(sc.get("warmup_epochs", 0) or 0), "flips": bool(sc.get("flips", False)),
+            "lr_decay": str(sc.get("lr_decay", "none"))}
 
 
 def run_networks(prepared, family: str | Sequence[str], step: str, *, seed: int = 0,
