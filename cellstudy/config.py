@@ -250,6 +250,19 @@ def check_lr_decay(value: Any) -> None:
                           "or 'cosine' (it falls to 0 by the end of the long regime)")
 
 
+def rate_text(scale: dict[str, Any]) -> str:
+    """SGD's learning rate at ``scale`` in words, for the book: "0.003 after a 2-epoch linear
+    warm-up, then a cosine decay to 0 by the last epoch", "0.001, fixed" (the paper's)."""
+    warm = int(scale.get("warmup_epochs") or 0)
+    decay = scale.get("lr_decay", "none") == "cosine"
+    out = f"{float(scale['learning_rate']):g}"
+    if warm:
+        out += f" after a {warm}-epoch linear warm-up"
+    if decay:
+        out += (", then" if warm else ",") + " a cosine decay to 0 by the last epoch"
+    return out if warm or decay else out + ", fixed"
+
+
 #: The input whitening modes (``augment.ZCAWhitening``): "zca", the paper's 3 x 3 ZCA over the
 #: channels (each output channel a mix of the three stains), or "channel", each stain standardised
 #: on its own.

@@ -87,3 +87,16 @@ def test_lr_decay_is_checked_when_the_scale_is_read():
     for bad in ("linear", None, 1):
         with pytest.raises(config.ConfigError, match=f"lr_decay={bad!r}; expected 'none'"):
             config.get_scale("cpu", {"lr_decay": bad})
+
+
+def test_rate_text_says_the_schedule():
+    """The learning rate in words, as the book's parameters table and the reproducibility chapter
+    state it."""
+    cpu = config.get_scale("cpu")
+    assert config.rate_text(cpu) == "0.003 after a 2-epoch linear warm-up"
+    assert config.rate_text({**cpu, "lr_decay": "cosine"}) == \
+        "0.003 after a 2-epoch linear warm-up, then a cosine decay to 0 by the last epoch"
+    assert config.rate_text(config.get_scale("paper")) == "0.001, fixed"
+    assert config.rate_text(config.get_scale("paper", {"lr_decay": "cosine"})) == \
+        "0.001, a cosine decay to 0 by the last epoch"
+    assert config.rate_text({"learning_rate": 1e-3}) == "0.001, fixed"     # a scale of an older run

@@ -154,6 +154,8 @@ def pretrain_backbone(backbone: str, cohort: str, serves: str, out: str | os.Pat
                                                                            & set(pre_table["group"].astype(str))),
            "rule": "no cell and no source field of the served cohort is used", "scale": scale,
            "image_size": S, "epochs": epochs, "family": family, "whitening": whitening,
+           "learning_rate": float(sc["learning_rate"]), "warmup_epochs": warm,
+           "lr_decay": sc.get("lr_decay", "none"),
            "train_accuracy_by_epoch": acc, "seed": int(seed),
            "seconds": round(time.perf_counter() - t0, 1)}
     atomic.write_text(Path(str(out) + ".json"), json.dumps(rec, indent=1))

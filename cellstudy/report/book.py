@@ -303,7 +303,6 @@ def run_parameters_markdown(run_dir: Path) -> str:
     nets = sc.get("networks")
     folds = sc.get("folds_to_run")
     n_splits = sc.get("n_splits")
-    warm = sc.get("warmup_epochs") or 0
     bn = sc.get("bn_momentum")
     he = [n for n in (sc.get("he_init") or []) if not nets or n in nets]   # only networks this run trains
     rows = [
@@ -314,9 +313,7 @@ def run_parameters_markdown(run_dir: Path) -> str:
         ("image size S", f"{_fmt(sc.get('image_size'))} px"),
         ("networks, folds", ("all eleven" if not nets else _fmt(nets)) + "; "
          + (f"all {n_splits} folds" if folds is None else f"folds {_fmt(folds)} of {n_splits}")),
-        ("training", f"SGD, learning rate {_fmt(sc.get('learning_rate'))}"
-         + (f" after a {warm}-epoch linear warm-up" if warm else "")
-         + (", then a cosine decay to 0 by the last epoch" if sc.get("lr_decay", "none") == "cosine" else "")
+        ("training", (f"SGD, learning rate {config.rate_text(sc)}" if "learning_rate" in sc else "SGD")
          + f", momentum {_fmt(sc.get('momentum'))}, "
          f"batch {_fmt(sc.get('batch_size'))}; epochs {_epochs(sc)}"),
         ("initial weights", "random" + (f"; He-normal convolutions for {_fmt(he)}" if he else "")
