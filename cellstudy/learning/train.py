@@ -336,16 +336,11 @@ def learning_rate_schedule(learning_rate: float, warmup_steps: int = 0, decay_st
     if warmup_steps <= 0 and decay_steps <= 0:
         return float(learning_rate)
     import keras
-    if decay_steps <= 0:
-        return keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=0.0, decay_steps=1, alpha=1.0, warmup_target=float(learning_rate),
-            warmup_steps=warmup_steps)
-    if warmup_steps <= 0:
-        return keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=float(learning_rate), decay_steps=decay_steps, alpha=0.0)
+    # a warm-up starts from 0 and reaches the rate; no decay: alpha 1 over a nominal step
+    warm = {"warmup_target": float(learning_rate), "warmup_steps": warmup_steps} if warmup_steps > 0 else {}
     return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0, decay_steps=decay_steps, alpha=0.0,
-        warmup_target=float(learning_rate), warmup_steps=warmup_steps)
+        initial_learning_rate=0.0 if warm else float(learning_rate), decay_steps=decay_steps or 1,
+        alpha=0.0 if decay_steps > 0 else 1.0, **warm)
 
 
 def decay_steps_for(lr_decay: str, epochs_long: int, warmup_epochs: int, steps_per_epoch: int) -> int:
