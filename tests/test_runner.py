@@ -387,3 +387,20 @@ def test_run_and_workflow_check_the_disk_before_they_make_a_run_folder(tmp_path,
     workflow.run_workflow(_config(tmp_path, ["00_ok", "05_mhl_family"]), runs_dir=str(runs), extra=["-n"], targets=["notebooks"],
                           echo=lambda s: None)
     assert calls == [["-n"]]
+
+
+def test_open_run_takes_the_callers_resumable_folder(tmp_path, monkeypatch):
+    """run_study / run_workflow look for a resumable run once (for check_disk) and hand it to
+    open_run, which does not scan the runs folder again; alone it still looks itself."""
+    cfg = runner.load_config(_config(tmp_path, ["00_cohort"]))
+    runs = tmp_path / "runs"
+    old = runs / "t-20261201-000000"
+    old.mkdir(parents=True)
+    (old / "status.json").write_text(json.dumps({"digest": cfg.digest(), "state": "running", "steps": {}}))
+    calls = []
+    real = runner.find_resumable
+    monkeypatch.setattr(runner, "find_resumable", lambda *a: calls.append(a) or real(*a))
+    assert runner.open_run(cfg, runs, echo=lambda m: None)[0] == old and len(calls) == 1
+    assert runner.open_run(cfg, runs, echo=lambda m: None, resumable=old)[0] == old and len(calls) == 1
+    fresh, status = runner.open_run(cfg, runs, echo=lambda m: None, resumable=None)
+    assert fresh != old and fresh.parent == runs and status["digest"] == cfg.digest() and len(calls) == 1
