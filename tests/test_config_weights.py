@@ -166,8 +166,14 @@ def test_pretraining_never_uses_the_served_cohorts_cells_or_fields(shared_data, 
         pretrain.pretraining_cells(paper, paper)
     # a short pre-training at the ci scale writes a file that a study config can name
     out = tmp_path / "cnn3.weights.h5"
-    rec = pretrain.pretrain_backbone("cnn3", "bbbc021-full", "bbbc021-paper", out, scale="ci", epochs=1,
-                                     max_cells=40, data_root=str(shared_data), echo=lambda s: None)
+    said = []
+    rec = pretrain.pretrain_backbone("cnn3", "bbbc021-full", "bbbc021-paper", out, scale="ci", epochs=2,
+                                     max_cells=40, data_root=str(shared_data), echo=said.append)
+    # it says each epoch with its accuracy, speed and time left (the fit itself is silent)
+    epochs = [m for m in said if ": epoch " in m]
+    assert [m.split(",")[0] for m in epochs] == ["pretrain cnn3: epoch 1/2", "pretrain cnn3: epoch 2/2"]
+    assert epochs[-1].endswith("ETA 0:00") and "images/s" in epochs[0]
+    assert f"{rec['train_accuracy_by_epoch'][0]:.3f}" in epochs[0]
     assert rec["sha256"] == sha256_file(out) and rec["n_cells"] == 40 and rec["fields_left_out"]
     assert json.loads((tmp_path / "cnn3.weights.h5.json").read_text())["rule"].startswith("no cell and no source field")
     cfg = runner.load_config(_cfg(tmp_path, {"cnn3": {"path": str(out), "sha256": rec["sha256"]}}))

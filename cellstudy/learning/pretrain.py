@@ -55,6 +55,30 @@ def pretraining_cells(pre_table, served_table) -> np.ndarray:
     return keep
 
 
+def epoch_echo(label: str, epochs: int, n_images: int, echo: Callable[[str], None]):
+    """A Keras callback that says, after each epoch, ``<label>: epoch e/E, training accuracy a,
+    r images/s, ETA m:ss`` through ``echo`` (the pre-training's progress: its ``fit`` runs
+    silently). ETA: the mean epoch time so far times the epochs left."""
+    import keras
+
+    from cellstudy.learning.train import _fmt_s
+
+    class EpochEcho(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.t0 = self.t_epoch = time.perf_counter()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t_epoch = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            now, e = time.perf_counter(), int(epoch) + 1
+            acc = float((logs or {}).get("accuracy", float("nan")))
+            echo(f"{label}: epoch {e}/{epochs}, training accuracy {acc:.3f}, "
+                 f"{n_images / max(now - self.t_epoch, 1e-9):.1f} images/s, "
+                 f"ETA {_fmt_s((now - self.t0) / e * (epochs - e))}")
+    return EpochEcho()
+
+
 def _whitening(scale: dict[str, Any], backbone: str, family: str | None) -> str:
     """The whitening mode of the pre-training input (see :func:`pretrain_backbone`); PretrainError
     for a family that has no network on ``backbone``."""
@@ -141,7 +165,8 @@ def pretrain_backbone(backbone: str, cohort: str, serves: str, out: str | os.Pat
                                 decay_steps_for(sc.get("lr_decay", "none"), epochs, warm, steps))
     model.compile(optimizer=keras.optimizers.SGD(lr, momentum=float(sc["momentum"])),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    hist = model.fit(xt, yt, batch_size=int(sc["batch_size"]), epochs=epochs, shuffle=True, verbose=0)
+    hist = model.fit(xt, yt, batch_size=int(sc["batch_size"]), epochs=epochs, shuffle=True, verbose=0,
+                     callbacks=[epoch_echo(f"pretrain {backbone}", epochs, len(xt), echo)])
     acc = [float(a) for a in hist.history["accuracy"]]
     out.parent.mkdir(parents=True, exist_ok=True)
     bb.save_weights(out)
