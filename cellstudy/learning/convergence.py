@@ -9,7 +9,10 @@ A (network, fold) run is **converged** when, over its last ``window`` epochs,
 1. the training accuracy is at least ``min_accuracy`` on average (the network fits its training
    cells; a network stuck at the class prior, ~0.55 here, has "plateaued" without learning), and
 2. the training accuracy has stopped rising: the mean of the last ``window`` epochs exceeds the
-   mean of the ``window`` epochs before them by less than ``tol``.
+   mean of the ``window`` epochs before them by less than ``tol``, **or** it is at least
+   ``1 - tol`` (the ceiling: no room is left to rise by ``tol``; a network that has fitted every
+   training cell for the last epochs is on its plateau however fast it got there. Without this
+   clause a run at 1.0 for three epochs after 0.90-0.99 was called "still rising").
 
 A run with fewer than ``2 * window`` epochs cannot show a plateau and is not converged. A network
 is converged when every one of its folds is. Defaults (``window`` 3, ``tol`` 0.02,
@@ -31,9 +34,10 @@ MIN_ACCURACY = 0.9
 def rule_text(window: int = WINDOW, tol: float = TOL, min_accuracy: float = MIN_ACCURACY) -> str:
     """The rule in one sentence, for the book."""
     return (f"a (network, fold) run is *converged* when its mean training accuracy over the last "
-            f"{window} epochs is at least {min_accuracy:.2f} and exceeds that of the {window} epochs "
-            f"before them by less than {tol:.2f} (it fits the training cells and has stopped "
-            f"improving); a network is converged when all its folds are")
+            f"{window} epochs is at least {min_accuracy:.2f} and either exceeds that of the {window} "
+            f"epochs before them by less than {tol:.2f} or is at least {1 - tol:.2f}, the ceiling (it fits "
+            f"the training cells and has stopped improving, or has no room left to); a network is "
+            f"converged when all its folds are")
 
 
 def plateau(accuracy: Sequence[float], window: int = WINDOW, tol: float = TOL,
@@ -58,7 +62,7 @@ def plateau(accuracy: Sequence[float], window: int = WINDOW, tol: float = TOL,
     out.update(last_mean=last, previous_mean=prev, gain=last - prev)
     if last < min_accuracy:
         out["reason"] = f"training accuracy {last:.3f} < {min_accuracy:.2f} over the last {window} epochs"
-    elif last - prev >= tol:
+    elif last - prev >= tol and last < 1 - tol:
         out["reason"] = f"still rising: +{last - prev:.3f} over the last {window} epochs"
     else:
         out["converged"] = True
