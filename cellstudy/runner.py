@@ -475,16 +475,13 @@ def notebook_errors(nb_path: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # The whole study
 # ---------------------------------------------------------------------------------------------
-_SEARCH = object()   # open_run's default: look for a resumable run itself
-
-
-def open_run(cfg: StudyConfig, runs_dir: Path, new: bool = False,
-             echo: Callable[[str], None] = print, resumable: Any = _SEARCH) -> tuple[Path, dict[str, Any]]:
-    """The run folder for ``cfg`` under ``runs_dir`` and its status (state "running"): the newest
-    incomplete run of the same config (``find_resumable``) unless ``new``, else a new folder.
-    ``resumable``: what the caller's own ``find_resumable`` found (a folder or None), so that the
-    runs folder is scanned once; by default ``open_run`` looks itself."""
-    run_dir = None if new else (find_resumable(runs_dir, cfg) if resumable is _SEARCH else resumable)
+def open_run(cfg: StudyConfig, runs_dir: Path, resumable: Path | None,
+             echo: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+    """The run folder for ``cfg`` under ``runs_dir`` and its status (state "running"):
+    ``resumable``, the incomplete run of the same config that the caller's ``find_resumable``
+    found (None for ``new`` or when there is none: a new folder). The callers look once, for
+    ``check_disk`` and for this."""
+    run_dir = resumable
     if run_dir is not None:
         status = read_status(run_dir)
         echo(f"resuming the incomplete run {run_dir} (steps done: "
@@ -643,7 +640,7 @@ def run_study(
     # the disk the models take, before the run folder is made or opened (not when it fills)
     resumable = None if new else find_resumable(runs_dir, cfg)
     check_disk(plan, runs_dir, resumable, StudyError, echo)
-    run_dir, status = open_run(cfg, runs_dir, new, echo, resumable=resumable)
+    run_dir, status = open_run(cfg, runs_dir, resumable, echo)
     status["engine"] = "snakemake"
     init_run(cfg, config_path, run_dir, data_prov, status)
     run = rundir.Run(run_dir)

@@ -468,7 +468,7 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
         resumable = None if new else runner.find_resumable(runs, cfg)
         if not looking:
             runner.check_disk(plan, runs, resumable, WorkflowError, echo)
-        rd, status = runner.open_run(cfg, runs, new, echo, resumable=resumable)
+        rd, status = runner.open_run(cfg, runs, resumable, echo)
     status["engine"] = "snakemake"
     local = prof is None and not on_cluster(None, extra)
     jobs_here = (cores or available_cores()) if local else 0   # TensorFlow jobs at once on this machine

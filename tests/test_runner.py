@@ -391,7 +391,7 @@ def test_run_and_workflow_check_the_disk_before_they_make_a_run_folder(tmp_path,
 
 def test_open_run_takes_the_callers_resumable_folder(tmp_path, monkeypatch):
     """run_study / run_workflow look for a resumable run once (for check_disk) and hand it to
-    open_run, which does not scan the runs folder again; alone it still looks itself."""
+    open_run, which does not scan the runs folder again: a folder is resumed, None is a new one."""
     cfg = runner.load_config(_config(tmp_path, ["00_cohort"]))
     runs = tmp_path / "runs"
     old = runs / "t-20261201-000000"
@@ -400,7 +400,9 @@ def test_open_run_takes_the_callers_resumable_folder(tmp_path, monkeypatch):
     calls = []
     real = runner.find_resumable
     monkeypatch.setattr(runner, "find_resumable", lambda *a: calls.append(a) or real(*a))
-    assert runner.open_run(cfg, runs, echo=lambda m: None)[0] == old and len(calls) == 1
-    assert runner.open_run(cfg, runs, echo=lambda m: None, resumable=old)[0] == old and len(calls) == 1
-    fresh, status = runner.open_run(cfg, runs, echo=lambda m: None, resumable=None)
+    found = runner.find_resumable(runs, cfg)
+    assert found == old and len(calls) == 1
+    run_dir, status = runner.open_run(cfg, runs, found, echo=lambda m: None)
+    assert run_dir == old and status["state"] == "running" and len(calls) == 1
+    fresh, status = runner.open_run(cfg, runs, None, echo=lambda m: None)
     assert fresh != old and fresh.parent == runs and status["digest"] == cfg.digest() and len(calls) == 1

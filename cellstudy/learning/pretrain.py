@@ -65,7 +65,7 @@ def epoch_echo(label: str, epochs: int, n_images: int, echo: Callable[[str], Non
 
     class EpochEcho(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            self.t0 = self.t_epoch = time.perf_counter()
+            self.t0 = time.perf_counter()
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t_epoch = time.perf_counter()
