@@ -1,6 +1,7 @@
 """Command line: ``cellstudy run CONFIG`` (the study), ``cellstudy verify COHORT``,
 ``cellstudy book RUN_DIR``, ``cellstudy manifest FOLDER -o OUT.csv`` (a cohort from your own images),
-``cellstudy predict RUN_DIR CELLS -o OUT`` (a run's models on new cells); the Snakemake workflow:
+``cellstudy predict RUN_DIR CELLS -o OUT`` (a run's models on new cells), ``cellstudy replicate RUN_DIR
+--network N --seeds 1 2`` (seed replicates of a network on the run's folds); the Snakemake workflow:
 ``cellstudy workflow CONFIG [--profile DIR]`` and its jobs ``cellstudy train-fold RUN_DIR --network N
 --fold K``, ``cellstudy step RUN_DIR STEP``. ``make study`` calls ``cellstudy run configs/default.yaml``."""
 from __future__ import annotations
@@ -163,6 +164,17 @@ def _train_fold(a: argparse.Namespace) -> int:
     return 0
 
 
+def _replicate(a: argparse.Namespace) -> int:
+    from cellstudy.workflow import replicate_network
+
+    table, summ = replicate_network(a.run_dir, a.network, a.seeds, data_root=a.data_root)
+    print(f"\n{a.network}: AUC macro, fold mean, per training seed (the same folds); "
+          f"{rundir.Run(a.run_dir).replicates / (a.network + '.csv')} has every fold")
+    cols = ["regime", "seeds", "per_seed", "mean", "sd", "min", "max"]
+    print(summ[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
 def _step(a: argparse.Namespace) -> int:
     from cellstudy.workflow import run_step
 
@@ -298,6 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     tn.add_argument("--data-root", default=None, help="the data root (default: the run config's, "
                     "$CELLSTUDY_DATA_ROOT or ../shared/data)")
     tn.set_defaults(func=_train_network)
+    rp = sub.add_parser("replicate", help="train one network of a prepared run folder again at other training "
+                        "seeds, on the same folds: how much of its number is the seed")
+    rp.add_argument("run_dir")
+    rp.add_argument("--network", required=True, help="a network of the run, e.g. rgb")
+    rp.add_argument("--seeds", required=True, nargs="+", type=int, help="training seeds, e.g. 1 2 (the run's "
+                    "own seed is its study folds, read back)")
+    rp.add_argument("--data-root", default=None, help="the data root (default: the run config's, "
+                    "$CELLSTUDY_DATA_ROOT or ../shared/data)")
+    rp.set_defaults(func=_replicate)
     q = sub.add_parser("predict", help="apply a finished run's models to new cells (a cohort name or a manifest CSV)")
     q.add_argument("run_dir", help="a finished run folder (runs/<name>-<date>-<time>)")
     q.add_argument("cells", help="a cohort name (data_manifest/) or a manifest CSV of the new cells")

@@ -238,6 +238,21 @@ class Run:
             p.mkdir(parents=True, exist_ok=True)
         return FoldDir(p, network, int(fold))
 
+    @property
+    def replicates(self) -> Path:
+        """``<run>/replicates/``: seed replicates of the run's networks (``cellstudy replicate``;
+        ``learning.replicates``), kept apart from ``training/``, which the book reads."""
+        return self.root / "replicates"
+
+    def replicate(self, network: str, fold: int, seed: int, create: bool = False) -> FoldDir:
+        """The folder of ``network``'s fold ``fold`` trained at training seed ``seed`` (a seed
+        replicate): ``<run>/replicates/seed<s>/<network>/fold<k>/`` (created with ``create``);
+        the same files as a study fold's."""
+        p = self.replicates / f"seed{int(seed)}" / network / f"fold{int(fold)}"
+        if create:
+            p.mkdir(parents=True, exist_ok=True)
+        return FoldDir(p, network, int(fold))
+
     def folds(self, network: str) -> list[FoldDir]:
         """The fold folders of ``network`` that exist, by fold number."""
         d = self.training / network

@@ -220,7 +220,8 @@ def _read_back(fd: rundir.FoldDir, image_size: int, builder=None):
 def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
              model_params: dict[str, Any] | None = None, strategy: Any = None,
              mixed_precision: str | None = None, jit_compile: bool = False, deterministic: bool = False,
-             progress: Callable[[dict], None] | None = None, weights: dict[str, dict[str, str]] | None = None):
+             progress: Callable[[dict], None] | None = None, weights: dict[str, dict[str, str]] | None = None,
+             fold_dir: rundir.FoldDir | None = None):
     """Train and evaluate network ``name`` on fold ``k`` of ``prepared`` (``study.prepare``'s
     result), both regimes, into ``<run>/training/<name>/fold<k>/``; returns ``(TrainResult,
     test cells frame)``. The unit of work of the study: ``run_networks`` calls it for every
@@ -230,7 +231,9 @@ def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
     none of its files is written again; an interrupted one resumes from its checkpoint.
     ``builder``: a ``fold_builder`` to reuse across folds of one network (None: a new one).
     ``weights``: the study config's pretrained backbone weights (``runner.check_weights``); the
-    network starts from its backbone's file (recorded in ``done.json``)."""
+    network starts from its backbone's file (recorded in ``done.json``).
+    ``fold_dir``: where to train instead of the run's ``training/<name>/fold<k>/`` (a seed
+    replicate's ``rundir.Run.replicate`` folder)."""
     from cellstudy.learning import train
 
     sc = prepared.scale
@@ -242,7 +245,7 @@ def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
     if int(k) not in folds:
         raise ValueError(f"fold {k} is not one the run trains (the scale's folds_to_run={folds})")
     run = rundir.Run(prepared.run_dir)
-    fd = run.fold(name, k)
+    fd = fold_dir if fold_dir is not None else run.fold(name, k)
     builder = builder if builder is not None else fold_builder(
         name, sc, {**weights_params(name, weights), **(model_params or {})})
     if fd.is_finished() and fd.test_cells.is_file():
@@ -255,7 +258,7 @@ def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
                              max_shift_px=config.max_shift_px(sc),
                              max_rotation_deg=sc["max_rotation_deg"], seed=seed,
                              whitening=config.whitening_for(sc, name))
-    fd = run.fold(name, k, create=True)
+    fd.path.mkdir(parents=True, exist_ok=True)
     test_idx = fa["test_index"]
     cells = pd.DataFrame({"cell_id": prepared.cell_ids[test_idx], "group": prepared.groups[test_idx],
                           "label": prepared.labels[test_idx]})
