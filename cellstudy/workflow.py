@@ -267,12 +267,15 @@ def replicate_network(run_dir: str | os.PathLike, network: str, seeds: Sequence[
                       data_root: str | None = None, echo: Callable[[str], None] = print):
     """Seed replicates of ``network`` in a prepared run folder (``learning.replicates``): every
     fold the run trains, at each training seed of ``seeds``, on the run's own folds, into
-    ``<run>/replicates/seed<s>/<network>/fold<k>/``. The run's own seed is the study's folds
-    (``training/<network>/``): read back, trained there first if the study has not yet (as
-    ``train_network`` would). Finished replicate folds are read back, never redone; an
-    interrupted one resumes. Writes ``<run>/replicates/<network>.csv`` (every seed of ``seeds``
-    and any other seed already in the replicates folder) and returns ``(table, summary)``
-    (``replicates.summary``). Prints each fold with the time left."""
+    ``<run>/replicates/seed<s>/<network>/fold<k>/``. Each seed gets its own builder, so its
+    initial weights and dropout stream are its own whatever was trained before in the process.
+    The run's own seed, when in ``seeds``, is the study's folds (``training/<network>/``): read
+    back and left as they are; a fold the study has not trained yet is trained there, as
+    ``train_network`` would. Finished replicate folds are read back, never redone; an
+    interrupted one resumes. Writes ``<run>/replicates/<network>.csv`` (every seed of ``seeds``,
+    any other seed already in the replicates folder and the study's own finished folds) and
+    returns ``(table, summary)`` (``replicates.summary`` over the run's folds). Prints each fold
+    with the time left."""
     import pandas as pd
 
     from cellstudy import study
@@ -283,28 +286,31 @@ def replicate_network(run_dir: str | os.PathLike, network: str, seeds: Sequence[
     root = config.data_root(data_root or cfg.data_root)
     prepared = study.prepare(cfg.cohort, cfg.scale, run.root, data_root=str(root), seed=int(cfg.seed),
                              overrides=cfg.overrides, progress=False)
-    builder = experiment.fold_builder(network, sc, experiment.weights_params(network, cfg.weights))
+    params = experiment.weights_params(network, cfg.weights)
     folds = experiment.folds_for(sc)
     jobs = [(s, k) for s in seeds for k in folds]
 
     def folder(s: int, k: int) -> rundir.FoldDir:
         return run.fold(network, k) if s == int(cfg.seed) else run.replicate(network, k, s)
 
-    t0, trained = time.perf_counter(), 0
+    t0, trained, builders = time.perf_counter(), 0, {}
     for i, (s, k) in enumerate(jobs, 1):
         own, fd = s == int(cfg.seed), folder(s, k)
         was_finished = fd.is_finished() and fd.test_cells.is_file()
-        res, _ = experiment.run_fold(prepared, network, k, builder, seed=s, progress=train.print_progress,
+        if s not in builders:   # a WeightResetter keeps its first call's initial weights: one per seed
+            builders = {s: experiment.fold_builder(network, sc, params)}
+        res, _ = experiment.run_fold(prepared, network, k, builders[s], seed=s, progress=train.print_progress,
                                      weights=cfg.weights, fold_dir=fd)
-        if own:
+        if own and not was_finished:   # the study's fold, trained here: the workflow's target too
             mark_ended(fd, res)
         trained += not was_finished
         el = time.perf_counter() - t0
         auc = {r["regime"]: r["auc_macro"] for r in replicates.fold_rows(fd.path, network, s, k)}
-        left = el / trained * sum(1 for j in jobs[i:] if not folder(*j).is_finished()) if trained else 0.0
+        todo = sum(1 for j in jobs[i:] if not folder(*j).is_finished())
+        eta = f", ~{el / trained * todo:.0f} s left" if trained and todo else ""
         echo(f"[{i}/{len(jobs)}] {network} seed {s}{' (the study)' if own else ''} fold {k}: "
              f"{res.status}{' (read back)' if was_finished else ''}, AUC macro short {auc['short']:.3f} "
-             f"long {auc['long']:.3f}; {el:.0f} s elapsed, ~{left:.0f} s left")
+             f"long {auc['long']:.3f}; {el:.0f} s elapsed{eta}")
     found = {int(p.name[4:]) for p in run.replicates.glob("seed*") if p.name[4:].isdigit()}
     rows = []
     for s in sorted(set(seeds) | found | {int(cfg.seed)}):
@@ -313,7 +319,7 @@ def replicate_network(run_dir: str | os.PathLike, network: str, seeds: Sequence[
     table = pd.DataFrame(rows, columns=list(replicates.COLUMNS))
     run.replicates.mkdir(parents=True, exist_ok=True)
     atomic.write_text(run.replicates / f"{network}.csv", table.to_csv(index=False))
-    return table, replicates.summary(table)
+    return table, replicates.summary(table, folds=folds)
 
 
 def explain_fold(run_dir: str | os.PathLike, network: str, fold: int, *, data_root: str | None = None,

@@ -27,8 +27,16 @@ def test_summary_leaves_out_an_incomplete_seed_and_says_so():
     t = pd.DataFrame(_rows("mhl", 0, [0.8, 0.9, 1.0]) + _rows("mhl", 1, [0.7, np.nan, 0.9])
                      + _rows("mhl", 2, [0.6, 0.7]))
     s = replicates.summary(t).iloc[0]
-    assert s["seeds"] == 1 and s["mean"] == pytest.approx(0.9) and np.isnan(s["sd"])
-    assert s["per_seed"] == "0: 0.900, 1: incomplete, 2: incomplete"
+    assert s["seeds"] == 1 and s["mean"] == pytest.approx(0.9) and np.isnan(s["sd"]) and np.isnan(s["range"])
+    assert s["per_seed"] == "0: 0.900, 1: failed fold, 2: incomplete"
+    # the run's folds, not the table's: a fold that every seed lacks still counts
+    t3 = pd.DataFrame(_rows("mhl", 0, [0.8, 0.9]) + _rows("mhl", 1, [0.7, 0.9]))
+    assert replicates.summary(t3)["seeds"].iloc[0] == 2
+    s3 = replicates.summary(t3, folds=[0, 1, 2]).iloc[0]
+    assert s3["seeds"] == 0 and s3["per_seed"] == "0: incomplete, 1: incomplete" and np.isnan(s3["mean"])
+    # a duplicated row does not stand in for a missing fold
+    dup = pd.DataFrame(_rows("mhl", 0, [0.8, 0.9]) + _rows("mhl", 0, [0.8])[:1])
+    assert replicates.summary(dup, folds=[0, 1, 2]).iloc[0]["per_seed"] == "0: incomplete"
     with pytest.raises(ValueError, match="auc_macro"):
         replicates.summary(t.drop(columns="auc_macro"))
 
@@ -51,52 +59,76 @@ def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def _cell_outputs(nb_path, cell_id):
+    import json
+    cell = next(c for c in json.loads(nb_path.read_text())["cells"] if c.get("id") == cell_id)
+    return json.dumps(cell["outputs"])
+
+
 @pytest.mark.slow
-def test_replicate_trains_other_seeds_on_the_same_folds_and_never_touches_the_study(ci_run, capsys):
+def test_replicate_trains_other_seeds_on_the_same_folds_and_never_touches_the_study(ci_run, tmp_path, capsys):
+    import shutil
+
     from cellstudy import cli
     from cellstudy.learning import metrics
 
-    run = rundir.Run(ci_run)
+    root = tmp_path / "run"   # a copy: the session's ci run stays as the other tests read it
+    shutil.copytree(ci_run, root, ignore=shutil.ignore_patterns("_build", "screenshots"))
+    run = rundir.Run(root)
     study_folds = {fd.fold: _digest(fd.path) for fd in run.folds("mhl")}
     assert sorted(study_folds) == [0, 1, 2]                     # the ci scale's folds_to_run
-    assert cli.main([  "replicate", str(ci_run), "--network", "mhl", "--seeds", "0", "1"]) == 0
+    assert cli.main(["replicate", str(root), "--network", "mhl", "--seeds", "0", "1", "2"]) == 0
     out = capsys.readouterr().out
-    assert "[6/6] mhl seed 1 fold 2" in out and "[1/6] mhl seed 0 (the study) fold 0: done (read back)" in out
+    assert "[1/9] mhl seed 0 (the study) fold 0: done (read back)" in out and "[9/9] mhl seed 2 fold 2: done," in out
     assert {fd.fold: _digest(fd.path) for fd in run.folds("mhl")} == study_folds   # not retrained, not rewritten
 
     table = pd.read_csv(run.replicates / "mhl.csv")
-    assert sorted(set(zip(table["seed"], table["fold"]))) == [(s, k) for s in (0, 1) for k in (0, 1, 2)]
+    assert sorted(set(zip(table["seed"], table["fold"]))) == [(s, k) for s in (0, 1, 2) for k in (0, 1, 2)]
     # seed 0 rows are the book's numbers for the study's folds
-    tidy = pd.read_csv(ci_run / "07_results" / "metrics_tidy.csv")
+    tidy = pd.read_csv(root / "07_results" / "metrics_tidy.csv")
     book = tidy[(tidy["network"] == "mhl") & (tidy["metric"] == "auc_macro")].set_index(["fold", "regime"])["value"]
-    mine = table[table["seed"] == 0].set_index(["fold", "regime"])["auc_macro"]
-    assert np.allclose(mine.sort_index(), book.sort_index().loc[mine.sort_index().index])
-    # seed 1: the same test cells, another training
+    mine = table[table["seed"] == 0].set_index(["fold", "regime"])["auc_macro"].sort_index()
+    assert np.allclose(mine, book.loc[mine.index])
+    # seeds 1 and 2: the same test cells, another training each
     for k in (0, 1, 2):
         rep, own = run.replicate("mhl", k, 1), run.fold("mhl", k)
-        assert rep.done.is_file() and (rep.path / "test_cells.csv").read_text() == own.test_cells.read_text()
+        assert rep.done.is_file() and rep.test_cells.read_text() == own.test_cells.read_text()
         assert np.array_equal(np.load(rep.path / "y_test.npy"), np.load(own.path / "y_test.npy"))
-    p0 = np.concatenate([np.load(run.fold("mhl", k).path / "proba_long.npy") for k in (0, 1, 2)])
-    p1 = np.concatenate([np.load(run.replicate("mhl", k, 1).path / "proba_long.npy") for k in (0, 1, 2)])
-    assert not np.allclose(p0, p1)                                # the seed changed the training
-    assert metrics.fold_metrics(np.load(run.replicate("mhl", 0, 1).path / "y_test.npy"),
-                                np.load(run.replicate("mhl", 0, 1).path / "proba_long.npy"))["auc_macro"] == \
+    proba = {s: np.concatenate([np.load((run.fold("mhl", k) if s == 0 else run.replicate("mhl", k, s)).path
+                                        / "proba_long.npy") for k in (0, 1, 2)]) for s in (0, 1, 2)}
+    assert not np.allclose(proba[0], proba[1]) and not np.allclose(proba[1], proba[2])
+    y1 = np.load(run.replicate("mhl", 0, 1).path / "y_test.npy")
+    assert metrics.fold_metrics(y1, np.load(run.replicate("mhl", 0, 1).path / "proba_long.npy"))["auc_macro"] == \
         pytest.approx(table.set_index(["seed", "fold", "regime"]).loc[(1, 0, "long"), "auc_macro"])
-    assert "per_seed" in out and "0: " in out and "1: " in out
+    summ = out[out.index("per training seed"):]
+    assert all(f"{s}: " in summ for s in (0, 1, 2)) and "long" in summ and "short" in summ
 
-    # again: everything read back, nothing retrained
+    # seed 2 is its own seed, not seed 1's initial weights: alone it gives the same result
+    shutil.rmtree(run.replicates / "seed2")
+    assert cli.main(["replicate", str(root), "--network", "mhl", "--seeds", "2"]) == 0
+    alone = np.concatenate([np.load(run.replicate("mhl", k, 2).path / "proba_long.npy") for k in (0, 1, 2)])
+    assert np.allclose(alone, proba[2], atol=1e-5)
+
+    # again: everything read back, nothing retrained; the table keeps every seed
+    capsys.readouterr()
     before = _digest(run.replicate("mhl", 1, 1).path)
-    assert cli.main(["replicate", str(ci_run), "--network", "mhl", "--seeds", "1"]) == 0
+    assert cli.main(["replicate", str(root), "--network", "mhl", "--seeds", "1"]) == 0
     assert "[3/3] mhl seed 1 fold 2: done (read back)" in capsys.readouterr().out
     assert _digest(run.replicate("mhl", 1, 1).path) == before
-    assert sorted(pd.read_csv(run.replicates / "mhl.csv")["seed"].unique()) == [0, 1]  # seed 0 kept in the table
+    assert sorted(pd.read_csv(run.replicates / "mhl.csv")["seed"].unique()) == [0, 1, 2]
 
-    # the results chapter shows them
+    # the results chapter shows them (its outputs, not its source)
     from cellstudy.workflow import run_step
-    run_step(ci_run, "07_results", log_output=False)
-    text = run.executed("07_results").read_text()
-    assert "fold-mean AUC macro per seed" in text and "MHL 0: " in text and "This run has no seed replicates" not in text
-    assert set(pd.read_csv(ci_run / "07_results" / "seed_replicates.csv")["network"]) == {"mhl"}
+    run_step(root, "07_results", log_output=False)
+    shown = _cell_outputs(run.executed("07_results"), "5eedrep2")
+    assert "MHL 0: " in shown and "1: " in shown and "2: " in shown and "no seed replicates" not in shown
+    assert set(pd.read_csv(root / "07_results" / "seed_replicates.csv")["network"]) == {"mhl"}
+
+
+@pytest.mark.slow
+def test_the_results_chapter_says_when_a_run_has_no_replicates(ci_run):
+    shown = _cell_outputs(rundir.Run(ci_run).executed("07_results"), "5eedrep2")
+    assert "This run has no seed replicates" in shown
 
 
 @pytest.mark.slow

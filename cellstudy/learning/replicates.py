@@ -63,37 +63,42 @@ def check_seeds(seeds: Iterable[Any]) -> list[int]:
     return out
 
 
-def summary(table: pd.DataFrame, metric: str = "auc_macro") -> pd.DataFrame:
+def summary(table: pd.DataFrame, metric: str = "auc_macro", folds=None) -> pd.DataFrame:
     """Per network and regime: the fold mean of ``metric`` at each seed, and over the seeds their
-    mean, SD (ddof 1; NaN for one seed), min, max and range.
+    mean, SD (ddof 1), min, max and range (SD and range NaN with fewer than 2 complete seeds).
 
-    ``table``: rows of ``COLUMNS`` (``fold_rows``). Returns one row per (network, regime) with
-    columns ``seeds`` (how many), ``per_seed`` (``"s: value"`` joined by ``", "``), ``mean``,
-    ``sd``, ``min``, ``max``, ``range``. A seed whose folds are not all present or finite is
-    left out of the mean (its per_seed value says ``incomplete``): fold means over different folds
-    are not comparable."""
+    ``table``: rows of ``COLUMNS`` (``fold_rows``). ``folds``: the folds every seed must have
+    (the run's ``experiment.folds_for``); None: every fold that the network's rows name. Returns
+    one row per (network, regime) with columns ``seeds`` (complete seeds), ``per_seed`` (``"s:
+    value"`` joined by ``", "``), ``mean``, ``sd``, ``min``, ``max``, ``range``. A seed that lacks
+    one of the folds (``incomplete``) or has a fold without a value (``failed fold``: a diverged
+    run, or a test fold with one class) is named in ``per_seed`` and left out of the spread: fold
+    means over different folds are not comparable."""
     need = {"network", "seed", "fold", "regime", metric}
     if missing := need - set(table.columns):
         raise ValueError(f"replicate table lacks columns {sorted(missing)}; expected {sorted(need)}")
     out = []
-    n_folds = table["fold"].nunique()
     for (net, regime), g in table.groupby(["network", "regime"], sort=False):
+        want = {int(k) for k in (folds if folds is not None else g["fold"].unique())}
         per, shown = {}, []
         for seed, gs in g.groupby("seed", sort=True):
-            vals = gs[metric].to_numpy(float)
-            if len(gs) == n_folds and np.isfinite(vals).all():
+            by_fold = gs.drop_duplicates("fold", keep="last").set_index("fold")[metric].astype(float)
+            if not want <= {int(k) for k in by_fold.index}:
+                shown.append(f"{int(seed)}: incomplete")
+            elif not np.isfinite(vals := by_fold.loc[sorted(want)].to_numpy()).all():
+                shown.append(f"{int(seed)}: failed fold")
+            else:
                 per[int(seed)] = float(vals.mean())
                 shown.append(f"{int(seed)}: {per[int(seed)]:.3f}")
-            else:
-                shown.append(f"{int(seed)}: incomplete")
         v = np.array(list(per.values()), float)
+        nan = float("nan")
         out.append({"network": net, "regime": regime, "seeds": len(v), "per_seed": ", ".join(shown),
-                    "mean": float(v.mean()) if len(v) else float("nan"),
-                    "sd": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
-                    "min": float(v.min()) if len(v) else float("nan"),
-                    "max": float(v.max()) if len(v) else float("nan"),
-                    "range": float(v.max() - v.min()) if len(v) else float("nan")})
-    return pd.DataFrame(out)
+                    "mean": float(v.mean()) if len(v) else nan, "min": float(v.min()) if len(v) else nan,
+                    "max": float(v.max()) if len(v) else nan,
+                    "sd": float(v.std(ddof=1)) if len(v) > 1 else nan,
+                    "range": float(v.max() - v.min()) if len(v) > 1 else nan})
+    return pd.DataFrame(out, columns=["network", "regime", "seeds", "per_seed", "mean", "sd", "min", "max",
+                                      "range"])
 
 
 def read_run(run_dir) -> pd.DataFrame:
