@@ -200,13 +200,23 @@ def run_training(run_dir: str | os.PathLike, network: str,
     return run, cfg, sc
 
 
+def _prepared(run: rundir.Run, cfg: runner.StudyConfig, data_root: str | None):
+    """``study.prepare`` of a run folder with its config's cohort, scale, seed and overrides (the
+    data root: ``data_root``, else the config's, else the default): what every job trains or
+    explains from."""
+    from cellstudy import study
+
+    root = config.data_root(data_root or cfg.data_root)
+    return study.prepare(cfg.cohort, cfg.scale, run.root, data_root=str(root), seed=int(cfg.seed),
+                         overrides=cfg.overrides, progress=False)
+
+
 def train_fold(run_dir: str | os.PathLike, network: str, fold: int, *, data_root: str | None = None,
                echo: Callable[[str], None] = print):
     """Train one (network, fold) of a prepared run folder, both regimes (``experiment.run_fold``
     with the run's cohort, scale and seed); a finished fold is read back, never redone. Returns
     the ``TrainResult``. ValueError naming the network or fold when the run does not train it;
     RunFolderError when the folder is not prepared (no study.yaml, scale.json or folds file)."""
-    from cellstudy import study
     from cellstudy.learning import train
 
     run, cfg, sc = run_training(run_dir, network, fold)
@@ -217,9 +227,7 @@ def train_fold(run_dir: str | os.PathLike, network: str, fold: int, *, data_root
         res = train.load_result(fd.path)
         mark_ended(fd, res)   # a fold trained by another job or an earlier version gets its target
         return res
-    root = config.data_root(data_root or cfg.data_root)
-    prepared = study.prepare(cfg.cohort, cfg.scale, run.root, data_root=str(root), seed=int(cfg.seed),
-                             overrides=cfg.overrides, progress=False)
+    prepared = _prepared(run, cfg, data_root)
     res, _ = experiment.run_fold(prepared, network, k, seed=int(cfg.seed), progress=train.print_progress,
                                  weights=cfg.weights)
     mark_ended(fd, res)
@@ -242,13 +250,10 @@ def train_network(run_dir: str | os.PathLike, network: str, *, data_root: str | 
     """Train every fold of ``network`` in a prepared run folder in this one process (one build
     and trace of the network, weights reset per fold: ``experiment.fold_builder``); finished
     folds are read back. Each fold gets its ``ended.json``. Returns the ``TrainResult`` list."""
-    from cellstudy import study
     from cellstudy.learning import train
 
     run, cfg, sc = run_training(run_dir, network)
-    root = config.data_root(data_root or cfg.data_root)
-    prepared = study.prepare(cfg.cohort, cfg.scale, run.root, data_root=str(root), seed=int(cfg.seed),
-                             overrides=cfg.overrides, progress=False)
+    prepared = _prepared(run, cfg, data_root)
     builder = experiment.fold_builder(network, sc, experiment.weights_params(network, cfg.weights))
     out, folds = [], experiment.folds_for(sc)
     t0 = time.perf_counter()
@@ -278,14 +283,11 @@ def replicate_network(run_dir: str | os.PathLike, network: str, seeds: Sequence[
     with the time left."""
     import pandas as pd
 
-    from cellstudy import study
     from cellstudy.learning import replicates, train
 
     seeds = replicates.check_seeds(seeds)
     run, cfg, sc = run_training(run_dir, network)
-    root = config.data_root(data_root or cfg.data_root)
-    prepared = study.prepare(cfg.cohort, cfg.scale, run.root, data_root=str(root), seed=int(cfg.seed),
-                             overrides=cfg.overrides, progress=False)
+    prepared = _prepared(run, cfg, data_root)
     params = experiment.weights_params(network, cfg.weights)
     folds = experiment.folds_for(sc)
     jobs = [(s, k) for s in seeds for k in folds]
@@ -293,30 +295,32 @@ def replicate_network(run_dir: str | os.PathLike, network: str, seeds: Sequence[
     def folder(s: int, k: int) -> rundir.FoldDir:
         return run.fold(network, k) if s == int(cfg.seed) else run.replicate(network, k, s)
 
-    t0, trained, builders = time.perf_counter(), 0, {}
+    t0, trained, rows = time.perf_counter(), 0, {}
     for i, (s, k) in enumerate(jobs, 1):
         own, fd = s == int(cfg.seed), folder(s, k)
         was_finished = fd.is_finished() and fd.test_cells.is_file()
-        if s not in builders:   # a WeightResetter keeps its first call's initial weights: one per seed
-            builders = {s: experiment.fold_builder(network, sc, params)}
-        res, _ = experiment.run_fold(prepared, network, k, builders[s], seed=s, progress=train.print_progress,
+        if k == folds[0]:   # a WeightResetter keeps its first call's initial weights: one per seed
+            builder = experiment.fold_builder(network, sc, params)
+        res, _ = experiment.run_fold(prepared, network, k, builder, seed=s, progress=train.print_progress,
                                      weights=cfg.weights, fold_dir=fd)
         if own and not was_finished:   # the study's fold, trained here: the workflow's target too
             mark_ended(fd, res)
         trained += not was_finished
         el = time.perf_counter() - t0
-        auc = {r["regime"]: r["auc_macro"] for r in replicates.fold_rows(fd.path, network, s, k)}
+        rows[s, k] = replicates.fold_rows(fd.path, network, s, k)
+        auc = {r["regime"]: r["auc_macro"] for r in rows[s, k]}
         todo = sum(1 for j in jobs[i:] if not folder(*j).is_finished())
         eta = f", ~{el / trained * todo:.0f} s left" if trained and todo else ""
         echo(f"[{i}/{len(jobs)}] {network} seed {s}{' (the study)' if own else ''} fold {k}: "
              f"{res.status}{' (read back)' if was_finished else ''}, AUC macro short {auc['short']:.3f} "
              f"long {auc['long']:.3f}; {el:.0f} s elapsed{eta}")
+    # the table: this call's folds, and those of seeds trained before (other calls, the study)
     found = {int(p.name[4:]) for p in run.replicates.glob("seed*") if p.name[4:].isdigit()}
-    rows = []
-    for s in sorted(set(seeds) | found | {int(cfg.seed)}):
-        rows += [r for k in folds if folder(s, k).is_finished()
-                 for r in replicates.fold_rows(folder(s, k).path, network, s, k)]
-    table = pd.DataFrame(rows, columns=list(replicates.COLUMNS))
+    for s in sorted(found | {int(cfg.seed)}):
+        for k in folds:
+            if (s, k) not in rows and folder(s, k).is_finished():
+                rows[s, k] = replicates.fold_rows(folder(s, k).path, network, s, k)
+    table = pd.DataFrame([r for key in sorted(rows) for r in rows[key]], columns=list(replicates.COLUMNS))
     run.replicates.mkdir(parents=True, exist_ok=True)
     atomic.write_text(run.replicates / f"{network}.csv", table.to_csv(index=False))
     return table, replicates.summary(table, folds=folds)
@@ -326,7 +330,7 @@ def explain_fold(run_dir: str | os.PathLike, network: str, fold: int, *, data_ro
                  echo: Callable[[str], None] = print) -> Path:
     """One (network, fold) explanation job of a prepared run folder whose fold has ended
     (``explain.explain_fold_job`` with the run's cohort, scale and seed); returns its marker."""
-    from cellstudy import explain, study
+    from cellstudy import explain
 
     run, cfg, sc = prepared_run(run_dir)
     networks.check_network(network)
@@ -334,9 +338,7 @@ def explain_fold(run_dir: str | os.PathLike, network: str, fold: int, *, data_ro
     if not run.fold(network, k).ended.is_file() and not run.fold(network, k).is_finished():
         raise rundir.RunFolderError(f"{network} fold {k} of {run.root} has not been trained (no "
                                     f"{rundir.ENDED}); train it first (cellstudy train-fold)")
-    root = config.data_root(data_root or cfg.data_root)
-    prepared = study.prepare(cfg.cohort, cfg.scale, run.root, data_root=str(root), seed=int(cfg.seed),
-                             overrides=cfg.overrides, progress=False)
+    prepared = _prepared(run, cfg, data_root)
     return explain.explain_fold_job(prepared, network, k, regime=xai_regime(cfg), seed=int(cfg.seed), echo=echo)
 
 
