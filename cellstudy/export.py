@@ -17,7 +17,7 @@ which) in the bioimage.io format 0.5 (read by ilastik, deepImageJ, QuPath and na
   image (PNG); a cover: the cell and its Grad-CAM (the study's layer choice);
 - citations (the paper, the data), licence, the run's metrics in the documentation.
 
-Networks that use cellstudy's own Keras layers (the RGB family's ``ChannelSlice``, the ViT's
+Networks that use cellstudy's own Keras layers (the RGB family's ``StackChannels``, ``UnstackChannels``, ``StackMaps``, the ViT's
 ``PositionEmbedding``) load only where ``cellstudy`` is imported first (Keras 3 stores no class
 code); the documentation says so. Needs the optional dependencies ``pip install -e ".[export]"``.
 """

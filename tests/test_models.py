@@ -120,6 +120,26 @@ def test_rgb_family_routes_channels_separately(net):
                 np.testing.assert_array_equal(a, b, err_msg=f"{name}: changing {c} changed {n}")
 
 
+@pytest.mark.parametrize("name", ["rgb", "mhl"])
+def test_inference_uses_the_statistics_training_normalised_with(name):
+    """With BatchNorm momentum 0, a training-mode pass leaves each BatchNorm's moving statistics
+    equal to the batch statistics it just normalised with, so an inference pass on the same batch
+    gives the training pass's output. For the RGB family this holds only if the shared backbone
+    sees the three stains as one batch (``StackChannels``): called once per stain, its BatchNorm
+    layers normalised each stain by its own statistics in training and kept the last stain's in
+    their moving averages, which inference then applied to all three."""
+    from cellstudy.learning.experiment import set_bn_momentum
+
+    keras.utils.set_random_seed(0)
+    model = M.build(name, S, head_dropout=0.0)
+    set_bn_momentum(model, 0.0)
+    x = np.random.default_rng(3).random((6, S, S, 3), dtype=np.float32)
+    x[..., 1] *= 4.0  # stains of different brightness, as after any preprocessing but per-stain whitening
+    trained = model(x, training=True).numpy()
+    np.testing.assert_allclose(model(x, training=False).numpy(), trained, atol=2e-4)
+    keras.backend.clear_session()
+
+
 def test_save_load_round_trip(net, tmp_path):
     name, model = net
     path = tmp_path / f"{name}.keras"

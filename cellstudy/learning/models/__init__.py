@@ -30,7 +30,8 @@ Parameters (``**params``; unknown keys are rejected):
 ``weights``: None (random initialisation) or a local ``.h5`` / ``.weights.h5`` file of backbone
 weights (for ``denres131`` a mapping ``{"resnet50": path, "densenet121": path}``). Nothing is ever
 downloaded. ``load(path)`` loads any saved network of the study (its two custom layers,
-``ChannelSlice`` and ``PositionEmbedding``, are registered when this module is imported; plain
+the RGB family's ``StackChannels`` / ``UnstackChannels`` / ``StackMaps`` (and ``ChannelSlice``, which
+models saved before 2026-12-07 use) and the ViT's ``PositionEmbedding``, are registered when this module is imported; plain
 ``keras.saving.load_model`` fails with "Could not locate class 'ChannelSlice'" without it).
 """
 from __future__ import annotations
@@ -41,7 +42,8 @@ import numpy as np
 
 from cellstudy import networks as catalogue
 from cellstudy.learning.models import backbones
-from cellstudy.learning.models.attention import ChannelSlice, build_mhl, build_rgb
+from cellstudy.learning.models.attention import (ChannelSlice, StackChannels, StackMaps, UnstackChannels,
+                                                build_mhl, build_rgb)
 from cellstudy.learning.models.denres import build_denres
 from cellstudy.learning.models.dl import build_dl
 from cellstudy.learning.models.head import HEAD_DEFAULTS, classification_head
@@ -320,4 +322,4 @@ from cellstudy.learning.models.describe import describe, stage_table, token_grid
 
 __all__ = ["NETWORKS", "FAMILIES", "BACKBONE_OF", "GRADCAM_CANDIDATES", "build", "load", "gradcam_layers",
            "gradcam_table", "describe", "stage_table", "token_grid", "valid_params", "input_hw",
-           "check_name", "classification_head", "ChannelSlice", "PositionEmbedding", "backbones"]
+           "check_name", "classification_head", "ChannelSlice", "StackChannels", "UnstackChannels", "StackMaps", "PositionEmbedding", "backbones"]

@@ -1,9 +1,14 @@
 """RGB and MHL families: attention over the spatial tokens of a CNN backbone (paper 3.2).
 
 **RGB family** (``rgb`` = 3-layer CNN, ``rgb_res`` = ResNet50, ``rgb_den`` = DenseNet121).
-The isolator splits the image into its 1-channel images ``X_R, X_G, X_B`` (``isolate_r/g/b``).
-ONE backbone ``f`` (one set of weights) is applied to each: ``F_c = f(X_c)``, ``(h, w, C)``
-(eq. 3's per-channel features). The spatial positions of ``F_c`` are the tokens, average-pooled to
+The isolator splits the image into its 1-channel images ``X_R, X_G, X_B`` and stacks them on
+the batch axis (``isolate``, :class:`StackChannels`: ``(N, H, W, 3) -> (3N, H, W, 1)``). ONE backbone
+``f`` (one set of weights) runs once on the stacked batch and is split again per channel
+(``unstack``): ``F_c = f(X_c)``, ``(h, w, C)`` (eq. 3's per-channel features). One pass over the
+stacked batch, not one call per channel, so that its BatchNorm layers normalise the three stains in
+training with the statistics they keep for inference (the three calls used before 2026-12-07
+normalised each stain by its own batch statistics in training, while inference applied a mix of
+them, weighted to the last stain's: the training and the test network differed). The spatial positions of ``F_c`` are the tokens, average-pooled to
 at most ``max_token_grid`` per side, and projected to a common width ``d = token_dim`` (16 by
 default, the catalogue's ``RGB_ATTENTION_DEFAULTS``; the MHL family's is 128):
 ``T_c = F_c W_c`` (``tokens_r/g/b``, ``(N, T, d)``). Six 2-head attention blocks form the upper
@@ -15,18 +20,19 @@ LayerNorm-ed (``att_ab_ln``), pooled over tokens (``att_ab_pool``); the six vect
 concatenated (eq. 3, ``att_concat``) and go to the shared head.
 
 Grad-CAM layers (``gradcam_layers``): ``feat_r``, ``feat_g``, ``feat_b``. The shared backbone's
-layers (e.g. ``conv5_block3_out``) are called three times, so their ``.output`` is ill-defined (it
-is a 1-channel template's, not connected to the model's input). Each call's last conv feature map
-goes through an identity layer (``Activation("linear")``) named ``feat_<c>``: the 4-D
+layers (e.g. ``conv5_block3_out``) are a 1-channel template's, replayed on the stacked batch, so
+their ``.output`` is not connected to the model's input and holds all three channels. The last conv
+feature map is split per channel (``unstack``) and each part goes through an identity layer
+(``Activation("linear")``) named ``feat_<c>``: the 4-D
 ``(N, h, w, C)`` feature map of channel c is ``model.get_layer("feat_r").output`` (``feat_g``,
 ``feat_b``), and ``keras.Model(model.inputs, [model.get_layer("feat_r").output, model.output])``
 gives it with the prediction; its gradient is the gradient w.r.t. the backbone's map for that
-channel. The same is done for each call's intermediate stages (the Grad-CAM candidates of
+channel. The same is done for the intermediate stages (the Grad-CAM candidates of
 ``backbones.STAGES`` below the last map: ResNet50 ``conv4_block6_out`` / ``conv3_block4_out`` /
 ``conv2_block3_out``, DenseNet121 ``pool4_relu`` / ``pool3_relu`` / ``pool2_relu``), named by
 their nominal stride: ``feat_<c>_s16``, ``feat_<c>_s8``, ``feat_<c>_s4`` (:data:`STAGE_TAPS`).
-These identity layers sit inline (the next backbone layer reads their output), so they are part
-of the model, have no weights and change no number: ``gradcam_layers(model, min_size=...)``
+These identity layers sit inline (split, identities, stacked again by ``restack_s<stride>``;
+the next backbone layer reads the stacked map), so they are part of the model, have no weights and change no number: ``gradcam_layers(model, min_size=...)``
 picks among ``feat_<c>`` and ``feat_<c>_s<stride>`` the deepest map of at least min_size.
 
 **MHL family** (``mhl``, ``mhl_res``, ``mhl_den``): the same backbones on the whole RGB image,
@@ -66,7 +72,8 @@ def tap_name(channel: str, stride: int | None = None) -> str:
 
 @keras.saving.register_keras_serializable(package="cellstudy")
 class ChannelSlice(layers.Layer):
-    """``(N, H, W, C) -> (N, H, W, 1)``: channel ``index`` of the input (the isolator)."""
+    """``(N, H, W, C) -> (N, H, W, 1)``: channel ``index`` of the input (the isolator of the RGB
+    models saved before 2026-12-07; kept so that they still load)."""
 
     def __init__(self, index: int, **kwargs):
         super().__init__(**kwargs)
@@ -80,6 +87,71 @@ class ChannelSlice(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "index": self.index}
+
+
+@keras.saving.register_keras_serializable(package="cellstudy")
+class StackChannels(layers.Layer):
+    """The isolator: ``(N, H, W, C) -> (C * N, H, W, 1)``, the C 1-channel images stacked along
+    the batch axis, channel-major (rows ``c * N .. c * N + N - 1`` are channel c).
+
+    The shared backbone then sees the three stains as ONE batch: in training its BatchNorm layers
+    normalise every stain with the statistics of the whole stacked batch and track those in their
+    moving averages, the statistics they apply in inference. (Calling the shared layers once per
+    stain instead normalised each stain by its own batch statistics in training while the moving
+    averages, updated three times per step, mixed them: inference then differed from training.)"""
+
+    def call(self, x):
+        h, w, c = (int(v) for v in x.shape[1:])
+        x = keras.ops.transpose(x, (3, 0, 1, 2))
+        return keras.ops.reshape(x, (-1, h, w, 1))
+
+    def compute_output_shape(self, input_shape):
+        return (None,) + tuple(input_shape[1:3]) + (1,)
+
+
+@keras.saving.register_keras_serializable(package="cellstudy")
+class UnstackChannels(layers.Layer):
+    """``(n * N, h, w, F)`` (stacked by :class:`StackChannels`) -> ``n`` tensors ``(N, h, w, F)``."""
+
+    def __init__(self, n: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        self.n = int(n)
+
+    def call(self, x):
+        y = keras.ops.reshape(x, (self.n, -1) + tuple(int(v) for v in x.shape[1:]))
+        return [y[i] for i in range(self.n)]
+
+    def compute_output_shape(self, input_shape):
+        return [(None,) + tuple(input_shape[1:])] * self.n
+
+    def get_config(self):
+        return {**super().get_config(), "n": self.n}
+
+
+@keras.saving.register_keras_serializable(package="cellstudy")
+class StackMaps(layers.Layer):
+    """``n`` tensors ``(N, h, w, F)`` -> ``(n * N, h, w, F)``: back onto the batch axis, in order."""
+
+    def call(self, xs):
+        return keras.ops.concatenate(list(xs), axis=0)
+
+    def compute_output_shape(self, input_shapes):
+        return (None,) + tuple(input_shapes[0][1:])
+
+
+def _per_channel(name_of, unstack_name, stack_name=None):
+    """A function on a stacked map ``(3N, h, w, F)``: unstack it, pass channel c's map through an
+    identity layer ``name_of(c)`` (its own layer in the outer graph, Grad-CAM's target), and, with
+    ``stack_name``, stack the three back (the backbone goes on with them; without, the list of the
+    three identities' outputs). No weights, no change to any number."""
+    unstack = UnstackChannels(len(CHANNEL_KEYS), name=unstack_name)
+    idents = [layers.Activation("linear", name=name_of(c)) for c in CHANNEL_KEYS]
+    stack = StackMaps(name=stack_name) if stack_name else None
+
+    def apply(y):
+        parts = [ident(p) for ident, p in zip(idents, unstack(y))]
+        return stack(parts) if stack is not None else parts
+    return apply
 
 
 def _check(token_dim, num_heads, max_token_grid):
@@ -132,13 +204,11 @@ def build_rgb(network, hw, n_classes=2, head=None, weights=None, weights_sha256=
     """Build ``rgb`` / ``rgb_res`` / ``rgb_den`` at input (H, W, 3) (see the module docstring)."""
     backbone, head, inp = _start(network, RGB_BACKBONE[network], hw, head, token_dim, num_heads, max_token_grid)
     template = bbs.shared_backbone(backbone, hw, cnn_filters=cnn_filters)
-    toks = {}
-    for i, c in enumerate(CHANNEL_KEYS):
-        xc = ChannelSlice(i, name=f"isolate_{c}")(inp)
-        taps = {n: layers.Activation("linear", name=tap_name(c, st))
-                for n, st in stage_taps(backbone).items()}
-        f = layers.Activation("linear", name=tap_name(c))(bbs.replay(template, xc, taps))
-        toks[c] = _tokens(f, int(max_token_grid), f"_{c}", token_dim)
+    stacked = StackChannels(name="isolate")(inp)
+    taps = {n: _per_channel(lambda c, st=st: tap_name(c, st), f"unstack_s{st}", f"restack_s{st}")
+            for n, st in stage_taps(backbone).items()}
+    feats = _per_channel(tap_name, "unstack")(bbs.replay(template, stacked, taps))
+    toks = {c: _tokens(f, int(max_token_grid), f"_{c}", token_dim) for c, f in zip(CHANNEL_KEYS, feats)}
     pooled = [_attend(toks[a], toks[b], f"att_{a}{b}", num_heads, token_dim,
                       head.get("pooling", "avg")) for a, b in RGB_BLOCKS]
     x = layers.Concatenate(name="att_concat")(pooled)

@@ -245,7 +245,7 @@ _STAGES = {
             ("self-attention", "att_self_ln"), ("pooled", "att_self_pool")],
 }
 for _n, _last in (("rgb", None), ("rgb_res", None), ("rgb_den", None)):
-    _STAGES[_n] = ([("input", "image")] + [(f"isolate {c.upper()}", f"isolate_{c}") for c in "rgb"]
+    _STAGES[_n] = ([("input", "image"), ("isolate R, G, B (stacked on the batch axis)", "isolate")]
                    + [(f"shared backbone on R, stride-{st} stage", f"feat_r_s{st}") for st in (4, 8, 16)]
                    + [(f"shared backbone on {c.upper()} (last conv map)", f"feat_{c}") for c in "rgb"]
                    + [(f"tokens {c.upper()}", f"tokens_{c}") for c in "rgb"]
