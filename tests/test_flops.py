@@ -24,3 +24,21 @@ def test_attention_flops_by_hand():
     # projections: q, k, v 4*6*2*3 each, output 4*2*3*6; scores + sum 2*4*4*(3+3)
     expect = 2 * (3 * 4 * 6 * 2 * 3 + 4 * 2 * 3 * 6) + 2 * 2 * 4 * 4 * 6
     assert flops.forward_flops(m) == pytest.approx(expect)
+
+
+def test_the_rgb_familys_shared_backbone_counts_once_per_stain():
+    """RGB runs its one 3-layer CNN over the three stains stacked on the batch axis: per image
+    its convolutions count three times (1-channel input), never for the template the backbone is
+    built from; the MHL network's same CNN on the RGB image counts once."""
+    from cellstudy.learning import models
+
+    s = 32
+    cnn = {1: 2 * s * s * 9 * 1 * 32, 2: 2 * (s // 2) ** 2 * 9 * 32 * 64, 3: 2 * (s // 4) ** 2 * 9 * 64 * 128}
+    rgb, mhl = models.build("rgb", s), models.build("mhl", s)
+
+    rgb_convs = flops.forward_flops(keras.Model(rgb.inputs, rgb.get_layer("feat_b").output))
+    assert rgb_convs == 3 * sum(cnn.values())
+    mhl_convs = flops.forward_flops(keras.Model(mhl.inputs, mhl.get_layer("cnn_relu3").output))
+    assert mhl_convs == sum(cnn.values()) + 2 * s * s * 9 * 2 * 32   # 3 input channels, not 1
+    # the whole network: its backbone's three passes and the rest (tokens, attention, head) once
+    assert flops.forward_flops(rgb) > rgb_convs

@@ -457,9 +457,22 @@ def test_registry_is_the_catalogues():
         M.build("rf", 32)
 
 
+def test_models_saved_with_the_former_isolator_still_load(tmp_path):
+    """RGB-family models saved before 2026-12-07 slice each stain with ``ChannelSlice``; it stays
+    registered, so their files load and give the same numbers."""
+    from cellstudy.learning.models.attention import ChannelSlice
+
+    inp = keras.Input((8, 8, 3))
+    out = keras.layers.GlobalAveragePooling2D()(ChannelSlice(1, name="isolate_g")(inp))
+    m = keras.Model(inp, out)
+    m.save(tmp_path / "old.keras")
+    x = _x(4, size=8)
+    np.testing.assert_allclose(M.load(tmp_path / "old.keras")(x).numpy(), x[..., 1:2].mean(axis=(1, 2)), rtol=1e-6)
+
+
 def test_load_needs_no_knowledge_of_custom_layers(tmp_path):
-    # a saved RGB-family network (custom ChannelSlice) loads through models.load, in a fresh
-    # process that never imported cellstudy.learning.models itself
+    # a saved RGB-family network (custom StackChannels / UnstackChannels / StackMaps) loads
+    # through models.load, in a fresh process that never imported cellstudy.learning.models itself
     import subprocess
     import sys
 

@@ -19,45 +19,62 @@ def _shape(t) -> tuple:
     return tuple(int(d) if d is not None else 1 for d in t.shape[1:])
 
 
-def _layer_flops(layer) -> float:
+def _node_flops(layer, node) -> float:
+    """FLOPs of one call (``node``) of ``layer`` on one image."""
     import keras
 
-    total = 0.0
-    for node in getattr(layer, "_inbound_nodes", []):
-        ins = [t for t in node.input_tensors]
-        outs = [t for t in node.outputs]
-        if not ins or not outs:
-            continue
-        if isinstance(layer, keras.layers.DepthwiseConv2D):
-            h, w, c = _shape(outs[0])
-            kh, kw = layer.kernel_size
-            total += 2.0 * h * w * kh * kw * c
-        elif isinstance(layer, keras.layers.Conv2D):
-            h, w, cout = _shape(outs[0])
-            cin = _shape(ins[0])[-1]
-            kh, kw = layer.kernel_size
-            total += 2.0 * h * w * kh * kw * (cin / max(1, int(getattr(layer, "groups", 1)))) * cout
-        elif isinstance(layer, keras.layers.Dense):
-            s = _shape(ins[0])
-            total += 2.0 * math.prod(s[:-1]) * s[-1] * int(layer.units)
-        elif isinstance(layer, keras.layers.MultiHeadAttention):
-            q, v = _shape(ins[0]), _shape(ins[1] if len(ins) > 1 else ins[0])
-            tq, dq = math.prod(q[:-1]), q[-1]
-            tk, dk = math.prod(v[:-1]), v[-1]
-            heads, kd = int(layer.num_heads), int(layer.key_dim)
-            vd = int(layer.value_dim or kd)
-            total += 2.0 * (tq * dq * heads * kd      # query projection
-                            + tk * dk * heads * kd    # key projection
-                            + tk * dk * heads * vd    # value projection
-                            + tq * heads * vd * dq)   # output projection
-            total += 2.0 * heads * tq * tk * (kd + vd)  # scores and the weighted sum
-    return total
+    ins = [t for t in node.input_tensors]
+    outs = [t for t in node.outputs]
+    if not ins or not outs:
+        return 0.0
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        h, w, c = _shape(outs[0])
+        kh, kw = layer.kernel_size
+        return 2.0 * h * w * kh * kw * c
+    if isinstance(layer, keras.layers.Conv2D):
+        h, w, cout = _shape(outs[0])
+        cin = _shape(ins[0])[-1]
+        kh, kw = layer.kernel_size
+        return 2.0 * h * w * kh * kw * (cin / max(1, int(getattr(layer, "groups", 1)))) * cout
+    if isinstance(layer, keras.layers.Dense):
+        s = _shape(ins[0])
+        return 2.0 * math.prod(s[:-1]) * s[-1] * int(layer.units)
+    if isinstance(layer, keras.layers.MultiHeadAttention):
+        q, v = _shape(ins[0]), _shape(ins[1] if len(ins) > 1 else ins[0])
+        tq, dq = math.prod(q[:-1]), q[-1]
+        tk, dk = math.prod(v[:-1]), v[-1]
+        heads, kd = int(layer.num_heads), int(layer.key_dim)
+        vd = int(layer.value_dim or kd)
+        return (2.0 * (tq * dq * heads * kd      # query projection
+                       + tk * dk * heads * kd    # key projection
+                       + tk * dk * heads * vd    # value projection
+                       + tq * heads * vd * dq)   # output projection
+                + 2.0 * heads * tq * tk * (kd + vd))  # scores and the weighted sum
+    return 0.0
 
 
 def forward_flops(model) -> float:
     """FLOPs (2 x multiply-adds) of one image's forward pass through ``model``'s convolutions,
-    dense layers and attention (see the module docstring)."""
-    return float(sum(_layer_flops(l) for l in model.layers))
+    dense layers and attention (see the module docstring).
+
+    Only the calls on the path from the model's inputs to its outputs count, each as often as
+    images of the batch pass through it per input image: a layer whose class defines
+    ``batch_multiplier(input_multipliers, input_tensors) -> output multipliers`` changes that count (the RGB
+    family's ``StackChannels`` puts the three stains of an image on the batch axis, so its shared
+    backbone runs three times per image; ``UnstackChannels`` / ``StackMaps`` undo and redo it)."""
+    mult: dict[int, float] = {}   # id(tensor) -> images per input image
+    total = 0.0
+    for depth in sorted(model._nodes_by_depth, reverse=True):   # inputs first
+        for node in model._nodes_by_depth[depth]:
+            op = node.operation
+            ins = list(node.input_tensors)
+            in_m = [mult.get(id(t), 1.0) for t in ins]
+            m = max(in_m) if in_m else 1.0
+            total += m * _node_flops(op, node)
+            out_m = op.batch_multiplier(in_m, ins) if hasattr(op, "batch_multiplier") else [m] * len(node.outputs)
+            for t, v in zip(node.outputs, out_m):
+                mult[id(t)] = float(v)
+    return float(total)
 
 
 def training_flops(model) -> float:

@@ -100,6 +100,10 @@ class StackChannels(layers.Layer):
     stain instead normalised each stain by its own batch statistics in training while the moving
     averages, updated three times per step, mixed them: inference then differed from training.)"""
 
+    def batch_multiplier(self, m, inputs):
+        """Images on the batch axis per input image (``cellstudy.learning.flops``): x C."""
+        return [m[0] * int(inputs[0].shape[-1])]
+
     def call(self, x):
         h, w, c = (int(v) for v in x.shape[1:])
         x = keras.ops.transpose(x, (3, 0, 1, 2))
@@ -117,6 +121,10 @@ class UnstackChannels(layers.Layer):
         super().__init__(**kwargs)
         self.n = int(n)
 
+    def batch_multiplier(self, m, inputs):
+        """Each output holds 1 / n of the input's images (``cellstudy.learning.flops``)."""
+        return [m[0] / self.n] * self.n
+
     def call(self, x):
         y = keras.ops.reshape(x, (self.n, -1) + tuple(int(v) for v in x.shape[1:]))
         return [y[i] for i in range(self.n)]
@@ -131,6 +139,10 @@ class UnstackChannels(layers.Layer):
 @keras.saving.register_keras_serializable(package="cellstudy")
 class StackMaps(layers.Layer):
     """``n`` tensors ``(N, h, w, F)`` -> ``(n * N, h, w, F)``: back onto the batch axis, in order."""
+
+    def batch_multiplier(self, m, inputs):
+        """The inputs' images together (``cellstudy.learning.flops``)."""
+        return [sum(m)]
 
     def call(self, xs):
         return keras.ops.concatenate(list(xs), axis=0)
