@@ -458,16 +458,24 @@ def test_registry_is_the_catalogues():
 
 
 def test_models_saved_with_the_former_isolator_still_load(tmp_path):
-    """RGB-family models saved before 2026-12-07 slice each stain with ``ChannelSlice``; it stays
-    registered, so their files load and give the same numbers."""
-    from cellstudy.learning.models.attention import ChannelSlice
+    """RGB-family models saved before 2026-12-07 slice each stain with ``ChannelSlice`` and call
+    the shared backbone once per stain; ``ChannelSlice`` stays registered, so such a file (built
+    here as it was then) loads, gives the same numbers and its Grad-CAM layers are found."""
+    from keras import layers
 
-    inp = keras.Input((8, 8, 3))
-    out = keras.layers.GlobalAveragePooling2D()(ChannelSlice(1, name="isolate_g")(inp))
-    m = keras.Model(inp, out)
-    m.save(tmp_path / "old.keras")
-    x = _x(4, size=8)
-    np.testing.assert_allclose(M.load(tmp_path / "old.keras")(x).numpy(), x[..., 1:2].mean(axis=(1, 2)), rtol=1e-6)
+    from cellstudy.learning.models import attention as A
+
+    inp = keras.Input((S, S, 3), name="image")
+    template = bbs.shared_backbone("cnn3", (S, S))
+    feats = [layers.Activation("linear", name=A.tap_name(c))(bbs.replay(template, A.ChannelSlice(i, name=f"isolate_{c}")(inp)))
+             for i, c in enumerate(A.CHANNEL_KEYS)]
+    pooled = [layers.GlobalAveragePooling2D(name=f"pool_{c}")(f) for c, f in zip(A.CHANNEL_KEYS, feats)]
+    old = keras.Model(inp, layers.Dense(2, activation="softmax", name="probs")(layers.Concatenate()(pooled)), name="rgb")
+    old.save(tmp_path / "old.keras")
+    loaded = M.load(tmp_path / "old.keras")
+    x = _x(4)
+    np.testing.assert_allclose(loaded(x, training=False).numpy(), old(x, training=False).numpy(), atol=1e-6)
+    assert M.gradcam_layers(loaded, min_size=4) == ["feat_r", "feat_g", "feat_b"]
 
 
 def test_load_needs_no_knowledge_of_custom_layers(tmp_path):

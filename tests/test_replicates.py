@@ -117,6 +117,17 @@ def test_replicate_trains_other_seeds_on_the_same_folds_and_never_touches_the_st
     assert _digest(run.replicate("mhl", 1, 1).path) == before
     assert sorted(pd.read_csv(run.replicates / "mhl.csv")["seed"].unique()) == [0, 1, 2]
 
+    # a seed read back for the table only, trained as another architecture (e.g. an RGB-family
+    # fold from before 2026-12-07), is refused, not mixed into the table
+    import json
+    marker = run.replicate("mhl", 1, 2).done
+    meta = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**meta, "architecture": "0" * 16}))
+    capsys.readouterr()
+    assert cli.main(["replicate", str(root), "--network", "mhl", "--seeds", "1"]) == 2
+    assert "was trained with architecture 0000000000000000" in capsys.readouterr().err
+    marker.write_text(json.dumps(meta))
+
     # the results chapter shows them (its outputs, not its source)
     from cellstudy.workflow import run_step
     run_step(root, "07_results", log_output=False)

@@ -29,10 +29,10 @@ Parameters (``**params``; unknown keys are rejected):
 
 ``weights``: None (random initialisation) or a local ``.h5`` / ``.weights.h5`` file of backbone
 weights (for ``denres131`` a mapping ``{"resnet50": path, "densenet121": path}``). Nothing is ever
-downloaded. ``load(path)`` loads any saved network of the study (its two custom layers,
+downloaded. ``load(path)`` loads any saved network of the study (its custom layers,
 the RGB family's ``StackChannels`` / ``UnstackChannels`` / ``StackMaps`` (and ``ChannelSlice``, which
 models saved before 2026-12-07 use) and the ViT's ``PositionEmbedding``, are registered when this module is imported; plain
-``keras.saving.load_model`` fails with "Could not locate class 'ChannelSlice'" without it).
+``keras.saving.load_model`` fails with "Could not locate class 'StackChannels'" without it).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ concatenated (eq. 3, ``att_concat``) and go to the shared head.
 
 Grad-CAM layers (``gradcam_layers``): ``feat_r``, ``feat_g``, ``feat_b``. The shared backbone's
 layers (e.g. ``conv5_block3_out``) are a 1-channel template's, replayed on the stacked batch, so
-their ``.output`` is not connected to the model's input and holds all three channels. The last conv
+their ``.output`` is the template's (on its own ``(H, W, 1)`` input), not connected to the model's input. The last conv
 feature map is split per channel (``unstack``) and each part goes through an identity layer
 (``Activation("linear")``) named ``feat_<c>``: the 4-D
 ``(N, h, w, C)`` feature map of channel c is ``model.get_layer("feat_r").output`` (``feat_g``,

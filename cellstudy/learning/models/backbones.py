@@ -199,11 +199,12 @@ def replay(template: keras.Model, x, taps: dict | None = None):
     """Call ``template``'s layers, in graph order, on the symbolic tensor ``x``: a flat (not
     nested) application of the same layers, returning the template's output for input ``x``.
 
-    ``taps``: ``{layer name: identity layer}``: the output of that template layer, for this call,
-    goes through the identity layer (e.g. ``Activation("linear", name="feat_r_s16")``) and every
-    later layer reads the identity's output. The computation is unchanged (identity, no weights),
-    but this call's intermediate map is now a layer of its own in the outer graph, with a
-    well-defined ``.output`` (the template layer itself is called once per replay).
+    ``taps``: ``{layer name: callable tensor -> tensor}``: the output of that template layer, for
+    this call, goes through the callable and every later layer reads its result. The RGB family
+    passes a split per stain -> one identity layer each (``feat_r_s16``, ...) -> stacked again
+    (``attention._per_channel``): the computation is unchanged (no weights), but each stain's
+    intermediate map is a layer of its own in the outer graph, with a well-defined ``.output`` (the
+    template layer itself is called once per replay).
     """
     if not taps:
         return template._run_through_graph([x], operation_fn=lambda op: op)
