@@ -8,9 +8,9 @@ the batch axis (``isolate``, :class:`StackChannels`: ``(N, H, W, 3) -> (3N, H, W
 stacked batch, not one call per channel, so that its BatchNorm layers normalise the three stains in
 training with the statistics they keep for inference (the three calls used before 2026-12-07
 normalised each stain by its own batch statistics in training, while inference applied a mix of
-them, weighted to the last stain's: the training and the test network differed). The spatial positions of ``F_c`` are the tokens, average-pooled to
-at most ``max_token_grid`` per side, and projected to a common width ``d = token_dim`` (16 by
-default, the catalogue's ``RGB_ATTENTION_DEFAULTS``; the MHL family's is 128):
+them, weighted to the last stain's: the training and the test network differed). The spatial
+positions of ``F_c`` are the tokens, average-pooled to at most ``max_token_grid`` per side, and
+projected to a common width ``d = token_dim`` (16 by default, the catalogue's ``RGB_ATTENTION_DEFAULTS``; the MHL family's is 128):
 ``T_c = F_c W_c`` (``tokens_r/g/b``, ``(N, T, d)``). Six 2-head attention blocks form the upper
 triangle of eq. 4-5: self-attention RR, GG, BB and cross-attention RG, RB, GB with queries from the
 first channel and keys / values from the second (eq. 6-9:
@@ -21,9 +21,9 @@ concatenated (eq. 3, ``att_concat``) and go to the shared head.
 
 Grad-CAM layers (``gradcam_layers``): ``feat_r``, ``feat_g``, ``feat_b``. The shared backbone's
 layers (e.g. ``conv5_block3_out``) are a 1-channel template's, replayed on the stacked batch, so
-their ``.output`` is the template's (on its own ``(H, W, 1)`` input), not connected to the model's input. The last conv
-feature map is split per channel (``unstack``) and each part goes through an identity layer
-(``Activation("linear")``) named ``feat_<c>``: the 4-D
+their ``.output`` is the template's (on its own ``(H, W, 1)`` input), not connected to the
+model's input. The last conv feature map is split per channel (``unstack``) and each part goes
+through an identity layer (``Activation("linear")``) named ``feat_<c>``: the 4-D
 ``(N, h, w, C)`` feature map of channel c is ``model.get_layer("feat_r").output`` (``feat_g``,
 ``feat_b``), and ``keras.Model(model.inputs, [model.get_layer("feat_r").output, model.output])``
 gives it with the prediction; its gradient is the gradient w.r.t. the backbone's map for that
@@ -32,8 +32,9 @@ channel. The same is done for the intermediate stages (the Grad-CAM candidates o
 ``conv2_block3_out``, DenseNet121 ``pool4_relu`` / ``pool3_relu`` / ``pool2_relu``), named by
 their nominal stride: ``feat_<c>_s16``, ``feat_<c>_s8``, ``feat_<c>_s4`` (:data:`STAGE_TAPS`).
 These identity layers sit inline (split, identities, stacked again by ``restack_s<stride>``;
-the next backbone layer reads the stacked map), so they are part of the model, have no weights and change no number: ``gradcam_layers(model, min_size=...)``
-picks among ``feat_<c>`` and ``feat_<c>_s<stride>`` the deepest map of at least min_size.
+the next backbone layer reads the stacked map), so they are part of the model, have no weights
+and change no number: ``gradcam_layers(model, min_size=...)`` picks among ``feat_<c>`` and
+``feat_<c>_s<stride>`` the deepest map of at least min_size.
 
 **MHL family** (``mhl``, ``mhl_res``, ``mhl_den``): the same backbones on the whole RGB image,
 tokens projected to ``d`` (``tokens``), one 2-head self-attention block (eq. 10-11, ``att_self``),
@@ -105,7 +106,7 @@ class StackChannels(layers.Layer):
         return [m[0] * int(inputs[0].shape[-1])]
 
     def call(self, x):
-        h, w, c = (int(v) for v in x.shape[1:])
+        h, w = (int(v) for v in x.shape[1:3])
         x = keras.ops.transpose(x, (3, 0, 1, 2))
         return keras.ops.reshape(x, (-1, h, w, 1))
 
