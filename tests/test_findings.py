@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -228,13 +230,27 @@ def test_verdict_sentence_says_when_p_is_not_holm_adjusted():
 
 def test_book_tables_are_not_cut():
     # the book's tables (convergence reasons, exclusion reasons, the paired comparisons) show
-    # their text and rows whole: importing cellstudy.report sets pandas' display options
+    # their text and rows whole: every notebook calls report.book_table_options(); importing the
+    # package does not change a user's pandas options
+    import importlib
+    import json
+
     import cellstudy.report as report
+    from cellstudy import config
     pd.reset_option("display.max_colwidth")
     pd.reset_option("display.max_rows")
     pd.reset_option("display.min_rows")
+    importlib.reload(report)
     df = pd.DataFrame({"why_not": ["fold 0: still rising: +0.047 over the last 3 epochs; fold 1: " + "x" * 80] * 120})
-    assert "..." in df._repr_html_()                   # pandas' defaults cut both
+    assert "..." in df._repr_html_()                   # pandas' defaults cut both, after the import too
     report.book_table_options()
     html = df._repr_html_()
     assert "..." not in html and html.count("still rising") == 120
+    pd.reset_option("display.max_colwidth")
+    pd.reset_option("display.max_rows")
+    pd.reset_option("display.min_rows")
+    notebooks = sorted((config.REPO_ROOT / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) >= 12
+    for p in notebooks:
+        code = "\n".join("".join(c["source"]) for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "code")
+        assert re.search(r"^book_table_options\(\)", code, re.M), f"{p.name} does not call book_table_options()"
