@@ -320,7 +320,7 @@ def replicate_network(run_dir: str | os.PathLike, network: str, seeds: Sequence[
         for k in folds:
             if (s, k) not in rows and folder(s, k).is_finished():
                 # another architecture (e.g. an RGB-family fold trained before 2026-12-07): refused
-                experiment._read_back(folder(s, k), int(sc["image_size"]), builder)
+                experiment.read_back(folder(s, k), int(sc["image_size"]), builder)
                 rows[s, k] = replicates.fold_rows(folder(s, k).path, network, s, k)
     table = pd.DataFrame([r for key in sorted(rows) for r in rows[key]], columns=list(replicates.COLUMNS))
     run.replicates.mkdir(parents=True, exist_ok=True)

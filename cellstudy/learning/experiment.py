@@ -179,7 +179,7 @@ def _built_identity(builder) -> dict[str, Any]:
     return ident
 
 
-def _read_back(fd: rundir.FoldDir, image_size: int, builder=None):
+def read_back(fd: rundir.FoldDir, image_size: int, builder=None):
     """A finished fold's result and test cells, read from its folder without touching it;
     CheckpointMismatchError when its marker belongs to another network, fold or image size, or
     (``builder`` given, marker with ``n_params`` / ``architecture``) was trained with another
@@ -253,7 +253,7 @@ def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
             progress({"event": "skipped", "network": name, "fold": k,
                       "status": "done" if fd.done.exists() else "failed",
                       "path": str(fd.done if fd.done.exists() else fd.failed)})
-        return _read_back(fd, S, builder)
+        return read_back(fd, S, builder)
     fa = augment.fold_arrays(prepared.images, prepared.labels, prepared.folds, k,
                              max_shift_px=config.max_shift_px(sc),
                              max_rotation_deg=sc["max_rotation_deg"], seed=seed,
