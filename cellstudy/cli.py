@@ -167,7 +167,7 @@ def _train_fold(a: argparse.Namespace) -> int:
 def _replicate(a: argparse.Namespace) -> int:
     from cellstudy.workflow import replicate_network
 
-    table, summ = replicate_network(a.run_dir, a.network, a.seeds, data_root=a.data_root)
+    table, summ = replicate_network(a.run_dir, a.network, a.seeds, data_root=a.data_root, workers=a.workers)
     print(f"\n{a.network}: AUC macro, fold mean, per training seed (the same folds); "
           f"{rundir.Run(a.run_dir).replicates / (a.network + '.csv')} has every fold")
     cols = ["regime", "seeds", "per_seed", "mean", "sd", "min", "max"]
@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                     "own seed is its study folds, read back)")
     rp.add_argument("--data-root", default=None, help="the data root (default: the run config's, "
                     "$CELLSTUDY_DATA_ROOT or ../shared/data)")
+    rp.add_argument("--workers", type=int, default=1, help="seeds trained at once, each in its own process "
+                    "with cores / workers threads (default 1: one seed after the other, all cores)")
     rp.set_defaults(func=_replicate)
     q = sub.add_parser("predict", help="apply a finished run's models to new cells (a cohort name or a manifest CSV)")
     q.add_argument("run_dir", help="a finished run folder (runs/<name>-<date>-<time>)")

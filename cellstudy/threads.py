@@ -3,10 +3,10 @@
 TensorFlow sizes its two thread pools (intra-op: the threads one kernel such as a convolution
 splits over; inter-op: the ops run side by side) to the number of cores of the machine. Two
 processes on 2 cores then run 4 or more busy threads, which wait for and spin on each other. When
-the study runs ``N`` notebooks at once (``workers: N``), or 08_xai explains networks in ``N``
-worker processes, each process is given ``cores // N`` threads of each kind (at least 1) through
-the variables TensorFlow reads once, when it loads: ``TF_NUM_INTRAOP_THREADS`` and
-``TF_NUM_INTEROP_THREADS``. A value the user exported is kept.
+the study runs ``N`` notebooks at once (``workers: N``), 08_xai explains networks in ``N``
+worker processes, or ``cellstudy replicate --workers N`` trains seeds in ``N``, each process is
+given ``cores // N`` threads of each kind (at least 1) through the variables TensorFlow reads once,
+when it loads: ``TF_NUM_INTRAOP_THREADS`` and ``TF_NUM_INTEROP_THREADS``. A value the user exported is kept.
 
 Measured on this 2-core machine (two processes each training ResNet50 at 32 px on folds 0-1 of the
 default scale, alternating the settings three times, wall of the pair): 1 thread each 93.6 /
@@ -69,3 +69,9 @@ def settings_for(n_processes: int, environ: Mapping[str, str] | None = None) -> 
     environ = os.environ if environ is None else environ
     env = thread_env(n_processes, environ=environ)
     return {k: environ.get(k) or env.get(k) or None for k in (INTRA_ENV, INTER_ENV)}
+
+
+def init_worker(env: Mapping[str, str]) -> None:
+    """A worker process's initializer (``ProcessPoolExecutor(initializer=...)``, spawned), run
+    before TensorFlow loads: put its thread settings (:func:`thread_env`) in its environment."""
+    os.environ.update(env)

@@ -268,8 +268,103 @@ def train_network(run_dir: str | os.PathLike, network: str, *, data_root: str | 
     return out
 
 
+def _train_replicates(run_dir, network: str, seeds: list[int], data_root: str | None,
+                      echo: Callable[[str], None], tag: str = ""):
+    """Train (or read back) every fold the run trains of ``network`` at each of ``seeds``, one
+    after the other in this process; returns ``(run, cfg, sc, folds, folder, builder, rows)``
+    with ``rows[(seed, fold)]`` the fold's ``replicates.fold_rows``. ``tag``: put before each
+    line (a worker's seed)."""
+    from cellstudy.learning import replicates, train
+
+    run, cfg, sc = run_training(run_dir, network)
+    prepared = _prepared(run, cfg, data_root)
+    params = experiment.weights_params(network, cfg.weights)
+    folds = experiment.folds_for(sc)
+    jobs = [(s, k) for s in seeds for k in folds]
+
+    def folder(s: int, k: int) -> rundir.FoldDir:
+        return run.fold(network, k) if s == int(cfg.seed) else run.replicate(network, k, s)
+
+    def progress(ev):
+        if tag:
+            print(tag, end="")
+        train.print_progress(ev)
+
+    t0, trained, rows, builder = time.perf_counter(), 0, {}, None
+    for i, (s, k) in enumerate(jobs, 1):
+        own, fd = s == int(cfg.seed), folder(s, k)
+        was_finished = fd.is_finished() and fd.test_cells.is_file()
+        if k == folds[0]:   # a WeightResetter keeps its first call's initial weights: one per seed
+            builder = experiment.fold_builder(network, sc, params)
+        res, _ = experiment.run_fold(prepared, network, k, builder, seed=s, progress=progress,
+                                     weights=cfg.weights, fold_dir=fd)
+        if own and not was_finished:   # the study's fold, trained here: the workflow's target too
+            mark_ended(fd, res)
+        trained += not was_finished
+        el = time.perf_counter() - t0
+        rows[s, k] = replicates.fold_rows(fd.path, network, s, k)
+        auc = {r["regime"]: r["auc_macro"] for r in rows[s, k]}
+        todo = sum(1 for j in jobs[i:] if not folder(*j).is_finished())
+        eta = f", ~{el / trained * todo:.0f} s left" if trained and todo else ""
+        echo(f"{tag}[{i}/{len(jobs)}] {network} seed {s}{' (the study)' if own else ''} fold {k}: "
+             f"{res.status}{' (read back)' if was_finished else ''}, AUC macro short {auc['short']:.3f} "
+             f"long {auc['long']:.3f}; {el:.0f} s elapsed{eta}")
+    if builder is None:
+        builder = experiment.fold_builder(network, sc, params)
+    return run, cfg, sc, folds, folder, builder, rows
+
+
+def _replicate_seed(run_dir: str, network: str, seed: int, data_root: str | None) -> int:
+    """Worker process of ``replicate_network(..., workers=N)``: trains every fold of one seed
+    (no table: the calling process makes it); returns the seed."""
+    _train_replicates(run_dir, network, [seed], data_root, echo=lambda line: print(line, flush=True),
+                      tag=f"[seed {seed}] ")
+    return seed
+
+
+def _replicate_in_workers(run_dir, network: str, todo: list[int], data_root: str | None,
+                          workers: int, echo: Callable[[str], None]) -> None:
+    """Train the seeds ``todo`` in up to ``workers`` spawned processes, one seed per task, each
+    with ``cores // workers`` TensorFlow threads (``cellstudy.threads``; on a GPU, memory taken as
+    needed); the workers print their own lines, tagged ``[seed s]``. A worker's error is told at
+    once and raised, naming its seed, when the other workers have finished their seed (finished
+    folds are kept: a rerun resumes)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    n = min(int(workers), len(todo))
+    echo(f"training {network} at seed{'s' if len(todo) > 1 else ''} {', '.join(map(str, todo))} "
+         f"in {n} worker process{'es' if n > 1 else ''} ...")
+    env = {**threads.thread_env(int(workers)),
+           "TF_FORCE_GPU_ALLOW_GROWTH": os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH", "true")}
+    failed: list[str] = []
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=threads.init_worker, initargs=(env,)) as pool:
+        futs = {pool.submit(_replicate_seed, str(run_dir), network, s, data_root): s for s in todo}
+        for fut in as_completed(futs):
+            if fut.cancelled():   # after another seed's error: not started
+                continue
+            try:
+                fut.result()
+            except BrokenProcessPool:
+                left = sorted(futs[f] for f in futs
+                              if not (f.done() and not f.cancelled() and f.exception() is None))
+                failed.append(f"a worker process died (killed? out of memory?) with seed(s) {left} unfinished")
+                break
+            except Exception as e:
+                failed.append(f"training {network} at seed {futs[fut]} in a worker process failed: "
+                              f"{type(e).__name__}: {e}")
+                echo(f"{failed[-1]}; the other workers finish their seed first")
+                for f in futs:
+                    f.cancel()
+    if failed:
+        raise RuntimeError("; ".join(failed) + " (finished folds are kept: the same command resumes)")
+
+
 def replicate_network(run_dir: str | os.PathLike, network: str, seeds: Sequence[int], *,
-                      data_root: str | None = None, echo: Callable[[str], None] = print):
+                      data_root: str | None = None, echo: Callable[[str], None] = print,
+                      workers: int = 1):
     """Seed replicates of ``network`` in a prepared run folder (``learning.replicates``): every
     fold the run trains, at each training seed of ``seeds``, on the run's own folds, into
     ``<run>/replicates/seed<s>/<network>/fold<k>/``. Each seed gets its own builder, so its
@@ -280,40 +375,29 @@ def replicate_network(run_dir: str | os.PathLike, network: str, seeds: Sequence[
     interrupted one resumes. Writes ``<run>/replicates/<network>.csv`` (every seed of ``seeds``,
     any other seed already in the replicates folder and the study's own finished folds) and
     returns ``(table, summary)`` (``replicates.summary`` over the run's folds). Prints each fold
-    with the time left."""
+    with the time left. ``workers`` > 1: the seeds with folds to train are trained up to that
+    many at once, each in its own spawned process with ``cores // workers`` TensorFlow threads
+    (the thread count changes the round-off: ``done.json`` records it, ``cellstudy.threads``),
+    also when only one seed is left to train (a resumed call keeps the threads); this process
+    then makes the table from the folds read back."""
     import pandas as pd
 
-    from cellstudy.learning import replicates, train
+    from cellstudy.learning import replicates
 
     seeds = replicates.check_seeds(seeds)
-    run, cfg, sc = run_training(run_dir, network)
-    prepared = _prepared(run, cfg, data_root)
-    params = experiment.weights_params(network, cfg.weights)
-    folds = experiment.folds_for(sc)
-    jobs = [(s, k) for s in seeds for k in folds]
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}: expected an int >= 1")
+    if workers > 1:
+        run, cfg, sc = run_training(run_dir, network)
+        folds = experiment.folds_for(sc)
 
-    def folder(s: int, k: int) -> rundir.FoldDir:
-        return run.fold(network, k) if s == int(cfg.seed) else run.replicate(network, k, s)
-
-    t0, trained, rows = time.perf_counter(), 0, {}
-    for i, (s, k) in enumerate(jobs, 1):
-        own, fd = s == int(cfg.seed), folder(s, k)
-        was_finished = fd.is_finished() and fd.test_cells.is_file()
-        if k == folds[0]:   # a WeightResetter keeps its first call's initial weights: one per seed
-            builder = experiment.fold_builder(network, sc, params)
-        res, _ = experiment.run_fold(prepared, network, k, builder, seed=s, progress=train.print_progress,
-                                     weights=cfg.weights, fold_dir=fd)
-        if own and not was_finished:   # the study's fold, trained here: the workflow's target too
-            mark_ended(fd, res)
-        trained += not was_finished
-        el = time.perf_counter() - t0
-        rows[s, k] = replicates.fold_rows(fd.path, network, s, k)
-        auc = {r["regime"]: r["auc_macro"] for r in rows[s, k]}
-        todo = sum(1 for j in jobs[i:] if not folder(*j).is_finished())
-        eta = f", ~{el / trained * todo:.0f} s left" if trained and todo else ""
-        echo(f"[{i}/{len(jobs)}] {network} seed {s}{' (the study)' if own else ''} fold {k}: "
-             f"{res.status}{' (read back)' if was_finished else ''}, AUC macro short {auc['short']:.3f} "
-             f"long {auc['long']:.3f}; {el:.0f} s elapsed{eta}")
+        def unfinished(s: int) -> bool:
+            fds = [run.fold(network, k) if s == int(cfg.seed) else run.replicate(network, k, s) for k in folds]
+            return not all(fd.is_finished() and fd.test_cells.is_file() for fd in fds)
+        todo = [s for s in seeds if unfinished(s)]
+        if todo:
+            _replicate_in_workers(run_dir, network, todo, data_root, workers, echo)
+    run, cfg, sc, folds, folder, builder, rows = _train_replicates(run_dir, network, seeds, data_root, echo)
     # the table: this call's folds, and those of seeds trained before (other calls, the study)
     found = {int(p.name[4:]) for p in run.replicates.glob("seed*") if p.name[4:].isdigit()}
     for s in sorted(found | {int(cfg.seed)}):

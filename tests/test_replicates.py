@@ -109,6 +109,36 @@ def test_replicate_trains_other_seeds_on_the_same_folds_and_never_touches_the_st
     alone = np.concatenate([np.load(run.replicate("mhl", k, 2).path / "proba_long.npy") for k in (0, 1, 2)])
     assert np.allclose(alone, proba[2], atol=1e-5)
 
+    # two seeds at once, each in its own worker process (cores // 2 threads each): each seed's
+    # own result, as one after the other gives it up to the round-off of the thread count
+    import json
+
+    from cellstudy import threads
+    shutil.rmtree(run.replicates / "seed1")
+    shutil.rmtree(run.replicates / "seed2")
+    assert cli.main(["replicate", str(root), "--network", "mhl", "--seeds", "1", "2", "--workers", "2"]) == 0
+    assert "training mhl at seeds 1, 2 in 2 worker processes" in capsys.readouterr().out
+    for s in (1, 2):
+        for k in (0, 1, 2):
+            done = json.loads(run.replicate("mhl", k, s).done.read_text())
+            assert done["tf_threads"] == threads.settings_for(2)
+        par = np.concatenate([np.load(run.replicate("mhl", k, s).path / "proba_long.npy") for k in (0, 1, 2)])
+        assert np.allclose(par, proba[s], atol=1e-3), (s, np.abs(par - proba[s]).max())
+    assert sorted(pd.read_csv(run.replicates / "mhl.csv")["seed"].unique()) == [0, 1, 2]
+    capsys.readouterr()
+    assert cli.main(["replicate", str(root), "--network", "mhl", "--seeds", "1", "--workers", "0"]) == 2
+    assert "workers=0: expected an int >= 1" in capsys.readouterr().err
+    # a worker's error names its seed and fails the command (here a fold of seed 3 trained as
+    # another architecture: refused when the worker reads it back)
+    bad = run.replicate("mhl", 0, 3)
+    shutil.copytree(run.replicate("mhl", 0, 1).path, bad.path)
+    bad.done.write_text(json.dumps({**json.loads(bad.done.read_text()), "architecture": "0" * 16}))
+    assert cli.main(["replicate", str(root), "--network", "mhl", "--seeds", "2", "3", "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "training mhl at seed 3 in a worker process failed: CheckpointMismatchError" in err, err
+    assert "resumes" in err
+    shutil.rmtree(run.replicates / "seed3")
+
     # again: everything read back, nothing retrained; the table keeps every seed
     capsys.readouterr()
     before = _digest(run.replicate("mhl", 1, 1).path)
@@ -119,7 +149,6 @@ def test_replicate_trains_other_seeds_on_the_same_folds_and_never_touches_the_st
 
     # a seed read back for the table only, trained as another architecture (e.g. an RGB-family
     # fold from before 2026-12-07), is refused, not mixed into the table
-    import json
     marker = run.replicate("mhl", 1, 2).done
     meta = json.loads(marker.read_text())
     marker.write_text(json.dumps({**meta, "architecture": "0" * 16}))

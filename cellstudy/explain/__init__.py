@@ -363,11 +363,6 @@ def _explain_network(coh: _Cohort, name: str, ks: Sequence[int], params: XaiPara
                      **{f"seconds_{m}": v for m, v in arrays["seconds"].items()}})
 
 
-def _init_worker(env: dict[str, str]) -> None:
-    """Worker process start, before TensorFlow loads: its thread settings (``cellstudy.threads``)."""
-    os.environ.update(env)
-
-
 @_quiet_tensorflow
 def _worker_explain(coh: _Cohort, name: str, ks: list[int], params: XaiParams, S: int, out: Path) -> list[dict]:
     """Worker process: fill the cache of one network's folds; returns the timing rows."""
@@ -416,7 +411,7 @@ def _prefill_in_workers(coh: _Cohort, found: dict[str, list[int]], params: XaiPa
     t_start = time.perf_counter()
     # each worker's TensorFlow gets cores // n threads (unless the environment already says)
     with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(threads.thread_env(n),)) as pool:
+                             initializer=threads.init_worker, initargs=(threads.thread_env(n),)) as pool:
         futs = {pool.submit(_worker_explain, coh, name, found[name], params, S, out): name
                 for name in sorted(todo, key=todo.get, reverse=True)}
         for i, fut in enumerate(as_completed(futs), 1):
