@@ -108,6 +108,11 @@ class FoldDir:
         """``done.json`` or ``failed.json`` is there: the (model, fold) will not train further."""
         return self.done.exists() or self.failed.exists()
 
+    def can_read_back(self) -> bool:
+        """Finished and its ``test_cells.csv`` written: ``experiment.run_fold`` reads the fold
+        back instead of training it."""
+        return self.is_finished() and self.test_cells.is_file()
+
     def problem(self, regime: str | None = None, *, need_test_cells: bool = True,
                 classical: bool = False) -> dict[str, Any] | None:
         """None when this fold can be used for ``regime`` (a network: done, its model for the

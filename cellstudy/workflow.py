@@ -222,7 +222,7 @@ def train_fold(run_dir: str | os.PathLike, network: str, fold: int, *, data_root
     run, cfg, sc = run_training(run_dir, network, fold)
     k = int(fold)
     fd = run.fold(network, k)
-    if fd.is_finished() and fd.test_cells.is_file():
+    if fd.can_read_back():
         echo(f"{network} fold {k}: finished earlier ({fd.done if fd.done.exists() else fd.failed}); kept")
         res = train.load_result(fd.path)
         mark_ended(fd, res)   # a fold trained by another job or an earlier version gets its target
@@ -268,6 +268,12 @@ def train_network(run_dir: str | os.PathLike, network: str, *, data_root: str | 
     return out
 
 
+def _seed_fold(run: rundir.Run, cfg: runner.StudyConfig, network: str, seed: int, k: int) -> rundir.FoldDir:
+    """Where fold ``k`` of ``network`` at training seed ``seed`` lives: the study's own folder
+    at the run's seed, its replicate folder at any other."""
+    return run.fold(network, k) if seed == int(cfg.seed) else run.replicate(network, k, seed)
+
+
 def _train_replicates(run_dir, network: str, seeds: list[int], data_root: str | None,
                       echo: Callable[[str], None], tag: str = ""):
     """Train (or read back) every fold the run trains of ``network`` at each of ``seeds``, one
@@ -283,7 +289,7 @@ def _train_replicates(run_dir, network: str, seeds: list[int], data_root: str | 
     jobs = [(s, k) for s in seeds for k in folds]
 
     def folder(s: int, k: int) -> rundir.FoldDir:
-        return run.fold(network, k) if s == int(cfg.seed) else run.replicate(network, k, s)
+        return _seed_fold(run, cfg, network, s, k)
 
     def progress(ev):
         if tag:
@@ -293,7 +299,7 @@ def _train_replicates(run_dir, network: str, seeds: list[int], data_root: str | 
     t0, trained, rows, builder = time.perf_counter(), 0, {}, None
     for i, (s, k) in enumerate(jobs, 1):
         own, fd = s == int(cfg.seed), folder(s, k)
-        was_finished = fd.is_finished() and fd.test_cells.is_file()
+        was_finished = fd.can_read_back()
         if k == folds[0]:   # a WeightResetter keeps its first call's initial weights: one per seed
             builder = experiment.fold_builder(network, sc, params)
         res, _ = experiment.run_fold(prepared, network, k, builder, seed=s, progress=progress,
@@ -309,8 +315,6 @@ def _train_replicates(run_dir, network: str, seeds: list[int], data_root: str | 
         echo(f"{tag}[{i}/{len(jobs)}] {network} seed {s}{' (the study)' if own else ''} fold {k}: "
              f"{res.status}{' (read back)' if was_finished else ''}, AUC macro short {auc['short']:.3f} "
              f"long {auc['long']:.3f}; {el:.0f} s elapsed{eta}")
-    if builder is None:
-        builder = experiment.fold_builder(network, sc, params)
     return run, cfg, sc, folds, folder, builder, rows
 
 
@@ -333,10 +337,10 @@ def _replicate_in_workers(run_dir, network: str, todo: list[int], data_root: str
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    n = min(int(workers), len(todo))
+    n = min(workers, len(todo))
     echo(f"training {network} at seed{'s' if len(todo) > 1 else ''} {', '.join(map(str, todo))} "
          f"in {n} worker process{'es' if n > 1 else ''} ...")
-    env = {**threads.thread_env(int(workers)),
+    env = {**threads.thread_env(workers),
            "TF_FORCE_GPU_ALLOW_GROWTH": os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH", "true")}
     failed: list[str] = []
     with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
@@ -389,12 +393,8 @@ def replicate_network(run_dir: str | os.PathLike, network: str, seeds: Sequence[
         raise ValueError(f"workers={workers!r}: expected an int >= 1")
     if workers > 1:
         run, cfg, sc = run_training(run_dir, network)
-        folds = experiment.folds_for(sc)
-
-        def unfinished(s: int) -> bool:
-            fds = [run.fold(network, k) if s == int(cfg.seed) else run.replicate(network, k, s) for k in folds]
-            return not all(fd.is_finished() and fd.test_cells.is_file() for fd in fds)
-        todo = [s for s in seeds if unfinished(s)]
+        todo = [s for s in seeds
+                if not all(_seed_fold(run, cfg, network, s, k).can_read_back() for k in experiment.folds_for(sc))]
         if todo:
             _replicate_in_workers(run_dir, network, todo, data_root, workers, echo)
     run, cfg, sc, folds, folder, builder, rows = _train_replicates(run_dir, network, seeds, data_root, echo)

@@ -248,7 +248,7 @@ def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
     fd = fold_dir if fold_dir is not None else run.fold(name, k)
     builder = builder if builder is not None else fold_builder(
         name, sc, {**weights_params(name, weights), **(model_params or {})})
-    if fd.is_finished() and fd.test_cells.is_file():
+    if fd.can_read_back():
         if progress is not None:
             progress({"event": "skipped", "network": name, "fold": k,
                       "status": "done" if fd.done.exists() else "failed",
