@@ -387,11 +387,19 @@ def corrected_resampled_ttest(
 
 def _nct_ci(t_obs: float, df: int, level: float) -> tuple[float, float]:
     """Noncentrality parameters (lo, hi) with nct.cdf(t_obs, df, lo) = 1 - a/2 and
-    nct.cdf(t_obs, df, hi) = a/2 (test inversion)."""
+    nct.cdf(t_obs, df, hi) = a/2 (test inversion).
+
+    scipy's ``nct.cdf`` returns NaN far in its tails (e.g. t = 12, df = 2, nc = -8, where the
+    value is ~1; 3 folds give df = 2): there it is taken as its limit, 1 for nc below t_obs and 0
+    above, so the bracket search and the root finder stay on finite values."""
     a = 1 - level
 
+    def cdf(nc: float) -> float:
+        v = float(sps.nct.cdf(t_obs, df, nc))
+        return v if np.isfinite(v) else (1.0 if nc < t_obs else 0.0)
+
     def root(target: float) -> float:
-        f = lambda nc: sps.nct.cdf(t_obs, df, nc) - target  # decreasing in nc
+        f = lambda nc: cdf(nc) - target  # decreasing in nc
         lo, hi = t_obs - 10.0, t_obs + 10.0
         while f(lo) < 0:
             lo -= 10.0
