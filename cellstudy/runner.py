@@ -444,21 +444,53 @@ def execute_step(step: str, run_dir: Path, params: dict[str, Any], log_output: b
     out.parent.mkdir(parents=True, exist_ok=True)
     run.step(step)
     t0 = time.perf_counter()
-    try:
-        with kernel_env():
-            pm.execute_notebook(
-                str(src), str(out), parameters=params, kernel_name="python3", cwd=str(run.step(step)),
-                log_output=log_output, progress_bar=False, extra_arguments=KERNEL_ARGS,
-            )
-    except pm.PapermillExecutionError as e:
-        raise StudyError(
-            f"notebook {step}.ipynb failed at cell {e.exec_count} ({e.ename}: {e.evalue}); "
-            f"executed copy with the traceback: {out}"
-        ) from None
-    except Exception as e:  # kernel died, bad notebook, ...
-        where = _error_location(out) if out.exists() else "before its first cell"
-        raise StudyError(f"notebook {step}.ipynb failed ({type(e).__name__}: {e}); {where}; see {out}") from None
+    for attempt in range(1, KERNEL_START_ATTEMPTS + 1):
+        try:
+            with kernel_env():
+                pm.execute_notebook(
+                    str(src), str(out), parameters=params, kernel_name="python3", cwd=str(run.step(step)),
+                    log_output=log_output, progress_bar=False, extra_arguments=KERNEL_ARGS,
+                )
+            break
+        except pm.PapermillExecutionError as e:
+            raise StudyError(
+                f"notebook {step}.ipynb failed at cell {e.exec_count} ({e.ename}: {e.evalue}); "
+                f"executed copy with the traceback: {out}"
+            ) from None
+        except Exception as e:  # kernel died, bad notebook, ...
+            if attempt < KERNEL_START_ATTEMPTS and not _any_cell_started(out):
+                # The kernel did not come up (two kernels started at once can pick the same free
+                # port: "Kernel died before replying to kernel_info", zmq "Address already in
+                # use"). No cell ran, so nothing was written: start it again.
+                print(f"[{step}] the notebook's kernel did not start ({type(e).__name__}: {e}); "
+                      f"starting it again (attempt {attempt + 1} of {KERNEL_START_ATTEMPTS})",
+                      file=sys.stderr, flush=True)
+                time.sleep(KERNEL_RETRY_DELAY_S * attempt)
+                continue
+            where = _error_location(out) if out.exists() else "before its first cell"
+            raise StudyError(f"notebook {step}.ipynb failed ({type(e).__name__}: {e}); {where}; see {out}") from None
     return time.perf_counter() - t0
+
+
+#: How often a notebook's kernel is started before its step fails, when it dies before the
+#: notebook's first cell ran (``execute_step``), and the pause before the next try (x the try).
+KERNEL_START_ATTEMPTS = 3
+KERNEL_RETRY_DELAY_S = 2.0
+
+
+def _any_cell_started(nb_path: Path) -> bool:
+    """Whether papermill began any cell of the executed copy at ``nb_path`` (its cell metadata
+    ``papermill.status`` other than "pending", or an execution count). A missing or unreadable
+    copy: False (papermill writes it before the kernel starts)."""
+    try:
+        nb = json.loads(Path(nb_path).read_text())
+    except (OSError, ValueError):
+        return False
+    for cell in nb.get("cells", []):
+        status = cell.get("metadata", {}).get("papermill", {}).get("status", "pending")
+        if status != "pending" or cell.get("execution_count") is not None:
+            return True
+    return False
 
 
 def notebook_errors(nb_path: Path) -> list[str]:

@@ -2,6 +2,7 @@
 notebooks, resume, never overwriting a run, jobs at once."""
 import json
 import os
+import pathlib
 
 import nbformat
 import pytest
@@ -406,3 +407,46 @@ def test_open_run_takes_the_callers_resumable_folder(tmp_path, monkeypatch):
     assert run_dir == old and status["state"] == "running" and len(calls) == 1
     fresh, status = runner.open_run(cfg, runs, None, echo=lambda m: None)
     assert fresh != old and fresh.parent == runs and status["digest"] == cfg.digest() and len(calls) == 1
+
+
+def _fake_papermill(fail_on: set[int], started: bool):
+    """A papermill.execute_notebook stand-in: writes the executed copy (its one cell pending, or
+    begun when ``started``) and raises the kernel-start error on the calls in ``fail_on``."""
+    calls = []
+
+    def execute_notebook(src, out, **kwargs):
+        calls.append(out)
+        meta = {"papermill": {"status": "running" if started else "pending"}}
+        nb = {"cells": [{"cell_type": "code", "metadata": meta, "execution_count": None,
+                         "source": "x = 1", "outputs": []}], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+        pathlib.Path(out).write_text(json.dumps(nb))
+        if len(calls) in fail_on:
+            raise RuntimeError("Kernel died before replying to kernel_info")
+    return execute_notebook, calls
+
+
+def test_a_kernel_that_did_not_start_is_started_again(tmp_path, monkeypatch, capsys):
+    """Two notebooks whose kernels start in the same second can draw the same port (zmq
+    'Address already in use', 'Kernel died before replying to kernel_info'): a newcomer's run
+    failed so. The step starts the kernel again when no cell had begun; it fails, naming the
+    notebook, when a cell had (something may have run) or after KERNEL_START_ATTEMPTS tries."""
+    import papermill
+
+    monkeypatch.setattr(runner, "KERNEL_RETRY_DELAY_S", 0.0)
+    fake, calls = _fake_papermill({1}, started=False)
+    monkeypatch.setattr(papermill, "execute_notebook", fake)
+    runner.execute_step("00_cohort", tmp_path / "run", {}, log_output=False)
+    assert len(calls) == 2
+    assert "kernel did not start" in capsys.readouterr().err
+
+    fake, calls = _fake_papermill({1, 2, 3}, started=False)
+    monkeypatch.setattr(papermill, "execute_notebook", fake)
+    with pytest.raises(runner.StudyError, match="notebook 00_cohort.ipynb failed .*kernel_info"):
+        runner.execute_step("00_cohort", tmp_path / "run2", {}, log_output=False)
+    assert len(calls) == runner.KERNEL_START_ATTEMPTS
+
+    fake, calls = _fake_papermill({1}, started=True)
+    monkeypatch.setattr(papermill, "execute_notebook", fake)
+    with pytest.raises(runner.StudyError, match="notebook 00_cohort.ipynb failed"):
+        runner.execute_step("00_cohort", tmp_path / "run3", {}, log_output=False)
+    assert len(calls) == 1
