@@ -61,7 +61,7 @@ def _manifest(a: argparse.Namespace) -> int:
     for note in df.attrs["notes"]:
         print(f"note: {note}")
     if a.unlabelled:
-        print(f"wrote {out}: {len(df)} unlabelled cells in {df['group'].nunique()} groups\n"
+        print(f"wrote {out}: {len(df)} unlabelled cells in {folder.plural(df['group'].nunique(), 'group')}\n"
               f"{folder.shape_line(df)}\ndata root: {root}\n"
               f"predict them: cellstudy predict runs/<run> {out.resolve()} --data-root {root} -o <out>")
         return 0

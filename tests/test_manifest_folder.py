@@ -224,6 +224,10 @@ def test_argument_errors(tmp_path):
     with pytest.raises(data.DataError, match="the same file token"):
         mf.parse_channel_map("third=w1,actin=w1,dna=w2", per_file=True)
     assert mf.parse_channel_map("b=0,g=1,r=2").values == ("2", "1", "0")
+    # file tokens without --channel-pattern: the option is named with a pattern for those tokens
+    with pytest.raises(data.DataError, match=r"tokens such as 'w3' need --channel-pattern.*"
+                                             r"--channel-pattern '_\{channel\}.tif' for names that end in _w3.tif"):
+        mf.parse_channel_map("third=w3,actin=w2,dna=w1")
     with pytest.raises(data.DataError, match=r"stains read the same stored channel \(R, G, B = 1, 1, 0\)"):
         mf.parse_channel_map("third=1,actin=1,dna=0")          # F-actin twice, the third stain dropped
     with pytest.raises(data.DataError, match="named group"):
@@ -387,6 +391,13 @@ def test_a_wrong_channel_token_is_named_once_and_repeated_problems_are_grouped(t
     assert len(err.splitlines()) < 15 and not out.exists()
     # problems of one file each, all different, are all listed
     assert data.group_problems(["a.tif: x", "b.tif: y"]) == ["a.tif: x", "b.tif: y"]
+    # the summary line keeps the option's value: a pattern is not a file name (it read
+    # "--channel-pattern <file>'" for '_{channel}.tif'), a quoted file is replaced inside its quotes
+    ps = [f"c/a{i}_w1.png: does not match --channel-pattern '_{{channel}}.tif'; expected one file per "
+          f"channel, other file 'c/a{i}_w2.png'" for i in range(5)]
+    assert data.group_problems(ps)[-1] == ("... and 2 more file(s) with the same problem: does not match "
+                                           "--channel-pattern '_{channel}.tif'; expected one file per "
+                                           "channel, other file '<file>'")
 
 
 def test_grey_files_without_a_channel_pattern_get_the_option_named(tmp_path, capsys):

@@ -73,6 +73,10 @@ class MissingFileError(DataError, FileNotFoundError):
     """Every problem found is a missing file (both a ``DataError`` and a ``FileNotFoundError``)."""
 
 
+_FILE_NAME = re.compile(r"(?:(?<=^)|(?<=[\s(,;'\"]))[^\s,;()'\"{}*?\[\]]+\.(?:ome\.tiff?|tiff?|npy|png)\b",
+                        flags=re.I)
+
+
 def group_problems(problems: list[str], examples: int = 3) -> list[str]:
     """``problems`` ("<file>: <what is wrong>") for a reader: the problems that differ only in their
     file keep their first ``examples`` lines, then one line "... and N more: <what is wrong>"; the
@@ -82,7 +86,9 @@ def group_problems(problems: list[str], examples: int = 3) -> list[str]:
         head, sep, rest = p.partition(": ")
         if not (sep and ("/" in head or "." in head or ";" in head)):
             return p
-        return re.sub(r"[^\s,;()]+\.(?:ome\.tiff?|tiff?|npy|png)\b", "<file>", rest, flags=re.I)
+        # a file name (after a space, bracket, comma or quote); not a pattern such as
+        # '_{channel}.tif', whose braces keep it out, so that the cause keeps its option's value
+        return _FILE_NAME.sub("<file>", rest)
     order: dict[str, list[str]] = {}
     for p in problems:
         order.setdefault(kind(p), []).append(p)

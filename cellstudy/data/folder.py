@@ -109,9 +109,12 @@ def parse_channel_map(spec: str, per_file: bool = False) -> ChannelMap:
                             f"expected three different tokens, e.g. {form}")
     else:
         if not all(re.fullmatch(r"\d+", v) for v in values):
+            tok = next(v for v in values if not re.fullmatch(r"\d+", v))
             raise DataError(f"--channels {spec!r}: values {list(values)}; expected stored channel "
-                            f"indices (0, 1, 2, ...), e.g. {form}; for one file per channel give "
-                            f"--channel-pattern")
+                            f"indices (0, 1, 2, ...), e.g. {form}; file-name tokens such as {tok!r} "
+                            f"need --channel-pattern, how a file name holds its token (one file per "
+                            f"channel), e.g. --channel-pattern '_{{channel}}.tif' for names that end "
+                            f"in _{tok}.tif")
         if len({int(v) for v in values}) != 3:
             raise DataError(f"--channels {spec!r}: stains read the same stored channel (R, G, B = "
                             f"{', '.join(values)}); expected three different channel indices, e.g. {form}")
@@ -131,7 +134,7 @@ def channel_regex(pattern: str, tokens: Sequence[str]) -> re.Pattern[str]:
     if PLACEHOLDER in pattern:
         parts = pattern.split(PLACEHOLDER)
         if len(parts) != 2:
-            raise DataError(f"--channel-pattern {pattern!r}: expected one {PLACEHOLDER} placeholder")
+            raise DataError(f"--channel-pattern '{pattern}': expected one {PLACEHOLDER} placeholder")
         # the mapping's tokens first, then any other letters-and-digits token (reported as ignored)
         alt = "|".join([re.escape(t) for t in sorted(tokens, key=len, reverse=True)] + ["[A-Za-z0-9]+"])
         return re.compile(re.escape(parts[0]) + f"(?P<channel>{alt})" + re.escape(parts[1]))
@@ -146,9 +149,9 @@ def _named_regex(pattern: str, option: str, group: str, expected: str) -> re.Pat
     try:
         rx = re.compile(pattern)
     except re.error as e:
-        raise DataError(f"{option} {pattern!r} is not a valid regular expression: {e}") from None
+        raise DataError(f"{option} '{pattern}' is not a valid regular expression: {e}") from None
     if group not in rx.groupindex:
-        raise DataError(f"{option} {pattern!r}: {expected}")
+        raise DataError(f"{option} '{pattern}': {expected}")
     return rx
 
 
@@ -195,7 +198,7 @@ def _find_cells(rels: list[str], cmap: ChannelMap, channel_pattern: str | None,
     for rel in rels:
         m = rx.search(rel)
         if m is None:
-            problems.append(f"{rel}: does not match --channel-pattern {channel_pattern!r}; expected "
+            problems.append(f"{rel}: does not match --channel-pattern '{channel_pattern}'; expected "
                             f"one file per channel named with one of the tokens {list(cmap.values)}")
             continue
         token = m.group("channel")
@@ -233,6 +236,11 @@ def _find_cells(rels: list[str], cmap: ChannelMap, channel_pattern: str | None,
             continue
         cells.append(_Cell(cell_id=_cell_id(id_of[key]), files=[found[t] for t in cmap.values]))
     return cells
+
+
+def plural(n: int, noun: str) -> str:
+    """``"1 group"``, ``"2 groups"``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _per_channel_hint(rels: list[str]) -> str:
@@ -338,7 +346,7 @@ def _groups_from_pattern(cells: list[_Cell], rx: re.Pattern[str], problems: list
         for f in c.files:
             m = rx.search(f)
             if m is None or not m.group("group"):
-                problems.append(f"{f}: --group-pattern {rx.pattern!r} does not match it; expected "
+                problems.append(f"{f}: --group-pattern '{rx.pattern}' does not match it; expected "
                                 f"every file's path (relative to the folder) to name its group")
             else:
                 found.append(m.group("group"))
@@ -597,5 +605,5 @@ def summary(df: pd.DataFrame) -> str:
         s = df[df["label"] == lab]
         name = s["class_name"].iloc[0] if len(s) else "?"
         lines.append(f"  label {lab} ({config.CLASS_NAMES[lab]} role) = {name!r}: {len(s)} cells in "
-                     f"{s['group'].nunique()} groups")
+                     f"{plural(s['group'].nunique(), 'group')}")
     return "\n".join(lines)
