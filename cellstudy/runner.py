@@ -684,7 +684,7 @@ def run_study(
             and run.executed(s).is_file()]
     if done:
         echo(f"steps done earlier, kept: {done}")
-    echo(f"running the workflow: {n_steps} notebook(s), {len(plan.networks)} training job(s) (one per network)"
+    echo(f"running the workflow: {n_steps - len(done)} notebook(s), {len(plan.networks)} network(s) to train or read back"
          + (" and the book" if build else "") + f", up to {cfg.workers} job(s) at once"
          + (" (training jobs and notebooks side by side)" if cfg.workers > 1 else "")
          + "; Snakemake's job count adds its own target and leaves out what is done")
@@ -697,7 +697,8 @@ def run_study(
     except workflow.WorkflowError as e:
         st = update_status(run_dir, state="failed")
         failed = [v.get("error", "") for s, v in st.get("steps", {}).items()
-                  if v.get("state") == "failed" and before.get(s) != v]   # this run's failures only
+                  if v.get("state") == "failed" and before.get(s) != v]   # this run's failures only (a
+        # step that fails again has a new failed_at)
         raise StudyError((failed[0] if failed else str(e)) + "\nThe book was not built. Fix the cause and "
                          "rerun the same command to resume this run (finished steps and folds are kept).") from None
 

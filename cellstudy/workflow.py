@@ -30,6 +30,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -469,11 +470,11 @@ def run_step(run_dir: str | os.PathLike, step: str, *, log_output: bool = True) 
             kept.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(nb, kept)
             msg = msg.replace(str(nb), str(kept))
-        _set_step_status(run, step, {"state": "failed", "error": msg})
+        _set_step_status(run, step, {"state": "failed", "error": msg, "failed_at": provenance.now()})
         raise runner.StudyError(msg) from None
     errors = runner.notebook_errors(run.executed(step))
     if errors:
-        _set_step_status(run, step, {"state": "failed", "error": "; ".join(errors)})
+        _set_step_status(run, step, {"state": "failed", "error": "; ".join(errors), "failed_at": provenance.now()})
         raise runner.StudyError("executed notebook holds error outputs: " + "; ".join(errors))
     _set_step_status(run, step, {"state": "done", "seconds": round(secs, 1), "finished": provenance.now()})
     return secs
@@ -558,15 +559,44 @@ def snakemake(run_dir: Path, *, cores: int | None = None, profile: Path | None =
         env[config.DATA_ROOT_ENV] = str(data_root)
     if not quiet:
         echo("$ " + " ".join(cmd))
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time() - 1.0
     r = subprocess.run(cmd, env=env, capture_output=quiet, text=True)
     if r.returncode != 0:
         tail = ((r.stdout or "") + (r.stderr or ""))[-4000:] if quiet else ""
+        failed = failed_job_lines(run_dir, since=started)
         raise WorkflowError(f"the workflow of run {run_dir} failed (snakemake exit {r.returncode}, "
                             f"{time.perf_counter() - t0:.0f} s): the failed job and its log are named "
                             "above (logs/<step>.job.log, training/<network>/train.log or "
                             "training/<network>/fold<k>/train.log in the run folder)"
+                            + "".join(f"\n  {line}" for line in failed)
                             + (f"\n{tail}" if tail else ""))
+
+
+#: The job logs of a run folder (relative globs): the notebooks', the training and XAI jobs'.
+JOB_LOGS = ("logs/*.job.log", "training/*/train.log", "training/*/fold*/train.log",
+            "08_xai/jobs/*/*.log")
+_ERROR_LINE = re.compile(r"\b(?:\w+Error|\w+Exception)\b|\bfailed\b")
+
+
+def failed_job_lines(run_dir: Path, since: float) -> list[str]:
+    """For a failed workflow: ``"<log>: <its last error line>"`` for each job log of ``run_dir``
+    (``JOB_LOGS``) written since ``since`` (epoch seconds) that holds an error line (a word ending
+    in Error / Exception, or "failed"), the newest first, at most 3: the cause, said where the
+    command ends, also when Snakemake's own lines above are many or a resumed run's."""
+    run_dir = Path(run_dir)
+    found = []
+    for pattern in JOB_LOGS:
+        for log in run_dir.glob(pattern):
+            try:
+                if log.stat().st_mtime < since:
+                    continue
+                lines = log.read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+            errs = [ln.strip() for ln in lines if _ERROR_LINE.search(ln)]
+            if errs:
+                found.append((log.stat().st_mtime, f"{log.relative_to(run_dir)}: {errs[-1][:400]}"))
+    return [line for _, line in sorted(found, reverse=True)[:3]]
 
 
 def available_cores() -> int:

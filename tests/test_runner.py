@@ -89,6 +89,13 @@ def test_failing_notebook_names_notebook_and_cell_and_blocks_the_book(tmp_path, 
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["config"]["scale"] == "ci" and "numpy" in prov["packages"] and prov["git"]["commit"]
 
+    # The same command again without a fix: the step fails again and the message still names it
+    # (a resumed run's failure was told only as "the failed job is named above": its status
+    # entry equalled the first run's)
+    with pytest.raises(runner.StudyError, match=r"01_bad\.ipynb failed at cell .*ValueError: broken on purpose"):
+        runner.run_study(cfg, runs_dir=runs, log_output=False, echo=lambda s: None)
+    assert [p.name for p in runs.iterdir()] == [run.name]
+
     # Fix the notebook and rerun the same command: the run resumes in the same folder, the step
     # that was done is kept (not executed again), and the book is built.
     done_nb = run / "notebooks" / "00_ok.ipynb"
@@ -450,3 +457,26 @@ def test_a_kernel_that_did_not_start_is_started_again(tmp_path, monkeypatch, cap
     with pytest.raises(runner.StudyError, match="notebook 00_cohort.ipynb failed"):
         runner.execute_step("00_cohort", tmp_path / "run3", {}, log_output=False)
     assert len(calls) == 1
+
+
+def test_failed_job_lines_name_the_newest_error_of_this_run(tmp_path):
+    """A failed workflow's message ends with the job logs' error lines written since it began."""
+    import time as _time
+    from cellstudy import workflow
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "07_results.job.log").write_text("ok\nall fine\n")
+    (logs / "00_cohort.job.log").write_text("x\nStudyError: notebook 00_cohort.ipynb failed (old)\n")
+    old = _time.time() - 3600
+    os.utime(logs / "00_cohort.job.log", (old, old))           # an earlier run's failure
+    fold = tmp_path / "training" / "mhl" / "fold0"
+    fold.mkdir(parents=True)
+    (fold / "train.log").write_text("epoch 1\nValueError: bad arrays for fold 0\ntrailing line\n")
+    (logs / "09_statistics.job.log").write_text(
+        "a\ncellstudy.runner.StudyError: notebook 09_statistics.ipynb failed at cell 15 (ValueError: NaN)\nb\n")
+    lines = workflow.failed_job_lines(tmp_path, since=_time.time() - 60)
+    assert len(lines) == 2
+    assert any(ln.startswith("logs/09_statistics.job.log: ") and "failed at cell 15" in ln for ln in lines)
+    assert any(ln == "training/mhl/fold0/train.log: ValueError: bad arrays for fold 0" for ln in lines)
+    assert not any("00_cohort" in ln or "07_results" in ln for ln in lines)
