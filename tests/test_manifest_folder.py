@@ -263,6 +263,11 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert cli.main(args) == 0
     said = capsys.readouterr().out
     assert f"data root: {src.resolve()}" in said and "--cohort" in said and "16 cells" in said
+    # the config's path works from any folder, and the scale and the runs folder are said
+    from cellstudy import config as _config
+    assert f"cellstudy run {_config.REPO_ROOT / 'configs' / 'default.yaml'} --cohort" in said
+    assert "ci.yaml" in said and "--runs-dir" in said
+    assert (_config.REPO_ROOT / "configs" / "ci.yaml").is_file()
     assert cli.main(["verify", str(out), "--data-root", str(src)]) == 0
     before = out.read_bytes()
     assert cli.main(args) == 2
