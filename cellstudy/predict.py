@@ -103,13 +103,38 @@ def run_settings(run_dir: str | Path) -> dict[str, Any]:
 def best_network(run_dir: str | Path, trained: Sequence[str]) -> str:
     """The run's best trained network by long-regime AUC (``07_results/verdicts_long.csv``), else
     the first trained one in the catalogue's order."""
+    return best_network_why(run_dir, trained)[0]
+
+
+def best_network_why(run_dir: str | Path, trained: Sequence[str]) -> tuple[str, str]:
+    """:func:`best_network` and why, in words: "the run's best by long-regime AUC macro (fold mean
+    0.918)", or, without the results chapter's verdicts, "the first trained network ..."."""
     v = rundir.Run(run_dir).step("07_results", create=False) / "verdicts_long.csv"
     if v.is_file():
         t = pd.read_csv(v)
         t = t[t["network"].isin(trained)]
         if len(t):
-            return str(t.loc[t["mean"].idxmax(), "network"])
-    return networks.ordered(trained)[0]
+            row = t.loc[t["mean"].idxmax()]
+            return str(row["network"]), f"the run's best by long-regime AUC macro (fold mean {float(row['mean']):.3f})"
+    return (networks.ordered(trained)[0], "the first trained network in the catalogue's order (the run has "
+            "no results chapter to rank them: 07_results/verdicts_long.csv)")
+
+
+def labelled_metrics(labels: np.ndarray, p_abnormal: np.ndarray, own: np.ndarray) -> dict[str, Any] | None:
+    """For new cells with known classes (``labels`` (N,) 0 / 1, -1 where unknown): AUC and balanced
+    accuracy (call at p >= 0.5) of ``p_abnormal`` (N,) on the cells that are not the run's own
+    (``own`` (N,) bool: their calls test nothing). None when fewer than one cell of each class is
+    left or a label is unknown."""
+    y = np.asarray(labels)
+    keep = ~np.asarray(own, dtype=bool)
+    if (y < 0).any() or len(np.unique(y[keep])) < 2:
+        return None
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    yk, pk = y[keep], np.asarray(p_abnormal, dtype=float)[keep]
+    return {"n_cells": int(keep.sum()), "n_normal": int((yk == 0).sum()), "n_abnormal": int((yk == 1).sum()),
+            "n_run_cells_left_out": int((~keep).sum()), "auc": float(roc_auc_score(yk, pk)),
+            "balanced_accuracy": float(balanced_accuracy_score(yk, (pk >= 0.5).astype(int)))}
 
 
 def qc_flags(images: np.ndarray, raw_range: np.ndarray, ref_range: np.ndarray, nucleus_area: np.ndarray,
@@ -220,8 +245,9 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
     trained = run.trained_networks(regime, need_test_cells=False)
     if not trained:
         raise PredictError(f"{run.root} has no network with a trained model_{regime}.keras; run the study first")
+    why = "chosen with --network"
     if network is None:
-        network = best_network(run_dir, trained)
+        network, why = best_network_why(run_dir, trained)
     network = networks.resolve(network)   # an id or the paper's name: "MHL-Res" is mhl_res
     if network not in trained:
         raise PredictError(f"network {network!r} has no trained fold with model_{regime}.keras in {run.training}; "
@@ -263,8 +289,8 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
         raise PredictError(f"the cells of {cells} are stored at {coh.images.shape[1]} x {coh.images.shape[2]} px, "
                            f"the run's cohort {st['cohort']!r} at {ref.images.shape[1]} x {ref.images.shape[2]}: "
                            "crop them at the run's pixel size (the preprocessing and the classical features assume it)")
-    echo(f"predict: {len(coh)} cells of {cells} with {network} ({len(folds)} fold model(s), regime {regime}, "
-         f"S = {S})")
+    echo(f"predict: {len(coh)} cells of {cells} with {network} ({why}; {len(folds)} fold model(s), "
+         f"regime {regime}, S = {S})")
     images = preprocess.preprocess_batch(coh.images, list(coh.sha256), S, sc["preprocess"], progress=False)
     notes: list[dict] = []
     used, probas = external._network_probas(network, [(fd.fold, fd.path) for fd in folds], regime, images,
@@ -346,7 +372,15 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
             _, pr, e = external._baseline_probas(mod, run.root, name, coh.images, cache, notes)
             if pr or e is not None:
                 tab[f"p_abnormal_{name}"] = (np.mean(pr, axis=0) if pr else e)[:, 1]
-    info = {"run_dir": str(run.root), "cells": str(cells), "n_cells": int(len(coh)), "network": network,
+    scored = labelled_metrics(coh.labels, ens[:, 1], tab["in_run_cohort"].to_numpy())
+    if scored is not None:
+        echo(f"predict: the cells' own classes: AUC {scored['auc']:.3f}, balanced accuracy "
+             f"{scored['balanced_accuracy']:.3f} on {scored['n_cells']} cells ({scored['n_normal']} normal, "
+             f"{scored['n_abnormal']} abnormal" + (f"; {scored['n_run_cells_left_out']} of the run's own cells "
+                                                   "left out" if scored['n_run_cells_left_out'] else "") + ")")
+    cells_ref = str(Path(cells).resolve()) if Path(str(cells)).is_file() else str(cells)
+    info = {"run_dir": str(run.root.resolve()), "cells": cells_ref, "n_cells": int(len(coh)), "network": network,
+            "network_why": why, "scored_against_labels": scored,
             "regime": regime, "folds": used, "mc_samples": int(mc_samples), "scale": st["scale"],
             "stains": list(new_stains) if new_stains else None,
             "stains_of_run": list(ref_stains) if ref_stains else None,

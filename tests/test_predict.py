@@ -1,5 +1,6 @@
 """Prediction on new cells with a finished run's models (cellstudy.predict, `cellstudy predict`)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -101,6 +102,8 @@ def test_predict_reproduces_the_runs_test_fold_probabilities(tiny_run, shared_da
     assert pd.read_parquet(tmp_path / "out" / "predictions.parquet").shape == written.shape
     info = json.loads((tmp_path / "out" / "prediction.json").read_text())
     assert info["folds"] == [0, 1] and info["network"] == "mhl" and info["image_size"] == 32
+    assert info["network_why"] == "chosen with --network" and Path(info["run_dir"]).is_absolute()
+    assert info["scored_against_labels"] is None       # every cell is the run's own: nothing to score
     # the run's own cells are said to test nothing (the prediction's notes, and the terminal)
     assert any(n["status"] == "in run cohort" and "220 of 220 cells" in n["detail"] for n in info["notes"])
     assert not any(n["status"] == "stains not compared" for n in info["notes"])   # both name their stains
@@ -133,6 +136,18 @@ def test_cells_of_another_pixel_size_are_refused(tiny_run, shared_data):
                   ignore_stains=True, echo=lambda s: None)
 
 
+def test_labelled_metrics_leave_out_the_runs_own_cells():
+    y = np.array([0, 0, 1, 1, 1, 0])
+    p = np.array([0.1, 0.4, 0.8, 0.3, 0.9, 0.95])
+    own = np.array([False, False, False, False, False, True])    # the last: a training cell
+    m = P.labelled_metrics(y, p, own)
+    assert m["n_cells"] == 5 and m["n_run_cells_left_out"] == 1
+    assert m["auc"] == pytest.approx(5 / 6)                  # 0.3 ranks below 0.4 once of 6 pairs
+    assert m["balanced_accuracy"] == pytest.approx((1 + 2 / 3) / 2)
+    assert P.labelled_metrics(np.array([0, 1, -1]), np.array([0.1, 0.9, 0.5]), np.zeros(3, bool)) is None
+    assert P.labelled_metrics(y, p, np.ones(6, bool)) is None
+
+
 def test_gallery_cells():
     p = np.array([[0.9, 0.1], [0.2, 0.8], [0.55, 0.45], [0.05, 0.95], [0.5, 0.5]])
     g = P.gallery_cells(p, n=2)
@@ -152,6 +167,19 @@ def test_unlabelled_cells_and_other_stains(tiny_run, shared_data, tmp_path):
     res = P.predict(tiny_run, str(tmp_path / "unlab.csv"), network="mhl", mc_samples=0, data_root=shared_data,
                     gradcam=False, echo=lambda s: None)
     assert len(res.table) == 12 and res.info["labelled"] is False and not res.table["in_run_cohort"].any()
+    assert res.info["scored_against_labels"] is None and Path(res.info["cells"]).is_absolute()
+    # the same kind of cells with their classes: scored against them, and said
+    lab = pd.concat([g.head(6) for _, g in data.load_manifest("bbbc021-unseen").groupby("label")])
+    lab.to_csv(tmp_path / "lab.csv", index=False)
+    said = []
+    res = P.predict(tiny_run, str(tmp_path / "lab.csv"), network="mhl", mc_samples=0, data_root=shared_data,
+                    gradcam=False, echo=said.append)
+    sc = res.info["scored_against_labels"]
+    from sklearn.metrics import roc_auc_score
+    assert sc["n_cells"] == 12 and sc["n_normal"] == sc["n_abnormal"] == 6
+    assert sc["auc"] == pytest.approx(roc_auc_score(res.table["label"], res.table["p_abnormal"]))
+    assert any(f"AUC {sc['auc']:.3f}, balanced accuracy" in s and "on 12 cells (6 normal, 6 abnormal)" in s
+               for s in said)
     assert res.info["stains"] == res.info["stains_of_run"] == ["tubulin", "F-actin", "DNA"]
     m["stains"] = "vimentin,F-actin,DNA"
     m.to_csv(tmp_path / "vim.csv", index=False)
