@@ -203,15 +203,17 @@ def export(run_dir: str | os.PathLike, network: str, out: str | os.PathLike, *, 
         _cover(x[0], cam, d / "cover.png")
         disp = networks.DISPLAY[network]
         custom = network in CUSTOM_LAYER_NETWORKS
+        n_splits = int(sc["n_splits"])
+        whitening_words = ("a 3 x 3 ZCA of the three stains" if config.whitening_for(sc, network) == "zca"
+                           else "each stain whitened on its own")
         doc = "\n".join([
             f"# {disp}: normal vs abnormal cells from three stains (cellstudy)", "",
             f"A {disp} network ({networks.SPECS[network].description}) trained by cellstudy, a re-creation of "
             f"Mamalakis et al. (arXiv:2309.00911), on the cohort `{Path(str(st['cohort'])).stem}` at "
             f"S = {S} (scale `{st['scale']}`, seed {st['seed']}), regime `{regime}`.", "",
-            f"**Which model.** The model of fold {fold} of the run's grouped 5-fold cross-validation (the lowest "
-            "finished fold unless chosen: no selection on a test score), with that fold's whitening (3 x 3 ZCA, "
-            "or each stain on its own where the run's scale gives the network's family that) "
-            "(fitted on its training cells) as its first, frozen layer `zca_whitening`.", "",
+            f"**Which model.** The model of fold {fold} of the run's grouped {n_splits}-fold cross-validation "
+            "(the lowest finished fold unless chosen: no selection on a test score), with that fold's whitening "
+            f"({whitening_words}, fitted on its training cells) as its first, frozen layer `zca_whitening`.", "",
             "**Metrics of the run.** "
             + (f"Test AUC of this fold: {met['fold_auc']:.3f}. " if met["fold_auc"] is not None else "")
             + (f"Cross-validated AUC (mean over folds {met['folds']}): {met['cv_auc_mean']:.3f}."
@@ -232,11 +234,12 @@ def export(run_dir: str | os.PathLike, network: str, out: str | os.PathLike, *, 
              "With bioimageio.core set `KERAS_BACKEND=tensorflow` (its default is torch): "
              "`KERAS_BACKEND=tensorflow bioimageio test <package>.zip`."), "",
             "## Validation", "",
-            "Grouped 5-fold cross-validation by source field (cells of one field never on both sides); the "
+            f"Grouped {n_splits}-fold cross-validation by source field (cells of one field never on both sides); the "
             "test fold of this model was never used to fit it, its whitening or its checkpoint. The metrics "
             "above are on those test folds. The run's book has the per-network tables, the classical "
             "baseline on the same folds and the explanations.", "",
-            "Cite the paper and the data below.", ""])
+            ("Cite the paper and the data below." if DATA_CITATIONS.get(kind) else
+             "Cite the paper below, and the source of the cells the run was trained on."), ""])
         (d / "README.md").write_text(doc)
         cites = [bio.CiteEntry(text=PAPER[0], doi=bio.Doi(PAPER[1]))]
         cites += [bio.CiteEntry(text=t, doi=bio.Doi(doi)) for t, doi in DATA_CITATIONS.get(kind, [])]

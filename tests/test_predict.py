@@ -226,6 +226,14 @@ def test_export_a_bioimageio_package_that_bioimageio_tests(tiny_run, tmp_path):
     assert rdf["inputs"][0]["axes"][3]["channel_names"] == ["tubulin", "f_actin", "dna"]
     assert rdf["outputs"][0]["axes"][1]["channel_names"] == ["normal", "abnormal"]
     assert "fold 1" in rdf["name"] and any("2309.00911" in c.get("doi", "") for c in rdf["cite"])
+    # its README says the run's own fold count and the network's whitening (it said "5-fold" whatever
+    # the run, and described both whitenings)
+    with zipfile.ZipFile(pkg) as z:
+        doc = z.read("README.md").decode()
+    n_splits = json.loads((tiny_run / "scale.json").read_text())["values"]["n_splits"]
+    assert f"grouped {n_splits}-fold cross-validation" in doc and f"Grouped {n_splits}-fold" in doc
+    assert "(a 3 x 3 ZCA of the three stains, fitted on its training cells)" in doc
+    assert "Cite the paper and the data below." in doc      # a shipped cohort: its data citation is there
     bio = Path(sys.executable).with_name("bioimageio")
     # bioimageio.core picks Keras' backend from KERAS_BACKEND, default torch (not installed here)
     env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
