@@ -120,6 +120,21 @@ def best_network_why(run_dir: str | Path, trained: Sequence[str]) -> tuple[str, 
             "no results chapter to rank them: 07_results/verdicts_long.csv)")
 
 
+def run_class_names(table: pd.DataFrame) -> dict[int, str] | None:
+    """``{0: name, 1: name}``: the class names of a run cohort's manifest (column ``class_name``)
+    for the normal (0) and abnormal (1) roles, e.g. ``{0: "DMSO", 1: "protein_synthesis"}``; None
+    when the manifest has no such column or a role has no single name."""
+    if "class_name" not in table.columns or "label" not in table.columns:
+        return None
+    out = {}
+    for lab in (0, 1):
+        names = set(table.loc[table["label"].astype(int) == lab, "class_name"].astype(str)) - {""}
+        if len(names) != 1:
+            return None
+        out[lab] = names.pop()
+    return out
+
+
 def labelled_metrics(labels: np.ndarray, p_abnormal: np.ndarray, own: np.ndarray) -> dict[str, Any] | None:
     """For new cells with known classes (``labels`` (N,) 0 / 1, -1 where unknown): AUC and balanced
     accuracy (call at p >= 0.5) of ``p_abnormal`` (N,) on the cells that are not the run's own
@@ -338,6 +353,10 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
     tab = ids[keep].copy()
     tab["network"] = network
     tab["Classifier_Class"] = [config.CLASS_NAMES[i] for i in pred]
+    # the run's own names of the two roles (a cohort from `cellstudy manifest`: its folders' names)
+    run_names = run_class_names(ref.table)
+    if run_names:
+        tab["Classifier_Class_name"] = [run_names[i] for i in pred]
     for i, name in enumerate(config.CLASS_NAMES):
         tab[f"Classifier_Probability_{name}"] = ens[:, i]
     tab["p_abnormal"] = ens[:, 1]

@@ -95,6 +95,9 @@ def test_predict_reproduces_the_runs_test_fold_probabilities(tiny_run, shared_da
     ens = np.mean([res.fold_probas[0], res.fold_probas[1]], axis=0)
     np.testing.assert_allclose(t["Classifier_Probability_abnormal"], ens[:, 1], atol=1e-12)
     assert set(t["Classifier_Class"]) <= {"normal", "abnormal"}
+    # the run's own class names beside the roles
+    names = t["Classifier_Class"].map({"normal": "DMSO", "abnormal": "protein_synthesis"})
+    assert (t["Classifier_Class_name"] == names).all()
     assert res.mc.shape == (2 * 3, 220) and (t["mc_sd"] >= 0).all()
     written = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert len(written) == 220 and {"Classifier_Class", "Classifier_Probability_normal", "Classifier_Probability_abnormal",
