@@ -458,7 +458,7 @@ def execute_step(step: str, run_dir: Path, params: dict[str, Any], log_output: b
                 f"executed copy with the traceback: {out}"
             ) from None
         except Exception as e:  # kernel died, bad notebook, ...
-            if attempt < KERNEL_START_ATTEMPTS and not _any_cell_started(out):
+            if attempt < KERNEL_START_ATTEMPTS and _kernel_did_not_start(e) and not _any_cell_started(out):
                 # The kernel did not come up (two kernels started at once can pick the same free
                 # port: "Kernel died before replying to kernel_info", zmq "Address already in
                 # use"). No cell ran, so nothing was written: start it again.
@@ -478,17 +478,28 @@ KERNEL_START_ATTEMPTS = 3
 KERNEL_RETRY_DELAY_S = 2.0
 
 
+def _kernel_did_not_start(e: BaseException) -> bool:
+    """Whether ``e`` is a kernel that did not come up: "Kernel died before replying to
+    kernel_info", a ZMQ error (a port already in use) or a timeout waiting for the kernel's
+    reply. Other errors (a missing or malformed notebook) are not retried."""
+    text = f"{type(e).__name__}: {e}"
+    return ("Kernel died before replying to kernel_info" in text or type(e).__module__.startswith("zmq")
+            or (isinstance(e, TimeoutError) and "kernel" in text.lower()))
+
+
 def _any_cell_started(nb_path: Path) -> bool:
-    """Whether papermill began any cell of the executed copy at ``nb_path`` (its cell metadata
-    ``papermill.status`` other than "pending", or an execution count). A missing or unreadable
-    copy: False (papermill writes it before the kernel starts)."""
+    """Whether papermill began any cell of the executed copy at ``nb_path``: a cell with a
+    ``papermill.start_time`` (set when papermill starts the cell, before its code runs) or an
+    execution count. Not the cells' ``status``: after a dead kernel papermill marks the pending
+    cells "completed". A missing or unreadable copy: False (papermill writes it before the kernel
+    starts)."""
     try:
         nb = json.loads(Path(nb_path).read_text())
     except (OSError, ValueError):
         return False
     for cell in nb.get("cells", []):
-        status = cell.get("metadata", {}).get("papermill", {}).get("status", "pending")
-        if status != "pending" or cell.get("execution_count") is not None:
+        if cell.get("metadata", {}).get("papermill", {}).get("start_time") is not None \
+                or cell.get("execution_count") is not None:
             return True
     return False
 

@@ -417,13 +417,14 @@ def test_open_run_takes_the_callers_resumable_folder(tmp_path, monkeypatch):
 
 
 def _fake_papermill(fail_on: set[int], started: bool):
-    """A papermill.execute_notebook stand-in: writes the executed copy (its one cell pending, or
-    begun when ``started``) and raises the kernel-start error on the calls in ``fail_on``."""
+    """A papermill.execute_notebook stand-in: writes the executed copy as real papermill leaves it
+    and raises the kernel-start error on the calls in ``fail_on``. After a dead kernel papermill
+    marks its pending cells "completed" with no start_time; a cell it began has a start_time."""
     calls = []
 
     def execute_notebook(src, out, **kwargs):
         calls.append(out)
-        meta = {"papermill": {"status": "running" if started else "pending"}}
+        meta = {"papermill": {"status": "completed", "start_time": "2026-12-07T10:00:00" if started else None}}
         nb = {"cells": [{"cell_type": "code", "metadata": meta, "execution_count": None,
                          "source": "x = 1", "outputs": []}], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
         pathlib.Path(out).write_text(json.dumps(nb))
@@ -436,7 +437,8 @@ def test_a_kernel_that_did_not_start_is_started_again(tmp_path, monkeypatch, cap
     """Two notebooks whose kernels start in the same second can draw the same port (zmq
     'Address already in use', 'Kernel died before replying to kernel_info'): a newcomer's run
     failed so. The step starts the kernel again when no cell had begun; it fails, naming the
-    notebook, when a cell had (something may have run) or after KERNEL_START_ATTEMPTS tries."""
+    notebook, when a cell had (something may have run), after KERNEL_START_ATTEMPTS tries, or
+    at once for an error that is not the kernel's start."""
     import papermill
 
     monkeypatch.setattr(runner, "KERNEL_RETRY_DELAY_S", 0.0)
@@ -458,25 +460,28 @@ def test_a_kernel_that_did_not_start_is_started_again(tmp_path, monkeypatch, cap
         runner.execute_step("00_cohort", tmp_path / "run3", {}, log_output=False)
     assert len(calls) == 1
 
+    def missing(src, out, **kwargs):
+        calls.append(out)
+        raise FileNotFoundError(src)
+    calls.clear()
+    capsys.readouterr()
+    monkeypatch.setattr(papermill, "execute_notebook", missing)
+    with pytest.raises(runner.StudyError, match="FileNotFoundError"):
+        runner.execute_step("00_cohort", tmp_path / "run4", {}, log_output=False)
+    assert len(calls) == 1 and "kernel did not start" not in capsys.readouterr().err
 
-def test_failed_job_lines_name_the_newest_error_of_this_run(tmp_path):
-    """A failed workflow's message ends with the job logs' error lines written since it began."""
-    import time as _time
-    from cellstudy import workflow
 
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    (logs / "07_results.job.log").write_text("ok\nall fine\n")
-    (logs / "00_cohort.job.log").write_text("x\nStudyError: notebook 00_cohort.ipynb failed (old)\n")
-    old = _time.time() - 3600
-    os.utime(logs / "00_cohort.job.log", (old, old))           # an earlier run's failure
-    fold = tmp_path / "training" / "mhl" / "fold0"
-    fold.mkdir(parents=True)
-    (fold / "train.log").write_text("epoch 1\nValueError: bad arrays for fold 0\ntrailing line\n")
-    (logs / "09_statistics.job.log").write_text(
-        "a\ncellstudy.runner.StudyError: notebook 09_statistics.ipynb failed at cell 15 (ValueError: NaN)\nb\n")
-    lines = workflow.failed_job_lines(tmp_path, since=_time.time() - 60)
-    assert len(lines) == 2
-    assert any(ln.startswith("logs/09_statistics.job.log: ") and "failed at cell 15" in ln for ln in lines)
-    assert any(ln == "training/mhl/fold0/train.log: ValueError: bad arrays for fold 0" for ln in lines)
-    assert not any("00_cohort" in ln or "07_results" in ln for ln in lines)
+def test_a_real_dead_kernel_is_started_again_then_named(tmp_path, monkeypatch, capsys):
+    """The same with real papermill and a kernel that exits at once (a kernelspec "python3" on
+    JUPYTER_PATH): every try is a kernel that did not start, the step fails after the last."""
+    import sys as _sys
+
+    spec = tmp_path / "jupyter" / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": [_sys.executable, "-c", "import sys; sys.exit(3)"],
+                                                  "display_name": "dead", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setattr(runner, "KERNEL_RETRY_DELAY_S", 0.0)
+    with pytest.raises(runner.StudyError, match="notebook 00_cohort.ipynb failed .*Kernel died"):
+        runner.execute_step("00_cohort", tmp_path / "run", {}, log_output=False)
+    assert capsys.readouterr().err.count("kernel did not start") == runner.KERNEL_START_ATTEMPTS - 1
