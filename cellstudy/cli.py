@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--data-root", default=None, help="the data root (default: $CELLSTUDY_DATA_ROOT or ../shared/data)")
     r.add_argument("--no-book", action="store_true", help="run the notebooks only")
     r.add_argument("--quiet", action="store_true",
-                   help="keep Snakemake's progress lines off the terminal (shown when it fails); each job's "
+                   help="keep Snakemake's progress lines off the terminal (their last lines are shown when it fails); each job's "
                         "output is in the run folder's logs/ and training/<network>/train.log either way")
     r.add_argument("--workers", type=int, default=None,
                    help="how many jobs (training jobs, notebooks) run at once (overrides the config's workers; 1 = one after another)")

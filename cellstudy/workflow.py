@@ -572,17 +572,22 @@ def snakemake(run_dir: Path, *, cores: int | None = None, profile: Path | None =
                             + (f"\n{tail}" if tail else ""))
 
 
-#: The job logs of a run folder (relative globs): the notebooks', the training and XAI jobs'.
+#: The job logs of a run folder (relative globs): the notebooks', the training and XAI jobs'
+#: (the ``log:`` paths of workflow/Snakefile's rules: keep the two in step).
 JOB_LOGS = ("logs/*.job.log", "training/*/train.log", "training/*/fold*/train.log",
             "08_xai/jobs/*/*.log")
-_ERROR_LINE = re.compile(r"\b(?:\w+Error|\w+Exception)\b|\bfailed\b")
+#: A job's error line: what ``cellstudy`` prints before exiting on an error, or the last line of a
+#: Python traceback ("cellstudy.runner.StudyError: ..."). Not "failed" in a line of its own: a
+#: diverged fold ("mhl fold 0 failed: ... the book reports it") or a kept "failed.json" are results.
+_ERROR_LINE = re.compile(r"^(?:cellstudy: error:|(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt):)")
 
 
 def failed_job_lines(run_dir: Path, since: float) -> list[str]:
     """For a failed workflow: ``"<log>: <its last error line>"`` for each job log of ``run_dir``
-    (``JOB_LOGS``) written since ``since`` (epoch seconds) that holds an error line (a word ending
-    in Error / Exception, or "failed"), the newest first, at most 3: the cause, said where the
-    command ends, also when Snakemake's own lines above are many or a resumed run's."""
+    (``JOB_LOGS``) written since ``since`` (epoch seconds) that holds an error line
+    (``_ERROR_LINE``), the newest first, at most 3: the cause, said where the command ends, also
+    when Snakemake's own lines above are many. (A failed notebook step is told by its status entry
+    instead: ``runner.run_study``.)"""
     run_dir = Path(run_dir)
     found = []
     for pattern in JOB_LOGS:
@@ -593,7 +598,7 @@ def failed_job_lines(run_dir: Path, since: float) -> list[str]:
                 lines = log.read_text(errors="replace").splitlines()
             except OSError:
                 continue
-            errs = [ln.strip() for ln in lines if _ERROR_LINE.search(ln)]
+            errs = [ln.strip() for ln in lines if _ERROR_LINE.match(ln.strip())]
             if errs:
                 found.append((log.stat().st_mtime, f"{log.relative_to(run_dir)}: {errs[-1][:400]}"))
     return [line for _, line in sorted(found, reverse=True)[:3]]

@@ -92,8 +92,9 @@ def test_failing_notebook_names_notebook_and_cell_and_blocks_the_book(tmp_path, 
     # The same command again without a fix: the step fails again and the message still names it
     # (a resumed run's failure was told only as "the failed job is named above": its status
     # entry equalled the first run's)
-    with pytest.raises(runner.StudyError, match=r"01_bad\.ipynb failed at cell .*ValueError: broken on purpose"):
+    with pytest.raises(runner.StudyError, match=r"01_bad\.ipynb failed at cell .*ValueError: broken on purpose") as again:
         runner.run_study(cfg, runs_dir=runs, log_output=False, echo=lambda s: None)
+    assert not str(again.value).startswith("the workflow of run")    # the step's own message, not the generic one
     assert [p.name for p in runs.iterdir()] == [run.name]
 
     # Fix the notebook and rerun the same command: the run resumes in the same folder, the step
@@ -485,3 +486,35 @@ def test_a_real_dead_kernel_is_started_again_then_named(tmp_path, monkeypatch, c
     with pytest.raises(runner.StudyError, match="notebook 00_cohort.ipynb failed .*Kernel died"):
         runner.execute_step("00_cohort", tmp_path / "run", {}, log_output=False)
     assert capsys.readouterr().err.count("kernel did not start") == runner.KERNEL_START_ATTEMPTS - 1
+
+
+def test_failed_job_lines_name_the_newest_error_of_this_run(tmp_path):
+    """A failed workflow's message ends with the error lines of the job logs written since it
+    began, newest first, at most 3; a diverged fold, a kept failed.json or an earlier run's log
+    are not errors of this call."""
+    import time as _time
+    from cellstudy import workflow
+
+    now = _time.time()
+
+    def log(rel, text, age):
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+        os.utime(p, (now - age, now - age))
+
+    log("logs/07_results.job.log", "ok\nall fine\n", 5)
+    log("logs/00_cohort.job.log", "x\ncellstudy.runner.StudyError: notebook 00_cohort.ipynb failed (old)\n", 3600)
+    log("training/vgg16/train.log", "cellstudy: vgg16 fold 0 failed: NaN loss at epoch 3; the book reports it\n"
+        "fold 1: finished earlier (training/vgg16/fold1/failed.json); kept\n", 4)
+    log("training/mhl/fold0/train.log", "epoch 1\nTraceback (most recent call last):\n  File \"x\"\n"
+        "ValueError: bad arrays for fold 0\n", 30)
+    log("logs/09_statistics.job.log",
+        "a\ncellstudy.runner.StudyError: notebook 09_statistics.ipynb failed at cell 15 (ValueError: NaN)\nb\n", 20)
+    log("08_xai/jobs/vit/fold2_long.log", "cellstudy: error: fold 2 of vit has no model_long.keras\n", 10)
+    log("08_xai/jobs/rgb/fold1_long.log", "KeyboardInterrupt:\n", 40)
+    lines = workflow.failed_job_lines(tmp_path, since=now - 60)
+    assert lines == ["08_xai/jobs/vit/fold2_long.log: cellstudy: error: fold 2 of vit has no model_long.keras",
+                     "logs/09_statistics.job.log: cellstudy.runner.StudyError: notebook 09_statistics.ipynb "
+                     "failed at cell 15 (ValueError: NaN)",
+                     "training/mhl/fold0/train.log: ValueError: bad arrays for fold 0"]     # the 4th, rgb: left out
