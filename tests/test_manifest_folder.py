@@ -228,6 +228,8 @@ def test_argument_errors(tmp_path):
     with pytest.raises(data.DataError, match=r"tokens such as 'w3' need --channel-pattern.*"
                                              r"--channel-pattern '_\{channel\}.tif' for names that end in _w3.tif"):
         mf.parse_channel_map("third=w3,actin=w2,dna=w1")
+    with pytest.raises(data.DataError, match=r"for names that end in _w3.tif$"):
+        mf.parse_channel_map("third=w3.tif,actin=w2.tif,dna=w1.tif")
     with pytest.raises(data.DataError, match=r"stains read the same stored channel \(R, G, B = 1, 1, 0\)"):
         mf.parse_channel_map("third=1,actin=1,dna=0")          # F-actin twice, the third stain dropped
     with pytest.raises(data.DataError, match="named group"):

@@ -206,14 +206,16 @@ def test_paired_effect_size_three_folds_far_tail():
     """3 folds (the ci scale; df = 2) with a large t: scipy's nct.cdf is NaN in the bracket's
     tail (t 12, nc -8), which stopped the statistics chapter of a user's own 3-fold run. The
     interval is finite and still the test inversion."""
-    assert math.isnan(sps.nct.cdf(12.0, 2, -8.0))   # the scipy behaviour this guards against
+    # the scipy behaviour this guards against (scipy 1.17.1): sps.nct.cdf(12.0, 2, -8.0) is NaN
     for t in (12.0, -12.0, -12.75, 40.0):
         lo, hi = S._nct_ci(t, 2, 0.95)
         assert np.isfinite([lo, hi]).all() and lo < hi
         assert sps.nct.cdf(t, 2, lo) == pytest.approx(0.975, abs=1e-7)
         assert sps.nct.cdf(t, 2, hi) == pytest.approx(0.025, abs=1e-7)
-    # through the public function: three folds whose differences are large and nearly constant
-    r = S.paired_effect_size([0.90, 0.95, 0.93], [0.50, 0.56, 0.52])
+    # through the public function: three folds whose differences (0.35 -+ 0.05068) give
+    # t = d_z sqrt(3) = 11.96, one of the t's whose bracket reached scipy's NaN (the old code raised)
+    r = S.paired_effect_size([0.79932, 0.85, 0.90068], [0.50, 0.50, 0.50])
+    assert r["d_z"] * math.sqrt(3) == pytest.approx(11.96, abs=0.01)
     assert np.isfinite([r["d_z"], r["ci_low"], r["ci_high"]]).all()
     assert r["ci_low"] < r["d_z"] < r["ci_high"]
 

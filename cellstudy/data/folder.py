@@ -109,7 +109,8 @@ def parse_channel_map(spec: str, per_file: bool = False) -> ChannelMap:
                             f"expected three different tokens, e.g. {form}")
     else:
         if not all(re.fullmatch(r"\d+", v) for v in values):
-            tok = next(v for v in values if not re.fullmatch(r"\d+", v))
+            tok = re.sub(r"\.(?:ome\.tiff?|tiff?|png|npy)$", "", next(v for v in values if not re.fullmatch(r"\d+", v)),
+                         flags=re.I)     # a token given with its extension ("w1.tif") names it once
             raise DataError(f"--channels {spec!r}: values {list(values)}; expected stored channel "
                             f"indices (0, 1, 2, ...), e.g. {form}; file-name tokens such as {tok!r} "
                             f"need --channel-pattern, how a file name holds its token (one file per "
