@@ -204,7 +204,9 @@ def export(run_dir: str | os.PathLike, network: str, out: str | os.PathLike, *, 
         disp = networks.DISPLAY[network]
         custom = network in CUSTOM_LAYER_NETWORKS
         n_splits = int(sc["n_splits"])
-        whitening_words = ("a 3 x 3 ZCA of the three stains" if config.whitening_for(sc, network) == "zca"
+        # the fold's own record of its whitening (zca.json, what the layer bakes in); runs made
+        # before the per-stain mode have no "mode": theirs was the ZCA
+        whitening_words = ("a 3 x 3 ZCA of the three stains" if zca.get("mode", "zca") == "zca"
                            else "each stain whitened on its own")
         doc = "\n".join([
             f"# {disp}: normal vs abnormal cells from three stains (cellstudy)", "",

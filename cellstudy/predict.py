@@ -121,35 +121,50 @@ def best_network_why(run_dir: str | Path, trained: Sequence[str]) -> tuple[str, 
 
 
 def run_class_names(table: pd.DataFrame) -> dict[int, str] | None:
-    """``{0: name, 1: name}``: the class names of a run cohort's manifest (column ``class_name``)
-    for the normal (0) and abnormal (1) roles, e.g. ``{0: "DMSO", 1: "protein_synthesis"}``; None
-    when the manifest has no such column or a role has no single name."""
+    """``{0: name, 1: name}``: the class names of a manifest (column ``class_name``) for the normal
+    (0) and abnormal (1) roles, e.g. ``{0: "DMSO", 1: "protein_synthesis"}``; None when the
+    manifest has no such column or a role has not exactly one name (an empty name is none)."""
     if "class_name" not in table.columns or "label" not in table.columns:
         return None
     out = {}
-    for lab in (0, 1):
-        names = set(table.loc[table["label"].astype(int) == lab, "class_name"].astype(str)) - {""}
+    lab = pd.to_numeric(table["label"], errors="coerce")
+    for role in (0, 1):
+        names = set(table.loc[lab == role, "class_name"].dropna().astype(str)) - {""}
         if len(names) != 1:
             return None
-        out[lab] = names.pop()
+        out[role] = names.pop()
     return out
 
 
-def labelled_metrics(labels: np.ndarray, p_abnormal: np.ndarray, own: np.ndarray) -> dict[str, Any] | None:
-    """For new cells with known classes (``labels`` (N,) 0 / 1, -1 where unknown): AUC and balanced
-    accuracy (call at p >= 0.5) of ``p_abnormal`` (N,) on the cells that are not the run's own
-    (``own`` (N,) bool: their calls test nothing). None when fewer than one cell of each class is
-    left or a label is unknown."""
-    y = np.asarray(labels)
-    keep = ~np.asarray(own, dtype=bool)
-    if (y < 0).any() or len(np.unique(y[keep])) < 2:
-        return None
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+def labelled_metrics(labels: np.ndarray, proba: np.ndarray, own: np.ndarray, groups: np.ndarray,
+                     names: dict[int, str] | None = None, run_names: dict[int, str] | None = None
+                     ) -> tuple[dict[str, Any] | None, str]:
+    """For new cells with known classes: ``(metrics, why)``. ``labels`` (N,) 0 / 1, -1 where
+    unknown; ``proba`` (N, 2) the ensemble's probabilities; ``own`` (N,) bool, the run's own cells
+    (their calls test nothing); ``groups`` (N,) their fields. Scored on the labelled cells that are
+    not the run's own, with ``report.external.score`` (AUC with a field-bootstrap 95% CI, balanced
+    accuracy of the ensemble's call): ``n_cells, n_normal, n_abnormal, n_run_cells_left_out,
+    n_unlabelled_left_out`` and its fields. None with the reason when fewer than one cell of each
+    class is left, or when the cells' class names (``names``, from their manifest) differ from the
+    run's (``run_names``): label 1 would then not be the run's abnormal class."""
+    y = np.asarray(labels).astype(int)
+    own = np.asarray(own, dtype=bool)
+    if names and run_names and names != run_names:
+        return None, (f"not scored against their classes: the cells' classes are normal = {names[0]!r}, "
+                      f"abnormal = {names[1]!r}, the run's normal = {run_names[0]!r}, abnormal = "
+                      f"{run_names[1]!r} (build their manifest with the run's --normal / --abnormal)")
+    keep = ~own & (y >= 0)
+    if len(np.unique(y[keep])) < 2:
+        return None, ("" if not (y >= 0).any() else
+                      "not scored against their classes: fewer than one labelled cell of each class that "
+                      "is not one of the run's own")
+    from cellstudy.report import external
 
-    yk, pk = y[keep], np.asarray(p_abnormal, dtype=float)[keep]
-    return {"n_cells": int(keep.sum()), "n_normal": int((yk == 0).sum()), "n_abnormal": int((yk == 1).sum()),
-            "n_run_cells_left_out": int((~keep).sum()), "auc": float(roc_auc_score(yk, pk)),
-            "balanced_accuracy": float(balanced_accuracy_score(yk, (pk >= 0.5).astype(int)))}
+    m, _ = external.score(y[keep], np.asarray(proba, dtype=float)[keep], np.asarray(groups)[keep])
+    yk = y[keep]
+    m.update(n_normal=int((yk == 0).sum()), n_abnormal=int((yk == 1).sum()),
+             n_run_cells_left_out=int((own & (y >= 0)).sum()), n_unlabelled_left_out=int((y < 0).sum()))
+    return m, ""
 
 
 def qc_flags(images: np.ndarray, raw_range: np.ndarray, ref_range: np.ndarray, nucleus_area: np.ndarray,
@@ -391,15 +406,20 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
             _, pr, e = external._baseline_probas(mod, run.root, name, coh.images, cache, notes)
             if pr or e is not None:
                 tab[f"p_abnormal_{name}"] = (np.mean(pr, axis=0) if pr else e)[:, 1]
-    scored = labelled_metrics(coh.labels, ens[:, 1], tab["in_run_cohort"].to_numpy())
+    scored, why_not = labelled_metrics(coh.labels, ens, tab["in_run_cohort"].to_numpy(), np.asarray(coh.groups),
+                                       run_class_names(coh.table), run_names)
     if scored is not None:
-        echo(f"predict: the cells' own classes: AUC {scored['auc']:.3f}, balanced accuracy "
+        left = [f"{scored[k]} {w} left out" for k, w in (("n_run_cells_left_out", "of the run's own cells"),
+                                                         ("n_unlabelled_left_out", "unlabelled")) if scored[k]]
+        echo(f"predict: against the cells' own classes: AUC {scored['auc']:.3f} (95% CI {scored['auc_ci_low']:.3f}-"
+             f"{scored['auc_ci_high']:.3f}, bootstrap over {scored['n_fields']} fields), balanced accuracy "
              f"{scored['balanced_accuracy']:.3f} on {scored['n_cells']} cells ({scored['n_normal']} normal, "
-             f"{scored['n_abnormal']} abnormal" + (f"; {scored['n_run_cells_left_out']} of the run's own cells "
-                                                   "left out" if scored['n_run_cells_left_out'] else "") + ")")
+             f"{scored['n_abnormal']} abnormal" + "".join(f"; {x}" for x in left) + ")")
+    elif why_not:
+        echo(f"predict: note: {why_not}")
     cells_ref = str(Path(cells).resolve()) if Path(str(cells)).is_file() else str(cells)
     info = {"run_dir": str(run.root.resolve()), "cells": cells_ref, "n_cells": int(len(coh)), "network": network,
-            "network_why": why, "scored_against_labels": scored,
+            "network_why": why, "scored_against_labels": scored, "not_scored_why": why_not or None,
             "regime": regime, "folds": used, "mc_samples": int(mc_samples), "scale": st["scale"],
             "stains": list(new_stains) if new_stains else None,
             "stains_of_run": list(ref_stains) if ref_stains else None,

@@ -139,16 +139,27 @@ def test_cells_of_another_pixel_size_are_refused(tiny_run, shared_data):
                   ignore_stains=True, echo=lambda s: None)
 
 
-def test_labelled_metrics_leave_out_the_runs_own_cells():
-    y = np.array([0, 0, 1, 1, 1, 0])
-    p = np.array([0.1, 0.4, 0.8, 0.3, 0.9, 0.95])
-    own = np.array([False, False, False, False, False, True])    # the last: a training cell
-    m = P.labelled_metrics(y, p, own)
-    assert m["n_cells"] == 5 and m["n_run_cells_left_out"] == 1
+def test_labelled_metrics_leave_out_the_runs_own_and_unlabelled_cells():
+    y = np.array([0, 0, 1, 1, 1, 0, -1])
+    pa = np.array([0.1, 0.4, 0.8, 0.3, 0.9, 0.95, 0.7])
+    proba = np.stack([1 - pa, pa], axis=1)
+    own = np.array([False, False, False, False, False, True, False])    # the 6th: a training cell
+    groups = np.array(["f1", "f1", "f2", "f2", "f3", "f1", "f4"])
+    m, why = P.labelled_metrics(y, proba, own, groups)
+    assert why == "" and m["n_cells"] == 5 and m["n_run_cells_left_out"] == 1 and m["n_unlabelled_left_out"] == 1
     assert m["auc"] == pytest.approx(5 / 6)                  # 0.3 ranks below 0.4 once of 6 pairs
     assert m["balanced_accuracy"] == pytest.approx((1 + 2 / 3) / 2)
-    assert P.labelled_metrics(np.array([0, 1, -1]), np.array([0.1, 0.9, 0.5]), np.zeros(3, bool)) is None
-    assert P.labelled_metrics(y, p, np.ones(6, bool)) is None
+    assert m["auc_ci_low"] <= m["auc"] <= m["auc_ci_high"]
+    # an exact 0.5 is called as the ensemble calls it (argmax: normal), as Classifier_Class
+    m2, _ = P.labelled_metrics(np.array([0, 1]), np.array([[0.5, 0.5], [0.2, 0.8]]), np.zeros(2, bool),
+                               np.array(["a", "b"]))
+    assert m2["balanced_accuracy"] == 1.0
+    assert P.labelled_metrics(np.array([-1, -1]), proba[:2], np.zeros(2, bool), groups[:2]) == (None, "")
+    none, why = P.labelled_metrics(y, proba, np.ones(7, bool), groups)
+    assert none is None and "fewer than one labelled cell of each class" in why
+    # classes named otherwise than the run's (roles swapped): not scored, and said why
+    none, why = P.labelled_metrics(y, proba, own, groups, {0: "treated", 1: "control"}, {0: "control", 1: "treated"})
+    assert none is None and "the cells' classes are normal = 'treated'" in why and "--normal" in why
 
 
 def test_gallery_cells():
@@ -181,8 +192,15 @@ def test_unlabelled_cells_and_other_stains(tiny_run, shared_data, tmp_path):
     from sklearn.metrics import roc_auc_score
     assert sc["n_cells"] == 12 and sc["n_normal"] == sc["n_abnormal"] == 6
     assert sc["auc"] == pytest.approx(roc_auc_score(res.table["label"], res.table["p_abnormal"]))
-    assert any(f"AUC {sc['auc']:.3f}, balanced accuracy" in s and "on 12 cells (6 normal, 6 abnormal)" in s
-               for s in said)
+    assert any(f"AUC {sc['auc']:.3f} (95% CI" in s and "on 12 cells (6 normal, 6 abnormal)" in s for s in said)
+    # the same cells with their class names swapped: not scored, and said why
+    lab["class_name"] = lab["label"].map({0: "protein_synthesis", 1: "DMSO"})
+    lab.to_csv(tmp_path / "swapped.csv", index=False)
+    said = []
+    res = P.predict(tiny_run, str(tmp_path / "swapped.csv"), network="mhl", mc_samples=0, data_root=shared_data,
+                    gradcam=False, echo=said.append)
+    assert res.info["scored_against_labels"] is None and "normal = 'protein_synthesis'" in res.info["not_scored_why"]
+    assert any("not scored against their classes" in s for s in said)
     assert res.info["stains"] == res.info["stains_of_run"] == ["tubulin", "F-actin", "DNA"]
     m["stains"] = "vimentin,F-actin,DNA"
     m.to_csv(tmp_path / "vim.csv", index=False)
