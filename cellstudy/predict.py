@@ -100,15 +100,10 @@ def run_settings(run_dir: str | Path) -> dict[str, Any]:
             "data_root": cfg.get("data_root"), "values": values}
 
 
-def best_network(run_dir: str | Path, trained: Sequence[str]) -> str:
-    """The run's best trained network by long-regime AUC (``07_results/verdicts_long.csv``), else
-    the first trained one in the catalogue's order."""
-    return best_network_why(run_dir, trained)[0]
-
-
 def best_network_why(run_dir: str | Path, trained: Sequence[str]) -> tuple[str, str]:
-    """:func:`best_network` and why, in words: "the run's best by long-regime AUC macro (fold mean
-    0.918)", or, without the results chapter's verdicts, "the first trained network ..."."""
+    """The run's best trained network by long-regime AUC (``07_results/verdicts_long.csv``), else
+    the first trained one in the catalogue's order; and why, in words: "the run's best by
+    long-regime AUC macro (fold mean 0.918)", or "the first trained network ..."."""
     v = rundir.Run(run_dir).step("07_results", create=False) / "verdicts_long.csv"
     if v.is_file():
         t = pd.read_csv(v)

@@ -593,14 +593,15 @@ def failed_job_lines(run_dir: Path, since: float) -> list[str]:
     for pattern in JOB_LOGS:
         for log in run_dir.glob(pattern):
             try:
-                if log.stat().st_mtime < since:
+                mtime = log.stat().st_mtime
+                if mtime < since:
                     continue
                 lines = log.read_text(errors="replace").splitlines()
             except OSError:
                 continue
             errs = [ln.strip() for ln in lines if _ERROR_LINE.match(ln.strip())]
             if errs:
-                found.append((log.stat().st_mtime, f"{log.relative_to(run_dir)}: {errs[-1][:400]}"))
+                found.append((mtime, f"{log.relative_to(run_dir)}: {errs[-1][:400]}"))
     return [line for _, line in sorted(found, reverse=True)[:3]]
 
 

@@ -109,8 +109,8 @@ def parse_channel_map(spec: str, per_file: bool = False) -> ChannelMap:
                             f"expected three different tokens, e.g. {form}")
     else:
         if not all(re.fullmatch(r"\d+", v) for v in values):
-            tok = re.sub(r"\.(?:ome\.tiff?|tiff?|png|npy)$", "", next(v for v in values if not re.fullmatch(r"\d+", v)),
-                         flags=re.I)     # a token given with its extension ("w1.tif") names it once
+            # a token given with its extension ("w1.tif") is named without it
+            tok = _without_image_suffix(next(v for v in values if not re.fullmatch(r"\d+", v)))
             raise DataError(f"--channels {spec!r}: values {list(values)}; expected stored channel "
                             f"indices (0, 1, 2, ...), e.g. {form}; file-name tokens such as {tok!r} "
                             f"need --channel-pattern, how a file name holds its token (one file per "
@@ -173,15 +173,19 @@ class _Cell:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+def _without_image_suffix(name: str) -> str:
+    """``name`` without its image file suffix (``.ome.tif`` as a whole; any case), else as is."""
+    for suf in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".png", ".npy"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
 def _cell_id(rel: str) -> str:
     """``"DMSO/B02_s1_c3_{channel}.tif"`` -> ``"DMSO/B02_s1_c3"``: the path without its suffix
     (``.ome.tif`` included) and without the channel placeholder and the separators it leaves."""
     p = PurePosixPath(rel.replace(PLACEHOLDER, ""))
-    name = p.name
-    for suf in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".png", ".npy"):
-        if name.lower().endswith(suf):
-            name = name[: -len(suf)]
-            break
+    name = _without_image_suffix(p.name)
     name = re.sub(r"[_\-. ]{2,}", "_", name).strip("_-. ") or p.name
     return str(p.parent / name) if str(p.parent) != "." else name
 
