@@ -572,10 +572,15 @@ def snakemake(run_dir: Path, *, cores: int | None = None, profile: Path | None =
                             + (f"\n{tail}" if tail else ""))
 
 
-#: The job logs of a run folder (relative globs): the notebooks', the training and XAI jobs'
-#: (the ``log:`` paths of workflow/Snakefile's rules: keep the two in step).
-JOB_LOGS = ("logs/*.job.log", "training/*/train.log", "training/*/fold*/train.log",
-            "08_xai/jobs/*/*.log")
+#: Where each kind of job writes its log in a run folder, as workflow/Snakefile's rules name it
+#: (their ``log:``): a (network, fold) training job, a network's training job (one machine), a
+#: (network, fold) explanation job, a notebook step (and the book, step "book").
+LOG_TEMPLATES = {"fold": "training/{network}/fold{fold}/train.log",
+                 "network": "training/{network}/train.log",
+                 "xai": "08_xai/jobs/{network}/fold{fold}_{regime}.log",
+                 "step": "logs/{step}.job.log"}
+#: The same as globs over a run folder (what ``failed_job_lines`` reads).
+JOB_LOGS = tuple(re.sub(r"\{\w+\}", "*", t) for t in LOG_TEMPLATES.values())
 #: A job's error line: what ``cellstudy`` prints before exiting on an error, or the last line of a
 #: Python traceback ("cellstudy.runner.StudyError: ..."). Not "failed" in a line of its own: a
 #: diverged fold ("mhl fold 0 failed: ... the book reports it") or a kept "failed.json" are results.
