@@ -51,6 +51,9 @@ EMPTY_RANGE_FRACTION = 0.1
 SATURATED_FRACTION = 0.05
 #: QC: nucleus areas outside these percentiles of the run's cohort are flagged.
 SIZE_PERCENTILES = (1.0, 99.0)
+#: A call is *confident* when the ensemble's probability of the called class is at least this: a
+#: "most confident" gallery whose cells all fall short says so in its title and in the notes.
+CONFIDENT_P = 0.75
 
 
 class PredictError(ValueError):
@@ -139,7 +142,8 @@ def labelled_metrics(labels: np.ndarray, proba: np.ndarray, own: np.ndarray, gro
     (their calls test nothing); ``groups`` (N,) their fields. Scored on the labelled cells that are
     not the run's own, with ``report.external.score`` (AUC with a field-bootstrap 95% CI, balanced
     accuracy of the ensemble's call): ``n_cells, n_normal, n_abnormal, n_run_cells_left_out,
-    n_unlabelled_left_out`` and its fields. None with the reason when fewer than one cell of each
+    n_unlabelled_left_out``, ``accuracy_uncertain_half`` / ``accuracy_certain_half`` (accuracy of
+    the call on the cells at or above / below the median margin uncertainty) and its fields. None with the reason when fewer than one cell of each
     class is left, or when the cells' class names (``names``, from their manifest) differ from the
     run's (``run_names``): label 1 would then not be the run's abnormal class."""
     y = np.asarray(labels).astype(int)
@@ -159,6 +163,13 @@ def labelled_metrics(labels: np.ndarray, proba: np.ndarray, own: np.ndarray, gro
     yk = y[keep]
     m.update(n_normal=int((yk == 0).sum()), n_abnormal=int((yk == 1).sum()),
              n_run_cells_left_out=int((own & (y >= 0)).sum()), n_unlabelled_left_out=int((y < 0).sum()))
+    # is the uncertainty worth reading? accuracy of the call in the more and the less uncertain half
+    pk = np.asarray(proba, dtype=float)[keep]
+    mu = margin_uncertainty(pk)
+    right = pk.argmax(axis=1) == yk
+    upper = mu >= np.median(mu)
+    m.update(accuracy_uncertain_half=float(right[upper].mean()),
+             accuracy_certain_half=float(right[~upper].mean()) if (~upper).any() else float("nan"))
     return m, ""
 
 
@@ -326,6 +337,7 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
     ens = np.mean(probas, axis=0)
     mc, pred = None, ens.argmax(axis=1)
     shown = gallery_cells(ens, n_gallery)
+    galleries = gallery_ranges(ens, shown)
     sel = np.unique(np.concatenate(list(shown.values()))) if shown else np.zeros(0, int)
     cams = np.zeros((len(sel), S, S), np.float32)
     if mc_samples or (gradcam and len(sel)):
@@ -391,18 +403,30 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
                      "detail": f"{'the run cohort ' + repr(st['cohort']) if not ref_stains else str(cells)} "
                                "names no stains (manifest column stains; cellstudy manifest --stains), so "
                                "whether the cells are stained as the models learned was not checked"})
+    for kind, g in galleries.items():
+        if g.get("confident") is False:
+            said.append({"network": network, "fold": None, "status": "no confident call",
+                         "detail": f"no cell is called {g['class']} with p >= {CONFIDENT_P:.2f} (the highest: "
+                                   f"{g['p_max']:.2f}): the gallery of the most confident {g['class']} calls shows "
+                                   "uncertain calls"})
     for n in said:
         echo(f"predict: note: {n['detail']}")
     notes += said
+    classical_p: dict[str, np.ndarray] = {}
     if classical:
         mod = external._baseline_module(notes)
         cache: dict = {}
         for name in networks.CLASSIFIER_NAMES if mod is not None else []:
             _, pr, e = external._baseline_probas(mod, run.root, name, coh.images, cache, notes)
             if pr or e is not None:
-                tab[f"p_abnormal_{name}"] = (np.mean(pr, axis=0) if pr else e)[:, 1]
-    scored, why_not = labelled_metrics(coh.labels, ens, tab["in_run_cohort"].to_numpy(), np.asarray(coh.groups),
+                classical_p[name] = (np.mean(pr, axis=0) if pr else e)
+                tab[f"p_abnormal_{name}"] = classical_p[name][:, 1]
+    own = tab["in_run_cohort"].to_numpy()
+    scored, why_not = labelled_metrics(coh.labels, ens, own, np.asarray(coh.groups),
                                        run_class_names(coh.table), run_names)
+    classical_scored = {name: labelled_metrics(coh.labels, pr, own, np.asarray(coh.groups),
+                                               run_class_names(coh.table), run_names)[0]
+                        for name, pr in classical_p.items()} if scored is not None else {}
     if scored is not None:
         left = [f"{scored[k]} {w} left out" for k, w in (("n_run_cells_left_out", "of the run's own cells"),
                                                          ("n_unlabelled_left_out", "unlabelled")) if scored[k]]
@@ -415,6 +439,7 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
     cells_ref = str(Path(cells).resolve()) if Path(str(cells)).is_file() else str(cells)
     info = {"run_dir": str(run.root.resolve()), "cells": cells_ref, "n_cells": int(len(coh)), "network": network,
             "network_why": why, "scored_against_labels": scored, "not_scored_why": why_not or None,
+            "classical_scored_against_labels": classical_scored or None, "galleries": galleries,
             "regime": regime, "folds": used, "mc_samples": int(mc_samples), "scale": st["scale"],
             "stains": list(new_stains) if new_stains else None,
             "stains_of_run": list(ref_stains) if ref_stains else None,
@@ -448,6 +473,74 @@ def gallery_cells(proba: np.ndarray, n: int = 8) -> dict[str, np.ndarray]:
     return out
 
 
+def gallery_ranges(proba: np.ndarray, shown: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """What each gallery of :func:`gallery_cells` shows, for its title and the notes. ``proba``
+    (N, 2) the ensemble's probabilities; per gallery ``{"cells", "class", "p_min", "p_max"}`` with
+    the probability of the called class (``class``) of its cells, and for a ``confident_<class>``
+    gallery ``confident``: whether its best call reaches :data:`CONFIDENT_P`. The uncertain gallery
+    has ``class`` None and the ``p_abnormal`` range of its cells."""
+    p = np.asarray(proba, dtype=float)
+    out: dict[str, dict[str, Any]] = {}
+    for kind, idx in shown.items():
+        idx = np.asarray(idx, dtype=int)
+        if not len(idx):
+            continue
+        if kind.startswith("confident_"):
+            name = kind[len("confident_"):]
+            q = p[idx, config.CLASS_NAMES.index(name)]
+            out[kind] = {"cells": int(len(idx)), "class": name, "p_min": round(float(q.min()), 4),
+                         "p_max": round(float(q.max()), 4), "confident": bool(q.max() >= CONFIDENT_P)}
+        else:
+            q = p[idx, 1]
+            out[kind] = {"cells": int(len(idx)), "class": None, "p_min": round(float(q.min()), 4),
+                         "p_max": round(float(q.max()), 4)}
+    return out
+
+
+def gallery_title(kind: str, info: dict[str, Any] | None) -> str:
+    """A gallery's title: what it shows and its cells' probabilities, e.g. "most confident
+    abnormal calls (p(abnormal) 0.52-0.61; none reaches 0.75: no confident call)"."""
+    if kind == "uncertain":
+        what = "most uncertain cells"
+    else:
+        what = f"most confident {kind[len('confident_'):]} calls"
+    if not info:
+        return what
+    cls = info.get("class") or "abnormal"
+    rng = f"p({cls}) {info['p_min']:.2f}-{info['p_max']:.2f}"
+    if info.get("confident") is False:
+        rng += f"; none reaches {CONFIDENT_P:.2f}: no confident call"
+    return f"{what} ({rng})"
+
+
+SUMMARY_COLUMNS = ["model", "cells", "fields", "auc", "auc_ci_low", "auc_ci_high", "balanced_accuracy",
+                   "accuracy_uncertain_half", "accuracy_certain_half"]
+
+
+def summary_table(res: Prediction) -> pd.DataFrame:
+    """One row per model of a prediction scored against the new cells' own classes (the network's
+    fold ensemble, then each classical model): ``model, cells, auc, auc_ci_low, auc_ci_high,
+    balanced_accuracy, fields``, from ``info["scored_against_labels"]`` and
+    ``info["classical_scored_against_labels"]`` (:func:`labelled_metrics`: the run's own and
+    unlabelled cells left out), with the accuracy of the call in the more and the less uncertain
+    half of the cells. Empty when the cells were not scored."""
+    rows = []
+    from cellstudy.learning.metrics import DISPLAY_NAMES
+
+    net = res.info.get("network")
+    items = [(f"{DISPLAY_NAMES.get(net, net)} (fold ensemble)", res.info.get("scored_against_labels"))]
+    items += [(f"{DISPLAY_NAMES.get(k, k)} (classical)", m)
+              for k, m in (res.info.get("classical_scored_against_labels") or {}).items()]
+    for name, m in items:
+        if m:
+            rows.append({"model": name, "cells": m["n_cells"], "fields": m["n_fields"], "auc": m["auc"],
+                         "auc_ci_low": m["auc_ci_low"], "auc_ci_high": m["auc_ci_high"],
+                         "balanced_accuracy": m["balanced_accuracy"],
+                         "accuracy_uncertain_half": m.get("accuracy_uncertain_half"),
+                         "accuracy_certain_half": m.get("accuracy_certain_half")})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
 def short_id(cell_id: str, width: int = 18) -> str:
     """A cell id short enough for a gallery title: its last path part, middle elided."""
     s = str(cell_id).rsplit("/", 1)[-1]
@@ -469,8 +562,7 @@ def write(res: Prediction, out: str | Path) -> None:
     from cellstudy.explain.figures import overlay
 
     for kind, idx in res.gallery.items():
-        what = kind.replace("_", " ").replace("confident", "most confident")
-        what = "most uncertain" if kind == "uncertain" else what
+        what = gallery_title(kind, (res.info.get("galleries") or {}).get(kind))
         titles = [f"{short_id(t.loc[i, 'cell_id'])}\np(abnormal)={t.loc[i, 'p_abnormal']:.2f}" for i in idx]
         fig = figures.cell_gallery(res.images[idx], titles, title=what)
         atomic.write(out / f"gallery_{kind}.png", lambda f, fig=fig: fig.savefig(f, format="png", dpi=100))

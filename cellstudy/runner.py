@@ -731,6 +731,22 @@ def run_study(
                              f"screenshots in {run.screenshots}): " + "; ".join(rep["problems"][:10])
                              + (f"; and {more} more" if more > 0 else ""))
     update_status(run_dir, state="complete", finished=provenance.now(), **fields)
+    echo_findings(run.root, echo)
     if build:
         echo(f"\nThe book: {(run.root / fields['book']).resolve()}")   # the index is relative to the run folder
     return run_dir
+
+
+def echo_findings(run_dir: Path, echo: Callable[[str], None] = print) -> None:
+    """The run's findings in a few lines (``report.findings.console_summary``), at the end of a
+    finished run; a summary that cannot be read is said, not raised (the run is complete)."""
+    from cellstudy.report.findings import console_summary
+
+    try:
+        lines = console_summary(run_dir)
+    except Exception as e:   # noqa: BLE001 - the run and its book are done; say what failed
+        lines = [f"(the findings summary could not be read: {type(e).__name__}: {e}; the book's findings page has them)"]
+    if lines:
+        echo("")
+        for line in lines:
+            echo(line)

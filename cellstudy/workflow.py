@@ -676,6 +676,7 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
             report.unlink()   # rebuilt and checked again on the next run
             raise WorkflowError(f"the book of run {rd} failed the browser check: " + "; ".join(problems[:10]))
         _set_state(rd, "complete")
+        runner.echo_findings(rd, echo)
     return rd
 
 

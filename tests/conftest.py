@@ -43,8 +43,16 @@ def ci_run(tmp_path_factory, shared_data) -> Path:
     from cellstudy import config, runner
 
     runs = tmp_path_factory.mktemp("runs")
-    return runner.run_study(config.REPO_ROOT / "configs" / "ci.yaml", runs_dir=runs, data_root=str(shared_data),
-                            log_output=False, echo=print)
+    said: list[str] = []
+
+    def echo(line: str) -> None:   # the terminal's lines, kept in runs/console.txt for the tests
+        print(line)
+        said.append(line)
+
+    rd = runner.run_study(config.REPO_ROOT / "configs" / "ci.yaml", runs_dir=runs, data_root=str(shared_data),
+                          log_output=False, echo=echo)
+    (runs / "console.txt").write_text("\n".join(said) + "\n")
+    return rd
 
 
 def backbone_weights_file(folder: Path, backbone: str = "cnn3", size: int = 32, seed: int = 1):

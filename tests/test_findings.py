@@ -1,3 +1,4 @@
+import json
 import re
 
 import numpy as np
@@ -254,3 +255,35 @@ def test_book_tables_are_not_cut():
     for p in notebooks:
         code = "\n".join("".join(c["source"]) for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "code")
         assert re.search(r"^book_table_options\(\)", code, re.M), f"{p.name} does not call book_table_options()"
+
+
+def test_console_summary_says_what_the_run_found(tmp_path):
+    run = _fake_run(tmp_path)
+    lines = findings.console_summary(run)
+    text = "\n".join(lines)
+    v = pd.read_csv(run / "07_results" / "verdicts_long.csv").set_index("network")
+    mhl = v.loc["mhl"]
+    assert f"MHL:       MHL {mhl['mean']:.3f} ({mhl['ci_low']:.3f}-{mhl['ci_high']:.3f})" in text
+    assert "Classical: Random forest" in text
+    assert "DL:        VGG16 0.500" in text and "not above chance" in lines[1]
+    assert "learning target (each family's best >= 0.90): met by MHL; not by DL" in text
+    assert "against the classical baseline (Random forest): no network better" in text
+    assert "training: 1 of 2 networks on their training plateau in every fold; no test fold given one class" in text
+    assert "unseen fields (560 cells the cohort never uses): best network ensemble MHL 0.912, best classical " \
+           "Random forest 0.977" in text
+    assert "11_predict" not in text                      # the step did not run
+    # the prediction step ran without a prediction set (an own cohort with no unseen fields): said, with the command
+    (run / "notebooks").mkdir()
+    (run / "notebooks" / "11_predict.ipynb").write_text("{}")
+    assert f"11_predict: no new cells predicted (the cohort has no fields it never uses); apply the run to your own " \
+           f"cells with: cellstudy predict {run.resolve()}" in "\n".join(findings.console_summary(run))
+    # it predicted labelled new cells: their score
+    pj = run / "11_predict" / "predictions"
+    pj.mkdir(parents=True)
+    (pj / "prediction.json").write_text(json.dumps({
+        "n_cells": 560, "cells": "bbbc021-unseen", "network": "mhl", "not_scored_why": None,
+        "scored_against_labels": {"auc": 0.93, "auc_ci_low": 0.9, "auc_ci_high": 0.96}}))
+    assert "11_predict: 560 cells of bbbc021-unseen predicted by MHL; AUC 0.930 (0.900-0.960) against their classes" \
+        in findings.console_summary(run)[-1]
+    (run / "07_results" / "verdicts_long.csv").unlink()
+    assert findings.console_summary(run) == []          # no results chapter: nothing to say

@@ -150,6 +150,9 @@ def test_labelled_metrics_leave_out_the_runs_own_and_unlabelled_cells():
     assert m["auc"] == pytest.approx(5 / 6)                  # 0.3 ranks below 0.4 once of 6 pairs
     assert m["balanced_accuracy"] == pytest.approx((1 + 2 / 3) / 2)
     assert m["auc_ci_low"] <= m["auc"] <= m["auc_ci_high"]
+    # margin uncertainties of the 5 scored cells: 0.2, 0.8, 0.4, 0.6, 0.2 (median 0.4): the more
+    # uncertain half (0.8, 0.4, 0.6: cells 2, 3, 4 -> right, right, wrong) and the rest (cells 1, 5: right)
+    assert m["accuracy_uncertain_half"] == pytest.approx(2 / 3) and m["accuracy_certain_half"] == 1.0
     # an exact 0.5 is called as the ensemble calls it (argmax: normal), as Classifier_Class
     m2, _ = P.labelled_metrics(np.array([0, 1]), np.array([[0.5, 0.5], [0.2, 0.8]]), np.zeros(2, bool),
                                np.array(["a", "b"]))
@@ -167,6 +170,31 @@ def test_gallery_cells():
     g = P.gallery_cells(p, n=2)
     assert g["confident_normal"].tolist() == [0, 2] and g["confident_abnormal"].tolist() == [3, 1]
     assert g["uncertain"].tolist() == [4, 2]
+    r = P.gallery_ranges(p, g)
+    assert r["confident_abnormal"] == {"cells": 2, "class": "abnormal", "p_min": 0.8, "p_max": 0.95, "confident": True}
+    assert r["uncertain"]["class"] is None and (r["uncertain"]["p_min"], r["uncertain"]["p_max"]) == (0.45, 0.5)
+    assert P.gallery_title("confident_abnormal", r["confident_abnormal"]) == \
+        "most confident abnormal calls (p(abnormal) 0.80-0.95)"
+    # no abnormal call reaches CONFIDENT_P: the title says so, not "most confident" alone
+    q = np.array([[0.9, 0.1], [0.48, 0.52], [0.45, 0.55]])
+    rq = P.gallery_ranges(q, P.gallery_cells(q, n=8))
+    assert rq["confident_abnormal"]["confident"] is False and rq["confident_normal"]["confident"] is True
+    assert P.gallery_title("confident_abnormal", rq["confident_abnormal"]) == \
+        "most confident abnormal calls (p(abnormal) 0.52-0.55; none reaches 0.75: no confident call)"
+    assert P.gallery_title("uncertain", None) == "most uncertain cells"
+
+
+def test_summary_table_rows_are_the_scored_models():
+    m = {"n_cells": 40, "n_fields": 4, "auc": 0.9, "auc_ci_low": 0.8, "auc_ci_high": 0.97, "balanced_accuracy": 0.85,
+         "accuracy_uncertain_half": 0.7, "accuracy_certain_half": 1.0}
+    res = P.Prediction(table=pd.DataFrame(), fold_probas={}, mc=None,
+                       info={"network": "mhl", "scored_against_labels": m,
+                             "classical_scored_against_labels": {"rf": dict(m, auc=0.95), "logreg": None}})
+    t = P.summary_table(res)
+    assert t["model"].tolist() == ["MHL (fold ensemble)", "Random forest (classical)"]
+    assert t["auc"].tolist() == [0.9, 0.95] and list(t.columns) == P.SUMMARY_COLUMNS
+    res.info.update(scored_against_labels=None, classical_scored_against_labels=None)
+    assert P.summary_table(res).empty
 
 
 @pytest.mark.slow

@@ -70,3 +70,21 @@ def test_the_prediction_chapter_predicts_the_unseen_fields(ci_run):
     assert set(t["Classifier_Class"]) <= {"normal", "abnormal"} and t["mc_sd"].notna().all()
     auc = roc_auc_score(t["label"], t["p_abnormal"])
     assert 0.0 <= auc <= 1.0 and {"p_abnormal_rf", "p_abnormal_logreg"} <= set(t.columns)
+    # scored against the cells' own classes, the network beside the classical models, in the chapter too
+    m = info["scored_against_labels"]
+    assert m["n_cells"] == 560 and abs(m["auc"] - auc) < 1e-9
+    assert set(info["classical_scored_against_labels"]) == {"rf", "logreg"}
+    page = (ci_run / "book" / "_build" / "html" / "11_predict.html").read_text()
+    assert "Against the cells" in page and f"{m['auc']:.3f}" in page and "Random forest (classical)" in page
+    for kind, g in info["galleries"].items():   # each gallery's caption states its probabilities
+        assert f"{g['p_min']:.2f}-{g['p_max']:.2f}" in page, kind
+
+
+def test_the_terminal_says_what_the_run_found(ci_run):
+    said = (ci_run.parent / "console.txt").read_text()
+    info = json.loads((ci_run / "11_predict" / "predictions" / "prediction.json").read_text())
+    assert "What this run found (long regime" in said and "learning target (each family's best >= 0.90)" in said
+    assert "against the classical baseline" in said and "unseen fields (560 cells" in said
+    assert "11_predict: 560 cells of bbbc021-unseen predicted by" in said
+    assert f"AUC {info['scored_against_labels']['auc']:.3f}" in said
+    assert said.index("What this run found") < said.index("The book: ")

@@ -542,3 +542,67 @@ def write_findings_page(run_dir: str | Path, book_dir: str | Path) -> Path:
     p.write_text(page["markdown"])
     (book / "findings_numbers.json").write_text(json.dumps({k: list(v) for k, v in page["numbers"].items()}, indent=1))
     return p
+
+
+def console_summary(run_dir: str | Path) -> list[str]:
+    """What a finished run found, in a few plain lines for the terminal at the end of ``cellstudy
+    run`` / ``cellstudy workflow`` (the findings page, in the book, says it in full): the best model
+    of each family with its long-regime AUC and 95% CI, the learning target, the networks against
+    the classical baseline, the training plateau, the unseen fields, and what the prediction step
+    did (or why it predicted nothing). Empty when the run has no results chapter
+    (``07_results/verdicts_long.csv``)."""
+    import json
+
+    layout = rundir.Run(run_dir)
+    run = layout.root
+    v = _read(run / "07_results" / "verdicts_long.csv")
+    if v is None or v.empty:
+        return []
+    out = ["What this run found (long regime, AUC-ROC: fold mean, 95% CI; the book's findings page has the rest):"]
+    best = best_per_family(v)
+    width = max(len(str(f)) for f in best["family"])
+    for r in best.itertuples():
+        out.append(f"  {str(r.family) + ':':<{width + 1}} {r.display} {r.mean:.3f} ({r.ci_low:.3f}-{r.ci_high:.3f})"
+                   + ("" if r.beats_chance else ", not above chance"))
+    fam = best[best["family"] != CLASSICAL]
+    if len(fam):
+        met = fam[fam["mean"] >= LEARNING_TARGET_AUC]
+        short = fam[fam["mean"] < LEARNING_TARGET_AUC]
+        out.append(f"  learning target (each family's best >= {LEARNING_TARGET_AUC:.2f}): "
+                   + (f"met by {', '.join(met['family'])}" if len(met) else "met by no family")
+                   + (f"; not by {', '.join(short['family'])}" if len(short) else ""))
+    c = summary_counts(v)
+    base = v["baseline"].dropna().iloc[0] if "baseline" in v and v["baseline"].notna().any() else None
+    if base is not None:
+        out.append(f"  against the classical baseline ({DISPLAY_NAMES.get(base, base)}): "
+                   + (f"{c['better']} network(s) better" if c["better"] else "no network better")
+                   + f", {c['worse']} worse, {c['indistinguishable']} not distinguishable (corrected paired t-test, Holm)")
+    conv = _read(run / "07_results" / "convergence.csv")
+    one = _read(run / "07_results" / "one_class_folds.csv")
+    if conv is not None and len(conv):
+        out.append(f"  training: {int(conv['converged'].astype(bool).sum())} of {len(conv)} networks on their "
+                   "training plateau in every fold; "
+                   + (f"{len(one)} (network, fold) pair(s) gave a whole test fold one class" if one is not None and len(one)
+                      else "no test fold given one class"))
+    ext = _read(run / "07_results" / "external_metrics.csv")
+    if ext is not None and len(ext):
+        parts = []
+        for label, part in (("best network ensemble", ext[ext["family"] != CLASSICAL]),
+                            ("best classical", ext[ext["family"] == CLASSICAL])):
+            if len(part):
+                r = part.loc[part["auc"].idxmax()]
+                parts.append(f"{label} {DISPLAY_NAMES.get(r['network'], r['network'])} {r['auc']:.3f}")
+        out.append(f"  unseen fields ({int(ext['n_cells'].max())} cells the cohort never uses): " + ", ".join(parts))
+    if layout.executed("11_predict").is_file():
+        pj = layout.step("11_predict", create=False) / "predictions" / "prediction.json"
+        if pj.is_file():
+            info = json.loads(pj.read_text())
+            m = info.get("scored_against_labels")
+            out.append(f"  11_predict: {info['n_cells']} cells of {Path(str(info['cells'])).name} predicted by "
+                       f"{DISPLAY_NAMES.get(info['network'], info['network'])}"
+                       + (f"; AUC {m['auc']:.3f} ({m['auc_ci_low']:.3f}-{m['auc_ci_high']:.3f}) against their classes"
+                          if m else (f"; {info['not_scored_why']}" if info.get("not_scored_why") else "")))
+        else:
+            out.append("  11_predict: no new cells predicted (the cohort has no fields it never uses); apply the "
+                       f"run to your own cells with: cellstudy predict {run} CELLS.csv -o OUT")
+    return out
