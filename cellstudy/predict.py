@@ -541,6 +541,20 @@ def summary_table(res: Prediction) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
+def summary_for_reading(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`summary_table` as a reader sees it in the book: one row per model (the index), AUC
+    with its 95% CI in one column, three decimals, accuracies as percentages (the cell and field
+    counts, the same for every model, are said in the text above it)."""
+    out = pd.DataFrame(index=pd.Index(table["model"], name="model"))
+    out["AUC (95% CI)"] = [f"{a:.3f} ({lo:.3f}-{hi:.3f})" for a, lo, hi in
+                           zip(table["auc"], table["auc_ci_low"], table["auc_ci_high"])]
+    out["balanced accuracy"] = [f"{x:.3f}" for x in table["balanced_accuracy"]]
+    for col, name in (("accuracy_certain_half", "right, more certain half"),
+                      ("accuracy_uncertain_half", "right, more uncertain half")):
+        out[name] = ["" if x is None or not np.isfinite(x) else f"{x:.0%}" for x in table[col]]
+    return out
+
+
 def short_id(cell_id: str, width: int = 18) -> str:
     """A cell id short enough for a gallery title: its last path part, middle elided."""
     s = str(cell_id).rsplit("/", 1)[-1]

@@ -272,6 +272,11 @@ def test_console_summary_says_what_the_run_found(tmp_path):
     assert "unseen fields (560 cells the cohort never uses): best network ensemble MHL 0.912, best classical " \
            "Random forest 0.977" in text
     assert "11_predict" not in text                      # the step did not run
+    assert "not conclusive" not in text                   # the default scale
+    (run / "study.yaml").write_text("cohort: toy\nscale: quick\n")
+    assert "This run is the 'quick' scale" in findings.console_summary(run)[1] and \
+        "its numbers are not conclusive" in findings.console_summary(run)[1]
+    (run / "study.yaml").write_text("cohort: toy\nscale: cpu\n")
     # the prediction step ran without a prediction set (an own cohort with no unseen fields): said, with the command
     (run / "notebooks").mkdir()
     (run / "notebooks" / "11_predict.ipynb").write_text("{}")

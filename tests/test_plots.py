@@ -152,3 +152,17 @@ def test_no_pyplot_figures_left_open():
     before = len(plt.get_fignums())
     P.roc_curves(synthetic_predictions(networks=("vgg16",), regimes=("short",)))
     assert len(plt.get_fignums()) == before
+
+
+def test_a_long_gallery_title_is_wrapped_not_cut():
+    from cellstudy.report.figures import cell_gallery
+
+    imgs = np.zeros((2, 8, 8, 3))
+    long = ("most confident normal calls (p(normal) 0.66-0.69; none reaches 0.75: no confident call): "
+            "Grad-CAM of the call (mean over the fold models)")
+    fig = cell_gallery(imgs, ["a", "b"], title=long)
+    shown = fig._suptitle.get_text()
+    assert shown.replace("\n", " ") == long and shown.count("\n") >= 1
+    assert all(len(line) <= 88 for line in shown.splitlines())          # 4 columns of 2 inches
+    assert fig.get_figheight() > cell_gallery(imgs, ["a", "b"], title="short").get_figheight()
+    assert cell_gallery(imgs, ["a", "b"], title="short")._suptitle.get_text() == "short"

@@ -193,6 +193,11 @@ def test_summary_table_rows_are_the_scored_models():
     t = P.summary_table(res)
     assert t["model"].tolist() == ["MHL (fold ensemble)", "Random forest (classical)"]
     assert t["auc"].tolist() == [0.9, 0.95] and list(t.columns) == P.SUMMARY_COLUMNS
+    shown = P.summary_for_reading(t)
+    assert shown.loc["MHL (fold ensemble)", "AUC (95% CI)"] == "0.900 (0.800-0.970)"
+    assert shown.loc["Random forest (classical)", "right, more uncertain half"] == "70%"
+    assert list(shown.columns) == ["AUC (95% CI)", "balanced accuracy", "right, more certain half",
+                                   "right, more uncertain half"]
     res.info.update(scored_against_labels=None, classical_scored_against_labels=None)
     assert P.summary_table(res).empty
 

@@ -76,7 +76,11 @@ def cell_gallery(images: np.ndarray, titles: Sequence[str], title: str | None = 
                          f"and {len(titles)} titles")
     ncols = min(ncols, len(images))
     nrows = -(-len(images) // ncols)
-    fig = Figure(figsize=(2.0 * ncols, 2.3 * nrows + (0.3 if title else 0)), layout="constrained")
+    if title:   # wrapped to the figure's width (about 11 characters an inch at 10 pt), not cut at its edges
+        import textwrap
+        title = textwrap.fill(str(title), width=int(11 * 2.0 * ncols))
+    n_title_lines = title.count("\n") + 1 if title else 0
+    fig = Figure(figsize=(2.0 * ncols, 2.3 * nrows + 0.3 * n_title_lines), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for i, ax in enumerate(axes.ravel()):
         ax.set_xticks([])

@@ -558,7 +558,14 @@ def console_summary(run_dir: str | Path) -> list[str]:
     v = _read(run / "07_results" / "verdicts_long.csv")
     if v is None or v.empty:
         return []
+    import yaml
+
     out = ["What this run found (long regime, AUC-ROC: fold mean, 95% CI; the book's findings page has the rest):"]
+    cfg = yaml.safe_load(layout.study_config.read_text()) if layout.study_config.is_file() else {}
+    scale = (cfg or {}).get("scale", "?")
+    look = config.not_conclusive_note(scale, _run_scale(run, scale))
+    if look:
+        out.append("  " + look.replace("**", "").replace("`", "'"))
     best = best_per_family(v)
     width = max(len(str(f)) for f in best["family"])
     for r in best.itertuples():
