@@ -121,7 +121,12 @@ def _test_package(a: argparse.Namespace) -> int:
     from cellstudy.export import test_package
 
     summary = test_package(a.package)
-    print(summary.format())
+    if a.full or summary.status != "passed":   # the whole report when asked, or when a check failed
+        print(summary.format())
+    else:
+        from cellstudy.export import short_report
+        print(short_report(summary, a.package))
+        print("(bioimageio's full report, with its recommended conda environment: --full)")
     print(f"test-package: {a.package}: {summary.status}")
     return 0 if summary.status == "passed" else 1
 
@@ -202,6 +207,11 @@ _NOISE = re.compile(r"(\[\w+\] )?((Executing|Ending) Cell|(Input|Output) Noteboo
 def is_noise(message: str) -> bool:
     """Whether a log line is papermill bookkeeping that the terminal does not show."""
     return bool(_NOISE.match(message))
+
+
+#: The commands that load TensorFlow in this process (the others start it in their jobs, or not at all).
+TF_COMMANDS = {"predict", "export", "test-package", "pretrain", "train-network", "replicate", "train-fold",
+               "explain-fold"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     tp = sub.add_parser("test-package", help="bioimageio's test of a package cellstudy export wrote, with "
                         "cellstudy's layers loaded (the ViT and RGB packages need them)")
     tp.add_argument("package", help="the package, e.g. vit.zip")
+    tp.add_argument("--full", action="store_true", help="print bioimageio's whole report (its recommended conda "
+                    "environment, the tolerances); a failed test prints it anyway")
     tp.set_defaults(func=_test_package)
     wt = sub.add_parser("weights", help="fetch Keras's published ImageNet weights (online machines only) and "
                         "print the study config's weights block")
@@ -378,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         h.addFilter(lambda r: not is_noise(str(r.getMessage())))
     for noisy in ("traitlets", "asyncio", "blib2to3", "nbclient"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if a.cmd in TF_COMMANDS:   # without the two lines TensorFlow writes before its logging is set up
+        from cellstudy import tf_import
+        tf_import.import_quietly()
     try:
         return a.func(a)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:

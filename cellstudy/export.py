@@ -133,6 +133,27 @@ def test_package(path: str | os.PathLike):
             keras.utils.enable_interactive_logging()
 
 
+def short_report(summary, source: str | os.PathLike = "") -> str:
+    """bioimageio's validation summary (:func:`test_package`) in a few lines: the result, then one
+    line per check (✔ passed, ✘ failed) with its errors in full and the first line of each
+    warning (a "note" below logging's WARNING level, 30). ``summary.format()`` is the full report (conda environments, the tolerances)."""
+    def where(loc) -> str:
+        return ".".join(str(x) for x in loc) if loc else ""
+
+    n = len(summary.details)
+    lines = [f"bioimageio test of {source or summary.source_name}: {summary.status} ({n} check{'s' * (n != 1)}, "
+             f"format {summary.type} {summary.format_version})"]
+    for d in summary.details:
+        lines.append(f"  {'✔' if d.status == 'passed' else '✘'} {d.name}")
+        for e in d.errors:
+            lines.append(f"      error {where(e.loc)}: {e.msg}")
+        for w in d.warnings:
+            first = str(w.msg).strip().splitlines()[0] if str(w.msg).strip() else ""
+            kind = "note" if int(getattr(w, "severity", 30) or 30) < 30 else "warning"   # logging's levels
+            lines.append(f"      {kind} {where(w.loc)}: {first}")
+    return "\n".join(lines)
+
+
 def export(run_dir: str | os.PathLike, network: str, out: str | os.PathLike, *, fold: int | None = None,
            regime: str = "long", license: str = "CC-BY-NC-SA-4.0", authors: tuple[str, ...] = ("cellstudy",),
            force: bool = False, test: bool = True, echo: Callable[[str], None] = print) -> Path:

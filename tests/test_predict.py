@@ -328,5 +328,33 @@ def test_a_vit_package_is_tested_with_cellstudys_layers(shared_data, tmp_path):
     assert r.returncode == 0 and f"test-package: {pkg}: passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     # quiet: no Keras progress bars from bioimageio's predict() calls, no TensorFlow CPU-feature lines
     assert "ms/step" not in r.stdout + r.stderr and "cpu_feature_guard" not in r.stderr, r.stdout + r.stderr
+    # the short report (one line a check; no conda environment), and no absl / oneDNN lines before it
+    assert f"bioimageio test of {pkg}: passed" in r.stdout and "  ✔ Reproduce test outputs" in r.stdout
+    assert "Conda Environment" not in r.stdout and "absl::InitializeLog" not in r.stderr, r.stdout + r.stderr
+    assert "oneDNN custom operations" not in r.stderr
+    r = subprocess.run([str(exe), "test-package", str(pkg), "--full"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "Recommended Conda Environment" in r.stdout
     r = subprocess.run([str(exe), "test-package", str(tmp_path / "absent.zip")], capture_output=True, text=True)
     assert r.returncode != 0 and "absent.zip does not exist" in r.stderr
+
+
+def test_short_report_of_a_bioimageio_summary():
+    from types import SimpleNamespace as NS
+
+    from cellstudy import export
+
+    detail = lambda name, status, errors=(), warnings=(): NS(name=name, status=status, errors=list(errors),
+                                                             warnings=list(warnings))
+    summary = NS(status="failed", source_name="x.zip", type="model", format_version="0.5.12", details=[
+        detail("Successfully created `ModelDescr` instance.", "passed",
+               warnings=[NS(loc=("outputs", 0, "sample_tensor"), msg="Needs to be filled", severity=35)]),
+        detail("Reproduce test outputs", "failed", errors=[NS(loc=("weights", "keras_v3"), msg="differ by 0.2")],
+               warnings=[NS(loc=("weights", "keras_v3"), msg="agree?\nsecond line", severity=20)])])
+    text = export.short_report(summary, "pkg.zip")
+    assert text.splitlines() == [
+        "bioimageio test of pkg.zip: failed (2 checks, format model 0.5.12)",
+        "  ✔ Successfully created `ModelDescr` instance.",
+        "      warning outputs.0.sample_tensor: Needs to be filled",
+        "  ✘ Reproduce test outputs",
+        "      error weights.keras_v3: differ by 0.2",
+        "      note weights.keras_v3: agree?"]

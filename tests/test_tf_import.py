@@ -1,0 +1,49 @@
+"""cellstudy.tf_import: TensorFlow's two pre-logging lines are kept off stderr, nothing else."""
+import os
+import subprocess
+import sys
+import textwrap
+
+from cellstudy import tf_import
+
+FAKE_TF = textwrap.dedent('''
+    import os
+    os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
+    os.write(2, b"I0000 00:00:1.2   99 port.cc:153] oneDNN custom operations are on. You may see ...\\n")
+    os.write(2, b"E0000 something TensorFlow wants you to see\\n")
+    if os.environ.get("FAKE_TF_FAILS"):
+        raise ImportError("fake tensorflow cannot load")
+''')
+SCRIPT = ("import sys\nfrom cellstudy import tf_import\ntf_import.import_quietly()\n"
+          "print('after', file=sys.stderr)\n")
+
+
+def _run(tmp_path, **env):
+    pkg = tmp_path / "fake" / "tensorflow"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(FAKE_TF)
+    e = {**os.environ, "PYTHONPATH": f"{tmp_path / 'fake'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env}
+    e.pop("TF_CPP_MIN_LOG_LEVEL", None) if "TF_CPP_MIN_LOG_LEVEL" not in env else None
+    return subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=e, timeout=120)
+
+
+def test_the_two_lines_are_dropped_and_the_rest_passed_on(tmp_path):
+    r = _run(tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "absl::InitializeLog" not in r.stderr and "oneDNN custom operations" not in r.stderr
+    assert "E0000 something TensorFlow wants you to see" in r.stderr
+    assert r.stderr.rstrip().endswith("after")               # stderr is the terminal's again
+    # TF_CPP_MIN_LOG_LEVEL=0: show everything
+    r = _run(tmp_path, TF_CPP_MIN_LOG_LEVEL="0")
+    assert "absl::InitializeLog" in r.stderr and "oneDNN custom operations" in r.stderr
+
+
+def test_an_import_error_is_raised_with_what_tensorflow_wrote(tmp_path):
+    r = _run(tmp_path, FAKE_TF_FAILS="1")
+    assert r.returncode == 1 and "ImportError: fake tensorflow cannot load" in r.stderr
+    assert "E0000 something TensorFlow wants you to see" in r.stderr and "oneDNN" not in r.stderr
+
+
+def test_is_noise():
+    assert tf_import.is_noise("I0000 00:00:1796644298.537130   28418 port.cc:153] oneDNN custom operations are on.")
+    assert not tf_import.is_noise("E0000 oneDNN failed")
