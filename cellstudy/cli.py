@@ -211,7 +211,7 @@ def is_noise(message: str) -> bool:
 
 #: The commands that load TensorFlow in this process (the others start it in their jobs, or not at all).
 TF_COMMANDS = {"predict", "export", "test-package", "pretrain", "train-network", "replicate", "train-fold",
-               "explain-fold"}
+               "explain-fold", "weights"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ cohort's (the classical features and the preprocessing assume it).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,8 +143,9 @@ def labelled_metrics(labels: np.ndarray, proba: np.ndarray, own: np.ndarray, gro
     (their calls test nothing); ``groups`` (N,) their fields. Scored on the labelled cells that are
     not the run's own, with ``report.external.score`` (AUC with a field-bootstrap 95% CI, balanced
     accuracy of the ensemble's call): ``n_cells, n_normal, n_abnormal, n_run_cells_left_out,
-    n_unlabelled_left_out``, ``accuracy_uncertain_half`` / ``accuracy_certain_half`` (accuracy of
-    the call on the cells at or above / below the median margin uncertainty) and its fields. None with the reason when fewer than one cell of each
+    n_unlabelled_left_out``, and for the more and the less uncertain half of the cells (by rank of
+    the margin uncertainty: the n // 2 most uncertain, and the rest) ``n_<half>``, ``wrong_<half>``
+    (wrong calls) and ``accuracy_<half>``, ``<half>`` = ``uncertain_half`` / ``certain_half``. None with the reason when fewer than one cell of each
     class is left, or when the cells' class names (``names``, from their manifest) differ from the
     run's (``run_names``): label 1 would then not be the run's abnormal class."""
     y = np.asarray(labels).astype(int)
@@ -163,13 +165,17 @@ def labelled_metrics(labels: np.ndarray, proba: np.ndarray, own: np.ndarray, gro
     yk = y[keep]
     m.update(n_normal=int((yk == 0).sum()), n_abnormal=int((yk == 1).sum()),
              n_run_cells_left_out=int((own & (y >= 0)).sum()), n_unlabelled_left_out=int((y < 0).sum()))
-    # is the uncertainty worth reading? accuracy of the call in the more and the less uncertain half
+    # is the uncertainty worth reading? the calls in the more and the less uncertain half, split by
+    # rank (the n // 2 most uncertain cells; ties at the split divided by the cells' order)
     pk = np.asarray(proba, dtype=float)[keep]
     mu = margin_uncertainty(pk)
     right = pk.argmax(axis=1) == yk
-    upper = mu >= np.median(mu)
-    m.update(accuracy_uncertain_half=float(right[upper].mean()),
-             accuracy_certain_half=float(right[~upper].mean()) if (~upper).any() else float("nan"))
+    upper = np.zeros(len(mu), bool)
+    upper[np.argsort(-mu, kind="stable")[: len(mu) // 2]] = True
+    for name, part in (("uncertain_half", upper), ("certain_half", ~upper)):
+        m[f"n_{name}"] = int(part.sum())
+        m[f"wrong_{name}"] = int((~right[part]).sum())
+        m[f"accuracy_{name}"] = float(right[part].mean()) if part.any() else None
     return m, ""
 
 
@@ -403,11 +409,15 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
                      "detail": f"{'the run cohort ' + repr(st['cohort']) if not ref_stains else str(cells)} "
                                "names no stains (manifest column stains; cellstudy manifest --stains), so "
                                "whether the cells are stained as the models learned was not checked"})
+    for name in config.CLASS_NAMES:
+        if f"confident_{name}" not in galleries and len(coh):
+            said.append({"network": network, "fold": None, "status": "no call of a class",
+                         "detail": f"no cell is called {name}: there is no gallery of {name} calls"})
     for kind, g in galleries.items():
         if g.get("confident") is False:
             said.append({"network": network, "fold": None, "status": "no confident call",
                          "detail": f"no cell is called {g['class']} with p >= {CONFIDENT_P:.2f} (the highest: "
-                                   f"{g['p_max']:.2f}): the gallery of the most confident {g['class']} calls shows "
+                                   f"{math.floor(g['p_max'] * 100) / 100:.2f}): the gallery of the most confident {g['class']} calls shows "
                                    "uncertain calls"})
     for n in said:
         echo(f"predict: note: {n['detail']}")
@@ -507,7 +517,10 @@ def gallery_title(kind: str, info: dict[str, Any] | None) -> str:
     if not info:
         return what
     cls = info.get("class") or "abnormal"
-    rng = f"p({cls}) {info['p_min']:.2f}-{info['p_max']:.2f}"
+    hi = info["p_max"]
+    if info.get("confident") is False:   # shown rounded down: 0.7496 is not "0.75"
+        hi = math.floor(hi * 100) / 100
+    rng = f"p({cls}) {info['p_min']:.2f}-{hi:.2f}"
     if info.get("confident") is False:
         rng += f"; none reaches {CONFIDENT_P:.2f}: no confident call"
     return f"{what} ({rng})"
@@ -533,9 +546,9 @@ def summary_table(res: Prediction) -> pd.DataFrame:
               for k, m in (res.info.get("classical_scored_against_labels") or {}).items()]
     for name, m in items:
         if m:
-            rows.append({"model": name, "cells": m["n_cells"], "fields": m["n_fields"], "auc": m["auc"],
-                         "auc_ci_low": m["auc_ci_low"], "auc_ci_high": m["auc_ci_high"],
-                         "balanced_accuracy": m["balanced_accuracy"],
+            rows.append({"model": name, "cells": m.get("n_cells"), "fields": m.get("n_fields"), "auc": m.get("auc"),
+                         "auc_ci_low": m.get("auc_ci_low"), "auc_ci_high": m.get("auc_ci_high"),
+                         "balanced_accuracy": m.get("balanced_accuracy"),
                          "accuracy_uncertain_half": m.get("accuracy_uncertain_half"),
                          "accuracy_certain_half": m.get("accuracy_certain_half")})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
@@ -546,12 +559,16 @@ def summary_for_reading(table: pd.DataFrame) -> pd.DataFrame:
     with its 95% CI in one column, three decimals, accuracies as percentages (the cell and field
     counts, the same for every model, are said in the text above it)."""
     out = pd.DataFrame(index=pd.Index(table["model"], name="model"))
-    out["AUC (95% CI)"] = [f"{a:.3f} ({lo:.3f}-{hi:.3f})" for a, lo, hi in
+    def num(x, fmt: str) -> str:
+        return "" if x is None or pd.isna(x) else format(float(x), fmt)
+
+    out["AUC (95% CI)"] = [f"{num(a, '.3f')} ({num(lo, '.3f')}-{num(hi, '.3f')})" if lo is not None and not pd.isna(lo)
+                           else num(a, ".3f") for a, lo, hi in
                            zip(table["auc"], table["auc_ci_low"], table["auc_ci_high"])]
-    out["balanced accuracy"] = [f"{x:.3f}" for x in table["balanced_accuracy"]]
+    out["balanced accuracy"] = [num(x, ".3f") for x in table["balanced_accuracy"]]
     for col, name in (("accuracy_certain_half", "right, more certain half"),
                       ("accuracy_uncertain_half", "right, more uncertain half")):
-        out[name] = ["" if x is None or not np.isfinite(x) else f"{x:.0%}" for x in table[col]]
+        out[name] = [num(x, ".0%") for x in table[col]]
     return out
 
 

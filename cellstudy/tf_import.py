@@ -25,6 +25,10 @@ NOISE = re.compile(r"(All log messages before absl::InitializeLog\(\) is called 
                    r"|port\.cc:\d+\] oneDNN custom operations are on)")
 
 
+#: Seconds the import waits for the reader to pass on what is left in the pipe.
+TIMEOUT = 10.0
+
+
 def is_noise(line: str) -> bool:
     """Whether a line TensorFlow writes while it loads is one of the two kept off the terminal."""
     return bool(NOISE.search(line))
@@ -39,16 +43,24 @@ def import_quietly() -> None:
     import cellstudy  # noqa: F401  (oneDNN's variable, before TensorFlow reads it)
 
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:   # no stderr (closed: 2>&-): nothing to keep quiet
+        import tensorflow  # noqa: F401
+        return
     read_end, write_end = os.pipe()
 
-    def forward() -> None:
-        with os.fdopen(read_end, "rb") as src:
-            for raw in src:
-                if not is_noise(raw.decode(errors="replace")):
-                    os.write(saved, raw)
+    def forward() -> None:   # owns `saved`: closes it when the pipe's last writer is gone
+        try:
+            with os.fdopen(read_end, "rb") as src:
+                for raw in src:
+                    if not is_noise(raw.decode(errors="replace")):
+                        os.write(saved, raw)
+        finally:
+            os.close(saved)
 
     reader = threading.Thread(target=forward, name="tf-import-stderr", daemon=True)
+    restore = os.dup(saved)   # stderr back on fd 2 after the import (the reader closes `saved`)
     reader.start()
     os.dup2(write_end, 2)
     os.close(write_end)
@@ -56,6 +68,8 @@ def import_quietly() -> None:
         import tensorflow  # noqa: F401
     finally:
         sys.stderr.flush()
-        os.dup2(saved, 2)   # the pipe's last writer is gone: the reader sees its end
-        reader.join(timeout=10)
-        os.close(saved)
+        os.dup2(restore, 2)   # the pipe's last writer in this process is gone: the reader sees its end
+        os.close(restore)
+        # a process TensorFlow started while it loaded may hold the pipe open; its lines still
+        # reach the terminal through the reader, which ends when that process closes it
+        reader.join(timeout=TIMEOUT)

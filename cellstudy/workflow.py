@@ -677,6 +677,9 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
             raise WorkflowError(f"the book of run {rd} failed the browser check: " + "; ".join(problems[:10]))
         _set_state(rd, "complete")
         runner.echo_findings(rd, echo)
+        index = json.loads(report.read_text()).get("index")
+        if index:
+            echo(f"\nThe book: {(rd / index).resolve()}")   # the index is relative to the run folder
     return rd
 
 

@@ -157,12 +157,14 @@ def test_no_pyplot_figures_left_open():
 def test_a_long_gallery_title_is_wrapped_not_cut():
     from cellstudy.report.figures import cell_gallery
 
-    imgs = np.zeros((2, 8, 8, 3))
+    imgs = np.zeros((4, 8, 8, 3))   # 4 columns of 2 inches: 88 characters a line
     long = ("most confident normal calls (p(normal) 0.66-0.69; none reaches 0.75: no confident call): "
             "Grad-CAM of the call (mean over the fold models)")
-    fig = cell_gallery(imgs, ["a", "b"], title=long)
+    fig = cell_gallery(imgs, list("abcd"), title=long)
     shown = fig._suptitle.get_text()
     assert shown.replace("\n", " ") == long and shown.count("\n") >= 1
-    assert all(len(line) <= 88 for line in shown.splitlines())          # 4 columns of 2 inches
-    assert fig.get_figheight() > cell_gallery(imgs, ["a", "b"], title="short").get_figheight()
-    assert cell_gallery(imgs, ["a", "b"], title="short")._suptitle.get_text() == "short"
+    assert all(len(line) <= 88 for line in shown.splitlines()) and len(shown.splitlines()[0]) > 60
+    assert fig.get_figheight() > cell_gallery(imgs, list("abcd"), title="short").get_figheight()
+    assert cell_gallery(imgs, list("abcd"), title="short")._suptitle.get_text() == "short"
+    two = cell_gallery(imgs[:2], ["a", "b"], title=long)._suptitle.get_text()   # 2 columns: 44 a line
+    assert all(len(line) <= 44 for line in two.splitlines())

@@ -150,9 +150,15 @@ def test_labelled_metrics_leave_out_the_runs_own_and_unlabelled_cells():
     assert m["auc"] == pytest.approx(5 / 6)                  # 0.3 ranks below 0.4 once of 6 pairs
     assert m["balanced_accuracy"] == pytest.approx((1 + 2 / 3) / 2)
     assert m["auc_ci_low"] <= m["auc"] <= m["auc_ci_high"]
-    # margin uncertainties of the 5 scored cells: 0.2, 0.8, 0.4, 0.6, 0.2 (median 0.4): the more
-    # uncertain half (0.8, 0.4, 0.6: cells 2, 3, 4 -> right, right, wrong) and the rest (cells 1, 5: right)
-    assert m["accuracy_uncertain_half"] == pytest.approx(2 / 3) and m["accuracy_certain_half"] == 1.0
+    # margin uncertainties of the 5 scored cells: 0.2, 0.8, 0.4, 0.6, 0.2: the more uncertain half by
+    # rank is the 2 most uncertain (0.8: right, 0.6: wrong), the rest the other 3 (all right)
+    assert (m["n_uncertain_half"], m["wrong_uncertain_half"], m["accuracy_uncertain_half"]) == (2, 1, 0.5)
+    assert (m["n_certain_half"], m["wrong_certain_half"], m["accuracy_certain_half"]) == (3, 0, 1.0)
+    # every cell equally uncertain (saturated calls): still two halves, no NaN (prediction.json is JSON)
+    sat, _ = P.labelled_metrics(np.array([0, 1, 0, 1]), np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]),
+                                np.zeros(4, bool), np.array(["a", "b", "c", "d"]))
+    assert (sat["n_uncertain_half"], sat["n_certain_half"]) == (2, 2)
+    assert json.loads(json.dumps(sat, allow_nan=False)) == sat
     # an exact 0.5 is called as the ensemble calls it (argmax: normal), as Classifier_Class
     m2, _ = P.labelled_metrics(np.array([0, 1]), np.array([[0.5, 0.5], [0.2, 0.8]]), np.zeros(2, bool),
                                np.array(["a", "b"]))
@@ -182,6 +188,10 @@ def test_gallery_cells():
     assert P.gallery_title("confident_abnormal", rq["confident_abnormal"]) == \
         "most confident abnormal calls (p(abnormal) 0.52-0.55; none reaches 0.75: no confident call)"
     assert P.gallery_title("uncertain", None) == "most uncertain cells"
+    # a best call of 0.7496 is not shown as 0.75 beside "none reaches 0.75"
+    assert P.gallery_title("confident_normal", {"class": "normal", "p_min": 0.6, "p_max": 0.7496,
+                                                "confident": False}).startswith(
+        "most confident normal calls (p(normal) 0.60-0.74; none reaches 0.75")
 
 
 def test_summary_table_rows_are_the_scored_models():
@@ -196,6 +206,10 @@ def test_summary_table_rows_are_the_scored_models():
     shown = P.summary_for_reading(t)
     assert shown.loc["MHL (fold ensemble)", "AUC (95% CI)"] == "0.900 (0.800-0.970)"
     assert shown.loc["Random forest (classical)", "right, more uncertain half"] == "70%"
+    # an older prediction.json (no CI, no halves) is shown with what it has
+    old = P.summary_table(P.Prediction(table=pd.DataFrame(), fold_probas={}, mc=None, info={
+        "network": "mhl", "scored_against_labels": {"n_cells": 10, "auc": 0.8, "balanced_accuracy": 0.7}}))
+    assert P.summary_for_reading(old).iloc[0].tolist() == ["0.800", "0.700", "", ""]
     assert list(shown.columns) == ["AUC (95% CI)", "balanced accuracy", "right, more certain half",
                                    "right, more uncertain half"]
     res.info.update(scored_against_labels=None, classical_scored_against_labels=None)

@@ -47,3 +47,37 @@ def test_an_import_error_is_raised_with_what_tensorflow_wrote(tmp_path):
 def test_is_noise():
     assert tf_import.is_noise("I0000 00:00:1796644298.537130   28418 port.cc:153] oneDNN custom operations are on.")
     assert not tf_import.is_noise("E0000 oneDNN failed")
+
+
+def test_a_child_holding_the_pipe_does_not_write_into_another_file(tmp_path):
+    # a process started while TensorFlow loads inherits fd 2 (the pipe) and writes after the import
+    # has returned: its line reaches stderr, not a file the program opened since
+    pkg = tmp_path / "fake" / "tensorflow"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(textwrap.dedent('''
+        import subprocess, sys
+        subprocess.Popen([sys.executable, "-c", "import time, os; time.sleep(1.5); os.write(2, b'child late line\\\\n')"])
+    '''))
+    script = SCRIPT.replace("tf_import.import_quietly()\n", "tf_import.TIMEOUT = 0\ntf_import.import_quietly()\n"
+                            "f = open(sys.argv[1], 'w')\nimport time; time.sleep(3)\nf.write('mine'); f.close()\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'fake'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    out = tmp_path / "other.txt"
+    r = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == "mine" and "child late line" in r.stderr
+
+
+def test_no_stderr_at_all(tmp_path):
+    r = _run_closed_stderr(tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "imported"
+
+
+def _run_closed_stderr(tmp_path):
+    pkg = tmp_path / "fake" / "tensorflow"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'fake'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    code = "import os, sys\nos.close(2)\nfrom cellstudy import tf_import\ntf_import.import_quietly()\nprint('imported')\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

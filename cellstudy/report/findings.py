@@ -205,6 +205,17 @@ LEARNING_TARGET_AUC = 0.90
 STAIN_NAMES = {"third": "the third stain (tubulin)", "actin": "F-actin", "dna": "DNA", "shape": "cell / nucleus shape"}
 
 
+def learning_target(best: pd.DataFrame, target: float = LEARNING_TARGET_AUC
+                    ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``(met, short, inside)`` of the best network of each family (rows of :func:`best_per_family`
+    of the networks): those whose fold mean reaches ``target``, those below it, and those whose 95%
+    CI contains it (the folds cannot tell them from the target)."""
+    met = best[best["mean"] >= target]
+    short = best[best["mean"] < target]
+    inside = best[(best["ci_low"] <= target) & (best["ci_high"] >= target)]
+    return met, short, inside
+
+
 def _read(path: Path) -> pd.DataFrame | None:
     try:
         return pd.read_csv(path) if path.is_file() else None
@@ -285,8 +296,7 @@ def findings_page(run_dir: str | Path) -> dict:
     md.append("")
     fam = best_per_family(nets) if len(nets) else nets
     if len(fam):
-        met = fam[fam["mean"] >= LEARNING_TARGET_AUC]
-        short = fam[fam["mean"] < LEARNING_TARGET_AUC]
+        met, short, inside = learning_target(fam)
         num["families_at_target"] = (int(len(met)), "verdicts_long.csv:mean")
         txt = (f"**Learning target** (the best network of each family at AUC ≥ {LEARNING_TARGET_AUC:.2f}): "
                + (f"met by {int(len(met))} of {len(fam)} families ({', '.join(met['family'])})" if len(met)
@@ -296,7 +306,6 @@ def findings_page(run_dir: str | Path) -> dict:
                                                   for r in short.itertuples()) + "**")
         txt += "."
         T = LEARNING_TARGET_AUC
-        inside = fam[(fam["ci_low"] <= T) & (fam["ci_high"] >= T)]
         num["families_ci_contains_target"] = (int(len(inside)), "verdicts_long.csv:ci_low,ci_high")
         if len(inside):
             who = (f"all {len(fam)} families' best networks" if len(inside) == len(fam)
@@ -550,66 +559,104 @@ def console_summary(run_dir: str | Path) -> list[str]:
     of each family with its long-regime AUC and 95% CI, the learning target, the networks against
     the classical baseline, the training plateau, the unseen fields, and what the prediction step
     did (or why it predicted nothing). Empty when the run has no results chapter
-    (``07_results/verdicts_long.csv``)."""
-    import json
-
+    (``07_results/verdicts_long.csv``). A part that cannot be read says so on its own line; the
+    others are still printed."""
     layout = rundir.Run(run_dir)
     run = layout.root
     v = _read(run / "07_results" / "verdicts_long.csv")
     if v is None or v.empty:
         return []
+    out = ["What this run found (long regime, AUC-ROC: fold mean, 95% CI; the book's findings page has the rest):"]
+    for name, part in (("scale", _said_scale), ("models", _said_models), ("baseline", _said_baseline),
+                       ("training", _said_training), ("unseen fields", _said_unseen), ("11_predict", _said_predict)):
+        try:
+            out += ["  " + line for line in part(layout, v)]
+        except Exception as e:   # noqa: BLE001 - one unreadable part does not hide the others
+            out.append(f"  ({name}: could not be read: {type(e).__name__}: {e})")
+    return out
+
+
+def _said_scale(layout: rundir.Run, v: pd.DataFrame) -> list[str]:
     import yaml
 
-    out = ["What this run found (long regime, AUC-ROC: fold mean, 95% CI; the book's findings page has the rest):"]
     cfg = yaml.safe_load(layout.study_config.read_text()) if layout.study_config.is_file() else {}
     scale = (cfg or {}).get("scale", "?")
-    look = config.not_conclusive_note(scale, _run_scale(run, scale))
-    if look:
-        out.append("  " + look.replace("**", "").replace("`", "'"))
+    look = config.not_conclusive_note(scale, _run_scale(layout.root, scale))
+    return [look.replace("**", "").replace("`", "'")] if look else []
+
+
+def _said_models(layout: rundir.Run, v: pd.DataFrame) -> list[str]:
     best = best_per_family(v)
     width = max(len(str(f)) for f in best["family"])
-    for r in best.itertuples():
-        out.append(f"  {str(r.family) + ':':<{width + 1}} {r.display} {r.mean:.3f} ({r.ci_low:.3f}-{r.ci_high:.3f})"
-                   + ("" if r.beats_chance else ", not above chance"))
+    lines = [f"{str(r.family) + ':':<{width + 1}} {r.display} {r.mean:.3f} ({r.ci_low:.3f}-{r.ci_high:.3f})"
+             + ("" if r.beats_chance else ", not above chance") for r in best.itertuples()]
     fam = best[best["family"] != CLASSICAL]
     if len(fam):
-        met = fam[fam["mean"] >= LEARNING_TARGET_AUC]
-        short = fam[fam["mean"] < LEARNING_TARGET_AUC]
-        out.append(f"  learning target (each family's best >= {LEARNING_TARGET_AUC:.2f}): "
-                   + (f"met by {', '.join(met['family'])}" if len(met) else "met by no family")
-                   + (f"; not by {', '.join(short['family'])}" if len(short) else ""))
+        met, short, inside = learning_target(fam)
+        T = LEARNING_TARGET_AUC
+        line = (f"learning target (each family's best >= {T:.2f}): "
+                + (f"met by {', '.join(met['family'])}" if len(met) else "met by no family")
+                + (f"; not by {', '.join(short['family'])}" if len(short) else ""))
+        if len(inside):
+            line += (f" (the 95% CI of {', '.join(inside['family'])} contains {T:.2f}: the folds cannot tell "
+                     "whether it is above or below)")
+        lines.append(line)
+    return lines
+
+
+def _said_baseline(layout: rundir.Run, v: pd.DataFrame) -> list[str]:
     c = summary_counts(v)
     base = v["baseline"].dropna().iloc[0] if "baseline" in v and v["baseline"].notna().any() else None
-    if base is not None:
-        out.append(f"  against the classical baseline ({DISPLAY_NAMES.get(base, base)}): "
-                   + (f"{c['better']} network(s) better" if c["better"] else "no network better")
-                   + f", {c['worse']} worse, {c['indistinguishable']} not distinguishable (corrected paired t-test, Holm)")
-    conv = _read(run / "07_results" / "convergence.csv")
-    one = _read(run / "07_results" / "one_class_folds.csv")
-    if conv is not None and len(conv):
-        out.append(f"  training: {int(conv['converged'].astype(bool).sum())} of {len(conv)} networks on their "
-                   "training plateau in every fold; "
-                   + (f"{len(one)} (network, fold) pair(s) gave a whole test fold one class" if one is not None and len(one)
-                      else "no test fold given one class"))
-    ext = _read(run / "07_results" / "external_metrics.csv")
-    if ext is not None and len(ext):
-        parts = []
-        for label, part in (("best network ensemble", ext[ext["family"] != CLASSICAL]),
-                            ("best classical", ext[ext["family"] == CLASSICAL])):
-            if len(part):
-                r = part.loc[part["auc"].idxmax()]
-                parts.append(f"{label} {DISPLAY_NAMES.get(r['network'], r['network'])} {r['auc']:.3f}")
-        out.append(f"  unseen fields ({int(ext['n_cells'].max())} cells the cohort never uses): " + ", ".join(parts))
-    if layout.executed("11_predict").is_file():
-        pj = layout.step("11_predict", create=False) / "predictions" / "prediction.json"
-        if pj.is_file():
-            info = json.loads(pj.read_text())
-            m = info.get("scored_against_labels")
-            out.append(f"  11_predict: {info['n_cells']} cells of {Path(str(info['cells'])).name} predicted by "
-                       f"{DISPLAY_NAMES.get(info['network'], info['network'])}"
-                       + (f"; AUC {m['auc']:.3f} ({m['auc_ci_low']:.3f}-{m['auc_ci_high']:.3f}) against their classes"
-                          if m else (f"; {info['not_scored_why']}" if info.get("not_scored_why") else "")))
-        else:
-            out.append("  11_predict: no new cells predicted (the cohort has no fields it never uses); apply the "
-                       f"run to your own cells with: cellstudy predict {run} CELLS.csv -o OUT")
-    return out
+    if base is None or not c["networks"]:
+        return []
+    return [f"against the classical baseline ({DISPLAY_NAMES.get(base, base)}): "
+            + (f"{c['better']} network(s) better" if c["better"] else "no network better")
+            + f", {c['worse']} worse, {c['indistinguishable']} not distinguishable (corrected paired t-test, Holm)"]
+
+
+def _said_training(layout: rundir.Run, v: pd.DataFrame) -> list[str]:
+    conv = _read(layout.root / "07_results" / "convergence.csv")
+    one = _read(layout.root / "07_results" / "one_class_folds.csv")
+    if conv is None or not len(conv):
+        return []
+    return [f"training: {int(conv['converged'].astype(bool).sum())} of {len(conv)} networks on their training "
+            "plateau in every fold; "
+            + (f"{len(one)} time(s) a network called every cell of a test fold the same class"
+               if one is not None and len(one) else "no network called every cell of a test fold the same class")]
+
+
+def _said_unseen(layout: rundir.Run, v: pd.DataFrame) -> list[str]:
+    ext = _read(layout.root / "07_results" / "external_metrics.csv")
+    if ext is None or not len(ext):
+        return []
+    ext = ext.dropna(subset=["auc"])
+    parts = []
+    for label, part in (("best network ensemble", ext[ext["family"] != CLASSICAL]),
+                        ("best classical", ext[ext["family"] == CLASSICAL])):
+        if len(part):
+            r = part.loc[part["auc"].idxmax()]
+            parts.append(f"{label} {DISPLAY_NAMES.get(r['network'], r['network'])} {r['auc']:.3f}")
+    return [f"unseen fields ({int(ext['n_cells'].max())} cells the cohort never uses): " + ", ".join(parts)] if parts else []
+
+
+def _said_predict(layout: rundir.Run, v: pd.DataFrame) -> list[str]:
+    import json
+
+    if not layout.executed("11_predict").is_file():
+        return []
+    pj = layout.step("11_predict", create=False) / "predictions" / "prediction.json"
+    if not pj.is_file():
+        return ["11_predict: no new cells predicted (the cohort has no fields it never uses); apply the run to "
+                f"your own cells with: cellstudy predict {layout.root} CELLS.csv -o OUT"]
+    info = json.loads(pj.read_text())
+    m = info.get("scored_against_labels") or {}
+    net = info.get("network", "?")
+    line = (f"11_predict: {info.get('n_cells', '?')} cells of {Path(str(info.get('cells', '?'))).name} predicted by "
+            f"{DISPLAY_NAMES.get(net, net)}")
+    if m.get("auc") is not None:
+        ci = (f" ({m['auc_ci_low']:.3f}-{m['auc_ci_high']:.3f})"
+              if m.get("auc_ci_low") is not None and m.get("auc_ci_high") is not None else "")
+        line += f"; AUC {m['auc']:.3f}{ci} against their classes"
+    elif info.get("not_scored_why"):
+        line += f"; {info['not_scored_why']}"
+    return [line]
