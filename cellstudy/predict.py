@@ -417,7 +417,7 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
         if g.get("confident") is False:
             said.append({"network": network, "fold": None, "status": "no confident call",
                          "detail": f"no cell is called {g['class']} with p >= {CONFIDENT_P:.2f} (the highest: "
-                                   f"{math.floor(g['p_max'] * 100) / 100:.2f}): the gallery of the most confident {g['class']} calls shows "
+                                   f"{_floor2(g['p_max']):.2f}): the gallery of the most confident {g['class']} calls shows "
                                    "uncertain calls"})
     for n in said:
         echo(f"predict: note: {n['detail']}")
@@ -507,6 +507,11 @@ def gallery_ranges(proba: np.ndarray, shown: dict[str, np.ndarray]) -> dict[str,
     return out
 
 
+def _floor2(p: float) -> float:
+    """``p`` rounded down to 2 decimals (0.7496 -> 0.74; 0.69, stored as 0.68999..., stays 0.69)."""
+    return math.floor(round(float(p) * 100, 6)) / 100
+
+
 def gallery_title(kind: str, info: dict[str, Any] | None) -> str:
     """A gallery's title: what it shows and its cells' probabilities, e.g. "most confident
     abnormal calls (p(abnormal) 0.52-0.61; none reaches 0.75: no confident call)"."""
@@ -519,7 +524,7 @@ def gallery_title(kind: str, info: dict[str, Any] | None) -> str:
     cls = info.get("class") or "abnormal"
     hi = info["p_max"]
     if info.get("confident") is False:   # shown rounded down: 0.7496 is not "0.75"
-        hi = math.floor(hi * 100) / 100
+        hi = _floor2(hi)
     rng = f"p({cls}) {info['p_min']:.2f}-{hi:.2f}"
     if info.get("confident") is False:
         rng += f"; none reaches {CONFIDENT_P:.2f}: no confident call"

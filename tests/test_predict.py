@@ -192,6 +192,8 @@ def test_gallery_cells():
     assert P.gallery_title("confident_normal", {"class": "normal", "p_min": 0.6, "p_max": 0.7496,
                                                 "confident": False}).startswith(
         "most confident normal calls (p(normal) 0.60-0.74; none reaches 0.75")
+    assert "0.66-0.69; none" in P.gallery_title("confident_normal", {"class": "normal", "p_min": 0.66, "p_max": 0.69,
+                                                                     "confident": False})   # 0.69 * 100 = 68.999...
 
 
 def test_summary_table_rows_are_the_scored_models():
