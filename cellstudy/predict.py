@@ -431,11 +431,9 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
             if pr or e is not None:
                 classical_p[name] = (np.mean(pr, axis=0) if pr else e)
                 tab[f"p_abnormal_{name}"] = classical_p[name][:, 1]
-    own = tab["in_run_cohort"].to_numpy()
-    scored, why_not = labelled_metrics(coh.labels, ens, own, np.asarray(coh.groups),
-                                       run_class_names(coh.table), run_names)
-    classical_scored = {name: labelled_metrics(coh.labels, pr, own, np.asarray(coh.groups),
-                                               run_class_names(coh.table), run_names)[0]
+    own, groups, names = tab["in_run_cohort"].to_numpy(), np.asarray(coh.groups), run_class_names(coh.table)
+    scored, why_not = labelled_metrics(coh.labels, ens, own, groups, names, run_names)
+    classical_scored = {name: labelled_metrics(coh.labels, pr, own, groups, names, run_names)[0]
                         for name, pr in classical_p.items()} if scored is not None else {}
     if scored is not None:
         left = [f"{scored[k]} {w} left out" for k, w in (("n_run_cells_left_out", "of the run's own cells"),
@@ -495,15 +493,12 @@ def gallery_ranges(proba: np.ndarray, shown: dict[str, np.ndarray]) -> dict[str,
         idx = np.asarray(idx, dtype=int)
         if not len(idx):
             continue
-        if kind.startswith("confident_"):
-            name = kind[len("confident_"):]
-            q = p[idx, config.CLASS_NAMES.index(name)]
-            out[kind] = {"cells": int(len(idx)), "class": name, "p_min": round(float(q.min()), 4),
-                         "p_max": round(float(q.max()), 4), "confident": bool(q.max() >= CONFIDENT_P)}
-        else:
-            q = p[idx, 1]
-            out[kind] = {"cells": int(len(idx)), "class": None, "p_min": round(float(q.min()), 4),
-                         "p_max": round(float(q.max()), 4)}
+        name = kind[len("confident_"):] if kind.startswith("confident_") else None
+        q = p[idx, config.CLASS_NAMES.index(name) if name else 1]
+        out[kind] = {"cells": int(len(idx)), "class": name, "p_min": round(float(q.min()), 4),
+                     "p_max": round(float(q.max()), 4)}
+        if name:
+            out[kind]["confident"] = bool(q.max() >= CONFIDENT_P)
     return out
 
 
@@ -522,13 +517,10 @@ def gallery_title(kind: str, info: dict[str, Any] | None) -> str:
     if not info:
         return what
     cls = info.get("class") or "abnormal"
-    hi = info["p_max"]
-    if info.get("confident") is False:   # shown rounded down: 0.7496 is not "0.75"
-        hi = _floor2(hi)
-    rng = f"p({cls}) {info['p_min']:.2f}-{hi:.2f}"
-    if info.get("confident") is False:
-        rng += f"; none reaches {CONFIDENT_P:.2f}: no confident call"
-    return f"{what} ({rng})"
+    if info.get("confident") is False:   # its best shown rounded down: 0.7496 is not "0.75"
+        return (f"{what} (p({cls}) {info['p_min']:.2f}-{_floor2(info['p_max']):.2f}; none reaches "
+                f"{CONFIDENT_P:.2f}: no confident call)")
+    return f"{what} (p({cls}) {info['p_min']:.2f}-{info['p_max']:.2f})"
 
 
 SUMMARY_COLUMNS = ["model", "cells", "fields", "auc", "auc_ci_low", "auc_ci_high", "balanced_accuracy",

@@ -731,15 +731,15 @@ def run_study(
                              f"screenshots in {run.screenshots}): " + "; ".join(rep["problems"][:10])
                              + (f"; and {more} more" if more > 0 else ""))
     update_status(run_dir, state="complete", finished=provenance.now(), **fields)
-    echo_findings(run.root, echo)
-    if build:
-        echo(f"\nThe book: {(run.root / fields['book']).resolve()}")   # the index is relative to the run folder
+    echo_finished(run.root, fields.get("book"), echo)
     return run_dir
 
 
-def echo_findings(run_dir: Path, echo: Callable[[str], None] = print) -> None:
-    """The run's findings in a few lines (``report.findings.console_summary``), at the end of a
-    finished run; a summary that cannot be read is said, not raised (the run is complete)."""
+def echo_finished(run_dir: Path, book_index: str | None, echo: Callable[[str], None] = print) -> None:
+    """The end of a finished run on the terminal (``cellstudy run`` and ``cellstudy workflow``): its
+    findings in a few lines (``report.findings.console_summary``; a summary that cannot be read is
+    said, not raised: the run is complete), then the book's path (``book_index``, relative to the
+    run folder; None: no book)."""
     from cellstudy.report.findings import console_summary
 
     try:
@@ -750,3 +750,5 @@ def echo_findings(run_dir: Path, echo: Callable[[str], None] = print) -> None:
         echo("")
         for line in lines:
             echo(line)
+    if book_index:
+        echo(f"\nThe book: {(Path(run_dir) / book_index).resolve()}")

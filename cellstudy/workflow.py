@@ -670,16 +670,13 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
                             "kept)") from None
     if not targets and (rd / BROWSER_CHECK).is_file():   # not a dry run, --touch, a listing
         report = rd / BROWSER_CHECK
-        if report.is_file() and json.loads(report.read_text()).get("ok") is False:
+        rep = json.loads(report.read_text())
+        if rep.get("ok") is False:
             _set_state(rd, "failed")
-            problems = json.loads(report.read_text())["problems"]
             report.unlink()   # rebuilt and checked again on the next run
-            raise WorkflowError(f"the book of run {rd} failed the browser check: " + "; ".join(problems[:10]))
+            raise WorkflowError(f"the book of run {rd} failed the browser check: " + "; ".join(rep["problems"][:10]))
         _set_state(rd, "complete")
-        runner.echo_findings(rd, echo)
-        index = json.loads(report.read_text()).get("index")
-        if index:
-            echo(f"\nThe book: {(rd / index).resolve()}")   # the index is relative to the run folder
+        runner.echo_finished(rd, rep.get("index"), echo)
     return rd
 
 

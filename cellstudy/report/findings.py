@@ -223,6 +223,23 @@ def _read(path: Path) -> pd.DataFrame | None:
         return None
 
 
+def _run_config(layout: rundir.Run) -> dict:
+    """The run's study config (``study.yaml``), ``{}`` when it has none."""
+    import yaml
+
+    return (yaml.safe_load(layout.study_config.read_text()) or {}) if layout.study_config.is_file() else {}
+
+
+def _best_external(ext: pd.DataFrame) -> tuple[pd.Series | None, pd.Series | None]:
+    """The unseen-fields rows (``external_metrics.csv``) with the highest AUC: the best network
+    ensemble and the best classical model (None where a part has no AUC)."""
+    out = []
+    for part in (ext[ext["family"] != CLASSICAL], ext[ext["family"] == CLASSICAL]):
+        part = part.dropna(subset=["auc"])
+        out.append(part.loc[part["auc"].idxmax()] if len(part) else None)
+    return out[0], out[1]
+
+
 def _link(text: str, chapter: str) -> str:
     return f"[{text}]({chapter}.ipynb)"
 
@@ -237,14 +254,13 @@ def findings_page(run_dir: str | Path) -> dict:
     ``06_classical_baseline/stain_importance.csv``, the folds file and ``study.yaml``. A missing
     optional file makes its paragraph say so. Every number on the page is in ``numbers`` with the
     file it came from (the tests compare them); every paragraph links its chapter."""
-    import yaml
 
     layout = rundir.Run(run_dir)
     run = layout.root
     v = _read(run / "07_results" / "verdicts_long.csv")
     if v is None or v.empty:
         raise FileNotFoundError(f"{run / '07_results' / 'verdicts_long.csv'} is missing: run 07_results first")
-    cfg = yaml.safe_load(layout.study_config.read_text()) if layout.study_config.is_file() else {}
+    cfg = _run_config(layout)
     cohort, scale = cfg.get("cohort", "?"), cfg.get("scale", "?")
     num: dict[str, tuple] = {}
     md: list[str] = ["# Findings", ""]
@@ -362,17 +378,16 @@ def findings_page(run_dir: str | Path) -> dict:
         en, ec = ext[ext["family"] != CLASSICAL], ext[ext["family"] == CLASSICAL]
         parts = [f"On {int(ext['n_cells'].max())} cells of {int(ext['n_fields'].max())} fields the cohort never uses "
                  f"({_link('external test', '07_results')}):"]
-        if len(en):
-            bi = en["auc"].idxmax()
-            num["external_best_network"] = (round(float(en.loc[bi, "auc"]), 3), f"external_metrics.csv:auc/{en.loc[bi, 'network']}")
-            parts.append(f"the best network ensemble, {DISPLAY_NAMES.get(en.loc[bi, 'network'], en.loc[bi, 'network'])}, "
-                         f"AUC **{en.loc[bi, 'auc']:.3f}** ({en.loc[bi, 'auc_ci_low']:.3f}–{en.loc[bi, 'auc_ci_high']:.3f}); "
+        bn, bc = _best_external(ext)
+        if bn is not None:
+            num["external_best_network"] = (round(float(bn["auc"]), 3), f"external_metrics.csv:auc/{bn['network']}")
+            parts.append(f"the best network ensemble, {DISPLAY_NAMES.get(bn['network'], bn['network'])}, "
+                         f"AUC **{bn['auc']:.3f}** ({bn['auc_ci_low']:.3f}–{bn['auc_ci_high']:.3f}); "
                          f"networks {en['auc'].min():.3f}–{en['auc'].max():.3f}")
-        if len(ec):
-            bj = ec["auc"].idxmax()
-            num["external_best_classical"] = (round(float(ec.loc[bj, "auc"]), 3), f"external_metrics.csv:auc/{ec.loc[bj, 'network']}")
-            parts.append(f"; the classical {DISPLAY_NAMES.get(ec.loc[bj, 'network'], ec.loc[bj, 'network'])} "
-                         f"AUC **{ec.loc[bj, 'auc']:.3f}** ({ec.loc[bj, 'auc_ci_low']:.3f}–{ec.loc[bj, 'auc_ci_high']:.3f})")
+        if bc is not None:
+            num["external_best_classical"] = (round(float(bc["auc"]), 3), f"external_metrics.csv:auc/{bc['network']}")
+            parts.append(f"; the classical {DISPLAY_NAMES.get(bc['network'], bc['network'])} "
+                         f"AUC **{bc['auc']:.3f}** ({bc['auc_ci_low']:.3f}–{bc['auc_ci_high']:.3f})")
         line = " ".join(parts[:2]) + "".join(parts[2:]) + "."
         if len(en) and len(ec):
             cbest = float(ec["auc"].max())
@@ -577,10 +592,7 @@ def console_summary(run_dir: str | Path) -> list[str]:
 
 
 def _said_scale(layout: rundir.Run, v: pd.DataFrame) -> list[str]:
-    import yaml
-
-    cfg = yaml.safe_load(layout.study_config.read_text()) if layout.study_config.is_file() else {}
-    scale = (cfg or {}).get("scale", "?")
+    scale = _run_config(layout).get("scale", "?")
     look = config.not_conclusive_note(scale, _run_scale(layout.root, scale))
     return [look.replace("**", "").replace("`", "'")] if look else []
 
@@ -629,13 +641,8 @@ def _said_unseen(layout: rundir.Run, v: pd.DataFrame) -> list[str]:
     ext = _read(layout.root / "07_results" / "external_metrics.csv")
     if ext is None or not len(ext):
         return []
-    ext = ext.dropna(subset=["auc"])
-    parts = []
-    for label, part in (("best network ensemble", ext[ext["family"] != CLASSICAL]),
-                        ("best classical", ext[ext["family"] == CLASSICAL])):
-        if len(part):
-            r = part.loc[part["auc"].idxmax()]
-            parts.append(f"{label} {DISPLAY_NAMES.get(r['network'], r['network'])} {r['auc']:.3f}")
+    parts = [f"{label} {DISPLAY_NAMES.get(r['network'], r['network'])} {r['auc']:.3f}"
+             for label, r in zip(("best network ensemble", "best classical"), _best_external(ext)) if r is not None]
     return [f"unseen fields ({int(ext['n_cells'].max())} cells the cohort never uses): " + ", ".join(parts)] if parts else []
 
 
