@@ -1,7 +1,7 @@
 """Seed replicates: how much of a network's number is the network, and how much its seed.
 
 A study reports each network from one training seed. On ~350 training images the networks of the
-default scale are sensitive to it down to round-off (README "The plateau, measured again": one
+default scale are sensitive to it down to round-off (book/default_scale.md, "The plateau, measured again": one
 extra forward pass per epoch moved one RGB fold from AUC 0.950 to 0.665). A seed replicate trains
 the same network on the **same folds** (the run's folds file: the same cells on each side) with
 another training seed: other initial weights, other offline augmented copies, another batch
