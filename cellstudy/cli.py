@@ -214,6 +214,22 @@ TF_COMMANDS = {"predict", "export", "test-package", "pretrain", "train-network",
                "explain-fold", "weights"}
 
 
+def preflight(a: argparse.Namespace) -> None:
+    """The first checks of a TensorFlow command, those that need no TensorFlow: ``predict`` /
+    ``export``'s folder is a run with trained models (``predict.run_settings``, as they check it
+    first), the training and explanation commands' a prepared run (``rundir.check_prepared``),
+    ``test-package``'s package exists. Each command checks the rest (a trained network, the
+    cells' manifest, ...) as before."""
+    if a.cmd in ("predict", "export"):
+        from cellstudy.predict import run_settings
+        run_settings(a.run_dir)
+    elif getattr(a, "run_dir", None) is not None:
+        rundir.check_prepared(a.run_dir)
+    if a.cmd == "test-package":
+        from cellstudy.export import check_package
+        check_package(a.package)
+
+
 def main(argv: list[str] | None = None) -> int:
     # TensorFlow's C++ INFO / WARNING lines (CPU features, ...) are noise in a command's output;
     # errors still print. An exported value is kept (TF_CPP_MIN_LOG_LEVEL=0 shows everything).
@@ -390,10 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         h.addFilter(lambda r: not is_noise(str(r.getMessage())))
     for noisy in ("traitlets", "asyncio", "blib2to3", "nbclient"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if a.cmd in TF_COMMANDS:   # without the two lines TensorFlow writes before its logging is set up
-        from cellstudy import tf_import
-        tf_import.import_quietly()
     try:
+        if a.cmd in TF_COMMANDS:
+            preflight(a)   # a wrong path fails now, not after TensorFlow's import (~5-10 s)
+            from cellstudy import tf_import
+            tf_import.import_quietly()   # without the two lines TensorFlow writes before its logging
         return a.func(a)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"cellstudy: error: {e}", file=sys.stderr)

@@ -103,14 +103,21 @@ def _metrics(run: rundir.Run, network: str, fold: int, regime: str) -> dict[str,
             "folds": sorted(aucs)}
 
 
+def check_package(path: str | os.PathLike) -> Path:
+    """``path`` as a Path; FileNotFoundError when there is nothing there (``cellstudy test-package``
+    checks it before TensorFlow loads)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"package {p} does not exist; expected a .zip written by cellstudy export")
+    return p
+
+
 def test_package(path: str | os.PathLike):
     """bioimageio.core's ``test_model`` of a package (zip or rdf.yaml) with cellstudy's Keras layers
     registered (the ViT's and the RGB family's packages need them; ``bioimageio test`` in a fresh
     process cannot load those) and the TensorFlow Keras backend. Returns the validation summary
     (``.status``: "passed" or "failed"; ``.format()``). FileNotFoundError for a missing path."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"package {p} does not exist; expected a .zip written by cellstudy export")
+    p = check_package(path)
     os.environ["KERAS_BACKEND"] = "tensorflow"   # the packages are TensorFlow Keras; bioimageio.core's default is torch
     import cellstudy.learning.models  # noqa: F401  (registers the custom layers)
     import logging

@@ -86,8 +86,11 @@ def run_settings(run_dir: str | Path) -> dict[str, Any]:
     import yaml
 
     run = rundir.Run(run_dir)
+    if not run.root.is_dir():
+        raise PredictError(f"run folder {run.root} does not exist")
     if not run.training.is_dir():
-        raise PredictError(f"{run.root} has no training/ folder; expected a run folder with trained models")
+        raise PredictError(f"{run.root} has no training/ folder; expected a run folder with trained models"
+                           + rundir.runs_inside_hint(run.root))
     cfg = yaml.safe_load(run.study_config.read_text()) if run.study_config.is_file() else {}
     rec = rundir.read_scale_file(run.scale_file) if run.scale_file.is_file() else None
     scale = cfg.get("scale") or (rec or {}).get("name")

@@ -394,3 +394,33 @@ def as_run(run: "Run | str | os.PathLike") -> Run:
     """``run`` as a :class:`Run` (a path or a Run)."""
     return run if isinstance(run, Run) else Run(run)
 
+
+def check_prepared(run_dir: "Run | str | os.PathLike") -> Run:
+    """The owner of a prepared run folder (one that ``cellstudy run`` / ``workflow`` made: its
+    ``study.yaml`` and ``scale.json`` are there). RunFolderError naming the folder when it does not
+    exist or is not one. Cheap: the commands that load TensorFlow call it first, so that a wrong
+    path fails at once instead of after TensorFlow's ~5-10 s import."""
+    run = as_run(run_dir)
+    if not run.root.is_dir():
+        raise RunFolderError(f"run folder {run.root} does not exist")
+    for f in (run.study_config, run.scale_file):
+        if not f.is_file():
+            raise RunFolderError(
+                f"{run.root} is not a prepared run folder: {f.name} is missing (make one with "
+                "`cellstudy workflow CONFIG` or `cellstudy run CONFIG`)" + runs_inside_hint(run.root))
+    return run
+
+
+def runs_inside_hint(folder: str | os.PathLike, most: int = 3) -> str:
+    """``"; it holds run folders: a, b, ...: give one of them"`` when ``folder`` is a folder of
+    runs (its subfolders have a ``study.yaml``, e.g. ``runs/``), the newest first; else ``""``."""
+    folder = Path(folder)
+    try:
+        found = sorted((p for p in folder.iterdir() if (p / "study.yaml").is_file()),
+                       key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return ""
+    if not found:
+        return ""
+    more = f" and {len(found) - most} more" if len(found) > most else ""
+    return f"; it holds run folders: {', '.join(str(p) for p in found[:most])}{more}: give one of them"

@@ -168,14 +168,7 @@ def prepared_run(run_dir: str | os.PathLike) -> tuple[rundir.Run, runner.StudyCo
     """The run folder's owner, its study config and resolved scale; RunFolderError naming the
     folder when it is not a prepared run (no ``study.yaml`` / ``scale.json``, or a scale that
     differs from the config's)."""
-    run = rundir.Run(run_dir)
-    if not run.root.is_dir():
-        raise rundir.RunFolderError(f"run folder {run.root} does not exist")
-    for f in (run.study_config, run.scale_file):
-        if not f.is_file():
-            raise rundir.RunFolderError(
-                f"{run.root} is not a prepared run folder: {f.name} is missing (make one with "
-                "`cellstudy workflow CONFIG` or `cellstudy run CONFIG`)")
+    run = rundir.check_prepared(run_dir)
     cfg = runner.load_config(run.study_config)
     return run, cfg, run.scale(cfg.scale, cfg.overrides)
 

@@ -81,3 +81,50 @@ def _run_closed_stderr(tmp_path):
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     code = "import os, sys\nos.close(2)\nfrom cellstudy import tf_import\ntf_import.import_quietly()\nprint('imported')\n"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+MARKER_TF = textwrap.dedent('''
+    import os
+    open(os.environ["FAKE_TF_MARKER"], "w").close()
+''')
+
+
+def _cli_with_marker_tf(tmp_path, argv):
+    """``cellstudy.cli.main(argv)`` in a fresh process whose ``tensorflow`` only leaves a marker
+    file when imported: (return code, stderr, whether TensorFlow was imported)."""
+    pkg = tmp_path / "marker" / "tensorflow"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(MARKER_TF)
+    marker = tmp_path / "tf_was_imported"
+    e = {**os.environ, "PYTHONPATH": f"{tmp_path / 'marker'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+         "FAKE_TF_MARKER": str(marker)}
+    code = f"import sys\nfrom cellstudy import cli\nsys.exit(cli.main({argv!r}))\n"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=120)
+    return p.returncode, p.stderr, marker.exists()
+
+
+def test_a_wrong_path_fails_before_tensorflow_loads(tmp_path):
+    nope = str(tmp_path / "nope")
+    runs = tmp_path / "runs"                                   # a folder of runs given instead of one run
+    (runs / "default-20261207-120000").mkdir(parents=True)
+    (runs / "default-20261207-120000" / "study.yaml").write_text("name: default\n")
+    for argv, said in (
+            (["predict", nope, "bbbc021-unseen", "-o", str(tmp_path / "out")], f"run folder {nope} does not exist"),
+            (["export", nope, "--network", "vit", "-o", str(tmp_path / "x.zip")], f"run folder {nope} does not exist"),
+            (["test-package", str(tmp_path / "vit.zip")], "vit.zip does not exist"),
+            (["train-network", nope, "--network", "vit"], f"run folder {nope} does not exist"),
+            (["replicate", str(runs), "--network", "vit", "--seeds", "1"], "give one of them"),
+            (["predict", str(runs), "bbbc021-unseen", "-o", str(tmp_path / "out")],
+             f"run folders: {runs / 'default-20261207-120000'}: give one of them")):
+        rc, err, tf = _cli_with_marker_tf(tmp_path, argv)
+        assert rc == 2 and said in err, (argv, err)
+        assert not tf, f"{argv[0]} imported TensorFlow before checking its path"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_right_path_goes_on_to_load_tensorflow(tmp_path):
+    # the positive control of the test above: past the preflight, TensorFlow is imported
+    pkg = tmp_path / "vit.zip"
+    pkg.write_bytes(b"not a zip")
+    rc, err, tf = _cli_with_marker_tf(tmp_path, ["test-package", str(pkg)])
+    assert tf, err
