@@ -218,8 +218,8 @@ def preflight(a: argparse.Namespace) -> None:
     """The first checks of a TensorFlow command, those that need no TensorFlow: ``predict`` /
     ``export``'s folder is a run with trained models (``predict.run_settings``, as they check it
     first), the training and explanation commands' a prepared run (``rundir.check_prepared``),
-    ``test-package``'s package exists. Each command checks the rest (a trained network, the
-    cells' manifest, ...) as before."""
+    ``test-package``'s package exists, ``pretrain``'s output is a new ``.weights.h5``. Each
+    command checks the rest (a trained network, the cells' manifest, ...) as before."""
     if a.cmd in ("predict", "export"):
         from cellstudy.predict import run_settings
         run_settings(a.run_dir)
@@ -228,6 +228,9 @@ def preflight(a: argparse.Namespace) -> None:
     if a.cmd == "test-package":
         from cellstudy.export import check_package
         check_package(a.package)
+    if a.cmd == "pretrain":
+        from cellstudy.learning.pretrain import check_output
+        check_output(a.output, a.force)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,16 +128,16 @@ SCALES: dict[str, dict[str, Any]] = {
     # >= 4 x 4 layer). Epochs, rate and warm-up chosen by measurement (book/default_scale.md): SGD
     # (momentum 0.9) at 3e-3 after a 2-epoch linear warm-up brings the training accuracy of the
     # backbones to ~0.95 by epoch 6-8 (ResNet50, DenseNet121 fold 0); at the paper's fixed 1e-3
-    # they needed ~15 epochs. Measured 2026-12-02 (book/default_scale.md, "Time"): five of the networks (configs/
+    # they needed ~15 epochs. Measured 2026-12-02 (/tmp probes of that day): five of the networks (configs/
     # five.yaml) 28 min on 2 cores, long-regime AUC 0.79-0.93, none yet on its plateau after 10
     # epochs; all eleven estimated at ~95 min (the 60-minute target is not met). 2026-12-06, a
     # 2-core Xeon, `make study` stopped after 64 min with 6 networks done: ~2 h 15 min estimated
     # end to end; long-regime AUC ViT 0.931, DenseNet121 0.921, VGG16 0.872, ResNet50 0.848, RGB
     # 0.833 (the RGB family short of 0.90: more epochs, a coarser token grid or 1e-2 did not help).
     # Measured to the end later that day (Snakemake engine, fresh clone): 2 h 05 min, of which
-    # training 96 min (188 core-min; DenRes-131, RGB-Res, RGB-Den 54% of it); book/default_scale.md, "Time".
+    # training 96 min (188 core-min; DenRes-131, RGB-Res, RGB-Den 54% of it).
     # With the RGB family's current defaults (below), again from a fresh clone: 1 h 49 min, training
-    # 87 min (171 core-min); RGB 0.881 (0.896 at 20 epochs, not the default: book/default_scale.md).
+    # 87 min (171 core-min; book/default_scale.md, "Time"); RGB 0.881 (0.896 at 20 epochs, not the default: book/default_scale.md).
     # Why 10 epochs and not to the plateau (book/default_scale.md, "The trade-off", measured to 20 epochs for the
     # five networks of configs/five.yaml): DenseNet121 / ResNet50 reach the convergence rule's
     # plateau in every fold at 15 / 20 epochs and lose AUC on the way (0.920 -> 0.907, 0.848 ->

@@ -87,7 +87,7 @@ def run_settings(run_dir: str | Path) -> dict[str, Any]:
 
     run = rundir.Run(run_dir)
     if not run.root.is_dir():
-        raise PredictError(f"run folder {run.root} does not exist")
+        raise PredictError(rundir.missing_run_folder(run.root))
     if not run.training.is_dir():
         raise PredictError(f"{run.root} has no training/ folder; expected a run folder with trained models"
                            + rundir.runs_inside_hint(run.root))

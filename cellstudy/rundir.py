@@ -402,13 +402,20 @@ def check_prepared(run_dir: "Run | str | os.PathLike") -> Run:
     path fails at once instead of after TensorFlow's ~5-10 s import."""
     run = as_run(run_dir)
     if not run.root.is_dir():
-        raise RunFolderError(f"run folder {run.root} does not exist")
+        raise RunFolderError(missing_run_folder(run.root))
     for f in (run.study_config, run.scale_file):
         if not f.is_file():
             raise RunFolderError(
                 f"{run.root} is not a prepared run folder: {f.name} is missing (make one with "
                 "`cellstudy workflow CONFIG` or `cellstudy run CONFIG`)" + runs_inside_hint(run.root))
     return run
+
+
+def missing_run_folder(path: str | os.PathLike) -> str:
+    """What to say when ``path`` is not a folder: it does not exist, or it is a file."""
+    path = Path(path)
+    return (f"{path} is a file, not a run folder" if path.exists()
+            else f"run folder {path} does not exist")
 
 
 def runs_inside_hint(folder: str | os.PathLike, most: int = 3) -> str:

@@ -105,6 +105,7 @@ def _cli_with_marker_tf(tmp_path, argv):
 
 def test_a_wrong_path_fails_before_tensorflow_loads(tmp_path):
     nope = str(tmp_path / "nope")
+    (tmp_path / "nope.csv").write_text("file\n")              # a manifest given where the run goes
     runs = tmp_path / "runs"                                   # a folder of runs given instead of one run
     (runs / "default-20261207-120000").mkdir(parents=True)
     (runs / "default-20261207-120000" / "study.yaml").write_text("name: default\n")
@@ -112,7 +113,11 @@ def test_a_wrong_path_fails_before_tensorflow_loads(tmp_path):
             (["predict", nope, "bbbc021-unseen", "-o", str(tmp_path / "out")], f"run folder {nope} does not exist"),
             (["export", nope, "--network", "vit", "-o", str(tmp_path / "x.zip")], f"run folder {nope} does not exist"),
             (["test-package", str(tmp_path / "vit.zip")], "vit.zip does not exist"),
+            (["pretrain", "--backbone", "cnn3", "--cohort", "rxrx1-cells", "--serves", "bbbc021-paper",
+              "-o", str(tmp_path / "nope.csv")], "must end in .weights.h5"),
             (["train-network", nope, "--network", "vit"], f"run folder {nope} does not exist"),
+            (["predict", str(tmp_path / "nope.csv"), "bbbc021-unseen", "-o", str(tmp_path / "out")],
+             "nope.csv is a file, not a run folder"),
             (["replicate", str(runs), "--network", "vit", "--seeds", "1"], "give one of them"),
             (["predict", str(runs), "bbbc021-unseen", "-o", str(tmp_path / "out")],
              f"run folders: {runs / 'default-20261207-120000'}: give one of them")):

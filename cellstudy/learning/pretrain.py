@@ -91,6 +91,17 @@ def _whitening(scale: dict[str, Any], backbone: str, family: str | None) -> str:
     return config.family_whitening(scale, family)
 
 
+def check_output(out: str | os.PathLike, force: bool = False) -> Path:
+    """``out`` as a Path; PretrainError when it is not a ``.weights.h5`` name or exists without
+    ``force`` (``cellstudy pretrain`` checks it before TensorFlow loads)."""
+    out = Path(out)
+    if not out.name.endswith(".weights.h5"):
+        raise PretrainError(f"{out}: the weights file name must end in .weights.h5")
+    if out.exists() and not force:
+        raise PretrainError(f"{out} exists; not overwritten (--force replaces it)")
+    return out
+
+
 def pretrain_backbone(backbone: str, cohort: str, serves: str, out: str | os.PathLike, *, scale: str = "cpu",
                       overrides: dict[str, Any] | None = None, epochs: int | None = None, seed: int = 0,
                       data_root: str | None = None, max_cells: int | None = None, force: bool = False,
@@ -113,11 +124,7 @@ def pretrain_backbone(backbone: str, cohort: str, serves: str, out: str | os.Pat
 
     if backbone not in bbs.BACKBONES:
         raise PretrainError(f"unknown backbone {backbone!r}; expected one of {list(bbs.BACKBONES)}")
-    out = Path(out)
-    if not out.name.endswith(".weights.h5"):
-        raise PretrainError(f"{out}: the weights file name must end in .weights.h5")
-    if out.exists() and not force:
-        raise PretrainError(f"{out} exists; not overwritten (--force replaces it)")
+    out = check_output(out, force)
     sc = config.get_scale(scale, overrides)
     whitening = _whitening(sc, backbone, family)
     S = int(sc["image_size"])
