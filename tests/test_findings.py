@@ -136,6 +136,26 @@ def test_findings_page_numbers_equal_the_csvs(tmp_path):
     assert p.read_text() == md and (book / "findings_auc.png").stat().st_size > 1000
 
 
+def test_findings_point_to_the_default_scale_page_when_a_target_is_missed(tmp_path):
+    run = _fake_run(tmp_path)                 # cpu scale; DL misses 0.90, VGG16 not on its plateau
+    link = "[How the CPU default scale was chosen](default_scale.md)"
+    assert link in findings.findings_page(run)["markdown"]
+    # every family at the target but one network short of its plateau: still
+    v = pd.read_csv(run / "07_results" / "verdicts_long.csv")
+    v.loc[v["network"] == "vgg16", "mean"] = 0.95
+    v.to_csv(run / "07_results" / "verdicts_long.csv", index=False)
+    assert link in findings.findings_page(run)["markdown"]
+    # both met: nothing to explain
+    pd.DataFrame({"network": ["vgg16", "mhl"], "converged": [True, True], "epochs": [10, 10]}).to_csv(
+        run / "07_results" / "convergence.csv", index=False)
+    assert link not in findings.findings_page(run)["markdown"]
+    # the page measures the cpu scale: another scale's findings do not point to it
+    pd.DataFrame({"network": ["vgg16", "mhl"], "converged": [False, True], "epochs": [10, 10]}).to_csv(
+        run / "07_results" / "convergence.csv", index=False)
+    (run / "study.yaml").write_text("cohort: toy\nscale: quick\n")
+    assert link not in findings.findings_page(run)["markdown"]
+
+
 def test_findings_page_states_missing_parts_and_quick_scale(tmp_path):
     run = _fake_run(tmp_path)
     (run / "study.yaml").write_text("cohort: toy\nscale: quick\n")

@@ -205,6 +205,12 @@ LEARNING_TARGET_AUC = 0.90
 STAIN_NAMES = {"third": "the third stain (tubulin)", "actin": "F-actin", "dna": "DNA", "shape": "cell / nucleus shape"}
 
 
+#: (scale, book page, its title): the book's page of the measurements behind the default scale
+#: (``book/default_scale.md``), which the findings of a run at that scale point to when a family
+#: misses the learning target or a network is not on its plateau.
+DEFAULT_SCALE_PAGE = ("cpu", "default_scale", "How the CPU default scale was chosen")
+
+
 def learning_target(best: pd.DataFrame, target: float = LEARNING_TARGET_AUC
                     ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """``(met, short, inside)`` of the best network of each family (rows of :func:`best_per_family`
@@ -370,6 +376,10 @@ def findings_page(run_dir: str | Path) -> dict:
                      if one is not None and len(one) else "no network gave every cell of a test fold one class.")
                   + f" ({_link('results', '07_results')})")
         md.append("")
+    if scale == DEFAULT_SCALE_PAGE[0] and ((len(fam) and len(learning_target(fam)[1]))
+                                           or (conv is not None and not conv["converged"].astype(bool).all())):
+        md += [f"What more epochs, another schedule, other seeds and other settings gave at this scale, "
+               f"measured while it was chosen: [{DEFAULT_SCALE_PAGE[2]}]({DEFAULT_SCALE_PAGE[1]}.md).", ""]
     # --- unseen fields
     ext = _read(run / "07_results" / "external_metrics.csv")
     md.append("## Unseen fields")
