@@ -53,7 +53,7 @@ from typing import Any, Callable
 
 import yaml
 
-from cellstudy import atomic, config, provenance, rundir, threads
+from cellstudy import atomic, config, progress, provenance, rundir, threads
 
 log = logging.getLogger("cellstudy.runner")
 
@@ -357,6 +357,7 @@ def preflight(cfg: StudyConfig) -> dict[str, Any]:
     notebook runs. Returns the data provenance (root, manifest checksum, counts)."""
     from cellstudy import data
 
+    progress.interval_from_env()   # a bad $CELLSTUDY_PROGRESS_S is said now, not after the run folder is made
     root = config.data_root(cfg.data_root)
     weights = check_weights(cfg)
     table = data.load_manifest(cfg.cohort)
@@ -702,9 +703,12 @@ def run_study(
     t_study = time.perf_counter()
     before = {s: dict(v) for s, v in read_status(run_dir).get("steps", {}).items()}
     try:
-        workflow.snakemake(run.root, cores=cfg.workers, targets=["all"] if build else ["notebooks"],
-                           data_root=data_prov["data_root"], quiet=not log_output, echo=echo,
-                           thread_env=threads.thread_env(cfg.workers))
+        # a line a minute (folds done, what trains now, the training time left): also when
+        # Snakemake's own lines are kept off the terminal, where it is all the terminal shows
+        with progress.for_plan(run.root, plan, cfg, cfg.workers, echo):
+            workflow.snakemake(run.root, cores=cfg.workers, targets=["all"] if build else ["notebooks"],
+                               data_root=data_prov["data_root"], quiet=not log_output, echo=echo,
+                               thread_env=threads.thread_env(cfg.workers))
     except workflow.WorkflowError as e:
         st = update_status(run_dir, state="failed")
         failed = [v.get("error", "") for s, v in st.get("steps", {}).items()

@@ -34,6 +34,7 @@ import re
 import subprocess
 import sys
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from cellstudy import atomic, config, networks, provenance, rundir, runner, threads
+from cellstudy import atomic, config, networks, progress, provenance, rundir, runner, threads
 from cellstudy.learning import experiment
 
 #: The workflow's Snakefile (Snakemake runs it with the run folder as working directory).
@@ -654,9 +655,14 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
     local = prof is None and not on_cluster(None, extra)
     jobs_here = (cores or available_cores()) if local else 0   # TensorFlow jobs at once on this machine
     runner.init_run(cfg, config_path, rd, data_prov, status, processes=jobs_here)
+    # on this machine, a line a minute (folds done, what trains now, the training time left); a
+    # cluster's jobs report through its scheduler, a dry run or listing runs nothing
+    monitor = (progress.for_plan(rd, plan, cfg, jobs_here, echo) if local and not looking
+               else contextlib.nullcontext())
     try:
-        snakemake(rd, cores=cores, profile=prof, targets=targets, extra=extra, data_root=data_prov["data_root"],
-                  thread_env=threads.thread_env(jobs_here) if local else None, echo=echo)
+        with monitor:
+            snakemake(rd, cores=cores, profile=prof, targets=targets, extra=extra, data_root=data_prov["data_root"],
+                      thread_env=threads.thread_env(jobs_here) if local else None, echo=echo)
     except WorkflowError as e:
         _set_state(rd, "failed")
         raise WorkflowError(f"{e}; rerun the same command with --run-dir {rd} to resume (finished folds are "

@@ -89,3 +89,7 @@ def test_the_terminal_says_what_the_run_found(ci_run):
     assert "11_predict: 560 cells of bbbc021-unseen predicted by" in said
     assert f"AUC {info['scored_against_labels']['auc']:.3f}" in said
     assert said.index("What this run found") < said.index("The book: ")
+    # while it ran, a progress line a minute (cellstudy.progress): folds done, notebooks done
+    lines = [ln for ln in said.splitlines() if ln.startswith("progress ")]
+    assert lines and all(" folds done" in ln and " notebooks " in ln for ln in lines), lines
+    assert said.index(lines[-1]) < said.index("What this run found")
