@@ -22,6 +22,7 @@ given before any fold has finished (the first fold's time includes TensorFlow's 
 and says what this machine does)."""
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import threading
@@ -207,8 +208,6 @@ DEFAULT_INTERVAL_S = 60.0
 def interval_from_env() -> float:
     """``$CELLSTUDY_PROGRESS_S`` as seconds (default 60; 0: no progress lines); ValueError naming
     the variable for anything else than a number >= 0."""
-    import os
-
     raw = os.environ.get(INTERVAL_ENV, "").strip()
     if not raw:
         return DEFAULT_INTERVAL_S

@@ -34,8 +34,7 @@ import re
 import subprocess
 import sys
 import time
-import contextlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -658,7 +657,7 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
     # on this machine, a line a minute (folds done, what trains now, the training time left); a
     # cluster's jobs report through its scheduler, a dry run or listing runs nothing
     monitor = (progress.for_plan(rd, plan, cfg, jobs_here, echo) if local and not looking
-               else contextlib.nullcontext())
+               else nullcontext())
     try:
         with monitor:
             snakemake(rd, cores=cores, profile=prof, targets=targets, extra=extra, data_root=data_prov["data_root"],

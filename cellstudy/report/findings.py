@@ -317,8 +317,10 @@ def findings_page(run_dir: str | Path) -> dict:
         md += ["", "(An interval that reaches 1.000 is cut there: an AUC cannot exceed 1.)"]
     md.append("")
     fam = best_per_family(nets) if len(nets) else nets
+    missed_target = off_plateau = False   # either sends the reader to the default scale's page
     if len(fam):
         met, short, inside = learning_target(fam)
+        missed_target = bool(len(short))
         num["families_at_target"] = (int(len(met)), "verdicts_long.csv:mean")
         txt = (f"**Learning target** (the best network of each family at AUC ≥ {LEARNING_TARGET_AUC:.2f}): "
                + (f"met by {int(len(met))} of {len(fam)} families ({', '.join(met['family'])})" if len(met)
@@ -366,6 +368,7 @@ def findings_page(run_dir: str | Path) -> dict:
         nc = int(conv["converged"].astype(bool).sum())
         num["converged"] = (nc, "convergence.csv:converged")
         bad = [DISPLAY_NAMES.get(n, n) for n in _ordered(conv.loc[~conv["converged"].astype(bool), "network"])]
+        off_plateau = bool(bad)
         stopped = ""
         if bad and "epochs" in conv.columns and conv["epochs"].notna().any():
             stopped = (f"; their numbers are those of a training stopped after {int(conv['epochs'].max())} "
@@ -376,8 +379,7 @@ def findings_page(run_dir: str | Path) -> dict:
                      if one is not None and len(one) else "no network gave every cell of a test fold one class.")
                   + f" ({_link('results', '07_results')})")
         md.append("")
-    if scale == DEFAULT_SCALE_PAGE[0] and ((len(fam) and len(learning_target(fam)[1]))
-                                           or (conv is not None and not conv["converged"].astype(bool).all())):
+    if scale == DEFAULT_SCALE_PAGE[0] and (missed_target or off_plateau):
         md += [f"What more epochs, another schedule, other seeds and other settings gave at this scale, "
                f"measured while it was chosen: [{DEFAULT_SCALE_PAGE[2]}]({DEFAULT_SCALE_PAGE[1]}.md).", ""]
     # --- unseen fields
