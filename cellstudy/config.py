@@ -95,6 +95,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "whitening": "zca",      # "zca" (3 x 3, the paper's) or "channel" (each stain on its own)
         "flips": False,          # a random rotation by quarter turns / flip per training image per epoch
         "lr_decay": "none",      # after the warm-up: "none" (fixed rate) or "cosine" (to 0 by the last epoch)
+        "epochs_long_max": None,  # None: the long regime is epochs_long epochs; an int: on to the plateau, at most this
     },
     # A look in ~20 minutes (configs/quick.yaml): the former CPU default, all eleven networks x 5
     # folds at S = 32 and 1 + 1 epochs. The networks do NOT learn at this scale (AUC 0.49-0.78 in
@@ -121,6 +122,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "whitening": "zca",      # "zca" (3 x 3, the paper's) or "channel" (each stain on its own)
         "flips": False,          # a random rotation by quarter turns / flip per training image per epoch
         "lr_decay": "none",      # after the warm-up: "none" (fixed rate) or "cosine" (to 0 by the last epoch)
+        "epochs_long_max": None,  # None: the long regime is epochs_long epochs; an int: on to the plateau, at most this
     },
     # The CPU default of `make study`: all eleven networks x 5 folds x both regimes on a 2-core
     # machine, at the BBBC021 crops' native size (68 px -> S = 64: stride-32 backbones keep a
@@ -167,6 +169,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "whitening": {"RGB": "channel"},  # per family (above); the families not named: "zca"
         "flips": False,          # a random rotation by quarter turns / flip per training image per epoch
         "lr_decay": "none",      # after the warm-up: "none" (fixed rate) or "cosine" (to 0 by the last epoch)
+        "epochs_long_max": None,  # None: the long regime is epochs_long epochs; an int: on to the plateau, at most this
     },
     # The paper's scale: S = 512, short (< 100) and long (> 100) regimes. Needs a GPU.
     "paper": {
@@ -190,13 +193,15 @@ SCALES: dict[str, dict[str, Any]] = {
         "whitening": "zca",      # "zca" (3 x 3, the paper's) or "channel" (each stain on its own)
         "flips": False,          # a random rotation by quarter turns / flip per training image per epoch
         "lr_decay": "none",      # after the warm-up: "none" (fixed rate) or "cosine" (to 0 by the last epoch)
+        "epochs_long_max": None,  # None: the long regime is epochs_long epochs; an int: on to the plateau, at most this
     },
 }
 
 
 #: Scale keys added after runs were made, with the value that reproduces those runs: a run
 #: folder's ``scale.json`` without the key is read as having it (``rundir.read_scale_file``).
-ADDED_SCALE_KEYS: dict[str, Any] = {"whitening": "zca", "flips": False, "lr_decay": "none"}
+ADDED_SCALE_KEYS: dict[str, Any] = {"whitening": "zca", "flips": False, "lr_decay": "none",
+                                    "epochs_long_max": None}
 
 # Scales for a look or for the tests: their networks are not trained to the plateau, and the
 # books of their runs say that their numbers are not conclusive (``not_conclusive_note``).
@@ -234,7 +239,57 @@ def get_scale(name: str, overrides: dict[str, Any] | None = None) -> dict[str, A
             p[k] = v
     check_whitening(p.get("whitening", "zca"))
     check_lr_decay(p.get("lr_decay", "none"))
+    check_epochs_long_max(p)
     return p
+
+
+def check_epochs_long_max(scale: dict[str, Any]) -> None:
+    """ConfigError unless the scale's ``epochs_long_max`` is None (the long regime is
+    ``epochs_long`` epochs) or an int >= ``epochs_long`` (the long regime trains at least
+    ``epochs_long`` epochs and stops at the first epoch from there on at which the training
+    accuracy is on its plateau by the results chapter's rule, ``cellstudy.learning.convergence``,
+    at most ``epochs_long_max``). Not with a cosine decay, whose length is the regime's."""
+    m = scale.get("epochs_long_max")
+    if m is None:
+        return
+    lo = scale.get("epochs_long")
+    if isinstance(m, bool) or not isinstance(m, int) or not isinstance(lo, int) or m < lo:
+        raise ConfigError(f"epochs_long_max={m!r}; expected null (the long regime is epochs_long = {lo!r} "
+                          f"epochs) or an int >= epochs_long (train on to the plateau, at most that many epochs)")
+    if scale.get("lr_decay", "none") != "none":
+        raise ConfigError(f"epochs_long_max={m!r} with lr_decay={scale.get('lr_decay')!r}: a decay runs to the "
+                          "last epoch, which a stop at the plateau does not know in advance; use one of them")
+
+
+def plateau_stop_text(scale: dict[str, Any]) -> str:
+    """How the scale's long regime ends, for the results chapter beside the convergence rule: ""
+    for a fixed count, else "The long regime of every (network, fold) stopped at the first epoch
+    from 10 on at which this rule held, or at 30 where it did not ...". """
+    m = scale.get("epochs_long_max")
+    if m is None or int(m) == int(scale["epochs_long"]):
+        return ""
+    return (f"The long regime of every (network, fold) went on from epoch {int(scale['epochs_long'])} until this "
+            f"rule held, on the training accuracies alone (never the test fold), and stopped there; where it did "
+            f"not hold by epoch {int(m)}, the scale's cap, the training stopped at the cap and the table says "
+            "not converged.")
+
+
+def regime_epochs_text(scale: dict[str, Any], regime: str) -> str:
+    """One regime's epochs in words: "5 epochs", "10 epochs" (fixed) or "on to the training
+    plateau, 10-30 epochs" (a long regime with ``epochs_long_max``)."""
+    n = int(scale[f"epochs_{regime}"])
+    m = scale.get("epochs_long_max") if regime == "long" else None
+    return f"{n} epochs" if m is None or int(m) == n else f"on to the training plateau, {n}-{int(m)} epochs"
+
+
+def epochs_text(scale: dict[str, Any]) -> str:
+    """The scale's epochs in words, for the book: "5 + 5 epochs" (fixed), or "5 epochs (short
+    regime), then on to the training plateau: at least 10, at most 30 in all (long)"."""
+    short, long_, m = int(scale["epochs_short"]), int(scale["epochs_long"]), scale.get("epochs_long_max")
+    if m is None or int(m) == long_:
+        return f"{short} + {long_ - short} epochs"
+    return (f"{short} epochs (short regime), then on to the training plateau: at least {long_}, "
+            f"at most {int(m)} in all (long regime)")
 
 
 #: The learning-rate decays after the warm-up (a scale's ``lr_decay``): "none", the paper's fixed

@@ -226,7 +226,10 @@ def for_plan(run_dir: str | Path, plan, cfg, workers: int, echo: Callable[[str],
     from :func:`interval_from_env`."""
     from cellstudy import config
 
-    epochs = int(config.get_scale(cfg.scale, cfg.overrides)["epochs_long"])
+    sc = config.get_scale(cfg.scale, cfg.overrides)
+    # a long regime that goes on to the plateau: its cap (the estimate is then an upper bound for
+    # the networks not started yet; the started ones count their own finished folds)
+    epochs = int(sc.get("epochs_long_max") or sc["epochs_long"])
     return Monitor(run_dir, plan.train, plan.steps, epochs, workers, interval=interval_from_env(), echo=echo)
 
 

@@ -83,7 +83,7 @@ def test_lr_decay_is_checked_when_the_scale_is_read():
     """A scale's ``lr_decay``: "none" (the paper's fixed rate) or "cosine"; another value stops
     the config before any work, naming the value."""
     assert config.get_scale("paper")["lr_decay"] == "none"
-    assert config.get_scale("cpu", {"lr_decay": "cosine"})["lr_decay"] == "cosine"
+    assert config.get_scale("cpu", {"lr_decay": "cosine", "epochs_long_max": None})["lr_decay"] == "cosine"
     for bad in ("linear", None, 1):
         with pytest.raises(config.ConfigError, match=f"lr_decay={bad!r}; expected 'none'"):
             config.get_scale("cpu", {"lr_decay": bad})
@@ -100,3 +100,32 @@ def test_rate_text_says_the_schedule():
     assert config.rate_text(config.get_scale("paper", {"lr_decay": "cosine"})) == \
         "0.001, a cosine decay to 0 by the last epoch"
     assert config.rate_text({"learning_rate": 1e-3}) == "0.001, fixed"     # a scale of an older run
+
+
+def test_epochs_long_max_is_checked_when_the_scale_is_read():
+    """``epochs_long_max``: None (a fixed long regime) or an int >= epochs_long (on to the training
+    plateau, at most that many epochs); not with a decay whose length is the regime's. A bad value
+    stops the config before any work, naming it."""
+    assert config.get_scale("paper")["epochs_long_max"] is None
+    assert config.get_scale("ci", {"epochs_long_max": 5})["epochs_long_max"] == 5
+    for bad in (1, True, 2.5, "30"):
+        with pytest.raises(config.ConfigError, match=f"epochs_long_max={bad!r}; expected null"):
+            config.get_scale("ci", {"epochs_long_max": bad})
+    with pytest.raises(config.ConfigError, match="a decay runs to the last epoch"):
+        config.get_scale("ci", {"epochs_long_max": 5, "lr_decay": "cosine"})
+    assert config.ADDED_SCALE_KEYS["epochs_long_max"] is None     # run folders made before it: fixed
+
+
+def test_epochs_in_words():
+    """The epochs as the book states them, fixed and on to the plateau."""
+    fixed = {"epochs_short": 5, "epochs_long": 10, "epochs_long_max": None}
+    assert config.epochs_text(fixed) == "5 + 5 epochs"
+    assert config.regime_epochs_text(fixed, "long") == "10 epochs"
+    assert config.plateau_stop_text(fixed) == ""
+    up = {**fixed, "epochs_long_max": 30}
+    assert config.epochs_text(up) == ("5 epochs (short regime), then on to the training plateau: at least 10, "
+                                      "at most 30 in all (long regime)")
+    assert config.regime_epochs_text(up, "short") == "5 epochs"
+    assert config.regime_epochs_text(up, "long") == "on to the training plateau, 10-30 epochs"
+    assert "from epoch 10 until this rule held" in config.plateau_stop_text(up)
+    assert "by epoch 30, the scale's cap" in config.plateau_stop_text(up)

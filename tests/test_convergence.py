@@ -45,6 +45,7 @@ def test_network_convergence_needs_every_fold():
     t = convergence.network_convergence(pd.DataFrame(rows))
     mhl = t.set_index("network").loc["mhl"]
     assert not mhl["converged"] and mhl["folds_converged"] == 1 and mhl["n_folds"] == 2
+    assert (mhl["epochs_min"], mhl["epochs"]) == (6, 9)     # folds stopped at different epochs
     assert "fold 1" in mhl["why_not"]
     assert t.set_index("network").loc["vit", "converged"]
     assert list(t["network"]) == ["vit", "mhl"]              # the book's order, not the history's

@@ -130,10 +130,12 @@ def test_training_options_are_the_scales_numbers():
     """What a scale sets of the training (the study's jobs and the GPU chapter both use it): the
     global batch grows with the replicas, the schedule's warm-up and decay, the flips."""
     from cellstudy import config
-    sc = config.get_scale("cpu", {"lr_decay": "cosine", "flips": True})
+    sc = config.get_scale("cpu", {"lr_decay": "cosine", "flips": True, "epochs_long_max": None})
     opts = experiment.training_options(sc)
     assert opts == {"epochs_short": 5, "epochs_long": 10, "batch_size": 32, "learning_rate": 3e-3,
-                    "momentum": 0.9, "warmup_epochs": 2, "flips": True, "lr_decay": "cosine"}
+                    "momentum": 0.9, "warmup_epochs": 2, "flips": True, "lr_decay": "cosine",
+                    "epochs_long_max": None}
+    assert experiment.training_options(config.get_scale("cpu", {"epochs_long_max": 25}))["epochs_long_max"] == 25
     assert experiment.training_options(sc, replicas=4)["batch_size"] == 128
     paper = experiment.training_options(config.get_scale("paper"))
     assert (paper["warmup_epochs"], paper["lr_decay"], paper["flips"]) == (0, "none", False)

@@ -642,3 +642,96 @@ def test_flips_resume_equals_uninterrupted_and_is_checked(tmp_path):
     resumed = train.train_fold(tiny_cnn(), *DATA, out, network_name="tiny", fold=0, **kw)
     assert resumed.resumed_from == 1
     np.testing.assert_array_equal(resumed.proba["long"], ref.proba["long"])
+
+
+# ---- the long regime on to the training plateau (epochs_long_max) ------------------------------
+PLATEAU_DATA = make_data(n_train=64)
+PLATEAU = dict(epochs_short=2, epochs_long=6, batch_size=8, seed=0, deterministic=True,
+               learning_rate=1e-2)
+
+
+def _history(out):
+    import pandas as pd
+    return pd.read_csv(out / "history.csv")
+
+
+@pytest.fixture(scope="module")
+def plateau_run(tmp_path_factory):
+    """One uninterrupted run that goes on to its plateau (at most 30 epochs)."""
+    out = tmp_path_factory.mktemp("plateau") / "run"
+    events = []
+    train.train_fold(tiny_cnn(dropout=0.0), *PLATEAU_DATA, out, network_name="tiny", fold=0,
+                     epochs_long_max=30, progress=events.append, **PLATEAU)
+    return out, events
+
+
+def test_long_regime_stops_at_the_first_plateau_epoch(plateau_run, capsys):
+    """The run trains past epochs_long until the results chapter's rule calls its training
+    accuracy converged, and stops at the first such epoch, before the cap."""
+    out, events = plateau_run
+    done = json.loads((out / "done.json").read_text())
+    acc = _history(out)["accuracy"].tolist()
+    n = done["epochs_trained"]
+    assert done["long_stop"] == "plateau" and done["epochs_long_max"] == 30
+    assert PLATEAU["epochs_long"] < n < 30 and len(acc) == n      # went on past 6, stopped before 30
+    assert train.stops_at_plateau(acc)                            # converged where it stopped ...
+    assert not any(train.stops_at_plateau(acc[:e]) for e in range(PLATEAU["epochs_long"], n))  # ... and not before
+    from cellstudy.learning import convergence
+    assert convergence.plateau(acc)["converged"]                  # what the book will say of it
+    assert [e["epoch"] for e in events if e["event"] == "regime"] == [2, n]
+    assert {e["epochs"] for e in events if e["event"] == "epoch"} == {30}
+    assert [e["epoch"] for e in events if e["event"] == "plateau"] == [n]
+    assert np.load(out / "proba_long.npy").shape == (len(PLATEAU_DATA[3]), 2)
+    assert (out / "model_long.keras").exists() and not (out / "checkpoint.npz").exists()
+    train.print_progress(next(e for e in events if e["event"] == "plateau"))
+    train.print_progress(next(e for e in events if e["event"] == "start"))
+    printed = capsys.readouterr().out
+    assert f"on its plateau after epoch {n}" in printed and "at most 30 in all" in printed
+
+
+def test_long_regime_stops_at_the_cap(plateau_run, tmp_path):
+    """A run whose training accuracy is not on its plateau by epochs_long_max stops there, and
+    says so; its first epochs are those of the longer run."""
+    ref, _ = plateau_run
+    acc_ref = _history(ref)["accuracy"].tolist()
+    cap = next(e for e in range(PLATEAU["epochs_long"], len(acc_ref)) if not train.stops_at_plateau(acc_ref[:e]))
+    out = tmp_path / "run"
+    train.train_fold(tiny_cnn(dropout=0.0), *PLATEAU_DATA, out, network_name="tiny", fold=0,
+                     epochs_long_max=cap, **PLATEAU)
+    done = json.loads((out / "done.json").read_text())
+    assert (done["long_stop"], done["epochs_trained"]) == ("cap", cap)
+    np.testing.assert_array_equal(_history(out)["accuracy"], acc_ref[:cap])
+
+
+def test_plateau_run_resumes_to_the_same_stop(plateau_run, tmp_path):
+    """Killed after the minimum and before the plateau, the run resumes (its history restored from
+    the checkpoint) and stops at the same epoch with the same probabilities; a kept checkpoint of
+    an ended run gives its long regime again without training another epoch."""
+    ref, _ = plateau_run
+    n = json.loads((ref / "done.json").read_text())["epochs_trained"]
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        train.train_fold(tiny_cnn(dropout=0.0), *PLATEAU_DATA, out, network_name="tiny", fold=0,
+                         epochs_long_max=30, callbacks=[KillAfter(n - 2)], **PLATEAU)
+    train.train_fold(tiny_cnn(dropout=0.0), *PLATEAU_DATA, out, network_name="tiny", fold=0,
+                     epochs_long_max=30, keep_checkpoint=True, **PLATEAU)
+    done = json.loads((out / "done.json").read_text())
+    assert (done["long_stop"], done["epochs_trained"], done["timings"]["resumed_from_epoch"]) == ("plateau", n, n - 2)
+    np.testing.assert_array_equal(np.load(out / "proba_long.npy"), np.load(ref / "proba_long.npy"))
+    (out / "done.json").unlink()                      # killed between the last checkpoint and done.json
+    train.train_fold(tiny_cnn(dropout=0.0), *PLATEAU_DATA, out, network_name="tiny", fold=0,
+                     epochs_long_max=30, keep_checkpoint=True, **PLATEAU)
+    done = json.loads((out / "done.json").read_text())
+    assert (done["long_stop"], done["epochs_trained"]) == ("plateau", n) and len(_history(out)) == n
+    np.testing.assert_array_equal(np.load(out / "proba_long.npy"), np.load(ref / "proba_long.npy"))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(epochs_long_max=5), "epochs_long_max .* must be None or an int >= epochs_long"),
+    (dict(epochs_long_max=True), "epochs_long_max"),
+    (dict(epochs_long_max=30, lr_decay="cosine"), "a decay runs to the last epoch")])
+def test_bad_epochs_long_max(tmp_path, bad, match):
+    with pytest.raises(train.TrainError, match=match):
+        train.train_fold(tiny_cnn(), *PLATEAU_DATA, tmp_path / "run", network_name="tiny", fold=0,
+                         **{**PLATEAU, **bad})
+    assert not (tmp_path / "run").exists()

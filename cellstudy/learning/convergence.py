@@ -99,7 +99,7 @@ def network_convergence(history: pd.DataFrame, window: int = WINDOW, tol: float 
         rows.append({"network": net, "converged": bool(len(bad) == 0),
                      "folds_converged": int(g["converged"].sum()), "n_folds": int(len(g)),
                      "final_train_accuracy": float(g["final_accuracy"].median()),
-                     "epochs": int(g["epochs"].max()),
+                     "epochs_min": int(g["epochs"].min()), "epochs": int(g["epochs"].max()),
                      "why_not": "; ".join(f"fold {r.fold}: {r.reason}" for r in bad.itertuples())})
     return pd.DataFrame(rows, columns=["network", "converged", "folds_converged", "n_folds",
-                                       "final_train_accuracy", "epochs", "why_not"])
+                                       "final_train_accuracy", "epochs_min", "epochs", "why_not"])

@@ -274,14 +274,16 @@ def run_fold(prepared, name: str, k: int, builder=None, *, seed: int = 0,
 
 
 def training_options(sc: dict[str, Any], replicas: int = 1) -> dict[str, Any]:
-    """``train.train_fold``'s keywords that a scale sets: both regimes' epochs, the global batch
+    """``train.train_fold``'s keywords that a scale sets: both regimes' epochs (and the long
+    regime's cap when it goes on to the plateau), the global batch
     (the scale's per-replica ``batch_size`` x ``replicas``), SGD's rate, momentum, warm-up and
     decay, the flips. The study's training jobs and the GPU chapter both train with these."""
     return {"epochs_short": int(sc["epochs_short"]), "epochs_long": int(sc["epochs_long"]),
             "batch_size": int(sc["batch_size"]) * max(1, int(replicas)),
             "learning_rate": float(sc["learning_rate"]), "momentum": float(sc["momentum"]),
             "warmup_epochs": int(sc.get("warmup_epochs", 0) or 0), "flips": bool(sc.get("flips", False)),
-            "lr_decay": str(sc.get("lr_decay", "none"))}
+            "lr_decay": str(sc.get("lr_decay", "none")),
+            "epochs_long_max": None if sc.get("epochs_long_max") is None else int(sc["epochs_long_max"])}
 
 
 def run_networks(prepared, family: str | Sequence[str], step: str, *, seed: int = 0,

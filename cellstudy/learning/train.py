@@ -3,7 +3,13 @@
 Paper 4.3 / study spec section 6: cross-entropy on the 2-class softmax, SGD with a fixed
 learning rate 1e-3 (momentum and batch size are parameters). One run gives both regimes: after
 ``epochs_short`` epochs the model is evaluated on the test fold and saved (regime ``short``),
-then training continues to ``epochs_long`` (regime ``long``).
+then training continues to ``epochs_long`` (regime ``long``). With ``epochs_long_max`` the long
+regime goes on to the training plateau (study.md section 12: "every scale trains each network
+until its training accuracy plateaus in the long regime"): after every epoch from ``epochs_long``
+on, the results chapter's rule (``cellstudy.learning.convergence.plateau`` on this run's training
+accuracies) decides, and the run stops at the first epoch it calls converged, at the latest at
+``epochs_long_max`` (``done.json``: ``long_stop`` "plateau" or "cap", ``epochs_trained``). The
+rule reads the training history only, never the test fold.
 
 Files written in ``out_dir`` (one folder per network x fold):
 
@@ -96,10 +102,15 @@ def print_progress(ev: dict[str, Any]) -> None:
         line = (f"{head} regime {ev['regime']} saved at epoch {ev['epoch']} "
                 f"(test accuracy {ev['test_accuracy']:.3f})")
     elif kind == "start":
+        upto = (f" (then on to the training plateau, at most {ev['epochs_long_max']} in all)"
+                if ev.get("epochs_long_max") not in (None, ev["epochs_long"]) else "")
         line = (f"{head} start: {ev['n_train']} train / {ev['n_test']} test images, "
-                f"epochs {ev['epochs_short']}+{ev['epochs_long'] - ev['epochs_short']}, "
+                f"epochs {ev['epochs_short']}+{ev['epochs_long'] - ev['epochs_short']}{upto}, "
                 f"{ev['strategy']}" + (f", resuming after epoch {ev['resume_epoch']}"
                                         if ev.get("resume_epoch") else ""))
+    elif kind == "plateau":
+        line = (f"{head} training accuracy on its plateau after epoch {ev['epoch']} (the results "
+                f"chapter's rule): the long regime ends there (at most {ev['epochs']})")
     elif kind == "done":
         line = f"{head} done in {_fmt_s(ev['seconds'])}"
     elif kind == "skipped":
@@ -417,7 +428,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
                callbacks: list | None = None, keep_checkpoint: bool = False,
                retry_failed: bool = False, cache: bool = True,
                initial_weights: dict[str, Any] | None = None, flips: bool = False,
-               lr_decay: str = "none") -> TrainResult:
+               lr_decay: str = "none", epochs_long_max: int | None = None) -> TrainResult:
     """Train one (network, fold) and evaluate both regimes; resumable.
 
     build_fn: zero-argument builder of an *uncompiled* Keras 3 model, input (S, S, 3), output a
@@ -444,6 +455,9 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
     lr_decay: "none" (the rate stays fixed after the warm-up) or "cosine" (it falls to 0 by the
         end of the long regime; ``learning_rate_schedule``). Recorded in ``done.json`` when not
         "none".
+    epochs_long_max: None (the long regime is ``epochs_long`` epochs) or an int >= ``epochs_long``:
+        on to the training plateau, at least ``epochs_long`` and at most ``epochs_long_max``
+        epochs (module docstring; :func:`stops_at_plateau`). Not with ``lr_decay`` "cosine".
     initial_weights: where the model's backbone weights came from (``{backbone: {"path",
         "sha256"}}``; None: random, seeded), recorded in ``done.json`` and checked on resume.
 
@@ -474,6 +488,15 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
         raise TrainError(f"momentum for {where} must be in [0, 1), got {momentum!r}")
     if lr_decay not in LR_DECAYS:
         raise TrainError(f"lr_decay for {where} must be one of {list(LR_DECAYS)}, got {lr_decay!r}")
+    if epochs_long_max is not None:
+        if isinstance(epochs_long_max, bool) or not isinstance(epochs_long_max, (int, np.integer)) \
+                or epochs_long_max < epochs_long:
+            raise TrainError(f"epochs_long_max for {where} must be None or an int >= epochs_long "
+                             f"({epochs_long}), got {epochs_long_max!r}")
+        if lr_decay != "none":
+            raise TrainError(f"epochs_long_max for {where} with lr_decay {lr_decay!r}: a decay runs to "
+                             "the last epoch, which a stop at the plateau does not know in advance")
+    last_epoch = int(epochs_long_max) if epochs_long_max is not None else int(epochs_long)
     x_train, y_train = _check_arrays(x_train, y_train, "train", network_name, fold)
     x_test, y_test = _check_arrays(x_test, y_test, "test", network_name, fold)
     counts = np.bincount(y_train, minlength=2)
@@ -553,6 +576,8 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
             meta["flips"] = True
         if lr_decay != "none":  # likewise; the decay's length depends on epochs_long
             meta["lr_decay"], meta["decay_steps"] = lr_decay, int(decay_steps)
+        if epochs_long_max is not None:  # likewise
+            meta["epochs_long_max"] = int(epochs_long_max)
 
         # ---- resume ---------------------------------------------------------------------------
         history: list[dict[str, Any]] = []
@@ -564,10 +589,10 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
             start_epoch = int(old["epoch"])
             history = list(old.get("history", []))[:start_epoch]
             test_acc = dict(old.get("test_accuracy", {}))
-            if start_epoch > epochs_long:
+            if start_epoch > last_epoch:
                 raise CheckpointMismatchError(
-                    f"checkpoint {ckpt} is at epoch {start_epoch}, beyond epochs_long "
-                    f"{epochs_long}; use another out_dir")
+                    f"checkpoint {ckpt} is at epoch {start_epoch}, beyond the long regime's last "
+                    f"epoch {last_epoch}; use another out_dir")
             if start_epoch >= epochs_short and not (out / "proba_short.npy").exists():
                 raise CheckpointMismatchError(
                     f"checkpoint {ckpt} is past the short regime (epoch {start_epoch}) but "
@@ -577,7 +602,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
 
         emit({"event": "start", "network": network_name, "fold": fold,
               "n_train": len(x_train), "n_test": len(x_test), "epochs_short": epochs_short,
-              "epochs_long": epochs_long, "strategy": sinfo.describe(),
+              "epochs_long": epochs_long, "epochs_long_max": epochs_long_max, "strategy": sinfo.describe(),
               "resume_epoch": start_epoch, "reused_model": reused})
 
         base = _base_dataset(x_train, y_train, cache)
@@ -603,9 +628,23 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
             emit({"event": "regime", "network": network_name, "fold": fold,
                   "regime": regime, "epoch": epoch, "test_accuracy": acc})
 
+        def stop_after(epoch: int) -> str | None:
+            """Whether the long regime ends after ``epoch`` (1-based) epochs: "fixed" / "cap" /
+            "plateau", None to go on."""
+            if epoch < epochs_long:
+                return None
+            if epochs_long_max is None:
+                return "fixed"
+            if stops_at_plateau([r["accuracy"] for r in history[:epoch]]):
+                return "plateau"
+            return "cap" if epoch >= last_epoch else None
+
         # ---- epochs ---------------------------------------------------------------------------
+        long_stop = stop_after(start_epoch) if start_epoch else None
         try:
-            for epoch in range(start_epoch, epochs_long):
+            if long_stop is not None:  # a kept checkpoint of a run that had ended: its long regime again
+                evaluate("long", start_epoch)
+            for epoch in range(start_epoch, last_epoch if long_stop is None else start_epoch):
                 ds = _epoch_dataset(base, n, batch_size, seed, epoch, flips)
                 t0 = time.perf_counter()
                 h = model.fit(ds, initial_epoch=epoch, epochs=epoch + 1, verbose=0,
@@ -627,18 +666,24 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
                 # time left: mean of this session's epochs, the first (tracing) one excluded
                 per = statistics.mean(done_s[1:]) if len(done_s) > 1 else done_s[0]
                 emit({"event": "epoch", "network": network_name, "fold": fold,
-                      "epoch": epoch + 1, "epochs": epochs_long, "loss": loss, "accuracy": acc,
+                      "epoch": epoch + 1, "epochs": last_epoch, "loss": loss, "accuracy": acc,
                       "seconds": dt, "images_per_s": row["images_per_s"],
-                      "eta_s": per * (epochs_long - epoch - 1)})
+                      "eta_s": per * (last_epoch - epoch - 1)})
                 if epoch + 1 == epochs_short:
                     evaluate("short", epoch + 1)
-                if epoch + 1 == epochs_long:
+                long_stop = stop_after(epoch + 1)
+                if long_stop is not None:
                     evaluate("long", epoch + 1)
-                if epoch + 1 < epochs_long or keep_checkpoint:
+                    if long_stop == "plateau" and epoch + 1 < last_epoch:
+                        emit({"event": "plateau", "network": network_name, "fold": fold,
+                              "epoch": epoch + 1, "epochs": last_epoch})
+                if long_stop is None or keep_checkpoint:
                     # the last epoch's checkpoint would be deleted right after done.json: not
                     # written (a kill before done.json resumes from the previous epoch's)
                     ck.save_checkpoint(out, model, {**meta, "epoch": epoch + 1, "history": history,
                                                   "test_accuracy": test_acc})
+                if long_stop is not None:
+                    break
         except _NaNStop as stop:
             failure = {**meta, "status": "failed", "reason": stop.reason,
                        "epoch": stop.epoch if stop.epoch is not None else len(history),
@@ -664,7 +709,8 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
         "reused_model": bool(reused),
         "resumed_from_epoch": start_epoch,
     }
-    done = {**meta, "status": "done", "test_accuracy": test_acc, "timings": timings,
+    extra = {} if epochs_long_max is None else {"long_stop": long_stop, "epochs_trained": len(history)}
+    done = {**meta, **extra, "status": "done", "test_accuracy": test_acc, "timings": timings,
             "strategy": sinfo.as_dict(), "op_determinism": op_determinism_enabled(),
             "onednn": onednn_enabled(), "tf_threads": threads.current(),
             "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
@@ -679,6 +725,16 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
     res.skipped = False
     res.resumed_from = start_epoch
     return res
+
+
+def stops_at_plateau(accuracy) -> bool:
+    """Whether a long regime with ``epochs_long_max`` ends after these per-epoch training
+    accuracies ``(E,)``: the results chapter's rule (``convergence.plateau`` with its stated
+    defaults) calls them converged. The same rule the book applies to the run's history, so a fold
+    stopped here is one the book calls converged (and one stopped at the cap is shown as not)."""
+    from cellstudy.learning import convergence
+
+    return bool(convergence.plateau(accuracy)["converged"])
 
 
 class _NaNStop(Exception):

@@ -285,6 +285,10 @@ def _fmt(v: Any) -> str:
 
 def _epochs(sc: dict) -> str:
     short, long_ = sc.get("epochs_short"), sc.get("epochs_long")
+    most = sc.get("epochs_long_max")
+    if isinstance(short, int) and isinstance(long_, int) and long_ >= short and isinstance(most, int) and most > long_:
+        return (f"{short} + {long_ - short} to {most - short} (the short regime's model after {short}; the long "
+                f"regime goes on to the training plateau, at least {long_} and at most {most} epochs in all)")
     if isinstance(short, int) and isinstance(long_, int) and long_ >= short:
         return f"{short} + {long_ - short} (the short regime's model after {short}, the long regime's after {long_})"
     return f"short {_fmt(short)}, long {_fmt(long_)}"

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from cellstudy import config
 from cellstudy.learning import metrics
 
 __all__ = ["FamilyChapter", "resolution_notes", "regime_tables", "results_sentence", "REGIMES"]
@@ -129,7 +130,7 @@ def regime_tables(tidy: pd.DataFrame, epochs: Mapping[str, Any],
                 raise ValueError(f"epochs lacks {key!r} (the scale's epoch count of regime {regime!r})")
             t = metrics.summary_table(tidy, regime=regime)
             t.index = [_name(n) for n in t.index]
-            out.append((f"**{regime} regime** ({epochs[key]} epochs)", t))
+            out.append((f"**{regime} regime** ({config.regime_epochs_text(epochs, regime)})", t))
     return out
 
 
