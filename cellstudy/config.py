@@ -169,7 +169,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "whitening": {"RGB": "channel"},  # per family (above); the families not named: "zca"
         "flips": False,          # a random rotation by quarter turns / flip per training image per epoch
         "lr_decay": "none",      # after the warm-up: "none" (fixed rate) or "cosine" (to 0 by the last epoch)
-        "epochs_long_max": None,  # None: the long regime is epochs_long epochs; an int: on to the plateau, at most this
+        "epochs_long_max": 30,   # the long regime: from epoch 10 on to the training plateau, at most 30 (book/default_scale.md)
     },
     # The paper's scale: S = 512, short (< 100) and long (> 100) regimes. Needs a GPU.
     "paper": {
@@ -225,7 +225,12 @@ def get_scale(name: str, overrides: dict[str, Any] | None = None) -> dict[str, A
     if name not in SCALES:
         raise ConfigError(f"unknown scale {name!r}; expected one of {sorted(SCALES)}")
     p = copy.deepcopy(SCALES[name])
-    for k, v in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    if "epochs_long" in overrides and "epochs_long_max" not in overrides \
+            and isinstance(p.get("epochs_long_max"), int) and isinstance(overrides["epochs_long"], int):
+        # a longer minimum lifts the scale's cap with it (the cap is never below the minimum)
+        overrides["epochs_long_max"] = max(p["epochs_long_max"], overrides["epochs_long"])
+    for k, v in overrides.items():
         if k not in p:
             raise ConfigError(f"unknown scale parameter {k!r}; expected one of {sorted(p)}")
         if k == "whitening":      # a mode or a mapping family -> mode: the override replaces it whole
@@ -248,7 +253,9 @@ def check_epochs_long_max(scale: dict[str, Any]) -> None:
     ``epochs_long`` epochs) or an int >= ``epochs_long`` (the long regime trains at least
     ``epochs_long`` epochs and stops at the first epoch from there on at which the training
     accuracy is on its plateau by the results chapter's rule, ``cellstudy.learning.convergence``,
-    at most ``epochs_long_max``). Not with a cosine decay, whose length is the regime's."""
+    at most ``epochs_long_max``). Not with a cosine decay above ``epochs_long`` (the decay's
+    length is the regime's). An override of ``epochs_long`` alone lifts the cap to it when it is
+    below (``get_scale``)."""
     m = scale.get("epochs_long_max")
     if m is None:
         return
@@ -256,9 +263,10 @@ def check_epochs_long_max(scale: dict[str, Any]) -> None:
     if isinstance(m, bool) or not isinstance(m, int) or not isinstance(lo, int) or m < lo:
         raise ConfigError(f"epochs_long_max={m!r}; expected null (the long regime is epochs_long = {lo!r} "
                           f"epochs) or an int >= epochs_long (train on to the plateau, at most that many epochs)")
-    if scale.get("lr_decay", "none") != "none":
+    if scale.get("lr_decay", "none") != "none" and m > lo:
         raise ConfigError(f"epochs_long_max={m!r} with lr_decay={scale.get('lr_decay')!r}: a decay runs to the "
-                          "last epoch, which a stop at the plateau does not know in advance; use one of them")
+                          "last epoch, which a stop at the plateau does not know in advance; set epochs_long_max "
+                          f"to epochs_long ({lo}) or null for a fixed long regime")
 
 
 def plateau_stop_text(scale: dict[str, Any]) -> str:

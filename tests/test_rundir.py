@@ -75,7 +75,7 @@ def test_scale_is_written_once_and_checked(tmp_path):
                        r"\(.*scale.json\); you asked for scale 'ci' with overrides \{\}, which differs in "
                        r"image_size: 48 in the run, 32 now\. A run keeps one scale"):
         run.scale("ci")
-    with pytest.raises(rundir.RunFolderError, match=r"differs in .*epochs_long: 2 in the run, 10 now.*and 6 more"):
+    with pytest.raises(rundir.RunFolderError, match=r"differs in .*epochs_long: 2 in the run, 10 now.*and 7 more"):
         run.scale("cpu", {"image_size": 48})
     # an edited scale (the same name resolving to other values) is refused too
     rec["values"]["epochs_long"] = 99
@@ -168,7 +168,7 @@ def test_digest_includes_the_resolved_scale(monkeypatch):
     cfg = runner.StudyConfig(name="t", cohort="bbbc021-paper", scale="ci", steps=["00_cohort"])
     before = cfg.digest()
     assert cfg.digest() == before
-    monkeypatch.setitem(config.SCALES["ci"], "epochs_long", 7)     # the scale edited in config.py
+    monkeypatch.setitem(config.SCALES["ci"], "batch_size", 7)      # the scale edited in config.py
     assert cfg.digest() != before
 
 
@@ -250,10 +250,10 @@ def test_check_run_cohort_reads_only_the_manifest(tmp_path, shared_data, monkeyp
 def test_the_scale_message_for_an_edited_scale_and_a_renamed_one(tmp_path, monkeypatch):
     run = rundir.Run(tmp_path / "r")
     run.scale("ci")
-    monkeypatch.setitem(config.SCALES["ci"], "epochs_long", 7)          # config.py edited since
+    monkeypatch.setitem(config.SCALES["ci"], "batch_size", 7)           # config.py edited since
     with pytest.raises(rundir.RunFolderError, match=r"the same request, but the scale's values have changed "
-                                                    r"since the run was made: epochs_long: 2 in the run, 7 now"):
+                                                    r"since the run was made: batch_size: 32 in the run, 7 now"):
         run.scale("ci")
-    monkeypatch.setitem(config.SCALES, "ci2", dict(config.SCALES["ci"], epochs_long=2))
+    monkeypatch.setitem(config.SCALES, "ci2", dict(config.SCALES["ci"], batch_size=32))
     with pytest.raises(rundir.RunFolderError, match="resolves to the same values under another name"):
         run.scale("ci2")

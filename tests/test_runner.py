@@ -294,9 +294,12 @@ def test_a_run_made_before_a_scale_key_existed_is_still_resumable(tmp_path, monk
     now = cfg.digest()
     assert now in cfg.digests()
     old_scales = copy.deepcopy(config.SCALES)
-    for sc in old_scales.values():        # the version before "lr_decay"
-        sc.pop("lr_decay")
     monkeypatch.setattr(config, "SCALES", old_scales)
+    for sc in old_scales.values():        # the version before "epochs_long_max"
+        sc.pop("epochs_long_max")
+    before_max = cfg.digest()
+    for sc in old_scales.values():        # before "lr_decay"
+        sc.pop("lr_decay")
     before_decay = cfg.digest()
     for sc in old_scales.values():        # before "flips" (and before "whitening")
         sc.pop("flips")
@@ -305,8 +308,8 @@ def test_a_run_made_before_a_scale_key_existed_is_still_resumable(tmp_path, monk
         sc.pop("whitening")
     before_whitening = cfg.digest()
     monkeypatch.undo()
-    assert len({now, before_decay, before_flips, before_whitening}) == 4
-    assert {now, before_decay, before_flips, before_whitening} == cfg.digests()
+    assert len({now, before_max, before_decay, before_flips, before_whitening}) == 5
+    assert {now, before_max, before_decay, before_flips, before_whitening} == cfg.digests()
     decayed = runner.load_config(_config(tmp_path, ["00_cohort"], overrides={"lr_decay": "cosine"}))
     assert not {before_decay, before_flips} & decayed.digests()
     # a run at another value of the new key is another computation: not resumed

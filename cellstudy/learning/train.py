@@ -493,7 +493,7 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
                 or epochs_long_max < epochs_long:
             raise TrainError(f"epochs_long_max for {where} must be None or an int >= epochs_long "
                              f"({epochs_long}), got {epochs_long_max!r}")
-        if lr_decay != "none":
+        if lr_decay != "none" and epochs_long_max > epochs_long:
             raise TrainError(f"epochs_long_max for {where} with lr_decay {lr_decay!r}: a decay runs to "
                              "the last epoch, which a stop at the plateau does not know in advance")
     last_epoch = int(epochs_long_max) if epochs_long_max is not None else int(epochs_long)
