@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cellstudy import rundir
 from cellstudy.report import findings, stats
 
 
@@ -173,7 +174,6 @@ def test_findings_page_states_missing_parts_and_quick_scale(tmp_path):
     assert "not conclusive" not in findings.findings_page(run)["markdown"]
     # the run's own values (scale.json, overrides included) are the ones stated
     (run / "study.yaml").write_text("cohort: toy\nscale: ci\n")
-    from cellstudy import rundir
     rundir.Run(run).scale("ci", {"epochs_long": 3})
     assert "1 + 3 epochs" in findings.findings_page(run)["markdown"]
     assert "statistics step did not run" in md and "No faithfulness results" in md
@@ -332,3 +332,20 @@ def test_console_summary_says_what_the_run_found(tmp_path):
     assert not any("against the classical baseline" in x for x in findings.console_summary(run))
     (run / "07_results" / "verdicts_long.csv").unlink()
     assert findings.console_summary(run) == []          # no results chapter: nothing to say
+
+
+def test_findings_state_the_plateau_stop(tmp_path):
+    """A run whose long regime went on to the plateau (the default scale's epochs_long_max): the
+    training paragraph gives the span of epochs, and a network not on its plateau was stopped at
+    the scale's cap."""
+    run = _fake_run(tmp_path)
+    rundir.Run(run).scale("cpu")                                   # scale.json: epochs_long_max 30
+    pd.DataFrame({"network": ["vgg16", "mhl"], "converged": [False, True], "epochs_min": [30, 11],
+                  "epochs": [30, 17]}).to_csv(run / "07_results" / "convergence.csv", index=False)
+    md = findings.findings_page(run)["markdown"]
+    assert "(the long regime: 11-30 epochs a fold)" in md
+    assert "(not: VGG16; their numbers are those of a training stopped after 30 epochs (the scale cap)" in md
+    pd.DataFrame({"network": ["vgg16", "mhl"], "converged": [True, True], "epochs_min": [10, 10],
+                  "epochs": [10, 10]}).to_csv(run / "07_results" / "convergence.csv", index=False)
+    md = findings.findings_page(run)["markdown"]
+    assert "2 of 2 networks reached their training plateau in every fold;" in md and "a fold)" not in md

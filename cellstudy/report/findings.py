@@ -371,10 +371,15 @@ def findings_page(run_dir: str | Path) -> dict:
         off_plateau = bool(bad)
         stopped = ""
         if bad and "epochs" in conv.columns and conv["epochs"].notna().any():
+            capped = ((_run_scale(run, scale) or {}).get("epochs_long_max") or 0) > 0
             stopped = (f"; their numbers are those of a training stopped after {int(conv['epochs'].max())} "
-                       "epochs, short of that plateau")
+                       f"epochs{' (the scale cap)' if capped else ''}, short of that plateau")
+        span = ""
+        if {"epochs_min", "epochs"} <= set(conv.columns) and conv["epochs_min"].notna().all() \
+                and int(conv["epochs_min"].min()) != int(conv["epochs"].max()):
+            span = f" (the long regime: {int(conv['epochs_min'].min())}-{int(conv['epochs'].max())} epochs a fold)"
         md.append(f"**Training:** {nc} of {len(conv)} networks reached their training plateau in every fold"
-                  + (f" (not: {', '.join(bad)}{stopped})" if bad else "") + "; "
+                  + span + (f" (not: {', '.join(bad)}{stopped})" if bad else "") + "; "
                   + (f"{len(one)} (network, fold) pairs gave every test cell one class."
                      if one is not None and len(one) else "no network gave every cell of a test fold one class.")
                   + f" ({_link('results', '07_results')})")
