@@ -218,7 +218,7 @@ def not_conclusive_note(scale_name: str, scale: dict[str, Any] | None = None) ->
         return ""
     sc = scale if scale is not None else get_scale(scale_name)
     return (f"This run is the `{scale_name}` scale ({LOOK_SCALES[scale_name]}: S = {sc['image_size']}, "
-            f"{sc['epochs_short']} + {sc['epochs_long']} epochs): the networks are not trained to their plateau "
+            f"{epochs_text(sc)}): the networks are not trained to their plateau "
             "and **its numbers are not conclusive**. Run the default scale for the study's findings.")
 
 
@@ -229,9 +229,10 @@ def get_scale(name: str, overrides: dict[str, Any] | None = None) -> dict[str, A
     p = copy.deepcopy(SCALES[name])
     overrides = dict(overrides or {})
     if "epochs_long" in overrides and "epochs_long_max" not in overrides \
-            and isinstance(p.get("epochs_long_max"), int) and isinstance(overrides["epochs_long"], int):
-        # a longer minimum lifts the scale's cap with it (the cap is never below the minimum)
-        overrides["epochs_long_max"] = max(p["epochs_long_max"], overrides["epochs_long"])
+            and p.get("epochs_long_max") is not None:
+        # epochs_long alone asks for that many epochs: a fixed long regime (with epochs_long_max
+        # too, a plateau stop between the two)
+        overrides["epochs_long_max"] = None
     for k, v in overrides.items():
         if k not in p:
             raise ConfigError(f"unknown scale parameter {k!r}; expected one of {sorted(p)}")
@@ -256,8 +257,8 @@ def check_epochs_long_max(scale: dict[str, Any]) -> None:
     ``epochs_long`` epochs and stops at the first epoch from there on at which the training
     accuracy is on its plateau by the results chapter's rule, ``cellstudy.learning.convergence``,
     at most ``epochs_long_max``). Not with a cosine decay above ``epochs_long`` (the decay's
-    length is the regime's). An override of ``epochs_long`` alone lifts the cap to it when it is
-    below (``get_scale``)."""
+    length is the regime's). An override of ``epochs_long`` alone makes the long regime that many
+    epochs, fixed (``get_scale``)."""
     m = scale.get("epochs_long_max")
     if m is None:
         return

@@ -227,8 +227,9 @@ def for_plan(run_dir: str | Path, plan, cfg, workers: int, echo: Callable[[str],
     from cellstudy import config
 
     sc = config.get_scale(cfg.scale, cfg.overrides)
-    # a long regime that goes on to the plateau: its cap (the estimate is then an upper bound for
-    # the networks not started yet; the started ones count their own finished folds)
+    # a long regime that goes on to the plateau: its cap (a running fold's ETA is then up to the
+    # cap; the networks not started yet scale with the epochs the finished folds took, through the
+    # machine factor, in which the cap cancels)
     epochs = int(sc.get("epochs_long_max") or sc["epochs_long"])
     return Monitor(run_dir, plan.train, plan.steps, epochs, workers, interval=interval_from_env(), echo=echo)
 

@@ -96,26 +96,33 @@ class StudyConfig:
         config.py makes a new digest, so a run is never resumed at other values)."""
         return self._digest(config.get_scale(self.scale, self.overrides))
 
-    def _digest(self, scale: dict[str, Any]) -> str:
+    def _digest(self, scale: dict[str, Any], overrides: dict[str, Any] | None = None) -> str:
         d = asdict(self)
         d.pop("title", None)
         d.pop("workers", None)
+        if overrides is not None:
+            d["overrides"] = overrides
         d["resolved_scale"] = scale
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def digests(self) -> set[str]:
         """Every digest a run of this config may carry: :meth:`digest`, and the digests that the
         versions before each scale key of ``config.ADDED_SCALE_KEYS`` was added gave it, while the
-        added keys still have the value those versions computed with. A run interrupted before a
-        scale key was added is resumed by the new version (its ``scale.json`` is read the same
-        way: ``rundir.read_scale_file``)."""
+        added keys still have the value those versions computed with (set by the scale, or by an
+        override to that value, which those versions did not have: ``{epochs_long_max: null}`` on
+        the default scale resumes a run of the fixed 10 epochs). A run interrupted before a scale
+        key was added is resumed by the new version (its ``scale.json`` is read the same way:
+        ``rundir.read_scale_file``)."""
         scale = config.get_scale(self.scale, self.overrides)
+        overrides = dict(self.overrides or {})
         out = {self._digest(scale)}
         for key, old in reversed(list(config.ADDED_SCALE_KEYS.items())):  # newest key first
             if scale.get(key) != old:
                 break
             scale = {k: v for k, v in scale.items() if k != key}
-            out.add(self._digest(scale))
+            if key in overrides and overrides[key] == old:
+                overrides.pop(key)
+            out.add(self._digest(scale, overrides))
         return out
 
 

@@ -115,8 +115,9 @@ def test_epochs_long_max_is_checked_when_the_scale_is_read():
     with pytest.raises(config.ConfigError, match="a decay runs to the last epoch"):
         config.get_scale("ci", {"epochs_long_max": 5, "lr_decay": "cosine"})
     assert config.get_scale("cpu", {"lr_decay": "cosine", "epochs_long_max": 10})["epochs_long_max"] == 10
-    assert config.get_scale("cpu", {"epochs_long": 40})["epochs_long_max"] == 40    # the cap follows the minimum
-    assert config.get_scale("cpu", {"epochs_long": 20})["epochs_long_max"] == 30
+    assert config.get_scale("cpu", {"epochs_long": 20})["epochs_long_max"] is None  # 20 asked: 20, fixed
+    assert config.get_scale("cpu", {"epochs_long": 3})["epochs_long_max"] is None
+    assert config.get_scale("cpu", {"epochs_long": 12, "epochs_long_max": 40})["epochs_long_max"] == 40
     assert config.get_scale("ci", {"epochs_long": 4})["epochs_long_max"] is None    # fixed stays fixed
     assert config.ADDED_SCALE_KEYS["epochs_long_max"] is None     # run folders made before it: fixed
 

@@ -166,7 +166,7 @@ def test_findings_page_states_missing_parts_and_quick_scale(tmp_path):
     assert "not conclusive" in md and "No external test in this run" in md
     from cellstudy import config
     q = config.get_scale("quick")
-    assert f"`quick` scale (a look in ~20 minutes: S = {q['image_size']}, {q['epochs_short']} + {q['epochs_long']} epochs)" in md
+    assert f"`quick` scale (a look in ~20 minutes: S = {q['image_size']}, {q['epochs_short']} + {q['epochs_long'] - q['epochs_short']} epochs)" in md
     # the tests' scale says so too (its book read like findings); the default scale does not
     (run / "study.yaml").write_text("cohort: toy\nscale: ci\n")
     assert "`ci` scale (the tests' scale" in findings.findings_page(run)["markdown"]
@@ -175,7 +175,7 @@ def test_findings_page_states_missing_parts_and_quick_scale(tmp_path):
     # the run's own values (scale.json, overrides included) are the ones stated
     (run / "study.yaml").write_text("cohort: toy\nscale: ci\n")
     rundir.Run(run).scale("ci", {"epochs_long": 3})
-    assert "1 + 3 epochs" in findings.findings_page(run)["markdown"]
+    assert "1 + 2 epochs" in findings.findings_page(run)["markdown"]   # short 1, long 3: 1 + 2 more
     assert "statistics step did not run" in md and "No faithfulness results" in md
     (run / "07_results" / "verdicts_long.csv").unlink()
     with pytest.raises(FileNotFoundError, match="verdicts_long.csv"):
@@ -349,3 +349,10 @@ def test_findings_state_the_plateau_stop(tmp_path):
                   "epochs": [10, 10]}).to_csv(run / "07_results" / "convergence.csv", index=False)
     md = findings.findings_page(run)["markdown"]
     assert "2 of 2 networks reached their training plateau in every fold;" in md and "a fold)" not in md
+    # a fixed long regime: no span (a failed fold's shorter history is no stop), no cap
+    (run / "scale.json").unlink()
+    rundir.Run(run).scale("cpu", {"epochs_long_max": None})
+    pd.DataFrame({"network": ["vgg16", "mhl"], "converged": [False, True], "epochs_min": [3, 10],
+                  "epochs": [10, 10]}).to_csv(run / "07_results" / "convergence.csv", index=False)
+    md = findings.findings_page(run)["markdown"]
+    assert "a fold)" not in md and "stopped after 10 epochs, short" in md

@@ -521,3 +521,20 @@ def test_failed_job_lines_name_the_newest_error_of_this_run(tmp_path):
                      "logs/09_statistics.job.log: cellstudy.runner.StudyError: notebook 09_statistics.ipynb "
                      "failed at cell 15 (ValueError: NaN)",
                      "training/mhl/fold0/train.log: ValueError: bad arrays for fold 0"]     # the 4th, rgb: left out
+
+
+def test_a_default_run_of_the_fixed_long_regime_resumes_with_its_override(tmp_path, monkeypatch):
+    """A run of the default scale made before the plateau stop (a fixed 10-epoch long regime) is
+    another computation than today's default: not resumed by it; with ``overrides:
+    {epochs_long_max: null}``, the same computation, it is."""
+    import copy
+    old_scales = copy.deepcopy(config.SCALES)
+    for sc in old_scales.values():        # the version before "epochs_long_max"
+        sc.pop("epochs_long_max")
+    monkeypatch.setattr(config, "SCALES", old_scales)
+    old = runner.load_config(_config(tmp_path, ["00_cohort"], scale="cpu")).digest()
+    monkeypatch.undo()
+    default = runner.load_config(_config(tmp_path, ["00_cohort"], scale="cpu"))
+    fixed = runner.load_config(_config(tmp_path, ["00_cohort"], scale="cpu", overrides={"epochs_long_max": None}))
+    assert old not in default.digests()
+    assert old in fixed.digests()

@@ -694,7 +694,8 @@ def test_long_regime_stops_at_the_cap(plateau_run, tmp_path):
     says so; its first epochs are those of the longer run."""
     ref, _ = plateau_run
     acc_ref = _history(ref)["accuracy"].tolist()
-    cap = next(e for e in range(PLATEAU["epochs_long"], len(acc_ref)) if not train.stops_at_plateau(acc_ref[:e]))
+    cap = len(acc_ref) - 1                  # the epoch before the plateau: not converged there
+    assert cap > PLATEAU["epochs_long"] and not train.stops_at_plateau(acc_ref[:cap])
     out = tmp_path / "run"
     train.train_fold(tiny_cnn(dropout=0.0), *PLATEAU_DATA, out, network_name="tiny", fold=0,
                      epochs_long_max=cap, **PLATEAU)
@@ -709,6 +710,7 @@ def test_plateau_run_resumes_to_the_same_stop(plateau_run, tmp_path):
     an ended run gives its long regime again without training another epoch."""
     ref, _ = plateau_run
     n = json.loads((ref / "done.json").read_text())["epochs_trained"]
+    assert n - 2 >= PLATEAU["epochs_long"]            # the kill falls after the minimum
     out = tmp_path / "run"
     with pytest.raises(Killed):
         train.train_fold(tiny_cnn(dropout=0.0), *PLATEAU_DATA, out, network_name="tiny", fold=0,
@@ -724,6 +726,17 @@ def test_plateau_run_resumes_to_the_same_stop(plateau_run, tmp_path):
     done = json.loads((out / "done.json").read_text())
     assert (done["long_stop"], done["epochs_trained"]) == ("plateau", n) and len(_history(out)) == n
     np.testing.assert_array_equal(np.load(out / "proba_long.npy"), np.load(ref / "proba_long.npy"))
+
+
+def test_a_checkpoint_of_another_long_regime_is_refused(tmp_path):
+    """A checkpoint written under one end of the long regime (a cap, or a fixed count) is not
+    resumed under another: the stop decisions would mix two rules."""
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        train.train_fold(tiny_cnn(), *PLATEAU_DATA, out, network_name="tiny", fold=0,
+                         epochs_long_max=30, callbacks=[KillAfter(2)], **PLATEAU)
+    with pytest.raises(train.CheckpointMismatchError, match="epochs_long_max 30 there vs None now"):
+        train.train_fold(tiny_cnn(), *PLATEAU_DATA, out, network_name="tiny", fold=0, **PLATEAU)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -250,10 +250,11 @@ def compare_meta(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
             f"{path} was written by {identity(old)} but this run is "
             f"{identity(new)}; use another out_dir or delete the old files")
     keys = ("fold", "seed", "batch_size", "learning_rate", "momentum", "n_train", "n_test",
-            "epochs_short", "warmup_epochs", "initial_weights", "flips", "lr_decay", "decay_steps")
+            "epochs_short", "warmup_epochs", "initial_weights", "flips", "lr_decay", "decay_steps",
+            "epochs_long_max")
     # checkpoints written before the warm-up / the pretrained weights / the flips / the decay existed
     defaults = {"warmup_epochs": 0, "initial_weights": None, "flips": False, "lr_decay": "none",
-                "decay_steps": 0}
+                "decay_steps": 0, "epochs_long_max": None}
     diff = {k: (old.get(k, defaults.get(k)), new.get(k, defaults.get(k))) for k in keys
             if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))}
     if diff:

@@ -16,7 +16,8 @@ Files written in ``out_dir`` (one folder per network x fold):
 =====================  ===================================================================
 ``history.csv``        one row per epoch: epoch (1-based), loss, accuracy, seconds, images_per_s
 ``proba_short.npy``    (N_test, 2) float32 test-set probabilities after ``epochs_short`` epochs
-``proba_long.npy``     (N_test, 2) float32 after ``epochs_long`` epochs
+``proba_long.npy``     (N_test, 2) float32 at the end of the long regime (``epochs_long`` epochs, or
+                       where the plateau stop ended it)
 ``y_test.npy``         (N_test,) int labels, in the same row order
 ``model_short.keras``  the model (architecture and weights) at the short regime (``model_long.keras``:
                        long), for prediction and explanation: without the optimiser's state,

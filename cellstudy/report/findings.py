@@ -370,12 +370,14 @@ def findings_page(run_dir: str | Path) -> dict:
         bad = [DISPLAY_NAMES.get(n, n) for n in _ordered(conv.loc[~conv["converged"].astype(bool), "network"])]
         off_plateau = bool(bad)
         stopped = ""
+        sc_run = _run_scale(run, scale) or {}
+        # the long regime went on to the plateau (the scale's epochs_long_max above epochs_long)
+        capped = (sc_run.get("epochs_long_max") or 0) > (sc_run.get("epochs_long") or 0)
         if bad and "epochs" in conv.columns and conv["epochs"].notna().any():
-            capped = ((_run_scale(run, scale) or {}).get("epochs_long_max") or 0) > 0
             stopped = (f"; their numbers are those of a training stopped after {int(conv['epochs'].max())} "
                        f"epochs{' (the scale cap)' if capped else ''}, short of that plateau")
         span = ""
-        if {"epochs_min", "epochs"} <= set(conv.columns) and conv["epochs_min"].notna().all() \
+        if capped and {"epochs_min", "epochs"} <= set(conv.columns) and conv["epochs_min"].notna().all() \
                 and int(conv["epochs_min"].min()) != int(conv["epochs"].max()):
             span = f" (the long regime: {int(conv['epochs_min'].min())}-{int(conv['epochs'].max())} epochs a fold)"
         md.append(f"**Training:** {nc} of {len(conv)} networks reached their training plateau in every fold"
