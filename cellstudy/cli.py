@@ -69,7 +69,7 @@ def _manifest(a: argparse.Namespace) -> int:
     print(f"wrote {out}: {len(df)} cells\n{folder.summary(df)}\ndata root: {root}\n"
           f"check it:  cellstudy verify {out.resolve()} --data-root {root}\n"
           f"run on it: cellstudy run {configs / 'default.yaml'} --cohort {out.resolve()} --data-root {root}"
-          f" --runs-dir <folder>\n  (the study, ~2 h on 2 cores for 220 cells; {configs / 'ci.yaml'}: a smoke "
+          f" --runs-dir <folder>\n  (the study, 2-4 h on 2 cores for 220 cells; {configs / 'ci.yaml'}: a smoke "
           f"test in minutes; the README's 'Your own cells')")
     return 0
 
