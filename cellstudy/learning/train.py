@@ -458,7 +458,8 @@ def train_fold(build_fn: Callable[[], Any], x_train, y_train, x_test, y_test,
         "none".
     epochs_long_max: None (the long regime is ``epochs_long`` epochs) or an int >= ``epochs_long``:
         on to the training plateau, at least ``epochs_long`` and at most ``epochs_long_max``
-        epochs (module docstring; :func:`stops_at_plateau`). Not with ``lr_decay`` "cosine".
+        epochs (module docstring; :func:`stops_at_plateau`). With ``lr_decay`` "cosine" only
+        when equal to ``epochs_long`` (the decay's length is the regime's).
     initial_weights: where the model's backbone weights came from (``{backbone: {"path",
         "sha256"}}``; None: random, seeded), recorded in ``done.json`` and checked on resume.
 
