@@ -294,13 +294,13 @@ def regime_epochs_text(scale: dict[str, Any], regime: str) -> str:
 
 
 def epochs_text(scale: dict[str, Any]) -> str:
-    """The scale's epochs in words, for the book: "5 + 5 epochs" (fixed), or "5 epochs (short
-    regime), then on to the training plateau: at least 10, at most 30 in all (long)"."""
+    """The scale's epochs in words, for the book: "5 + 5 epochs" (fixed), or "5 epochs for the
+    short regime, then on to the training plateau for the long, 10 to 30 epochs in all"."""
     short, long_, m = int(scale["epochs_short"]), int(scale["epochs_long"]), scale.get("epochs_long_max")
     if m is None or int(m) == long_:
         return f"{short} + {long_ - short} epochs"
-    return (f"{short} epochs (short regime), then on to the training plateau: at least {long_}, "
-            f"at most {int(m)} in all (long regime)")
+    return (f"{short} epochs for the short regime, then on to the training plateau for the long, "
+            f"{long_} to {int(m)} epochs in all")
 
 
 #: The learning-rate decays after the warm-up (a scale's ``lr_decay``): "none", the paper's fixed

@@ -129,8 +129,8 @@ def test_epochs_in_words():
     assert config.regime_epochs_text(fixed, "long") == "10 epochs"
     assert config.plateau_stop_text(fixed) == ""
     up = {**fixed, "epochs_long_max": 30}
-    assert config.epochs_text(up) == ("5 epochs (short regime), then on to the training plateau: at least 10, "
-                                      "at most 30 in all (long regime)")
+    assert config.epochs_text(up) == ("5 epochs for the short regime, then on to the training plateau for "
+                                      "the long, 10 to 30 epochs in all")
     assert config.regime_epochs_text(up, "short") == "5 epochs"
     assert config.regime_epochs_text(up, "long") == "on to the training plateau, 10-30 epochs"
     assert "from epoch 10 until this rule held" in config.plateau_stop_text(up)
