@@ -272,12 +272,21 @@ def check_epochs_long_max(scale: dict[str, Any]) -> None:
                           f"to epochs_long ({lo}) or null for a fixed long regime")
 
 
+def plateau_cap(scale: dict[str, Any]) -> int | None:
+    """The long regime's cap when ``scale``'s long regime goes on to the training plateau
+    (``epochs_long_max`` an int above ``epochs_long``), else None (a fixed long regime, or a scale
+    of a run made before the key). The one test of "plateau stop or fixed" for the book's texts."""
+    m, lo = scale.get("epochs_long_max"), scale.get("epochs_long")
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (m, lo))
+    return int(m) if ints and m > lo else None
+
+
 def plateau_stop_text(scale: dict[str, Any]) -> str:
     """How the scale's long regime ends, for the results chapter beside the convergence rule: ""
     for a fixed count, else "The long regime of every (network, fold) stopped at the first epoch
     from 10 on at which this rule held, or at 30 where it did not ...". """
-    m = scale.get("epochs_long_max")
-    if m is None or int(m) == int(scale["epochs_long"]):
+    m = plateau_cap(scale)
+    if m is None:
         return ""
     return (f"The long regime of every (network, fold) went on from epoch {int(scale['epochs_long'])} until this "
             f"rule held, on the training accuracies alone (never the test fold), and stopped there; where it did "
@@ -289,18 +298,18 @@ def regime_epochs_text(scale: dict[str, Any], regime: str) -> str:
     """One regime's epochs in words: "5 epochs", "10 epochs" (fixed) or "on to the training
     plateau, 10-30 epochs" (a long regime with ``epochs_long_max``)."""
     n = int(scale[f"epochs_{regime}"])
-    m = scale.get("epochs_long_max") if regime == "long" else None
-    return f"{n} epochs" if m is None or int(m) == n else f"on to the training plateau, {n}-{int(m)} epochs"
+    m = plateau_cap(scale) if regime == "long" else None
+    return f"{n} epochs" if m is None else f"on to the training plateau, {n}-{m} epochs"
 
 
 def epochs_text(scale: dict[str, Any]) -> str:
     """The scale's epochs in words, for the book: "5 + 5 epochs" (fixed), or "5 epochs for the
     short regime, then on to the training plateau for the long, 10 to 30 epochs in all"."""
-    short, long_, m = int(scale["epochs_short"]), int(scale["epochs_long"]), scale.get("epochs_long_max")
-    if m is None or int(m) == long_:
+    short, long_, m = int(scale["epochs_short"]), int(scale["epochs_long"]), plateau_cap(scale)
+    if m is None:
         return f"{short} + {long_ - short} epochs"
     return (f"{short} epochs for the short regime, then on to the training plateau for the long, "
-            f"{long_} to {int(m)} epochs in all")
+            f"{long_} to {m} epochs in all")
 
 
 #: The learning-rate decays after the warm-up (a scale's ``lr_decay``): "none", the paper's fixed

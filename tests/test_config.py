@@ -135,3 +135,6 @@ def test_epochs_in_words():
     assert config.regime_epochs_text(up, "long") == "on to the training plateau, 10-30 epochs"
     assert "from epoch 10 until this rule held" in config.plateau_stop_text(up)
     assert "by epoch 30, the scale's cap" in config.plateau_stop_text(up)
+    assert config.plateau_cap(up) == 30 and config.plateau_cap(fixed) is None
+    assert config.plateau_cap({**fixed, "epochs_long_max": 10}) is None       # = epochs_long: fixed
+    assert config.plateau_cap({"epochs_short": 5, "epochs_long": 10}) is None  # a run made before the key

@@ -285,8 +285,8 @@ def _fmt(v: Any) -> str:
 
 def _epochs(sc: dict) -> str:
     short, long_ = sc.get("epochs_short"), sc.get("epochs_long")
-    most = sc.get("epochs_long_max")
-    if isinstance(short, int) and isinstance(long_, int) and long_ >= short and isinstance(most, int) and most > long_:
+    most = config.plateau_cap(sc)
+    if isinstance(short, int) and isinstance(long_, int) and long_ >= short and most is not None:
         return (f"{short} + {long_ - short} to {most - short} (the short regime's model after {short}; the long "
                 f"regime goes on to the training plateau, at least {long_} and at most {most} epochs in all)")
     if isinstance(short, int) and isinstance(long_, int) and long_ >= short:

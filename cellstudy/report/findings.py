@@ -294,7 +294,8 @@ def findings_page(run_dir: str | Path) -> dict:
                    f"{_link('cohort chapter', '00_cohort')} says what the folds and the unseen fields can and cannot "
                    "separate.\n```"]
             break
-    look = config.not_conclusive_note(scale, _run_scale(run, scale))
+    sc_run = _run_scale(run, scale)   # the run's resolved scale (None without scale.json)
+    look = config.not_conclusive_note(scale, sc_run)
     if look:
         md += ["", f"```{{warning}}\n{look}\n```"]
     md.append("")
@@ -370,9 +371,7 @@ def findings_page(run_dir: str | Path) -> dict:
         bad = [DISPLAY_NAMES.get(n, n) for n in _ordered(conv.loc[~conv["converged"].astype(bool), "network"])]
         off_plateau = bool(bad)
         stopped = ""
-        sc_run = _run_scale(run, scale) or {}
-        # the long regime went on to the plateau (the scale's epochs_long_max above epochs_long)
-        capped = (sc_run.get("epochs_long_max") or 0) > (sc_run.get("epochs_long") or 0)
+        capped = config.plateau_cap(sc_run or {}) is not None   # the long regime went on to the plateau
         if bad and "epochs" in conv.columns and conv["epochs"].notna().any():
             stopped = (f"; their numbers are those of a training stopped after {int(conv['epochs'].max())} "
                        f"epochs{' (the scale cap)' if capped else ''}, short of that plateau")
