@@ -17,7 +17,9 @@ The training estimate (:func:`training_left_s`): each network's fold takes the m
 finished folds in this run; a network with none yet takes the catalogue's time
 (``networks.SPECS[n].train_images_per_s``, measured on another CPU) times this machine's factor,
 the median ratio of measured to catalogue fold time over the networks measured so far; a running
-fold adds its own ETA. The sum is shared by the ``workers`` training jobs at once. No estimate is
+fold adds its own ETA, at most what its network's finished folds took less its epochs done
+(:func:`running_left_s`: a fold that goes on to its plateau stops before the cap its ETA
+counts to). The sum is shared by the ``workers`` training jobs at once. No estimate is
 given before any fold has finished (the first fold's time includes TensorFlow's graph tracing
 and says what this machine does)."""
 from __future__ import annotations
@@ -113,6 +115,20 @@ def network_progress(run: rundir.Run, network: str, folds: Sequence[int], now: f
     return {"network": network, "done": done, "fold_s": fold_s, "n_train": n_train, "running": running}
 
 
+def running_left_s(running: dict[str, Any], fold_s: float | None) -> float:
+    """Seconds left of a running fold: its log's ETA (the epochs left to the long regime's last
+    epoch; with a plateau stop, that is the cap), at most the network's median finished fold
+    ``fold_s`` less the epochs done (at the log's rate), and at least one epoch. A fold that goes
+    on to its plateau usually stops well before the cap (the default: 10-27 of 30 epochs), so its
+    own ETA alone overstates the time left."""
+    eta = float(running["eta_s"])
+    left_epochs = int(running["epochs"]) - int(running["epoch"])
+    if fold_s is None or left_epochs <= 0:
+        return eta
+    per_epoch = eta / left_epochs
+    return min(eta, max(per_epoch, float(fold_s) - per_epoch * int(running["epoch"])))
+
+
 def training_left_s(progress: Sequence[dict[str, Any]], n_folds: dict[str, int], epochs: int,
                     workers: int) -> float | None:
     """Seconds of training left (module docstring), from :func:`network_progress` of every
@@ -134,7 +150,7 @@ def training_left_s(progress: Sequence[dict[str, Any]], n_folds: dict[str, int],
     for p in progress:
         todo = n_folds[p["network"]] - len(p["done"]) - (1 if p["running"] else 0)
         if p["running"]:
-            left += p["running"]["eta_s"]
+            left += running_left_s(p["running"], measured.get(p["network"]))
         if todo <= 0:
             continue
         per_fold = measured.get(p["network"])
@@ -228,7 +244,7 @@ def for_plan(run_dir: str | Path, plan, cfg, workers: int, echo: Callable[[str],
 
     sc = config.get_scale(cfg.scale, cfg.overrides)
     # a long regime that goes on to the plateau: its cap (a running fold's ETA is then up to the
-    # cap; the networks not started yet scale with the epochs the finished folds took, through the
+    # cap, bounded by its network's finished folds: running_left_s; the networks not started yet scale with the epochs the finished folds took, through the
     # machine factor, in which the cap cancels)
     epochs = int(sc.get("epochs_long_max") or sc["epochs_long"])
     return Monitor(run_dir, plan.train, plan.steps, epochs, workers, interval=interval_from_env(), echo=echo)

@@ -84,6 +84,20 @@ def test_training_left_from_this_runs_fold_times_and_the_catalogue():
     assert progress.training_left_s(prog, {"vit": 5, "mhl": 5}, epochs=10, workers=2) is None
 
 
+def test_a_running_fold_on_to_its_plateau_is_estimated_by_the_networks_finished_folds():
+    # epoch 6 of at most 30 at 10 s an epoch: the log's ETA is the cap's, 240 s; the network's
+    # finished folds took 120 s (12 epochs), so ~60 s are left of this one
+    run = {"fold": 2, "epoch": 6, "epochs": 30, "eta_s": 240.0}
+    assert progress.running_left_s(run, 120.0) == pytest.approx(60.0)
+    # no finished fold of the network: the log's ETA
+    assert progress.running_left_s(run, None) == pytest.approx(240.0)
+    # past the median fold's time: at least one more epoch, never more than the log's ETA
+    assert progress.running_left_s(dict(run, epoch=15, eta_s=150.0), 120.0) == pytest.approx(10.0)
+    assert progress.running_left_s(run, 1000.0) == pytest.approx(240.0)
+    prog = [{"network": "vit", "done": [0, 1], "fold_s": [100.0, 140.0], "n_train": 352, "running": run}]
+    assert progress.training_left_s(prog, {"vit": 3}, epochs=30, workers=1) == pytest.approx(60.0)
+
+
 def test_the_status_line_says_folds_notebooks_and_what_runs(tmp_path):
     run = tmp_path / "run"
     log = run / "training" / "vit" / "train.log"
