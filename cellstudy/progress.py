@@ -244,9 +244,10 @@ def for_plan(run_dir: str | Path, plan, cfg, workers: int, echo: Callable[[str],
 
     sc = config.get_scale(cfg.scale, cfg.overrides)
     # a long regime that goes on to the plateau: its cap (a running fold's ETA is then up to the
-    # cap, bounded by its network's finished folds: running_left_s; the networks not started yet scale with the epochs the finished folds took, through the
-    # machine factor, in which the cap cancels)
-    epochs = int(sc.get("epochs_long_max") or sc["epochs_long"])
+    # cap, bounded by its network's finished folds: running_left_s; the networks not started yet
+    # scale with the epochs the finished folds took, through the machine factor, in which the cap
+    # cancels)
+    epochs = config.plateau_cap(sc) or int(sc["epochs_long"])
     return Monitor(run_dir, plan.train, plan.steps, epochs, workers, interval=interval_from_env(), echo=echo)
 
 
