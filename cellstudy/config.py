@@ -279,7 +279,8 @@ def check_epochs_long_max(scale: dict[str, Any]) -> None:
 def plateau_cap(scale: dict[str, Any]) -> int | None:
     """The long regime's cap when ``scale``'s long regime goes on to the training plateau
     (``epochs_long_max`` an int above ``epochs_long``), else None (a fixed long regime, or a scale
-    of a run made before the key). The one test of "plateau stop or fixed" (the book's texts, the progress estimate)."""
+    of a run made before the key). The one test of "plateau stop or fixed" (the book's texts, the
+    progress estimate)."""
     m, lo = scale.get("epochs_long_max"), scale.get("epochs_long")
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (m, lo))
     return int(m) if ints and m > lo else None
