@@ -116,7 +116,8 @@ def best_network_why(run_dir: str | Path, trained: Sequence[str]) -> tuple[str, 
         t = pd.read_csv(v)
         t = t[t["network"].isin(trained)]
         if len(t):
-            row = t.loc[t["mean"].idxmax()]
+            from cellstudy.learning.metrics import rank_models
+            row = rank_models(t).iloc[0]   # the results chapter's and the findings' rule
             return str(row["network"]), f"the run's best by long-regime AUC macro (fold mean {float(row['mean']):.3f})"
     return (networks.ordered(trained)[0], "the first trained network in the catalogue's order (the run has "
             "no results chapter to rank them: 07_results/verdicts_long.csv)")

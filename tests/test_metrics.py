@@ -220,3 +220,36 @@ def test_write_tables_unwritable(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OSError, match="file"):
         M.write_tables(tidy, blocker / "sub")
+
+
+# ---------------------------------------------------------------------------------------------
+# One rule for "the best network" (results chapter, findings, prediction)
+# ---------------------------------------------------------------------------------------------
+def test_stable_mean_is_the_same_float_in_any_order():
+    from cellstudy.learning.metrics import stable_mean
+    vals = [0.8409090909090909, 0.8863636363636364, 0.7954545454545454, 0.8863636363636364, 0.8534090909090909]
+    means = {stable_mean(p) for p in ([*vals], vals[::-1], [vals[i] for i in (2, 0, 4, 1, 3)])}
+    assert len(means) == 1
+    assert np.isnan(stable_mean([np.nan, np.nan]))
+    assert stable_mean([1.0, np.nan, 0.0]) == 0.5
+
+
+def test_rank_models_breaks_a_round_off_tie_by_the_sd_then_the_catalogue():
+    from cellstudy.learning.metrics import rank_models, tied_with_best
+    # vit and rgb differ in the 16th digit only (the run of 2026-12-07): a tie, the lower SD first
+    f = pd.DataFrame({"network": ["vit", "rgb", "mhl", "vgg16"],
+                      "mean": [0.9016666666666666, 0.9016666666666667, 0.90125, 0.8925],
+                      "sd": [0.054, 0.048, 0.070, 0.046]})
+    r = rank_models(f)
+    assert list(r["network"]) == ["rgb", "vit", "mhl", "vgg16"]
+    assert tied_with_best(r) == ["vit"]           # both show 0.902; mhl shows 0.901
+    # the SD decides even when the round-off favours the other network
+    f2 = f.assign(mean=[0.9016666666666667, 0.9016666666666666, 0.90125, 0.8925])
+    assert list(rank_models(f2)["network"])[:2] == ["rgb", "vit"]
+    # equal means and SDs: the catalogue's order (vgg16 before vit)
+    f3 = pd.DataFrame({"network": ["vit", "vgg16"], "mean": [0.9, 0.9], "sd": [0.05, 0.05]})
+    assert list(rank_models(f3)["network"]) == ["vgg16", "vit"]
+    # a clear difference is not a tie, whatever the SD
+    f4 = pd.DataFrame({"network": ["vit", "rgb"], "mean": [0.91, 0.90], "sd": [0.2, 0.01]})
+    assert list(rank_models(f4)["network"]) == ["vit", "rgb"]
+    assert tied_with_best(rank_models(f4)) == []

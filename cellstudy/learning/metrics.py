@@ -376,6 +376,50 @@ def _network_sort_key(names: Iterable[str]) -> list[str]:
     return sorted(set(names), key=lambda n: (order.get(n, len(order)), n))
 
 
+#: Fold means are rounded to this many decimals where they are computed: two means of the same
+#: values summed in another order (pandas' groupby, NumPy, a loop) differ in the 16th digit, and
+#: a mean that ends in 5 at the fourth decimal (five folds of 44 cells: 0.8525) would otherwise
+#: round to 0.852 on one page and 0.853 on another, and decide which of two tied networks is "best".
+MEAN_DECIMALS = 12
+
+
+def stable_mean(values) -> float:
+    """The mean of ``values`` (NaN skipped) rounded to ``MEAN_DECIMALS`` decimals: the same float
+    whatever the order of summation. NaN for no finite value."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return round(float(v.mean()), MEAN_DECIMALS) if v.size else math.nan
+
+
+def rank_models(frame: pd.DataFrame, mean: str = "mean", sd: str = "sd",
+                network: str = "network") -> pd.DataFrame:
+    """The rows of ``frame`` (one per model, with its fold ``mean`` and ``sd``) best first: the
+    higher mean (rounded to ``MEAN_DECIMALS``: a round-off difference is a tie), then the lower SD
+    (the steadier over the folds), then the catalogue's order. One rule for every "best network"
+    of the book (results chapter, findings, prediction) so they name the same one."""
+    if frame.empty:
+        return frame.copy()
+    order = {n: i for i, n in enumerate(NETWORK_ORDER)}
+    key = pd.DataFrame({
+        "m": -pd.to_numeric(frame[mean], errors="coerce").round(MEAN_DECIMALS).fillna(-np.inf),
+        "s": pd.to_numeric(frame[sd], errors="coerce").fillna(np.inf) if sd in frame.columns else 0.0,
+        "o": frame[network].map(lambda n: order.get(n, len(order))),
+        "n": frame[network].astype(str)}, index=frame.index)
+    idx = key.sort_values(["m", "s", "o", "n"], kind="mergesort").index
+    return frame.loc[idx]
+
+
+def tied_with_best(ranked: pd.DataFrame, digits: int = 3, mean: str = "mean",
+                   network: str = "network") -> list[str]:
+    """The models of ``rank_models``' output after the first whose mean shows the same at
+    ``digits`` decimals as the best's (the book's rounding): a tie a reader should be told of."""
+    if len(ranked) < 2:
+        return []
+    m = pd.to_numeric(ranked[mean], errors="coerce").round(MEAN_DECIMALS)
+    best = f"{m.iloc[0]:.{digits}f}"
+    return [str(n) for n, v in zip(ranked[network].iloc[1:], m.iloc[1:]) if f"{v:.{digits}f}" == best]
+
+
 def summary_numeric(tidy: pd.DataFrame, metrics: Sequence[str] = TABLE_METRICS) -> pd.DataFrame:
     """Mean and SD over folds per network, regime and metric.
 
@@ -394,6 +438,7 @@ def summary_numeric(tidy: pd.DataFrame, metrics: Sequence[str] = TABLE_METRICS) 
     if "family" not in out.columns:
         out.insert(2, "family", out["network"].map(NETWORK_FAMILY).fillna("other"))
     out["n"] = out["n"].astype(np.int64)
+    out["mean"] = out["mean"].round(MEAN_DECIMALS)   # the same float on every page (MEAN_DECIMALS)
     return out.reset_index(drop=True)
 
 
