@@ -113,3 +113,23 @@ def test_family_chapter_writes_and_shows(tmp_path, monkeypatch):
         ch.summary([])
     with pytest.raises(ValueError, match="is not a folder"):
         chapters.FamilyChapter(64, 4, tmp_path / "missing")
+
+
+def test_notebook_outputs_write_no_tex_math():
+    """The book renders $...$ in markdown *cells* (dollarmath) but not in what code cells display
+    (``display(Markdown(...))``): MathJax leaves the output areas alone, so TeX there shows as raw
+    dollars and backslashes (09_statistics' n_test / n_train, 10's p_c (1 - p_c) did). Code cells
+    write plain text or Unicode instead."""
+    import json
+    import re
+    from pathlib import Path
+    tex = re.compile(r"\$[^$\n]*(\\\\[A-Za-z]+|[A-Za-z]_[A-Za-z{])[^$\n]*\$")
+    bad = []
+    for nb in sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb")):
+        for i, c in enumerate(json.loads(nb.read_text())["cells"]):
+            if c["cell_type"] != "code":
+                continue
+            for line in "".join(c["source"]).splitlines():
+                if tex.search(line):
+                    bad.append(f"{nb.name} cell {i}: {line.strip()[:100]}")
+    assert not bad, "TeX math in code cells' output strings:\n" + "\n".join(bad)
