@@ -563,17 +563,28 @@ def minimum_detectable_effect(
     crit = sps.t.ppf(1 - alpha / 2, df)
     scale = math.sqrt(1.0 / k + ratio)
 
-    def pw(dz: float) -> float:
-        nc = dz / scale
-        v = float(sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc))
-        # scipy's noncentral t returns NaN far in the tail (large ncp, small df), where the
-        # power is 1 to machine precision.
-        return v if math.isfinite(v) else 1.0
+    def pw(nc: float) -> float:
+        # scipy's noncentral t returns NaN here and there far in a tail (large ncp, small df):
+        # the lower tail P(T < -crit) is then 0 to machine precision, the upper P(T > crit) 1
+        # only when it is NaN beyond the critical value (reading a NaN of the lower tail as a
+        # power of 1 put the root at k = 3, alpha = 0.05 / 6 wrong: d_z 7.71 / 6.84 for the
+        # plain / corrected test against 7.97 / 12.6)
+        lower = float(sps.nct.cdf(-crit, df, nc))
+        upper = float(sps.nct.sf(crit, df, nc))
+        if not math.isfinite(lower):
+            lower = 0.0
+        if not math.isfinite(upper):
+            upper = 1.0 if nc > crit else 0.0
+        return min(1.0, upper + lower)
 
+    # The power depends on the noncentrality only, so solve for it once and scale: the same root
+    # for the plain and the corrected test (solving in d_z units put the corrected test's bracket
+    # where scipy returns NaN, and gave a d_z below the plain test's: k = 3, alpha = 0.05 / 6).
     hi = 1.0
     while pw(hi) < power:
         hi *= 2
-    return float(optimize.brentq(lambda dz: pw(dz) - power, 0.0, hi, xtol=1e-10))
+    nc = float(optimize.brentq(lambda v: pw(v) - power, 0.0, hi, xtol=1e-12))
+    return nc * scale
 
 
 def minimum_detectable_effect_or_nan(
