@@ -331,6 +331,10 @@ def findings_page(run_dir: str | Path) -> dict:
     if (best["ci_high"] >= 1.0).any():
         md += ["", "(An interval that reaches 1.000 is cut there: an AUC cannot exceed 1.)"]
     md.append("")
+    md += [f"```{{figure}} findings_auc.png\n:name: fig-findings-auc\n\nAUC-ROC per model, long regime: fold "
+           f"mean with its 95% corrected CI; the solid black line is the learning target ({LEARNING_TARGET_AUC:.2f}), "
+           "the dashed grey line the best classical model, the dotted line chance (the analog of the paper's "
+           "Table 2, with intervals).\n```", ""]
     fam = best_per_family(nets) if len(nets) else nets
     missed_target = off_plateau = False   # either sends the reader to the default scale's page
     if len(fam):
@@ -539,9 +543,6 @@ def findings_page(run_dir: str | Path) -> dict:
     else:
         md.append("No faithfulness results in this run.")
     md.append("")
-    md.append("```{figure} findings_auc.png\n:name: fig-findings-auc\n\nAUC-ROC per model, long regime: fold mean with "
-              "its 95% corrected CI; the dashed line is the best classical model, the dotted line chance "
-              "(the analog of the paper's Table 2, with intervals).\n```")
     return {"markdown": "\n".join(md) + "\n", "numbers": num, "verdicts": v}
 
 
@@ -560,8 +561,11 @@ def findings_figure(verdicts: pd.DataFrame):
                     color=colours[r.family], label=r.family)
     base = v[v["network"] == v["baseline"]]
     if len(base):
-        ax.axvline(float(base["mean"].iloc[0]), ls="--", color="grey", lw=1)
-    ax.axvline(0.5, ls=":", color="black", lw=1)
+        ax.axvline(float(base["mean"].iloc[0]), ls="--", color="grey", lw=1,
+                   label=f"best classical ({float(base['mean'].iloc[0]):.3f})")
+    ax.axvline(LEARNING_TARGET_AUC, ls="-", color="black", lw=0.9, alpha=0.7,
+               label=f"learning target ({LEARNING_TARGET_AUC:.2f})")
+    ax.axvline(0.5, ls=":", color="black", lw=1, label="chance")
     ax.set_yticks(y, v["display"])
     ax.set_xlim(0.3, 1.02)
     ax.set_xlabel("AUC-ROC (long regime), mean over folds with 95% CI")
