@@ -359,6 +359,45 @@ def _check_writable(folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Checks before long work
 # ---------------------------------------------------------------------------------------------
+def check_cohort_folds(cfg: StudyConfig, table) -> None:
+    """StudyError, before a run folder is made or resumed, when the cohort cannot be split into
+    the scale's grouped folds (``folds`` refuses it the same way inside 01_preprocessing): fewer
+    groups than ``n_splits`` in a class, a group holding both classes, one class only."""
+    from cellstudy.learning import folds as folds_mod
+
+    n_splits = config.get_scale(cfg.scale, cfg.overrides)["n_splits"]
+    try:
+        folds_mod._check_inputs(table["label"].to_numpy(), table["group"].astype(str).to_numpy(), n_splits)
+    except folds_mod.FoldsError as e:
+        raise StudyError(f"cohort {cfg.cohort!r} cannot be split into the {cfg.scale} scale's "
+                         f"{n_splits} grouped folds: {e}") from None
+
+
+def check_resumable_cohort(run_dir: Path, cfg: StudyConfig) -> None:
+    """StudyError when the unfinished run folder that this config would resume was made for other
+    cells than its cohort's manifest now lists (``cohort.json``: an edited manifest at the same
+    path keeps the config's digest): resuming would fail inside the first chapter. Names ``--new``."""
+    from cellstudy import data
+    from cellstudy.learning import folds as folds_mod
+
+    rec_file = rundir.Run(run_dir).cohort_file
+    if not rec_file.is_file():
+        return
+    try:
+        rec = json.loads(rec_file.read_text())
+        old_hash, old_n = rec["cells_hash"], rec.get("n_cells")
+    except (OSError, ValueError, KeyError, TypeError):
+        return   # an unreadable record: the chapters refuse it with their own message
+    tab = data.load_manifest(cfg.cohort)
+    now = folds_mod.cells_hash(tab["cell_id"].astype(str), tab["label"].astype(int), tab["group"].astype(str))
+    if now != old_hash:
+        raise StudyError(
+            f"the unfinished run folder {run_dir} of this config was made for other cells ({old_n} cells) than "
+            f"cohort {cfg.cohort!r} lists now ({len(tab)} cells): its manifest changed since. Add --new to "
+            "start a new run folder with these cells (the old folder is kept), or restore the manifest to "
+            "resume that run.")
+
+
 def preflight(cfg: StudyConfig) -> dict[str, Any]:
     """Resolve the data root and verify the cohort's manifest (files, checksums) before any
     notebook runs. Returns the data provenance (root, manifest checksum, counts)."""
@@ -369,6 +408,7 @@ def preflight(cfg: StudyConfig) -> dict[str, Any]:
     weights = check_weights(cfg)
     table = data.load_manifest(cfg.cohort)
     data.verify_manifest(table, root, check_sha=True)
+    check_cohort_folds(cfg, table)
     manifest_path = data.manifest_path(cfg.cohort)
     return {
         "data_root": str(root),
@@ -690,6 +730,8 @@ def run_study(
 
     # the disk the models take, before the run folder is made or opened (not when it fills)
     resumable = None if new else find_resumable(runs_dir, cfg)
+    if resumable is not None:
+        check_resumable_cohort(resumable, cfg)
     check_disk(plan, runs_dir, resumable, StudyError, echo)
     run_dir, status = open_run(cfg, runs_dir, resumable, echo)
     status["engine"] = "snakemake"
@@ -751,9 +793,11 @@ def echo_finished(run_dir: Path, book_index: str | None, echo: Callable[[str], N
     findings in a few lines (``report.findings.console_summary``; a summary that cannot be read is
     said, not raised: the run is complete), then the book's path (``book_index``, relative to the
     run folder; None: no book)."""
-    from cellstudy.report.findings import console_summary
-
     try:
+        # imported here, inside the guard: a summary that cannot be made (even code changed under
+        # a long run) must not hide the book's path
+        from cellstudy.report.findings import console_summary
+
         lines = console_summary(run_dir)
     except Exception as e:   # noqa: BLE001 - the run and its book are done; say what failed
         lines = [f"(the findings summary could not be read: {type(e).__name__}: {e}; the book's findings page has them)"]

@@ -538,3 +538,46 @@ def test_a_default_run_of_the_fixed_long_regime_resumes_with_its_override(tmp_pa
     fixed = runner.load_config(_config(tmp_path, ["00_cohort"], scale="cpu", overrides={"epochs_long_max": None}))
     assert old not in default.digests()
     assert old in fixed.digests()
+
+
+def test_a_cohort_that_cannot_make_the_scales_folds_is_refused_before_a_run_folder(tmp_path):
+    """4 fields per class cannot make 5 grouped folds: said by `cellstudy run` before it makes a
+    run folder (it used to fail inside 01_preprocessing, after the folder was made)."""
+    import pandas as pd
+    cfg = runner.load_config(_config(tmp_path, ["00_cohort"]))
+    tab = pd.DataFrame({"cell_id": [f"c{i}" for i in range(16)], "label": [0] * 8 + [1] * 8,
+                        "group": [f"g{i // 2}" for i in range(16)]})
+    with pytest.raises(runner.StudyError, match=r"cannot be split into the ci scale's 5 grouped folds.*"
+                                                r"class 0: 4 group\(s\), class 1: 4 group\(s\)"):
+        runner.check_cohort_folds(cfg, tab)
+    ok = tab.assign(group=[f"g{i}" for i in range(16)])        # 8 fields per class
+    runner.check_cohort_folds(cfg, ok)
+
+
+def test_an_edited_manifest_does_not_resume_the_run_folder_of_its_old_cells(tmp_path, monkeypatch):
+    """The config's digest names the manifest, not its cells: after the manifest is edited, the
+    same command would resume a folder made for the old cells and fail inside a chapter. It is
+    refused up front, naming --new."""
+    import pandas as pd
+    from cellstudy import data
+    from cellstudy.learning import folds
+    cfg = runner.load_config(_config(tmp_path, ["00_cohort"]))
+    old = pd.DataFrame({"cell_id": ["a", "b"], "label": [0, 1], "group": ["g0", "g1"]})
+    run = tmp_path / "runs" / "t-1"
+    rundir.Run(run).check_cohort(cfg.cohort, folds.cells_hash(old.cell_id, old.label, old.group), 2)
+    monkeypatch.setattr(data, "load_manifest", lambda cohort: old)
+    runner.check_resumable_cohort(run, cfg)                     # the same cells: resumed
+    new = pd.concat([old, pd.DataFrame({"cell_id": ["c"], "label": [1], "group": ["g2"]})])
+    monkeypatch.setattr(data, "load_manifest", lambda cohort: new)
+    with pytest.raises(runner.StudyError, match=r"made for other cells \(2 cells\).*lists now \(3 cells\).*--new"):
+        runner.check_resumable_cohort(run, cfg)
+    runner.check_resumable_cohort(tmp_path / "runs" / "no-record", cfg)   # no cohort.json: nothing to say
+
+
+def test_the_end_of_a_run_names_its_book_when_the_summary_cannot_be_made(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "cellstudy.report.findings", None)   # its import fails
+    lines = []
+    runner.echo_finished(tmp_path, "book/_build/html/index.html", lines.append)
+    assert any("could not be read" in line for line in lines)
+    assert lines[-1].endswith("book/_build/html/index.html")
