@@ -191,8 +191,8 @@ def export(run_dir: str | os.PathLike, network: str, out: str | os.PathLike, *, 
     folds = [fd.fold for fd in run.usable_folds(network, regime)[0]]
     if not folds:
         trained = run.trained_networks(regime)
-        raise ExportError(f"{run.root} has no finished fold of {network!r} with model_{regime}.keras; "
-                          + (f"networks with one: {trained}" if trained else "it has none: run the study first"))
+        raise ExportError(run.no_model_message(regime, network)
+                          + (f"; networks with one: {trained}" if trained else ""))
     fold = folds[0] if fold is None else int(fold)
     if fold not in folds:
         raise ExportError(f"{network} fold {fold} is not a finished fold of {run.root}; finished: {folds}")

@@ -290,12 +290,14 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
     st = run_settings(run_dir)
     trained = run.trained_networks(regime, need_test_cells=False)
     if not trained:
-        raise PredictError(f"{run.root} has no network with a trained model_{regime}.keras; run the study first")
+        raise PredictError(run.no_model_message(regime, networks.resolve(network) if network else None))
     why = "chosen with --network"
     if network is None:
         network, why = best_network_why(run_dir, trained)
     network = networks.resolve(network)   # an id or the paper's name: "MHL-Res" is mhl_res
     if network not in trained:
+        if network in run.models_deleted(regime):
+            raise PredictError(run.no_model_message(regime, network) + f"; networks with their models: {trained}")
         raise PredictError(f"network {network!r} has no trained fold with model_{regime}.keras in {run.training}; "
                            f"trained: {trained}")
     folds = run.usable_folds(network, regime, need_test_cells=False)[0]
@@ -448,6 +450,13 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
              f"{scored['n_abnormal']} abnormal" + "".join(f"; {x}" for x in left) + ")")
     elif why_not:
         echo(f"predict: note: {why_not}")
+    for name, m in classical_scored.items():   # the baseline the user asked for, scored the same way
+        if m:
+            echo(f"predict: {networks.display(name)} (classical) against the cells' own classes: AUC {m['auc']:.3f} "
+                 f"(95% CI {m['auc_ci_low']:.3f}-{m['auc_ci_high']:.3f}), balanced accuracy "
+                 f"{m['balanced_accuracy']:.3f} on {m['n_cells']} cells")
+    for line in qc_lines(tab):
+        echo(f"predict: {line}")
     cells_ref = str(Path(cells).resolve()) if Path(str(cells)).is_file() else str(cells)
     info = {"run_dir": str(run.root.resolve()), "cells": cells_ref, "n_cells": int(len(coh)), "network": network,
             "network_why": why, "scored_against_labels": scored, "not_scored_why": why_not or None,
@@ -529,6 +538,25 @@ def gallery_title(kind: str, info: dict[str, Any] | None) -> str:
 
 SUMMARY_COLUMNS = ["model", "cells", "fields", "auc", "auc_ci_low", "auc_ci_high", "balanced_accuracy",
                    "accuracy_uncertain_half", "accuracy_certain_half"]
+
+
+def qc_lines(table: pd.DataFrame) -> list[str]:
+    """What the terminal says about the cells' QC flags (``qc_*`` columns of :func:`qc_flags`):
+    how many cells were flagged and by which flag, and, when most of them are, that the stains
+    may be mapped wrong (``--channels``). [] when no cell was flagged."""
+    if "qc_ok" not in table.columns or not len(table):
+        return []
+    n, bad = len(table), int((~table["qc_ok"].astype(bool)).sum())
+    if bad == 0:
+        return []
+    flags = [c for c in table.columns if c.startswith("qc_") and c != "qc_ok"]
+    counts = ", ".join(f"{c} {int(table[c].astype(bool).sum())}" for c in flags if table[c].astype(bool).any())
+    out = [f"QC: {bad} of {n} cells flagged ({counts}; the qc_* columns of predictions.csv): read their calls with care"]
+    if bad > n / 2:
+        out.append("QC: most cells are flagged: check the stain mapping of the manifest (--channels of "
+                   "`cellstudy manifest`: which stored channel is the DNA, F-actin and the third stain) and "
+                   "the pixel size against the run's cells")
+    return out
 
 
 def summary_table(res: Prediction) -> pd.DataFrame:

@@ -127,6 +127,9 @@ class FoldDir:
                 return {**row, "status": "unfinished", "detail": f"no {DONE} or {CLASSIFIER_MODEL} in {self.path}"}
             return None
         model = self.model(regime or "long")
+        if self.done.exists() and not model.exists():
+            return {**row, "status": "model deleted",
+                    "detail": f"{self.path} is finished ({DONE}) but its {model.name} is gone (deleted to free disk?)"}
         if not self.done.exists() or not model.exists():
             return {**row, "status": "unfinished", "detail": f"no {DONE} or {model.name} in {self.path}"}
         if not self.zca.exists():
@@ -292,6 +295,31 @@ class Run:
             detail = f"no folder {d}" if not d.is_dir() else f"no finished fold in {d}"
             notes.append({"network": network, "fold": None, "status": "not trained", "detail": detail})
         return found, notes
+
+    def models_deleted(self, regime: str) -> list[str]:
+        """The networks (book's order) whose folds finished (``done.json``) but whose
+        ``model_<regime>.keras`` files are all gone (the README says to delete them when done):
+        what ``predict`` and ``export`` say instead of "not trained"."""
+        from cellstudy import networks
+
+        out = []
+        for n in networks.NETWORK_NAMES:
+            fds = self.folds(n)
+            if fds and all(fd.done.exists() and not fd.model(regime).exists() for fd in fds):
+                out.append(n)
+        return out
+
+    def no_model_message(self, regime: str, network: str | None = None) -> str:
+        """Why ``predict`` / ``export`` find no ``model_<regime>.keras`` (of ``network``, or of any
+        network): the models were deleted from finished folds, or nothing was trained."""
+        deleted = self.models_deleted(regime)
+        if network is not None and network in deleted or network is None and deleted:
+            which = f"{network}'s" if network is not None else f"the networks' ({', '.join(deleted)})"
+            return (f"{self.root}: {which} folds finished (done.json) but their model_{regime}.keras files "
+                    "were deleted; prediction and export need them: use a run folder that kept its models, "
+                    "or train the network again in a new run")
+        what = f"of {network!r} " if network is not None else ""
+        return f"{self.root} has no finished fold {what}with model_{regime}.keras: run the study first"
 
     def trained_networks(self, regime: str, *, need_test_cells: bool = True) -> list[str]:
         """The networks (book's order) with at least one fold usable for ``regime``

@@ -56,7 +56,9 @@ def test_bad_requests_are_refused_before_any_model_loads(tmp_path):
         (tmp_path / "o2").mkdir()
         (tmp_path / "o2" / "predictions.csv").write_text("x")
         P.predict(run, "bbbc021-paper", network="MHL", out_dir=tmp_path / "o2")
-    with pytest.raises(P.PredictError, match="has no network with a trained model_short.keras"):
+    # mhl's folds are finished but have no model_short.keras: deleted, not untrained
+    with pytest.raises(P.PredictError, match=r"the networks' \(mhl\) folds finished \(done.json\) but their "
+                                             r"model_short.keras files were deleted"):
         P.predict(run, "bbbc021-paper", regime="short")
     out = tmp_path / "out"
     out.mkdir()
@@ -374,3 +376,33 @@ def test_short_report_of_a_bioimageio_summary():
         "  ✘ Reproduce test outputs",
         "      error weights.keras_v3: differ by 0.2",
         "      note weights.keras_v3: agree?"]
+
+
+def test_predict_and_export_say_when_the_models_were_deleted_not_untrained(tmp_path):
+    """The README says to delete a run's models when done; predict / export then say so instead
+    of "run the study first"."""
+    from cellstudy import export, rundir
+    run = _fake_run(tmp_path)
+    for k in (0, 1):
+        (run / "training" / "mhl" / f"fold{k}" / "model_long.keras").unlink()
+    with pytest.raises(P.PredictError, match=r"mhl's folds finished \(done.json\) but their model_long.keras "
+                                             r"files were deleted.*kept its models"):
+        P.predict(run, "bbbc021-paper", network="mhl")
+    with pytest.raises(P.PredictError, match=r"the networks' \(mhl\) folds finished"):
+        P.predict(run, "bbbc021-paper")
+    with pytest.raises(export.ExportError, match=r"mhl's folds finished \(done.json\) but their model_long"):
+        export.export(run, "mhl", tmp_path / "x.zip")
+    # never trained: the study is to run
+    assert "run the study first" in rundir.Run(tmp_path / "empty").no_model_message("long")
+    assert rundir.Run(run).models_deleted("long") == ["mhl"]
+
+
+def test_qc_lines_count_the_flags_and_point_to_the_stain_mapping_when_most_cells_fail():
+    import pandas as pd
+    t = pd.DataFrame({"qc_empty_dna": [False] * 4, "qc_size": [True, True, True, False],
+                      "qc_ok": [False, False, False, True]})
+    lines = P.qc_lines(t)
+    assert lines[0].startswith("QC: 3 of 4 cells flagged (qc_size 3;") and "--channels" in lines[1]
+    few = t.assign(qc_size=[True, False, False, False], qc_ok=[False, True, True, True])
+    assert len(P.qc_lines(few)) == 1 and "1 of 4" in P.qc_lines(few)[0]
+    assert P.qc_lines(t.assign(qc_size=False, qc_ok=True)) == []

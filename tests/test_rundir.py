@@ -43,7 +43,7 @@ def test_usable_folds_say_why_the_others_are_not(tmp_path):
     (run.training / "mhl" / "foldx").mkdir()                                               # not a fold
     ok, notes = run.usable_folds("mhl", "long")
     assert [fd.fold for fd in ok] == [0]
-    assert [(n["fold"], n["status"]) for n in notes] == [(1, "failed"), (2, "unfinished"), (3, "incomplete"),
+    assert [(n["fold"], n["status"]) for n in notes] == [(1, "failed"), (2, "model deleted"), (3, "incomplete"),
                                                          (4, "incomplete")]
     ok, notes = run.usable_folds("mhl", "long", need_test_cells=False)
     assert [fd.fold for fd in ok] == [0, 4]
