@@ -29,9 +29,11 @@ def _verify(a: argparse.Namespace) -> int:
 
     root = config.data_root(a.data_root)
     table = data.load_manifest(a.cohort)
-    data.verify_manifest(table, root, check_sha=True)
-    print(f"{a.cohort}: {len(table)} cells, {table['group'].nunique()} groups, all files present and "
-          f"checksums match under {root}")
+    unlabelled = data.is_unlabelled(table)   # cells to predict (cellstudy manifest --unlabelled)
+    data.verify_manifest(table, root, check_sha=True, labelled=not unlabelled)
+    groups = f", {table['group'].nunique()} groups" if "group" in table.columns else ""
+    print(f"{a.cohort}: {len(table)} cells{groups}, all files present and checksums match under {root}"
+          + ("; unlabelled: cells for `cellstudy predict`, not a study cohort" if unlabelled else ""))
     return 0
 
 

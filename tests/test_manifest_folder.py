@@ -292,8 +292,13 @@ def test_a_run_takes_the_manifest_path_as_its_cohort(tmp_path, monkeypatch):
                            group_pattern=GROUP_RX, n_splits=2)
     mf.write_manifest(df, tmp_path / "mine.csv")
     cfg_file = tmp_path / "study.yaml"
+    # 4 fields per class: two grouped folds (the manifest's --n-splits 2), not the scale's five
     cfg_file.write_text("name: mine\ncohort: bbbc021-paper\nscale: ci\nsteps: [00_cohort]\n")
     monkeypatch.chdir(tmp_path)
+    with pytest.raises(runner.StudyError, match="cannot be split into the ci scale's 5 grouped folds"):
+        runner.preflight(runner.load_config(cfg_file, cohort="mine.csv", data_root=str(src)))
+    cfg_file.write_text("name: mine\ncohort: bbbc021-paper\nscale: ci\nsteps: [00_cohort]\n"
+                        "overrides: {n_splits: 2}\n")
     cfg = runner.load_config(cfg_file, cohort="mine.csv", data_root=str(src))
     assert cfg.cohort == str((tmp_path / "mine.csv").resolve())
     prov = runner.preflight(cfg)
@@ -309,7 +314,7 @@ def test_a_run_takes_the_manifest_path_as_its_cohort(tmp_path, monkeypatch):
     assert runner.load_config(cfg_file).data_root is None        # unset stays unset ($CELLSTUDY_DATA_ROOT, ../shared/data)
 
 
-def test_unlabelled_cells_to_predict(tmp_path):
+def test_unlabelled_cells_to_predict(tmp_path, capsys):
     """--unlabelled: no classes, groups from subfolders (or a pattern), stains recorded; it loads
     for prediction (labels -1) and is refused as a study cohort with a message saying why."""
     src = tmp_path / "new"
@@ -349,6 +354,12 @@ def test_unlabelled_cells_to_predict(tmp_path):
     assert cli.main(["manifest", str(src), "-o", str(out3), "--unlabelled", "--channels", "2,1,0",
                      "--stains", "vimentin,F-actin,DNA"]) == 0
     assert data.stains_of(data.load_manifest(str(out3))) == ("vimentin", "F-actin", "DNA")
+    # verify checks its files and says what it is for (it refused it: "labels none of its cells")
+    capsys.readouterr()
+    assert cli.main(["verify", str(out3), "--data-root", str(src)]) == 0
+    assert "unlabelled: cells for `cellstudy predict`" in capsys.readouterr().out
+    (src / sorted(p.name for p in src.iterdir() if p.suffix == ".tif")[0]).write_bytes(b"changed")
+    assert cli.main(["verify", str(out3), "--data-root", str(src)]) == 2   # a file changed: refused
 
 
 def test_stains_column_rules(tmp_path):

@@ -556,7 +556,7 @@ def _scan(df: pd.DataFrame, root: Path, check_sha: bool, keep: bool) -> _Scan:
 
 def verify_manifest(df: pd.DataFrame, root: str | os.PathLike | None = None,
                     check_sha: bool = True, check_images: bool = True,
-                    allow_mixed_groups: bool = False) -> None:
+                    allow_mixed_groups: bool = False, labelled: bool = True) -> None:
     """Check a manifest against its data root before any long work.
 
     Checks: required columns; labels 0/1; both classes present; no group spanning both classes
@@ -567,10 +567,12 @@ def verify_manifest(df: pd.DataFrame, root: str | os.PathLike | None = None,
     ``DataError`` (first ``MAX_LISTED`` listed, plus a count); a ``MissingFileError`` (also a
     ``FileNotFoundError``) when every problem is a missing file. The data root is only read.
     ``root``: resolved with ``config.data_root`` (FileNotFoundError if absent).
+    ``labelled=False``: cells to predict (``cellstudy manifest --unlabelled``): the label checks
+    are skipped (``_check_table``), the files are checked as for a cohort.
     """
     root = config.data_root(root)
     what = f"manifest {df.attrs.get('name', '<table>')} (data root {root})"
-    problems = _check_table(df, allow_mixed_groups)
+    problems = _check_table(df, allow_mixed_groups, labelled=labelled)
     if problems and any("missing column" in p for p in problems):
         _raise_problems(problems, what)
     if check_images:
