@@ -16,7 +16,7 @@ study: venv assets
 test: venv assets
 	$(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
 
-# The fast tier (under ~2 minutes, for the edit-test loop): the tests not marked slow.
+# The fast tier (2-4 minutes on 2 cores, for the edit-test loop): the tests not marked slow.
 test-fast: venv assets
 	$(VENV)/bin/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
 

@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                    "regular expression with a named group (?P<channel>...)")
     m.add_argument("--group-pattern", default=None,
                    help="regular expression with a named group (?P<group>...) searched in each file's path "
-                   "relative to FOLDER, e.g. '(?P<group>[A-Z]\\d{2}_s\\d)'")
+                   "relative to FOLDER, e.g. '(?P<group>[A-Z]\\d{2}_s\\d+)' (\\d+: site s1 is not site s10)")
     m.add_argument("--labels", default=None, help="labels CSV: a file column and a class column (instead of class folders)")
     m.add_argument("--file-column", default="file", help="the labels CSV's file column (default: file)")
     m.add_argument("--class-column", default="class", help="the labels CSV's class column (default: class)")

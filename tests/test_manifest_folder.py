@@ -494,3 +494,24 @@ def test_the_shape_line_of_one_grey_file_per_channel():
     df = pd.DataFrame({"path": ["a_w3.tif;a_w2.tif;a_w1.tif"], "shape": ["8x8;8x8;8x8"]})
     line = mf.shape_line(df)
     assert "8 x 8 px, one grey file per channel as read" in line and "file token" in line and "last axis" not in line
+
+
+def test_a_group_pattern_that_cuts_a_site_number_is_said(tmp_path):
+    """'_s\\d' on B02_s10 gives B02_s1: sites 1, 10 and 11 fall into one group (the README's
+    example did this). The manifest says so, and says it in the error when too few groups are
+    left. With \\d+ every site is its own group and nothing is said."""
+    src = tmp_path / "cells"
+    for cls, wells in (("ctrl", ("A01", "A02")), ("treated", ("B01", "B02"))):
+        (src / cls).mkdir(parents=True)
+        for well in wells:
+            for site in (1, 2, 10, 11):
+                tifffile.imwrite(src / cls / f"{well}_s{site}_c0.tif", _pixels(site, 3))
+    cut, whole = r"(?P<group>[A-Z]\d{2}_s\d)", r"(?P<group>[A-Z]\d{2}_s\d+)"
+    df = mf.build_manifest(src, normal="ctrl", abnormal="treated", channels="2,1,0", group_pattern=cut, n_splits=2)
+    assert df["group"].nunique() == 8 and df.groupby("label")["group"].nunique().tolist() == [4, 4]
+    assert any("cut a number in 8 file(s)" in n and "\\d+" in n for n in df.attrs["notes"])
+    with pytest.raises(data.DataError, match=r"(?s)has 4 group\(s\).*cut a number"):
+        mf.build_manifest(src, normal="ctrl", abnormal="treated", channels="2,1,0", group_pattern=cut, n_splits=3)
+    df2 = mf.build_manifest(src, normal="ctrl", abnormal="treated", channels="2,1,0", group_pattern=whole, n_splits=2)
+    assert df2.groupby("label")["group"].nunique().tolist() == [8, 8]
+    assert not any("cut a number" in n for n in df2.attrs["notes"])

@@ -159,7 +159,7 @@ def _named_regex(pattern: str, option: str, group: str, expected: str) -> re.Pat
 def _group_regex(pattern: str) -> re.Pattern[str]:
     return _named_regex(pattern, "--group-pattern", "group",
                         "expected a regular expression with a named group (?P<group>...), e.g. "
-                        "'(?P<group>[A-Z]\\d{2}_s\\d)'")
+                        "'(?P<group>[A-Z]\\d{2}_s\\d+)'")
 
 
 @dataclass
@@ -345,7 +345,13 @@ def _classes_from_folders(cells: list[_Cell], problems: list[str]) -> None:
             c.class_name = parts[0]
 
 
-def _groups_from_pattern(cells: list[_Cell], rx: re.Pattern[str], problems: list[str]) -> None:
+def _groups_from_pattern(cells: list[_Cell], rx: re.Pattern[str], problems: list[str],
+                         notes: list[str] | None = None) -> None:
+    """Each cell's group from ``rx`` (its named group ``group``) searched in its files' paths.
+    A group that ends in a digit followed by another digit in the path (``_s\\d`` on
+    ``B02_s10_c3.tif`` gives ``B02_s1``) cuts a number, which merges sites 1 and 10: said in
+    ``notes`` (once, with an example), since the folds then see fewer groups than the folder has."""
+    cut = []
     for c in cells:
         found = []
         for f in c.files:
@@ -355,11 +361,19 @@ def _groups_from_pattern(cells: list[_Cell], rx: re.Pattern[str], problems: list
                                 f"every file's path (relative to the folder) to name its group")
             else:
                 found.append(m.group("group"))
+                end = m.end("group")
+                if m.group("group")[-1].isdigit() and end < len(f) and f[end].isdigit():
+                    cut.append((f, m.group("group")))
         if len(set(found)) > 1:
             problems.append(f"{';'.join(c.files)}: the files of one cell give different groups "
                             f"{sorted(set(found))}; expected one")
         elif found and len(found) == len(c.files):
             c.group = found[0]
+    if cut and notes is not None:
+        f, g = cut[0]
+        notes.append(f"--group-pattern cut a number in {len(cut)} file(s), e.g. group {g!r} of {f!r} (the next "
+                     "character is a digit too): sites such as s1 and s10 then fall into one group. Use \\d+ "
+                     "for the whole number (e.g. '(?P<group>[A-Z]\\d{2}_s\\d+)') unless that is meant")
 
 
 def _read_cells(cells: list[_Cell], folder: Path, cmap: ChannelMap,
@@ -516,7 +530,7 @@ def build_manifest(folder: str | os.PathLike, *, normal: str | None = None, abno
     elif not unlabelled:
         _classes_from_folders(cells, problems)
     if g_rx is not None:
-        _groups_from_pattern(cells, g_rx, problems)
+        _groups_from_pattern(cells, g_rx, problems, notes)
     elif unlabelled and group_column is None:
         for c in cells:
             c.group = PurePosixPath(c.files[0]).parent.as_posix()
@@ -567,6 +581,7 @@ def build_manifest(folder: str | os.PathLike, *, normal: str | None = None, abno
                     f"({', '.join(groups)}); expected at least 2 x n_splits = {2 * int(n_splits)} "
                     f"(fields / wells / replicates) so that every fold trains and tests on "
                     f"separate groups of both classes")
+                problems += [n for n in notes if n.startswith("--group-pattern cut a number")][:1]
     _raise_problems(problems, f"image folder {folder}")
     df["label"] = df["label"].astype(int)
     df.attrs["data_root"] = str(root)
