@@ -614,8 +614,32 @@ def check_same_config(run_dir: Path, cfg: runner.StudyConfig) -> None:
     st = runner.read_status(run_dir)
     if st.get("digest") and st["digest"] not in cfg.digests():
         raise rundir.RunFolderError(
-            f"run folder {run_dir} was made by another study config (digest {st['digest']} in "
-            f"{rundir.Run(run_dir).status}, this config's is {cfg.digest()}); use a new run folder")
+            f"run folder {run_dir} was made by another study config ("
+            + (config_differences(run_dir, cfg) or "the same settings, another version of the scale's values")
+            + f"; digest {st['digest']} in {rundir.Run(run_dir).status}, this config's {cfg.digest()}); "
+            "use a new run folder")
+
+
+def config_differences(run_dir: Path, cfg: runner.StudyConfig) -> str:
+    """What differs between the config a run folder was made with (its ``study.yaml``) and
+    ``cfg``, in words: "scale: cpu there, ci here; overrides: {} there, {'epochs_long': 20} here"
+    ("" when the folder has no readable study.yaml or the compared settings are equal)."""
+    import yaml
+    from dataclasses import asdict
+
+    f = Path(run_dir) / "study.yaml"
+    try:   # read as a config is read (defaults filled in), else as it is written
+        made = asdict(runner.load_config(f))
+    except Exception:   # noqa: BLE001 - a config this version refuses: compare its text
+        try:
+            made = yaml.safe_load(f.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return ""
+    now = asdict(cfg)
+    keys = ("name", "cohort", "scale", "seed", "overrides", "steps", "data_root", "weights", "notebook_parameters")
+    diff = [f"{k}: {made.get(k)!r} there, {now.get(k)!r} here" for k in keys
+            if k in now and made.get(k) != now.get(k) and not (k == "weights" and not made.get(k) and not now.get(k))]
+    return "; ".join(d if len(d) <= 300 else d[:297] + "..." for d in diff)
 
 
 def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, run_dir: str | None = None,

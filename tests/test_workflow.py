@@ -250,3 +250,21 @@ def test_grid_on_slurm_equals_a_local_run(tmp_path, shared_data, slurm_cluster, 
     assert done.stat().st_mtime_ns == before
     logs2 = "".join(p.read_text() for p in (on_slurm / ".snakemake" / "log").glob("*.snakemake.log"))
     assert len(workflow.slurm_jobs_of(logs2)) == 2
+
+
+def test_a_run_folder_of_another_config_is_refused_naming_what_differs(tmp_path):
+    """The refusal said two digests only; it names the settings that differ."""
+    cfg_file = tmp_path / "study.yaml"
+    cfg_file.write_text("name: t\ncohort: bbbc021-paper\nscale: ci\nsteps: [00_cohort]\n")
+    cfg = runner.load_config(cfg_file)
+    run = tmp_path / "t-1"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"digest": "0123456789ab"}))
+    (run / "study.yaml").write_text("name: t\ncohort: bbbc021-paper\nscale: cpu\nsteps: [00_cohort]\n"
+                                    "overrides: {epochs_long: 20}\n")
+    with pytest.raises(rundir.RunFolderError, match=r"another study config \(scale: 'cpu' there, 'ci' here; "
+                                                    r"overrides: \{'epochs_long': 20\} there, \{\} here; digest"):
+        workflow.check_same_config(run, cfg)
+    (run / "study.yaml").unlink()     # no record of it: the digests alone
+    with pytest.raises(rundir.RunFolderError, match=r"another version of the scale's values; digest 0123456789ab"):
+        workflow.check_same_config(run, cfg)
