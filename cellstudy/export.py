@@ -198,6 +198,9 @@ def export(run_dir: str | os.PathLike, network: str, out: str | os.PathLike, *, 
         raise ExportError(f"{network} fold {fold} is not a finished fold of {run.root}; finished: {folds}")
     st = run_settings(run.root)
     sc = st["values"]
+    look = config.not_conclusive_note(st["scale"], sc)   # a scale for a look or for the tests
+    if look:
+        echo(f"export: warning: {look} The package says so in its README.")
     S = int(sc["image_size"])
     fd = run.fold(network, fold)
     prepared = study.prepare(st["cohort"], st["scale"], run.root, data_root=st["data_root"], seed=st["seed"],
@@ -241,6 +244,8 @@ def export(run_dir: str | os.PathLike, network: str, out: str | os.PathLike, *, 
             f"A {disp} network ({networks.SPECS[network].description}) trained by cellstudy, a re-creation of "
             f"Mamalakis et al. (arXiv:2309.00911), on the cohort `{Path(str(st['cohort'])).stem}` at "
             f"S = {S} (scale `{st['scale']}`, seed {st['seed']}), regime `{regime}`.", "",
+            *([f"**Not for use on cells.** {look} This package is a smoke test of the export, not a "
+               "model to apply.", ""] if look else []),
             f"**Which model.** The model of fold {fold} of the run's grouped {n_splits}-fold cross-validation "
             "(the lowest finished fold unless chosen: no selection on a test score), with that fold's whitening "
             f"({whitening_words}, fitted on its training cells) as its first, frozen layer `zca_whitening`.", "",

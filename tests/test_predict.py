@@ -306,6 +306,8 @@ def test_export_a_bioimageio_package_that_bioimageio_tests(tiny_run, tmp_path):
     assert f"grouped {n_splits}-fold cross-validation" in doc and f"Grouped {n_splits}-fold" in doc
     assert "(a 3 x 3 ZCA of the three stains, fitted on its training cells)" in doc
     assert "Cite the paper and the data below." in doc      # a shipped cohort: its data citation is there
+    # a model of the tests' scale is a smoke test: its README says so (the terminal warns too)
+    assert "**Not for use on cells.**" in doc and "not conclusive" in doc
     bio = Path(sys.executable).with_name("bioimageio")
     # bioimageio.core picks Keras' backend from KERAS_BACKEND, default torch (not installed here)
     env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
