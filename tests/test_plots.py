@@ -168,3 +168,19 @@ def test_a_long_gallery_title_is_wrapped_not_cut():
     assert cell_gallery(imgs, list("abcd"), title="short")._suptitle.get_text() == "short"
     two = cell_gallery(imgs[:2], ["a", "b"], title=long)._suptitle.get_text()   # 2 columns: 44 a line
     assert all(len(line) <= 44 for line in two.splitlines())
+
+
+def test_training_curves_of_many_networks_are_small_multiples():
+    """Eleven networks x five folds in one panel could not be told apart: above
+    SMALL_MULTIPLES_ABOVE networks, one panel per network and metric, one line per fold."""
+    nets = ["vgg16", "resnet50", "densenet121", "vit", "mhl"]
+    rows = [{"network": n, "fold": f, "epoch": e, "loss": 1 / e + i * 0.1, "accuracy": 1 - 0.5 / e}
+            for i, n in enumerate(nets) for f in range(3) for e in range(1, 7)]
+    fig = P.training_curves(pd.DataFrame(rows), mark_epochs=[3])
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(shown) == 2 * len(nets)                       # loss and accuracy for each network
+    assert [ax.get_title() for ax in shown[:2]] == ["VGG16: training loss", "ResNet50: training loss"]
+    assert all(len(ax.lines) == 3 + 1 for ax in shown)       # 3 folds + the regime marker
+    # the loss panels share one y range (the networks are compared by eye)
+    assert len({ax.get_ylim() for ax in shown[:len(nets)]}) == 1
+    np.testing.assert_allclose(shown[1].lines[0].get_ydata(), 1 / np.arange(1, 7) + 0.1)

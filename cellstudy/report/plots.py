@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_curve
 
 from cellstudy import networks
@@ -203,6 +204,66 @@ def metric_boxplots(
 # ---------------------------------------------------------------------------------------------
 # training curves
 # ---------------------------------------------------------------------------------------------
+#: More networks than this in one training-curves figure: one panel per network and metric
+#: (eleven networks' 55 lines in one panel cannot be told apart).
+SMALL_MULTIPLES_ABOVE = 3
+
+_CURVE_LABELS = {"loss": "training loss", "accuracy": "training accuracy"}
+
+
+def _training_small_multiples(history: pd.DataFrame, metrics: Sequence[str], mark_epochs: Sequence[int],
+                              title: str | None, ncols: int = 4) -> Figure:
+    """:func:`training_curves` for many networks: for each metric, one panel per network (book
+    order, four a row), one line per fold (the folds' colours the same in every panel), a shared
+    y range per metric; ``val_<metric>`` dashed where present."""
+    nets = [n for n in NETWORK_ORDER if n in set(history["network"])]
+    nets += [n for n in dict.fromkeys(history["network"]) if n not in nets]
+    folds = sorted(history["fold"].unique()) if "fold" in history.columns else [None]
+    palette = sns.color_palette("tab10", max(len(folds), 1))
+    nrows_per = math.ceil(len(nets) / ncols)
+    fig = Figure(figsize=(2.6 * ncols, 2.0 * nrows_per * len(metrics) + 0.8), layout="constrained")
+    grid = fig.subplots(nrows_per * len(metrics), ncols, squeeze=False)
+    has_val = any(f"val_{m}" in history.columns for m in metrics)
+    for mi, metric in enumerate(metrics):
+        cols = [metric] + ([f"val_{metric}"] if f"val_{metric}" in history.columns else [])
+        vals = history[cols].to_numpy(dtype=float)
+        vals = vals[np.isfinite(vals)]
+        lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 1.0)
+        pad = 0.05 * (hi - lo or 1.0)
+        for j in range(nrows_per * ncols):
+            ax = grid[mi * nrows_per + j // ncols, j % ncols]
+            if j >= len(nets):
+                ax.set_visible(False)
+                continue
+            net = nets[j]
+            sub = history[history["network"] == net]
+            for fi, fold in enumerate(folds):
+                run = (sub[sub["fold"] == fold] if fold is not None else sub).sort_values("epoch")
+                if run.empty:
+                    continue
+                lab = f"fold {fold}" if fold is not None else None
+                ax.plot(run["epoch"], run[metric], color=palette[fi], lw=1.0, alpha=0.9, label=lab)
+                if f"val_{metric}" in run.columns:
+                    ax.plot(run["epoch"], run[f"val_{metric}"], color=palette[fi], lw=1.0, ls="--")
+            for e in mark_epochs:
+                ax.axvline(e, color="0.4", ls=":", lw=1)
+            ax.set_ylim(lo - pad, hi + pad)
+            ax.set_title(f"{DISPLAY_NAMES.get(net, net)}: {_CURVE_LABELS.get(metric, metric)}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if j % ncols == 0:
+                ax.set_ylabel(_CURVE_LABELS.get(metric, metric), fontsize=7)
+            if j >= len(nets) - ncols:
+                ax.set_xlabel("epoch", fontsize=7)
+    handles, labels = grid[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=7, frameon=False)
+    fig.suptitle(title or ("Training curves, one panel per network, one line per fold (training "
+                           "accuracy: Keras' running mean over the epoch's batches, dropout on)"
+                           + ("; dashed: validation" if has_val else "")), fontsize=9)
+    return fig
+
+
 def training_curves(
     history: pd.DataFrame,
     metrics: Sequence[str] = ("loss", "accuracy"),
@@ -219,6 +280,8 @@ def training_curves(
     if history.empty:
         raise ValueError("history is empty; expected one row per epoch")
     keys = [c for c in ("network", "fold") if c in history.columns]
+    if "network" in keys and history["network"].nunique() > SMALL_MULTIPLES_ABOVE:
+        return _training_small_multiples(history, metrics, mark_epochs, title)
     runs = list(history.groupby(keys, sort=False)) if keys else [((), history)]
     # one colour per network (its folds share it, one legend entry each), else one per run
     by_net = "network" in keys and history["network"].nunique() < len(runs)
