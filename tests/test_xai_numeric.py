@@ -162,3 +162,21 @@ def test_attention_rollout_identity_and_focus():
     r = attention_rollout([att])
     assert r.shape == (n, 2, 2)
     assert r.reshape(n, -1).argmax(1).tolist() == [2, 2] and r.max() == 1.0
+
+
+def test_a_constant_grad_cam_map_is_said_in_its_panel():
+    """ResNet50's example abnormal cells showed a uniform tint with no word why: a constant map
+    (all zero after the ReLU) is titled as such in the examples and the galleries."""
+    import pandas as pd
+    from cellstudy.explain import figures as F
+    rng = np.random.default_rng(0)
+    images = rng.random((2, 8, 8, 3)).astype(np.float32)
+    maps = np.stack([np.zeros((8, 8)), rng.random((8, 8))]).astype(np.float32)
+    proba = np.array([[0.2, 0.8], [0.9, 0.1]])
+    assert F.is_constant_map(maps[0]) and not F.is_constant_map(maps[1]) and F.is_constant_map(np.full((4, 4), 0.3))
+    fig = F.heatmap_examples(images, maps, proba, np.array([1, 0]), rows=[0, 1])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[1] == F.CONSTANT_MAP_TITLE and titles[3] == "Grad-CAM"
+    g = pd.DataFrame({"class": ["abnormal", "normal"], "kind": ["confident"] * 2, "rank": [1, 1], "row": [0, 1]})
+    gt = [ax.get_title() for ax in F.gallery_figure(images, maps, proba, np.array([1, 0]), g).axes]
+    assert gt[0].endswith("constant map") and not gt[1].endswith("constant map")

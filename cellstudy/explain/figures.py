@@ -41,6 +41,19 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str =
     return np.clip((1 - alpha) * grey + alpha * col, 0, 1)
 
 
+def is_constant_map(heat: np.ndarray, rtol: float = 1e-6) -> bool:
+    """True when a heat map has no contrast (its range <= ``rtol`` x its largest absolute value,
+    e.g. all zero after Grad-CAM's ReLU: no region raises the class score), the rule of
+    ``explain.fold.map_exclusions``. Its overlay is a uniform tint, shown with that said."""
+    h = np.asarray(heat, dtype=np.float64)
+    lo, hi = float(h.min()), float(h.max())
+    return (hi - lo) <= rtol * max(abs(hi), abs(lo))
+
+
+#: What an overlay of a constant map says in its panel title.
+CONSTANT_MAP_TITLE = "Grad-CAM: constant map\n(nothing raises the class score)"
+
+
 def _proba_title(p: np.ndarray, label: int | None = None, cell_id: str | None = None) -> str:
     s = " / ".join(f"p({CLASS_NAMES[c]}) {p[c]:.2f}" for c in range(len(p)))
     head = []
@@ -87,7 +100,7 @@ def heatmap_examples(images: np.ndarray, maps: np.ndarray, proba: np.ndarray, la
         a.imshow(_display(images[i]))
         b.imshow(overlay(images[i], maps[i]))
         a.set_title(_proba_title(proba[i], labels[i], None if cell_ids is None else cell_ids[i]), fontsize=7)
-        b.set_title("Grad-CAM", fontsize=7)
+        b.set_title(CONSTANT_MAP_TITLE if is_constant_map(maps[i]) else "Grad-CAM", fontsize=7)
         _off(a)
         _off(b)
     if title:
@@ -275,7 +288,8 @@ def gallery_figure(images: np.ndarray, maps: np.ndarray, proba: np.ndarray, labe
         for j, (_, row) in enumerate(g.sort_values("rank").iterrows()):
             i = int(row["row"])
             axes[r, j].imshow(overlay(images[i], maps[i]))
-            axes[r, j].set_title(_proba_title(proba[i]), fontsize=6)
+            axes[r, j].set_title(_proba_title(proba[i]) + ("\nconstant map" if is_constant_map(maps[i]) else ""),
+                                 fontsize=6)
         axes[r, 0].set_ylabel(f"{cls}\n{kind}", fontsize=8)
     for ax in axes.ravel():
         _off(ax)
