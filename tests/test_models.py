@@ -497,3 +497,21 @@ def test_load_needs_no_knowledge_of_custom_layers(tmp_path):
     (tmp_path / "x.keras").write_text("not a zip")
     with pytest.raises(ValueError, match="is not a Keras model archive"):
         M.load(tmp_path / "x.keras")
+
+
+@pytest.mark.parametrize("name", ["resnet50", "rgb", "denres131"])
+def test_stage_table_counts_each_stages_own_weights_and_adds_up(name):
+    """The family chapters' stage tables read 'params 0' for whole ResNet stages (a layer's own
+    weights: the stage ends in an Add): now every weight is counted in the first stage that uses
+    it, so the column adds up to the network's count (a shared backbone once, a parallel branch
+    its own), and no stage is negative."""
+    from cellstudy.learning.models.describe import stage_table
+    m = M.build(name, 64)
+    t = stage_table(m)
+    assert t["params in stage"].sum() == m.count_params() and (t["params in stage"] >= 0).all()
+    assert t["params up to here"].iloc[-1] == m.count_params()
+    if name == "resnet50":
+        assert t.set_index("layer").loc["conv4_block6_out", "params in stage"] > 1_000_000
+    if name == "rgb":   # the backbone shared by the three stains counts once
+        s = t.set_index("layer")["params in stage"]
+        assert s["feat_r"] > 0 and s["feat_g"] == s["feat_b"] == 0

@@ -260,19 +260,32 @@ _HEAD = [("head: pool", "head_pool"), ("head: dense 1", "head_dense1"), ("head: 
 
 def stage_table(model) -> pd.DataFrame:
     """Compact stage table of a built network: ``stage``, ``layer``, ``output_shape``,
-    ``params`` (weights of that one layer). The head rows follow the network's own stages."""
+    ``params up to here`` (the weights of every layer between the input and this stage's output:
+    a sub-model's count) and ``params in stage`` (those of its weights that no row above uses: a
+    parallel branch counts its own, a backbone shared by the R, G and B streams counts once).
+    The head rows follow the network's own stages. (A layer's own weights alone, the former
+    ``params`` column, read 0 for a whole ResNet stage that ends in an Add.)"""
+    import keras
+
     from cellstudy.learning.models import check_name
 
     name = check_name(model.name)
-    rows = []
+    rows, seen = [], set()
     for stage, lname in _STAGES[name] + _HEAD:
         try:
             layer = model.get_layer(lname)
         except ValueError:
             continue  # e.g. head_dense2 absent with custom head_units
         out = model.inputs[0] if lname == "image" else layer.output
+        try:
+            weights = [] if lname == "image" else keras.Model(model.inputs, out).weights
+        except Exception:   # noqa: BLE001 - a tensor a sub-model cannot end at: the layer's own weights
+            weights = list(layer.weights) if layer.built else []
+        sizes = {id(w): int(np.prod(w.shape)) for w in weights}
+        new = {k: v for k, v in sizes.items() if k not in seen}
+        seen.update(sizes)
         rows.append({"stage": stage, "layer": lname, "output_shape": _shape(out),
-                     "params": int(layer.count_params()) if layer.built else 0})
+                     "params up to here": sum(sizes.values()), "params in stage": sum(new.values())})
     return pd.DataFrame(rows)
 
 
