@@ -133,7 +133,7 @@ def test_zscore_and_describe():
     d = S.describe(skewed)
     q1, med, q3 = np.percentile(skewed, [25, 50, 75])
     assert d["normal"] is False
-    assert d["text"] == f"{med:.3f} (IQR {q1:.3f}-{q3:.3f})"
+    assert d["text"] == f"{med:.3f} (IQR {q1:.3f}-{q3:.3f}; mean {skewed.mean():.3f})"
     assert d["iqr"] == pytest.approx(q3 - q1)
 
 
