@@ -423,7 +423,7 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
         if g.get("confident") is False:
             said.append({"network": network, "fold": None, "status": "no confident call",
                          "detail": f"no cell is called {g['class']} with p >= {CONFIDENT_P:.2f} (the highest: "
-                                   f"{_floor2(g['p_max']):.2f}): the gallery of the most confident {g['class']} calls shows "
+                                   f"{p_text(g['p_max'])}): the gallery of the most confident {g['class']} calls shows "
                                    "uncertain calls"})
     for n in said:
         echo(f"predict: note: {n['detail']}")
@@ -515,11 +515,6 @@ def gallery_ranges(proba: np.ndarray, shown: dict[str, np.ndarray]) -> dict[str,
     return out
 
 
-def _floor2(p: float) -> float:
-    """``p`` rounded down to 2 decimals (0.7496 -> 0.74; 0.69, stored as 0.68999..., stays 0.69)."""
-    return math.floor(round(float(p) * 100, 6)) / 100
-
-
 def gallery_title(kind: str, info: dict[str, Any] | None) -> str:
     """A gallery's title: what it shows and its cells' probabilities, e.g. "most confident
     abnormal calls (p(abnormal) 0.52-0.61; none reaches 0.75: no confident call)"."""
@@ -531,7 +526,7 @@ def gallery_title(kind: str, info: dict[str, Any] | None) -> str:
         return what
     cls = info.get("class") or "abnormal"
     if info.get("confident") is False:   # its best shown rounded down: 0.7496 is not "0.75"
-        return (f"{what} (p({cls}) {info['p_min']:.2f}-{_floor2(info['p_max']):.2f}; none reaches "
+        return (f"{what} (p({cls}) {info['p_min']:.2f}-{p_text(info['p_max'])}; none reaches "
                 f"{CONFIDENT_P:.2f}: no confident call)")
     return f"{what} (p({cls}) {info['p_min']:.2f}-{info['p_max']:.2f})"
 
@@ -601,10 +596,31 @@ def summary_for_reading(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def short_id(cell_id: str, width: int = 18) -> str:
-    """A cell id short enough for a gallery title: its last path part, middle elided."""
-    s = str(cell_id).rsplit("/", 1)[-1]
+def short_id(cell_id: str, width: int = 18, parts: int = 1) -> str:
+    """A cell id short enough for a gallery title: its last ``parts`` path parts, middle elided."""
+    s = "/".join(str(cell_id).split("/")[-parts:])
     return s if len(s) <= width else s[: width // 2 - 1] + "…" + s[-(width // 2):]
+
+
+def short_ids(cell_ids: Sequence[str], width: int = 18) -> list[str]:
+    """:func:`short_id` of each id, with as many trailing path parts as make them tell the cells
+    apart (``a/f1_3`` and ``b/f1_3`` are not both "f1_3"), up to the whole id."""
+    ids = [str(c) for c in cell_ids]
+    most = max((len(c.split("/")) for c in ids), default=1)
+    for k in range(1, most + 1):
+        out = [short_id(c, width, k) for c in ids]
+        if len(set(out)) == len(set(ids)):
+            return out
+    return [short_id(c, max(width, max(len(i) for i in ids)), most) for c in ids]
+
+
+def p_text(p: float) -> str:
+    """A probability for a gallery: two decimals, but never shown as reaching :data:`CONFIDENT_P`
+    when it does not (0.7496 is "0.749", not "0.75", beside "none reaches 0.75")."""
+    p = float(p)
+    if p < CONFIDENT_P <= round(p, 2):
+        return f"{math.floor(round(p * 1000, 6)) / 1000:.3f}"
+    return f"{p:.2f}"
 
 
 def write(res: Prediction, out: str | Path) -> None:
@@ -623,7 +639,8 @@ def write(res: Prediction, out: str | Path) -> None:
 
     for kind, idx in res.gallery.items():
         what = gallery_title(kind, (res.info.get("galleries") or {}).get(kind))
-        titles = [f"{short_id(t.loc[i, 'cell_id'])}\np(abnormal)={t.loc[i, 'p_abnormal']:.2f}" for i in idx]
+        titles = [f"{sid}\np(abnormal)={p_text(t.loc[i, 'p_abnormal'])}"
+                  for sid, i in zip(short_ids([t.loc[i, "cell_id"] for i in idx]), idx)]
         fig = figures.cell_gallery(res.images[idx], titles, title=what)
         atomic.write(out / f"gallery_{kind}.png", lambda f, fig=fig: fig.savefig(f, format="png", dpi=100))
         if res.gradcam:

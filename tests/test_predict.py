@@ -14,6 +14,11 @@ def test_margin_uncertainty_and_short_ids():
     np.testing.assert_allclose(P.margin_uncertainty(p), [0.0, 1.0, 0.4])
     assert P.short_id("DMSO/B02_s1_w16F89C55C-7808-4136-82E4_0") == "B02_s1_w…36-82E4_0"
     assert P.short_id("cell_1") == "cell_1"
+    # ids that share their last part keep as much of the path as tells them apart
+    assert P.short_ids(["a/f1_3", "b/f1_3", "a/f1_4"]) == ["a/f1_3", "b/f1_3", "a/f1_4"]
+    assert P.short_ids(["x/a/f1", "x/b/f2"]) == ["f1", "f2"]
+    # a panel's probability is not shown reaching the confidence level when it does not
+    assert P.p_text(0.7496) == "0.749" and P.p_text(0.75) == "0.75" and P.p_text(0.7449) == "0.74"
 
 
 def test_qc_flags_find_empty_saturated_and_odd_sized_cells():
@@ -193,7 +198,7 @@ def test_gallery_cells():
     # a best call of 0.7496 is not shown as 0.75 beside "none reaches 0.75"
     assert P.gallery_title("confident_normal", {"class": "normal", "p_min": 0.6, "p_max": 0.7496,
                                                 "confident": False}).startswith(
-        "most confident normal calls (p(normal) 0.60-0.74; none reaches 0.75")
+        "most confident normal calls (p(normal) 0.60-0.749; none reaches 0.75")
     assert "0.66-0.69; none" in P.gallery_title("confident_normal", {"class": "normal", "p_min": 0.66, "p_max": 0.69,
                                                                      "confident": False})   # 0.69 * 100 = 68.999...
 
