@@ -394,9 +394,23 @@ def test_findings_do_not_bold_a_shortfall_the_folds_cannot_tell(tmp_path):
 
 
 def test_findings_of_the_default_scale_say_how_it_was_chosen(tmp_path):
-    run = _fake_run(tmp_path)                 # the cpu scale
+    """The default scale was chosen on bbbc021-paper's folds: that cohort's findings say so and
+    point to the unseen fields; another cohort's, or another scale's, do not."""
+    run = _fake_run(tmp_path)
+    (run / "study.yaml").write_text("cohort: bbbc021-paper\nscale: cpu\n")
     md = findings.findings_page(run)["markdown"]
     assert "chosen by probes scored on these same test folds" in md
     assert "unseen fields below took no part in any choice" in md
-    (run / "study.yaml").write_text("cohort: toy\nscale: quick\n")
+    (run / "study.yaml").write_text("cohort: toy\nscale: cpu\n")
     assert "chosen by probes" not in findings.findings_page(run)["markdown"]
+    (run / "study.yaml").write_text("cohort: bbbc021-paper\nscale: quick\n")
+    assert "chosen by probes" not in findings.findings_page(run)["markdown"]
+
+
+def test_the_unseen_fields_are_said_to_be_new_fields_of_the_cohorts_wells():
+    """Findings read 'unseen fields, AUC 0.927' as if new wells: they are other fields of the
+    same wells (BBBC021), which the sentence now says, with their classes."""
+    txt = findings._external_provenance("bbbc021-paper")
+    assert txt.startswith("They are 240 normal-role and 320 abnormal-role cells from other fields of the "
+                          "cohort's own wells: a check on new fields, not on new wells")
+    assert findings._external_provenance("rxrx1-cells") == ""      # no external set defined

@@ -216,7 +216,10 @@ STAIN_NAMES = {"third": "the third stain (tubulin)", "actin": "F-actin", "dna": 
 #: misses the learning target or a network is not on its plateau.
 DEFAULT_SCALE_PAGE = ("cpu", "default_scale", "How the CPU default scale was chosen")
 
-#: What the findings of a run at the default scale say about how that scale was chosen.
+#: The cohort on whose folds the default scale's settings were chosen (book/default_scale.md).
+DEFAULT_SCALE_COHORT = "bbbc021-paper"
+
+#: What the findings of a run of that cohort at the default scale say about how the scale was chosen.
 SELECTION_CAVEAT = (
     "**How the default scale was chosen, and what that means for these numbers.** Its settings "
     "(image size, rate and warm-up, the plateau rule, the RGB family's per-stain whitening and "
@@ -407,7 +410,7 @@ def findings_page(run_dir: str | Path) -> dict:
                      if one is not None and len(one) else "no network gave every cell of a test fold one class.")
                   + f" ({_link('results', '07_results')})")
         md.append("")
-    if scale == DEFAULT_SCALE_PAGE[0]:
+    if scale == DEFAULT_SCALE_PAGE[0] and cohort == DEFAULT_SCALE_COHORT:
         md += [SELECTION_CAVEAT.format(page=f"[{DEFAULT_SCALE_PAGE[2]}]({DEFAULT_SCALE_PAGE[1]}.md)"), ""]
     if scale == DEFAULT_SCALE_PAGE[0] and (missed_target or off_plateau):
         md += [f"What more epochs, another schedule, other seeds and other settings gave at this scale, "
@@ -438,7 +441,8 @@ def findings_page(run_dir: str | Path) -> dict:
             line += (f" **{below} of {len(en)} network ensembles score below the classical model** there"
                      if below else " Every network ensemble scores above the classical model there") + \
                 " (point estimates; the chapter gives each its interval)."
-        md.append(line)
+        what = _external_provenance(cohort)
+        md.append(line + (" " + what if what else ""))
     else:
         md.append("No external test in this run (no external set is defined for this cohort, or the results step did not write it).")
     md.append("")
@@ -544,6 +548,33 @@ def findings_page(run_dir: str | Path) -> dict:
         md.append("No faithfulness results in this run.")
     md.append("")
     return {"markdown": "\n".join(md) + "\n", "numbers": num, "verdicts": v}
+
+
+def _external_provenance(cohort: str) -> str:
+    """Where the unseen cells come from, from the two manifests (no image read): their classes, and
+    whether they are new fields of the cohort's own wells (plates, experiments), which the unseen
+    test then cannot tell from the class. "" when the study defines no external set for the cohort
+    or a manifest cannot be read."""
+    from cellstudy import data
+    from cellstudy.report import external
+
+    name = external.external_cohort_for(cohort)
+    if name is None:
+        return ""
+    try:
+        ct, et = data.load_manifest(cohort), data.load_manifest(name)
+    except Exception:   # noqa: BLE001 - a sentence of the page, not worth stopping it for
+        return ""
+    lab = pd.to_numeric(et["label"], errors="coerce")
+    out = f"They are {int((lab == 0).sum())} normal-role and {int((lab == 1).sum())} abnormal-role cells"
+    for col in ("well", "plate", "experiment"):
+        if col in ct.columns and col in et.columns:
+            if set(et[col].astype(str)) <= set(ct[col].astype(str)):
+                return (out + f" from other fields of the cohort's own {col}s: a check on new fields, not on new "
+                        f"{col}s (a {col} effect that goes with the class holds there too; "
+                        f"{_link('cohort chapter', '00_cohort')}).")
+            return out + f", partly from {col}s the cohort does not use."
+    return out + "."
 
 
 def findings_figure(verdicts: pd.DataFrame):
