@@ -44,7 +44,7 @@ MATHJAX_DIR = config.REPO_ROOT / "node_modules" / "mathjax" / "es5"
 
 #: Static pages placed before / after the notebooks (only those present in book/ are used).
 PAGES_BEFORE = ["intro", "findings"]
-PAGES_AFTER = ["reproducibility", "default_scale", "scaling"]
+PAGES_AFTER = ["reproducibility", "default_scale", "scaling", "glossary"]
 
 
 class BookError(RuntimeError):
