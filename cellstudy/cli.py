@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("verify", help="check a cohort's files and checksums")
     v.add_argument("cohort", help="a cohort name (data_manifest/, e.g. bbbc021-paper) or a manifest CSV "
                    "(cellstudy manifest)")
-    v.add_argument("--data-root", default=None)
+    v.add_argument("--data-root", default=None, help="the data root (default: $CELLSTUDY_DATA_ROOT or ../shared/data)")
     v.set_defaults(func=_verify)
     m = sub.add_parser("manifest", help="build a cohort manifest from a folder of your own cell images",
                        description="Build a cohort manifest (CSV) from a folder of cell images: one "
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     pt.add_argument("--scale", default="cpu", help="image size, schedule, augmentation (default cpu)")
     pt.add_argument("--epochs", type=int, default=None, help="default: the scale's epochs_long")
     pt.add_argument("--seed", type=int, default=0)
-    pt.add_argument("--data-root", default=None)
+    pt.add_argument("--data-root", default=None, help="the data root (default: $CELLSTUDY_DATA_ROOT or ../shared/data)")
     pt.add_argument("--force", action="store_true", help="replace an existing weights file")
     pt.add_argument("--family", default=None, help="the family the weights are for (RGB, MHL, DL): its "
                     "input whitening at the scale (default: the scale's one mode, or ZCA)")
@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                     "name, e.g. mhl_res or MHL-Res")
     ex.add_argument("-o", "--output", required=True, help="the package to write, e.g. mhl.zip")
     ex.add_argument("--fold", type=int, default=None, help="which fold's model (default: the lowest finished fold)")
-    ex.add_argument("--regime", default="long", choices=("short", "long"))
+    ex.add_argument("--regime", default="long", choices=("short", "long"),
+                    help="the model of the short or the long regime (default long: the study's results)")
     ex.add_argument("--license", default="CC-BY-NC-SA-4.0",
                     help="SPDX licence of the package (default CC-BY-NC-SA-4.0: non-commercial, as the data's terms)")
     ex.add_argument("--author", action="append", help="an author's name (repeat for more)")
@@ -365,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("-o", "--out", required=True, help="output folder (predictions.csv / .parquet, galleries)")
     q.add_argument("--network", default=None, help="which network: its id or the paper's name, e.g. mhl_res or "
                    "MHL-Res (default: the run's best by long-regime AUC)")
-    q.add_argument("--regime", default="long", choices=("short", "long"))
-    q.add_argument("--mc-samples", type=int, default=20, help="Monte Carlo dropout passes per fold model (0: none)")
+    q.add_argument("--regime", default="long", choices=("short", "long"),
+                   help="the models of the short or the long regime (default long: the study's results)")
+    q.add_argument("--mc-samples", type=int, default=20, help="Monte Carlo dropout passes per fold model (0: none; default 20)")
     q.add_argument("--classical", action="store_true", help="add the classical baseline's probabilities")
     q.add_argument("--data-root", default=None, help="where the cells' paths are relative to")
     q.add_argument("--force", action="store_true", help="replace the predictions in an output folder that has them")
@@ -398,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--runs-dir", default=None, help="where run folders go (default: <repo>/runs)")
     w.add_argument("--new", action="store_true", help="start a new run even if an incomplete one could be resumed")
     w.add_argument("--cores", type=int, default=None, help="local cores (default: all; with a profile: its own)")
-    w.add_argument("--data-root", default=None)
+    w.add_argument("--data-root", default=None, help="the data root (default: $CELLSTUDY_DATA_ROOT or ../shared/data)")
     w.add_argument("--target", dest="targets", action="append", default=[],
                    help="a Snakemake target (default: all, i.e. the book): training (every fold), notebooks, "
                         "or a file of the run folder; repeatable")
