@@ -263,3 +263,21 @@ def test_run_parameters_name_he_init_only_for_networks_the_run_trains(tmp_path):
     prov["scale_parameters"]["networks"] = ["vgg16", "mhl"]
     (run / "provenance.json").write_text(json.dumps(prov))
     assert "He-normal convolutions for vgg16" in book.run_parameters_markdown(run)
+
+
+def test_provenance_page_says_which_folds_this_run_trained_and_which_it_found_done(tmp_path):
+    """A run folder's folds may have been trained by an earlier command or copied in (as the
+    2026-12-07 default run's ten probe folds were): the provenance page says how many, per network,
+    with the epochs and the training time the family chapters' step times leave out."""
+    run, _ = _fake_run(tmp_path, _executed_notebook())
+    (run / "status.json").write_text(json.dumps({"started": "2026-12-02T10:00:00+0000",
+                                                 "steps": {"00_a": {"state": "done", "seconds": 1.0}}}))
+    for k, (fin, ep, sec) in enumerate([("2026-12-02T09:00:00+0000", 11, 120.0),    # before the run
+                                        ("2026-12-02T11:00:00+0000", 13, 180.0)]):   # by the run
+        d = run / "training" / "resnet50" / f"fold{k}"
+        d.mkdir(parents=True)
+        (d / "done.json").write_text(json.dumps({"finished": fin, "epochs_trained": ep, "epochs_long": 10,
+                                                 "timings": {"seconds_total_this_session": sec}}))
+    page = book.provenance_page(run)
+    assert "**1 fold(s) were finished before this run started.**" in page
+    assert "| ResNet50 | 2 | 1 | 1 | 11-13 | 5.0 |" in page

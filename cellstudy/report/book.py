@@ -82,6 +82,48 @@ def _copy_mathjax(dest: Path) -> None:
             shutil.copytree(MATHJAX_DIR / sub, dest / sub, dirs_exist_ok=True)
 
 
+def training_origin(run_dir: Path, started: str | None) -> list[dict]:
+    """Per network with finished folds (catalogue order): ``network`` (display name), ``folds``,
+    ``by this run`` / ``before this run`` (each fold's ``done.json`` ``finished`` time against the
+    run's ``started``, both read as this machine's time when they carry no zone; every fold counts
+    as this run's when either is missing), ``epochs`` ("11-13") and ``core_min`` (the folds'
+    ``seconds_total_this_session`` / 60)."""
+    from datetime import datetime
+
+    from cellstudy import networks
+
+    def when(text):
+        try:
+            t = datetime.fromisoformat(str(text))
+        except (TypeError, ValueError):
+            return None
+        return t if t.tzinfo else t.astimezone()
+
+    t0 = when(started)
+    run = rundir.Run(run_dir)
+    rows = []
+    for net in networks.NETWORK_NAMES:
+        done = []
+        for fd in run.folds(net):
+            if fd.done.is_file():
+                try:
+                    done.append(fd.read_done())
+                except (OSError, ValueError):
+                    continue
+        if not done:
+            continue
+        fin = [when(d.get("finished")) for d in done]
+        before = sum(1 for f in fin if t0 is not None and f is not None and f < t0)
+        ep = [int(d["epochs_trained"]) if d.get("epochs_trained") is not None else int(d.get("epochs_long", 0))
+              for d in done]
+        secs = sum(float((d.get("timings") or {}).get("seconds_total_this_session") or 0.0) for d in done)
+        rows.append({"network": networks.display(net), "folds": len(done), "by this run": len(done) - before,
+                     "before this run": before,
+                     "epochs": f"{min(ep)}-{max(ep)}" if min(ep) != max(ep) else str(ep[0]),
+                     "core_min": secs / 60.0})
+    return rows
+
+
 def provenance_page(run_dir: Path) -> str:
     """Markdown for the provenance chapter, from provenance.json and status.json."""
     run = rundir.Run(run_dir)
@@ -121,6 +163,20 @@ def provenance_page(run_dir: Path) -> str:
     if "notebooks_seconds" in status:
         lines.append(f"| the last `cellstudy run` command: every step, the training jobs included (wall clock) | | "
                      f"{status['notebooks_seconds']} |")
+    origin = training_origin(run_dir, status.get("started"))
+    if origin:
+        earlier = sum(r["before this run"] for r in origin)
+        lines += ["", "## Training", "",
+                  "The family chapters' times above leave out the training jobs, which ran beside them. Per network: "
+                  "its folds, how many of them this run trained and how many it found finished before it started "
+                  "(by an earlier command on this folder, or copied in: they are read back, not retrained), the "
+                  "epochs of the long regime and the training time (core-minutes, from each fold's `done.json`)."
+                  + (f" **{earlier} fold(s) were finished before this run started.**" if earlier else ""), "",
+                  "| network | folds | trained by this run | finished before it | epochs | training core-min |",
+                  "|---|---|---|---|---|---|"]
+        for r in origin:
+            lines.append(f"| {r['network']} | {r['folds']} | {r['by this run']} | {r['before this run']} | "
+                         f"{r['epochs']} | {r['core_min']:.1f} |")
     hw = prov["hardware"]
     lines += ["", "## Hardware", "", "| item | value |", "|---|---|"]
     for k, v in hw.items():
