@@ -508,8 +508,10 @@ def gallery_ranges(proba: np.ndarray, shown: dict[str, np.ndarray]) -> dict[str,
             continue
         name = kind[len("confident_"):] if kind.startswith("confident_") else None
         q = p[idx, config.CLASS_NAMES.index(name) if name else 1]
-        out[kind] = {"cells": int(len(idx)), "class": name, "p_min": round(float(q.min()), 4),
-                     "p_max": round(float(q.max()), 4)}
+        # 4 decimals, rounded down where rounding would reach the confidence level it is below
+        r4 = lambda v: (math.floor(v * 1e4) / 1e4 if v < CONFIDENT_P <= round(v, 4) else round(v, 4))  # noqa: E731
+        out[kind] = {"cells": int(len(idx)), "class": name, "p_min": r4(float(q.min())),
+                     "p_max": r4(float(q.max()))}
         if name:
             out[kind]["confident"] = bool(q.max() >= CONFIDENT_P)
     return out
@@ -526,7 +528,7 @@ def gallery_title(kind: str, info: dict[str, Any] | None) -> str:
         return what
     cls = info.get("class") or "abnormal"
     if info.get("confident") is False:   # its best shown rounded down: 0.7496 is not "0.75"
-        return (f"{what} (p({cls}) {info['p_min']:.2f}-{p_text(info['p_max'])}; none reaches "
+        return (f"{what} (p({cls}) {p_text(info['p_min'])}-{p_text(info['p_max'])}; none reaches "
                 f"{CONFIDENT_P:.2f}: no confident call)")
     return f"{what} (p({cls}) {info['p_min']:.2f}-{info['p_max']:.2f})"
 

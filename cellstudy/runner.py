@@ -376,7 +376,8 @@ def check_cohort_folds(cfg: StudyConfig, table) -> None:
 def check_resumable_cohort(run_dir: Path, cfg: StudyConfig) -> None:
     """StudyError when the unfinished run folder that this config would resume was made for other
     cells than its cohort's manifest now lists (``cohort.json``: an edited manifest at the same
-    path keeps the config's digest): resuming would fail inside the first chapter. Names ``--new``."""
+    path keeps the config's digest): resuming would fail inside the first chapter. Names ``--new``
+    (``cellstudy run``; ``cellstudy workflow`` checks its ``--run-dir`` or resumed folder the same way)."""
     from cellstudy import data
     from cellstudy.learning import folds as folds_mod
 
@@ -408,7 +409,8 @@ def preflight(cfg: StudyConfig) -> dict[str, Any]:
     weights = check_weights(cfg)
     table = data.load_manifest(cfg.cohort)
     data.verify_manifest(table, root, check_sha=True)
-    check_cohort_folds(cfg, table)
+    if any(s != "00_cohort" for s in cfg.steps):   # the cohort chapter alone needs no folds
+        check_cohort_folds(cfg, table)
     manifest_path = data.manifest_path(cfg.cohort)
     return {
         "data_root": str(root),

@@ -664,6 +664,7 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
             runner.check_disk(plan, rd, rd, WorkflowError, echo)
         rd.mkdir(parents=True, exist_ok=True)
         check_same_config(rd, cfg)
+        runner.check_resumable_cohort(rd, cfg)
         status = runner.read_status(rd) or {"name": cfg.name, "digest": cfg.digest(), "started": provenance.now(),
                                             "steps": {}}
         status["state"] = "running"
@@ -671,6 +672,8 @@ def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, 
         runs = Path(runs_dir) if runs_dir else config.REPO_ROOT / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         resumable = None if new else runner.find_resumable(runs, cfg)
+        if resumable is not None:
+            runner.check_resumable_cohort(resumable, cfg)
         if not looking:
             runner.check_disk(plan, runs, resumable, WorkflowError, echo)
         rd, status = runner.open_run(cfg, runs, resumable, echo)

@@ -279,5 +279,5 @@ def test_provenance_page_says_which_folds_this_run_trained_and_which_it_found_do
         (d / "done.json").write_text(json.dumps({"finished": fin, "epochs_trained": ep, "epochs_long": 10,
                                                  "timings": {"seconds_total_this_session": sec}}))
     page = book.provenance_page(run)
-    assert "**1 fold(s) were finished before this run started.**" in page
+    assert "**1 fold(s) finished before this run folder was made.**" in page
     assert "| ResNet50 | 2 | 1 | 1 | 11-13 | 5.0 |" in page

@@ -293,10 +293,13 @@ def test_a_run_takes_the_manifest_path_as_its_cohort(tmp_path, monkeypatch):
     mf.write_manifest(df, tmp_path / "mine.csv")
     cfg_file = tmp_path / "study.yaml"
     # 4 fields per class: two grouped folds (the manifest's --n-splits 2), not the scale's five
-    cfg_file.write_text("name: mine\ncohort: bbbc021-paper\nscale: ci\nsteps: [00_cohort]\n")
+    cfg_file.write_text("name: mine\ncohort: bbbc021-paper\nscale: ci\nsteps: [00_cohort, 01_preprocessing]\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(runner.StudyError, match="cannot be split into the ci scale's 5 grouped folds"):
         runner.preflight(runner.load_config(cfg_file, cohort="mine.csv", data_root=str(src)))
+    # the cohort chapter alone makes no folds: not refused
+    cfg_file.write_text("name: mine\ncohort: bbbc021-paper\nscale: ci\nsteps: [00_cohort]\n")
+    assert runner.preflight(runner.load_config(cfg_file, cohort="mine.csv", data_root=str(src)))["n_cells"] == 16
     cfg_file.write_text("name: mine\ncohort: bbbc021-paper\nscale: ci\nsteps: [00_cohort]\n"
                         "overrides: {n_splits: 2}\n")
     cfg = runner.load_config(cfg_file, cohort="mine.csv", data_root=str(src))

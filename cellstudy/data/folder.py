@@ -581,7 +581,8 @@ def build_manifest(folder: str | os.PathLike, *, normal: str | None = None, abno
                     f"({', '.join(groups)}); expected at least 2 x n_splits = {2 * int(n_splits)} "
                     f"(fields / wells / replicates) so that every fold trains and tests on "
                     f"separate groups of both classes")
-                problems += [n for n in notes if n.startswith("--group-pattern cut a number")][:1]
+                problems += [n for n in notes if n.startswith("--group-pattern cut a number")
+                             and n not in problems][:1]
     _raise_problems(problems, f"image folder {folder}")
     df["label"] = df["label"].astype(int)
     df.attrs["data_root"] = str(root)

@@ -385,7 +385,8 @@ MEAN_DECIMALS = 12
 
 def stable_mean(values) -> float:
     """The mean of ``values`` (NaN skipped) rounded to ``MEAN_DECIMALS`` decimals: the same float
-    whatever the order of summation. NaN for no finite value."""
+    whatever the order of summation (unless the exact mean sits on a 12th-decimal rounding
+    boundary, which five-fold means of fractions do not). NaN for no finite value."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     return round(float(v.mean()), MEAN_DECIMALS) if v.size else math.nan
@@ -416,8 +417,11 @@ def tied_with_best(ranked: pd.DataFrame, digits: int = 3, mean: str = "mean",
     if len(ranked) < 2:
         return []
     m = pd.to_numeric(ranked[mean], errors="coerce").round(MEAN_DECIMALS)
+    if not np.isfinite(m.iloc[0]):
+        return []
     best = f"{m.iloc[0]:.{digits}f}"
-    return [str(n) for n, v in zip(ranked[network].iloc[1:], m.iloc[1:]) if f"{v:.{digits}f}" == best]
+    return [str(n) for n, v in zip(ranked[network].iloc[1:], m.iloc[1:])
+            if np.isfinite(v) and f"{v:.{digits}f}" == best]
 
 
 def summary_numeric(tidy: pd.DataFrame, metrics: Sequence[str] = TABLE_METRICS) -> pd.DataFrame:

@@ -168,11 +168,12 @@ def provenance_page(run_dir: Path) -> str:
         earlier = sum(r["before this run"] for r in origin)
         lines += ["", "## Training", "",
                   "The family chapters' times above leave out the training jobs, which ran beside them. Per network: "
-                  "its folds, how many of them this run trained and how many it found finished before it started "
-                  "(by an earlier command on this folder, or copied in: they are read back, not retrained), the "
-                  "epochs of the long regime and the training time (core-minutes, from each fold's `done.json`)."
-                  + (f" **{earlier} fold(s) were finished before this run started.**" if earlier else ""), "",
-                  "| network | folds | trained by this run | finished before it | epochs | training core-min |",
+                  "its folds, how many of them finished after this run folder was made (by its commands, a resumed "
+                  "one included) and how many before it (copied in from elsewhere: they are read back, not "
+                  "retrained), the epochs of the long regime and the training time (each fold's job minutes from "
+                  "its `done.json`; core-minutes at the default of one TensorFlow thread a job)."
+                  + (f" **{earlier} fold(s) finished before this run folder was made.**" if earlier else ""), "",
+                  "| network | folds | trained in this run folder | finished before it | epochs | training minutes |",
                   "|---|---|---|---|---|---|"]
         for r in origin:
             lines.append(f"| {r['network']} | {r['folds']} | {r['by this run']} | {r['before this run']} | "

@@ -567,13 +567,16 @@ def _external_provenance(cohort: str) -> str:
         return ""
     lab = pd.to_numeric(et["label"], errors="coerce")
     out = f"They are {int((lab == 0).sum())} normal-role and {int((lab == 1).sum())} abnormal-role cells"
-    for col in ("well", "plate", "experiment"):
-        if col in ct.columns and col in et.columns:
-            if set(et[col].astype(str)) <= set(ct[col].astype(str)):
-                return (out + f" from other fields of the cohort's own {col}s: a check on new fields, not on new "
-                        f"{col}s (a {col} effect that goes with the class holds there too; "
-                        f"{_link('cohort chapter', '00_cohort')}).")
-            return out + f", partly from {col}s the cohort does not use."
+    if "well" in ct.columns and "well" in et.columns:
+        # a well is named by its plate too where the manifests record one; BBBC021's do not
+        key = ["plate", "well"] if "plate" in ct.columns and "plate" in et.columns else ["well"]
+        ids = lambda t: set(map(tuple, t[key].astype(str).to_numpy()))  # noqa: E731
+        named = "wells" if len(key) == 2 else "well positions (the manifests record no plate)"
+        if ids(et) <= ids(ct):
+            return (out + f" from other fields of the cohort's own {named}: a check on new fields, not on new "
+                    f"wells (a well effect that goes with the class holds there too; "
+                    f"{_link('cohort chapter', '00_cohort')}).")
+        return out + f", partly from {named.split(' (')[0]} the cohort does not use."
     return out + "."
 
 

@@ -570,7 +570,7 @@ def minimum_detectable_effect(
         # the lower tail P(T < -crit) is then 0 to machine precision, the upper P(T > crit) 1
         # only when it is NaN beyond the critical value (reading a NaN of the lower tail as a
         # power of 1 put the root at k = 3, alpha = 0.05 / 6 wrong: d_z 7.71 / 6.84 for the
-        # plain / corrected test against 7.97 / 12.6)
+        # plain / corrected test against 8.02 / 12.68)
         lower = float(sps.nct.cdf(-crit, df, nc))
         upper = float(sps.nct.sf(crit, df, nc))
         if not math.isfinite(lower):
