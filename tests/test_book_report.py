@@ -281,3 +281,16 @@ def test_provenance_page_says_which_folds_this_run_trained_and_which_it_found_do
     page = book.provenance_page(run)
     assert "**1 fold(s) finished before this run folder was made.**" in page
     assert "| ResNet50 | 2 | 1 | 1 | 11-13 | 5.0 |" in page
+
+
+def test_a_chapter_that_prints_nothing_still_has_its_log(tmp_path):
+    """The README promises each notebook's output in logs/<step>.log; 09 and 10 print nothing
+    and had none: now their log says so."""
+    nb = _executed_notebook()
+    for c in nb["cells"]:
+        if "outputs" in c:
+            c["outputs"] = [o for o in c["outputs"] if o.get("output_type") != "stream"]
+    run, cfg = _fake_run(tmp_path, nb)
+    out = book.assemble(run, cfg, book_dir=tmp_path / "bookdir")
+    for log in (run / "logs" / "00_a.log", out / "logs" / "00_a.log"):
+        assert "printed no progress or log output" in log.read_text()

@@ -410,12 +410,14 @@ def write_report_notebook(src: Path, dest: Path, run_dir: Path, step: str) -> di
     nb = json.loads(Path(src).read_text())
     book_nb, log_text, counts = report_notebook(nb, step)
     Path(dest).write_text(json.dumps(book_nb, indent=1, ensure_ascii=False) + "\n")
-    if log_text:
-        header = (f"# {step}: the progress / log output of the executed notebook {Path(src).name}, "
-                  "taken out of the book's page by cellstudy.report.book\n")
-        for folder in (Path(run_dir) / LOG_DIR, Path(dest).parent / LOG_DIR):
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{step}.log").write_text(header + log_text)
+    # every chapter has its log (the README says so), one that printed nothing says that
+    header = (f"# {step}: the progress / log output of the executed notebook {Path(src).name}, "
+              "taken out of the book's page by cellstudy.report.book\n")
+    body = log_text or ("(this chapter printed no progress or log output: everything it wrote is on its "
+                        "book page)\n")
+    for folder in (Path(run_dir) / LOG_DIR, Path(dest).parent / LOG_DIR):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{step}.log").write_text(header + body)
     return counts
 
 
