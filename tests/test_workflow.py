@@ -268,3 +268,14 @@ def test_a_run_folder_of_another_config_is_refused_naming_what_differs(tmp_path)
     (run / "study.yaml").unlink()     # no record of it: the digests alone
     with pytest.raises(rundir.RunFolderError, match=r"another version of the scale's values; digest 0123456789ab"):
         workflow.check_same_config(run, cfg)
+
+
+def test_workflow_refuses_a_run_dir_made_for_other_cells(tmp_path):
+    """`cellstudy workflow --run-dir` checks the folder's cells as `cellstudy run` does, before
+    Snakemake starts (a dry run here: nothing would be run anyway)."""
+    cfg_file = tmp_path / "study.yaml"
+    cfg_file.write_text("name: t\ncohort: bbbc021-paper\nscale: ci\nsteps: [00_cohort]\n")
+    rd = tmp_path / "rd"
+    rundir.Run(rd).check_cohort("bbbc021-paper", "0" * 64, 3)      # a record of three other cells
+    with pytest.raises(runner.StudyError, match=r"made for other cells \(3 cells\).*--new"):
+        workflow.run_workflow(cfg_file, run_dir=str(rd), extra=["-n"], echo=lambda s: None)
