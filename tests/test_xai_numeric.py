@@ -180,3 +180,16 @@ def test_a_constant_grad_cam_map_is_said_in_its_panel():
     g = pd.DataFrame({"class": ["abnormal", "normal"], "kind": ["confident"] * 2, "rank": [1, 1], "row": [0, 1]})
     gt = [ax.get_title() for ax in F.gallery_figure(images, maps, proba, np.array([1, 0]), g).axes]
     assert gt[0].endswith("constant map") and not gt[1].endswith("constant map")
+
+
+def test_gmean_figure_has_one_colour_scale_and_display_names():
+    """Gmean-GradCam panels had no colour bar and each its own scale (jet stretched to its range):
+    now one 0-1 scale and a colour bar; rows are named as in the book (RGB-Res, not rgb_res)."""
+    from cellstudy.explain import figures as F
+    rng = np.random.default_rng(1)
+    d = {"shape_rgb": rng.random((8, 8, 3)), "cam/combined": 0.2 + 0.1 * rng.random((8, 8))}
+    fig = F.gmean_figure({"rgb_res": {0: d, 1: d}})
+    heat = [im for ax in fig.axes for im in ax.get_images() if im.get_cmap().name == "jet"]
+    assert heat and all(im.get_clim() == (0.0, 1.0) for im in heat)
+    assert any("Gmean-GradCam (0: no weight" in ax.get_ylabel() for ax in fig.axes)   # the colour bar
+    assert fig.axes[0].get_ylabel() == "RGB-Res"

@@ -163,26 +163,40 @@ def gmean_figure(gmeans: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]], c
     if not nets:
         raise ValueError("gmeans is empty")
     classes = sorted({c for g in gmeans.values() for c in g})
-    fig = Figure(figsize=(2.0 * 2 * len(classes), 2.0 * len(nets) + 0.5), layout="constrained")
+    fig = Figure(figsize=(2.0 * 2 * len(classes) + 0.8, 2.0 * len(nets) + 0.5), layout="constrained")
     axes = fig.subplots(len(nets), 2 * len(classes), squeeze=False)
+    im = None
     for r, net in enumerate(nets):
         for j, c in enumerate(classes):
             a, b = axes[r, 2 * j], axes[r, 2 * j + 1]
             d = gmeans[net].get(c)
             if d is not None:
                 a.imshow(_display(d["shape_rgb"]))
-                if f"cam/{cam}" in d:
-                    b.imshow(d[f"cam/{cam}"], cmap="jet")
+                if f"cam/{cam}" in d:   # maps in [0, 1], so their geometric mean too: one scale for all
+                    im = b.imshow(d[f"cam/{cam}"], cmap="jet", vmin=0.0, vmax=1.0)
                 else:  # every map of this class was excluded (see the exclusion table)
                     b.text(0.5, 0.5, "excluded", ha="center", va="center", fontsize=8,
                            transform=b.transAxes)
             if r == 0:
                 a.set_title(f"Gmean-Shape\n{CLASS_NAMES[c]}", fontsize=8)
                 b.set_title(f"Gmean-GradCam\n{CLASS_NAMES[c]}", fontsize=8)
-        axes[r, 0].set_ylabel(net, fontsize=9)
+        axes[r, 0].set_ylabel(_network_label(net), fontsize=9)
     for ax in axes.ravel():
         _off(ax)
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6,
+                     label="Gmean-GradCam (0: no weight; 1: the maps' maximum)")
     return fig
+
+
+def _network_label(name: str) -> str:
+    """A network's display name (``rgb_res`` -> RGB-Res); other names as they are."""
+    from cellstudy import networks
+
+    try:
+        return networks.display(name)
+    except (KeyError, ValueError):
+        return str(name)
 
 
 def correlation_figure(gmeans: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]], key: str = "corr",
@@ -205,7 +219,7 @@ def correlation_figure(gmeans: Mapping[str, Mapping[int, Mapping[str, np.ndarray
                 corr = d[key]
                 im = ax.imshow(corr, cmap="coolwarm", vmin=-1, vmax=1)
                 pos, neg = float(np.mean(corr > threshold)), float(np.mean(corr < -threshold))
-                ax.set_title(f"{net}, {CLASS_NAMES[c]}\n+ {100 * pos:.1f}%  - {100 * neg:.1f}%", fontsize=8)
+                ax.set_title(f"{_network_label(net)}, {CLASS_NAMES[c]}\n+ {100 * pos:.1f}%  - {100 * neg:.1f}%", fontsize=8)
             _off(ax)
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="local Pearson r")
