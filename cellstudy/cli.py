@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--file-column", default="file", help="the labels CSV's file column (default: file)")
     m.add_argument("--class-column", default="class", help="the labels CSV's class column (default: class)")
     m.add_argument("--group-column", default=None, help="the labels CSV's group column (instead of --group-pattern)")
-    m.add_argument("--n-splits", type=int, default=5, help="the study's folds; each class needs 2 x n_splits groups (default 5)")
+    m.add_argument("--n-splits", type=int, default=5, help="the study's folds; each class needs at least n_splits groups, 2 x n_splits to be steady (default 5)")
     m.add_argument("--data-root", default=None,
                    help="write paths relative to this folder (FOLDER or above it; default FOLDER)")
     m.add_argument("--force", action="store_true", help="overwrite an existing output file")

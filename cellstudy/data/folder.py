@@ -465,7 +465,8 @@ def build_manifest(folder: str | os.PathLike, *, normal: str | None = None, abno
         literal text with a ``{channel}`` placeholder (``"_{channel}.tif"``) or a regular
         expression with a named group ``channel``; the files whose names differ only in the token
         are one cell. None: one multi-channel file per cell.
-    n_splits: the study's number of folds; each class needs at least ``2 * n_splits`` groups.
+    n_splits: the study's number of folds; each class needs at least ``n_splits`` groups (the
+        study's rule, :mod:`cellstudy.learning.folds`), and fewer than ``2 * n_splits`` is noted.
     data_root: the folder the manifest's paths are relative to (``folder`` or a folder above it;
         default ``folder``): the data root to run the study with.
 
@@ -575,14 +576,21 @@ def build_manifest(folder: str | os.PathLike, *, normal: str | None = None, abno
         problems += [p for p in _check_table(ok) if "has no images" not in p]
         for lab, name in ((0, normal), (1, abnormal)):
             groups = sorted(ok.loc[ok["label"] == lab, "group"].unique())
-            if 0 < len(groups) < 2 * int(n_splits):
+            # the study's own rule (learning.folds): at least n_splits groups a class, so that
+            # every test fold holds both classes; under 2 x n_splits a note (one field a class per
+            # test fold: its metrics rest on one or two fields)
+            if 0 < len(groups) < int(n_splits):
                 problems.append(
                     f"class {name!r} ({config.CLASS_NAMES[lab]} role) has {len(groups)} group(s) "
-                    f"({', '.join(groups)}); expected at least 2 x n_splits = {2 * int(n_splits)} "
-                    f"(fields / wells / replicates) so that every fold trains and tests on "
-                    f"separate groups of both classes")
+                    f"({', '.join(groups)}); expected at least n_splits = {int(n_splits)} "
+                    f"(fields / wells / replicates) so that every fold tests on its own groups "
+                    f"of both classes")
                 problems += [n for n in notes if n.startswith("--group-pattern cut a number")
                              and n not in problems][:1]
+            elif 0 < len(groups) < 2 * int(n_splits):
+                notes.append(f"class {name!r} has {len(groups)} groups for {int(n_splits)} folds: each test fold "
+                             f"holds one or two of them, so each fold's metrics rest on very few fields "
+                             f"({2 * int(n_splits)} or more groups a class make them steadier)")
     _raise_problems(problems, f"image folder {folder}")
     df["label"] = df["label"].astype(int)
     df.attrs["data_root"] = str(root)
