@@ -197,7 +197,8 @@ def _workflow(a: argparse.Namespace) -> int:
     from cellstudy.workflow import run_workflow
 
     run_workflow(a.config, profile=a.profile, run_dir=a.run_dir, runs_dir=a.runs_dir, new=a.new,
-                 cores=a.cores, targets=a.targets, extra=a.snakemake_args or [], data_root=a.data_root)
+                 cores=a.cores, targets=a.targets, extra=a.snakemake_args or [], data_root=a.data_root,
+                 cohort=a.cohort, scale=a.scale)
     return 0
 
 
@@ -401,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--new", action="store_true", help="start a new run even if an incomplete one could be resumed")
     w.add_argument("--cores", type=int, default=None, help="local cores (default: all; with a profile: its own)")
     w.add_argument("--data-root", default=None, help="the data root (default: $CELLSTUDY_DATA_ROOT or ../shared/data)")
+    w.add_argument("--scale", default=None, help="override the config's scale (ci | quick | cpu | paper), as `run` does")
+    w.add_argument("--cohort", default=None, help="override the config's cohort (a name or a manifest CSV), as `run` does")
     w.add_argument("--target", dest="targets", action="append", default=[],
                    help="a Snakemake target (default: all, i.e. the book): training (every fold), notebooks, "
                         "or a file of the run folder; repeatable")

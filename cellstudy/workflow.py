@@ -645,11 +645,13 @@ def config_differences(run_dir: Path, cfg: runner.StudyConfig) -> str:
 def run_workflow(config_path: str | os.PathLike, *, profile: str | None = None, run_dir: str | None = None,
                  runs_dir: str | None = None, new: bool = False, cores: int | None = None,
                  targets: Sequence[str] = (), extra: Sequence[str] = (), data_root: str | None = None,
+                 cohort: str | None = None, scale: str | None = None,
                  echo: Callable[[str], None] = print) -> Path:
     """Prepare the run folder for a study config (checks first, as ``cellstudy run``) and run the
-    workflow in it; returns the run folder. WorkflowError naming the log of the failed job's rule
-    when Snakemake fails (its report above names the job and its log)."""
-    cfg = runner.load_config(config_path, data_root=data_root)
+    workflow in it; returns the run folder. ``cohort``, ``scale``, ``data_root``: override the
+    config's, as ``cellstudy run``'s options do. WorkflowError naming the log of the failed job's
+    rule when Snakemake fails (its report above names the job and its log)."""
+    cfg = runner.load_config(config_path, data_root=data_root, cohort=cohort, scale=scale)
     plan = make_plan(cfg)  # a config whose steps select no network fails here, before any work
     prof = check_profile(profile) if profile else None
     data_prov = runner.preflight(cfg)

@@ -279,3 +279,14 @@ def test_workflow_refuses_a_run_dir_made_for_other_cells(tmp_path):
     rundir.Run(rd).check_cohort("bbbc021-paper", "0" * 64, 3)      # a record of three other cells
     with pytest.raises(runner.StudyError, match=r"made for other cells \(3 cells\).*--new"):
         workflow.run_workflow(cfg_file, run_dir=str(rd), extra=["-n"], echo=lambda s: None)
+
+
+def test_workflow_takes_scale_and_cohort_like_run(tmp_path, capsys):
+    """`cellstudy workflow` had no --scale / --cohort, unlike `cellstudy run`."""
+    cfg_file = tmp_path / "study.yaml"
+    cfg_file.write_text("name: t\ncohort: bbbc021-paper\nscale: ci\nsteps: [00_cohort]\n")
+    assert cli.main(["workflow", str(cfg_file), "--scale", "nope", "--run-dir", str(tmp_path / "x")]) == 2
+    assert "unknown scale 'nope'" in capsys.readouterr().err
+    rd = tmp_path / "rd"
+    workflow.run_workflow(cfg_file, run_dir=str(rd), extra=["-n"], scale="quick", echo=lambda s: None)
+    assert yaml.safe_load((rd / "study.yaml").read_text())["scale"] == "quick"
