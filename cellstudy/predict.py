@@ -509,7 +509,7 @@ def gallery_ranges(proba: np.ndarray, shown: dict[str, np.ndarray]) -> dict[str,
         name = kind[len("confident_"):] if kind.startswith("confident_") else None
         q = p[idx, config.CLASS_NAMES.index(name) if name else 1]
         # 4 decimals, rounded down where rounding would reach the confidence level it is below
-        r4 = lambda v: (math.floor(v * 1e4) / 1e4 if v < CONFIDENT_P <= round(v, 4) else round(v, 4))  # noqa: E731
+        r4 = lambda v: _floor_to(v, 4) if _reaches_level(v, 4) else round(v, 4)  # noqa: E731
         out[kind] = {"cells": int(len(idx)), "class": name, "p_min": r4(float(q.min())),
                      "p_max": r4(float(q.max()))}
         if name:
@@ -620,9 +620,18 @@ def p_text(p: float) -> str:
     """A probability for a gallery: two decimals, but never shown as reaching :data:`CONFIDENT_P`
     when it does not (0.7496 is "0.749", not "0.75", beside "none reaches 0.75")."""
     p = float(p)
-    if p < CONFIDENT_P <= round(p, 2):
-        return f"{math.floor(round(p * 1000, 6)) / 1000:.3f}"
-    return f"{p:.2f}"
+    return f"{_floor_to(p, 3):.3f}" if _reaches_level(p, 2) else f"{p:.2f}"
+
+
+def _reaches_level(p: float, decimals: int) -> bool:
+    """Whether ``p``, below :data:`CONFIDENT_P`, reaches it once rounded to ``decimals``."""
+    return p < CONFIDENT_P <= round(p, decimals)
+
+
+def _floor_to(p: float, decimals: int) -> float:
+    """``p`` rounded down to ``decimals`` (0.7496 -> 0.749 at 3; 0.69, stored as 0.68999..., stays
+    0.69 at 2)."""
+    return math.floor(round(p * 10 ** decimals, 6)) / 10 ** decimals
 
 
 def write(res: Prediction, out: str | Path) -> None:

@@ -379,7 +379,7 @@ def check_resumable_cohort(run_dir: Path, cfg: StudyConfig) -> None:
     path keeps the config's digest): resuming would fail inside the first chapter. Names ``--new``
     (``cellstudy run``; ``cellstudy workflow`` checks its ``--run-dir`` or resumed folder the same way)."""
     from cellstudy import data
-    from cellstudy.learning import folds as folds_mod
+    from cellstudy.study import cohort_identity
 
     rec_file = rundir.Run(run_dir).cohort_file
     if not rec_file.is_file():
@@ -389,12 +389,11 @@ def check_resumable_cohort(run_dir: Path, cfg: StudyConfig) -> None:
         old_hash, old_n = rec["cells_hash"], rec.get("n_cells")
     except (OSError, ValueError, KeyError, TypeError):
         return   # an unreadable record: the chapters refuse it with their own message
-    tab = data.load_manifest(cfg.cohort)
-    now = folds_mod.cells_hash(tab["cell_id"].astype(str), tab["label"].astype(int), tab["group"].astype(str))
+    now, n_now = cohort_identity(data.load_manifest(cfg.cohort))
     if now != old_hash:
         raise StudyError(
             f"the unfinished run folder {run_dir} of this config was made for other cells ({old_n} cells) than "
-            f"cohort {cfg.cohort!r} lists now ({len(tab)} cells): its manifest changed since. Add --new to "
+            f"cohort {cfg.cohort!r} lists now ({n_now} cells): its manifest changed since. Add --new to "
             "start a new run folder with these cells (the old folder is kept), or restore the manifest to "
             "resume that run.")
 

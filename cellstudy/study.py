@@ -72,6 +72,14 @@ def run_scale(run_dir: str | os.PathLike, scale: str, overrides: dict[str, Any] 
     return rundir.Run(run_dir).scale(scale, overrides)
 
 
+def cohort_identity(table) -> tuple[str, int]:
+    """``(cells hash, cell count)`` of a cohort's manifest table: what a run folder records of its
+    cohort (``cohort.json``, ``rundir.Run.check_cohort``). The hash is ``folds.cells_hash`` of the
+    cell ids, labels and groups."""
+    return (folds_mod.cells_hash(table["cell_id"].astype(str), table["label"].astype(int),
+                                 table["group"].astype(str)), len(table))
+
+
 def check_run_cohort(run_dir: str | Path, cohort: str, strict: bool = True):
     """Refuse ``cohort`` for the run folder ``run_dir`` when the run was made for other cells
     (``rundir.Run.check_cohort``; the first step to call it records the cohort), from the cohort's
@@ -83,8 +91,7 @@ def check_run_cohort(run_dir: str | Path, cohort: str, strict: bool = True):
     its own message), which returns None."""
     try:
         tab = data.load_manifest(cohort)
-        ident = (folds_mod.cells_hash(tab["cell_id"].astype(str), tab["label"].astype(int), tab["group"].astype(str)),
-                 len(tab))
+        ident = cohort_identity(tab)
     except (ValueError, KeyError, TypeError) as e:
         if strict:
             if isinstance(e, data.DataError):

@@ -345,12 +345,12 @@ def _classes_from_folders(cells: list[_Cell], problems: list[str]) -> None:
             c.class_name = parts[0]
 
 
-def _groups_from_pattern(cells: list[_Cell], rx: re.Pattern[str], problems: list[str],
-                         notes: list[str] | None = None) -> None:
+def _groups_from_pattern(cells: list[_Cell], rx: re.Pattern[str], problems: list[str]) -> str | None:
     """Each cell's group from ``rx`` (its named group ``group``) searched in its files' paths.
     A group that ends in a digit followed by another digit in the path (``_s\\d`` on
-    ``B02_s10_c3.tif`` gives ``B02_s1``) cuts a number, which merges sites 1 and 10: said in
-    ``notes`` (once, with an example), since the folds then see fewer groups than the folder has."""
+    ``B02_s10_c3.tif`` gives ``B02_s1``) cuts a number, which merges sites 1 and 10: returns a note
+    saying so (once, with an example), since the folds then see fewer groups than the folder has;
+    None when no group cuts one."""
     cut = []
     for c in cells:
         found = []
@@ -369,11 +369,12 @@ def _groups_from_pattern(cells: list[_Cell], rx: re.Pattern[str], problems: list
                             f"{sorted(set(found))}; expected one")
         elif found and len(found) == len(c.files):
             c.group = found[0]
-    if cut and notes is not None:
-        f, g = cut[0]
-        notes.append(f"--group-pattern cut a number in {len(cut)} file(s), e.g. group {g!r} of {f!r} (the next "
-                     "character is a digit too): sites such as s1 and s10 then fall into one group. Use \\d+ "
-                     "for the whole number (e.g. '(?P<group>[A-Z]\\d{2}_s\\d+)') unless that is meant")
+    if not cut:
+        return None
+    f, g = cut[0]
+    return (f"--group-pattern cut a number in {len(cut)} file(s), e.g. group {g!r} of {f!r} (the next "
+            "character is a digit too): sites such as s1 and s10 then fall into one group. Use \\d+ "
+            "for the whole number (e.g. '(?P<group>[A-Z]\\d{2}_s\\d+)') unless that is meant")
 
 
 def _read_cells(cells: list[_Cell], folder: Path, cmap: ChannelMap,
@@ -530,8 +531,11 @@ def build_manifest(folder: str | os.PathLike, *, normal: str | None = None, abno
                       unlabelled=unlabelled)
     elif not unlabelled:
         _classes_from_folders(cells, problems)
+    cut_note = None   # a --group-pattern that cuts a number: a note, and part of a too-few-groups error
     if g_rx is not None:
-        _groups_from_pattern(cells, g_rx, problems, notes)
+        cut_note = _groups_from_pattern(cells, g_rx, problems)
+        if cut_note:
+            notes.append(cut_note)
     elif unlabelled and group_column is None:
         for c in cells:
             c.group = PurePosixPath(c.files[0]).parent.as_posix()
@@ -585,8 +589,8 @@ def build_manifest(folder: str | os.PathLike, *, normal: str | None = None, abno
                     f"({', '.join(groups)}); expected at least n_splits = {int(n_splits)} "
                     f"(fields / wells / replicates) so that every fold tests on its own groups "
                     f"of both classes")
-                problems += [n for n in notes if n.startswith("--group-pattern cut a number")
-                             and n not in problems][:1]
+                if cut_note and cut_note not in problems:
+                    problems.append(cut_note)
             elif 0 < len(groups) < 2 * int(n_splits):
                 notes.append(f"class {name!r} has {len(groups)} groups for {int(n_splits)} folds: each test fold "
                              f"holds one or two of them, so each fold's metrics rest on very few fields "

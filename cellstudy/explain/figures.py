@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from cellstudy import config
+from cellstudy import config, networks
 from cellstudy.learning.metrics import DISPLAY_NAMES
 from cellstudy.report.figures import _display, _tint
 
@@ -42,12 +42,12 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str =
 
 
 def is_constant_map(heat: np.ndarray, rtol: float = 1e-6) -> bool:
-    """True when a heat map has no contrast (its range <= ``rtol`` x its largest absolute value,
-    e.g. all zero after Grad-CAM's ReLU: no region raises the class score), the rule of
-    ``explain.fold.map_exclusions``. Its overlay is a uniform tint, shown with that said."""
-    h = np.asarray(heat, dtype=np.float64)
-    lo, hi = float(h.min()), float(h.max())
-    return (hi - lo) <= rtol * max(abs(hi), abs(lo))
+    """True when the (H, W) heat map has no contrast by ``explain.fold.constant_maps`` (the rule
+    that leaves it out of the Gmean and the faithfulness). Its overlay is a uniform tint, shown
+    with that said."""
+    from cellstudy.explain.fold import constant_maps
+
+    return bool(constant_maps(np.asarray(heat)[None], rtol)[0])
 
 
 #: What an overlay of a constant map says in its panel title.
@@ -180,7 +180,7 @@ def gmean_figure(gmeans: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]], c
             if r == 0:
                 a.set_title(f"Gmean-Shape\n{CLASS_NAMES[c]}", fontsize=8)
                 b.set_title(f"Gmean-GradCam\n{CLASS_NAMES[c]}", fontsize=8)
-        axes[r, 0].set_ylabel(_network_label(net), fontsize=9)
+        axes[r, 0].set_ylabel(networks.display(net), fontsize=9)
     for ax in axes.ravel():
         _off(ax)
     if im is not None:
@@ -188,15 +188,6 @@ def gmean_figure(gmeans: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]], c
                      label="Gmean-GradCam (0: no weight; 1: the maps' maximum)")
     return fig
 
-
-def _network_label(name: str) -> str:
-    """A network's display name (``rgb_res`` -> RGB-Res); other names as they are."""
-    from cellstudy import networks
-
-    try:
-        return networks.display(name)
-    except (KeyError, ValueError):
-        return str(name)
 
 
 def correlation_figure(gmeans: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]], key: str = "corr",
@@ -219,7 +210,7 @@ def correlation_figure(gmeans: Mapping[str, Mapping[int, Mapping[str, np.ndarray
                 corr = d[key]
                 im = ax.imshow(corr, cmap="coolwarm", vmin=-1, vmax=1)
                 pos, neg = float(np.mean(corr > threshold)), float(np.mean(corr < -threshold))
-                ax.set_title(f"{_network_label(net)}, {CLASS_NAMES[c]}\n+ {100 * pos:.1f}%  - {100 * neg:.1f}%", fontsize=8)
+                ax.set_title(f"{networks.display(net)}, {CLASS_NAMES[c]}\n+ {100 * pos:.1f}%  - {100 * neg:.1f}%", fontsize=8)
             _off(ax)
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="local Pearson r")

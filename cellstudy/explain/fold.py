@@ -206,6 +206,14 @@ def _gradcam_rows(model, min_size) -> list[dict]:
             for r in t.to_dict("records")]
 
 
+def constant_maps(maps: np.ndarray, rtol: float = 1e-6) -> np.ndarray:
+    """(n,) bool: which of the (n, H, W) maps have no contrast, their range <= ``rtol`` x their
+    largest absolute value (e.g. all zero after Grad-CAM's ReLU: no region raises the class score)."""
+    m = np.asarray(maps, dtype=np.float64)
+    lo, hi = m.min(axis=(1, 2)), m.max(axis=(1, 2))
+    return (hi - lo) <= rtol * np.maximum(np.abs(hi), np.abs(lo))
+
+
 def map_exclusions(maps: dict[str, np.ndarray], map_hw: dict[str, Sequence[int]],
                    min_side: int = MIN_MAP_SIDE, rtol: float = 1e-6) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Which cells' Grad-CAM maps may be averaged (Gmean, correlation ratios, faithfulness).
@@ -236,8 +244,7 @@ def map_exclusions(maps: dict[str, np.ndarray], map_hw: dict[str, Sequence[int]]
                                    "resolution (an upsampled constant); left out of the Gmean, the "
                                    "correlation ratios and the faithfulness"})
             continue
-        lo, hi = m.min(axis=(1, 2)), m.max(axis=(1, 2))
-        const = (hi - lo) <= rtol * np.maximum(np.abs(hi), np.abs(lo))
+        const = constant_maps(m, rtol)
         keep[name] = ~const
         if const.any():
             rows.append({"map": name, "map_h": h, "map_w": w, "n_cells": n, "n_excluded": int(const.sum()),

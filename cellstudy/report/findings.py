@@ -27,7 +27,7 @@ from scipy import stats as sps
 from cellstudy import config, networks, rundir
 from cellstudy.report import stats
 from cellstudy.learning.metrics import (DISPLAY_NAMES, NETWORK_FAMILY, NETWORK_ORDER, rank_models,
-                                       stable_mean)
+                                       stable_mean, summary_numeric)
 
 CLASSICAL = networks.CLASSICAL
 
@@ -67,9 +67,7 @@ def best_baseline(tidy: pd.DataFrame, metric: str = "auc_macro", regime: str = "
     sub = sub[sub["network"].map(NETWORK_FAMILY).eq(CLASSICAL) | sub.get("family", "").eq(CLASSICAL)]
     if sub.empty:
         return None
-    per_model = pd.DataFrame([{"network": n, "mean": stable_mean(v), "sd": v.std(ddof=1)}
-                              for n, v in sub.groupby("network")["value"]])
-    return str(rank_models(per_model)["network"].iloc[0])
+    return str(rank_models(summary_numeric(sub, [metric]))["network"].iloc[0])
 
 
 def network_verdicts(tidy: pd.DataFrame, n_train: float, n_test: float, metric: str = "auc_macro",
