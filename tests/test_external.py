@@ -410,3 +410,23 @@ def test_reliability_and_external_auc_figures(tmp_path):
     fig2.savefig(tmp_path / "auc.png")
     with pytest.raises(ValueError, match="not in calibration_df"):
         plots.reliability(cal, networks=["vit"])
+
+
+def _metrics_rows(n_folds=(5, 5)):
+    return pd.DataFrame({"network": ["mhl", "logreg"], "family": ["MHL", "Classical"],
+                         "n_cells": [560, 560], "n_fields": [14, 14], "n_folds": list(n_folds),
+                         "auc": [0.92666, 0.9421], "auc_ci_low": [0.8804, 0.91], "auc_ci_high": [0.96, 0.97049],
+                         "balanced_accuracy": [0.84166, 0.86], "accuracy": [0.8428, 0.87],
+                         "brier": [0.1135, 0.1], "ece": [0.0401, 0.03], "n_boot": [2000, 2000]})
+
+
+def test_book_table_is_narrow_and_keeps_the_numbers():
+    t = external.book_table(_metrics_rows(), {"mhl": "MHL", "logreg": "logistic regression"}.get)
+    assert list(t.index) == ["MHL", "logistic regression"]
+    assert list(t.columns) == ["family", "AUC (95% CI)", "balanced accuracy", "accuracy", "Brier", "ECE"]
+    assert t.loc["MHL", "AUC (95% CI)"] == "0.927 (0.880–0.960)"
+    assert t.loc["logistic regression", "AUC (95% CI)"] == "0.942 (0.910–0.970)"
+    assert t.loc["MHL", "balanced accuracy"] == pytest.approx(0.842)
+    # sizes that differ between models (a fold not scored) get their column
+    t2 = external.book_table(_metrics_rows(n_folds=(4, 5)))
+    assert t2.loc["mhl", "cells / fields / folds"] == "560 / 14 / 4"

@@ -594,3 +594,28 @@ def write(result: ExternalResult, out_dir: str | Path) -> dict[str, Path]:
     result.calibration.to_csv(paths["calibration"], index=False)
     result.notes.to_csv(paths["notes"], index=False)
     return paths
+
+
+def book_table(metrics: pd.DataFrame, display: Callable[[str], str] = str, digits: int = 3) -> pd.DataFrame:
+    """The results chapter's table of :func:`evaluate`'s ``metrics`` (one row per model), narrow
+    enough for a book page: index = the model's display name, ``family``, ``AUC (95% CI)`` as one
+    text column (field bootstrap), ``balanced accuracy``, ``accuracy``, ``Brier``, ``ECE``, rounded
+    to ``digits``. The cells, fields and folds each model was scored with get a column
+    (``cells / fields / folds``) only when they differ between models (a fold that could not be
+    scored); otherwise the chapter's text states them once."""
+    m = metrics.reset_index(drop=True)
+    f = f"{{:.{digits}f}}"
+    out = pd.DataFrame({
+        "family": m["family"].to_numpy(),
+        "AUC (95% CI)": [f"{f.format(a)} ({f.format(lo)}–{f.format(hi)})"
+                         for a, lo, hi in zip(m["auc"], m["auc_ci_low"], m["auc_ci_high"])],
+        "balanced accuracy": m["balanced_accuracy"].round(digits).to_numpy(),
+        "accuracy": m["accuracy"].round(digits).to_numpy(),
+        "Brier": m["brier"].round(digits).to_numpy(),
+        "ECE": m["ece"].round(digits).to_numpy()},
+        index=pd.Index([display(n) for n in m["network"]], name="model"))
+    sizes = m[["n_cells", "n_fields", "n_folds"]]
+    if len(sizes.drop_duplicates()) > 1:
+        out.insert(1, "cells / fields / folds",
+                   [f"{c} / {g} / {k}" for c, g, k in sizes.itertuples(index=False)])
+    return out
