@@ -230,14 +230,24 @@ class Run:
     def folds_file(self, cohort: str, create: bool = True) -> Path:
         """The run's folds file for ``cohort``: ``<run>/folds/<cohort>.csv``; for a cohort given as
         a manifest path, ``<run>/folds/<manifest file's stem>.csv`` (its folder created unless
-        ``create`` is False)."""
+        ``create`` is False). A run keeps one cohort (:meth:`check_cohort`, which every step calls
+        first, passes the same cells under another name or manifest path): once ``cohort.json``
+        records the name the run was made with, the file is that name's, whatever name ``cohort``
+        gives the same cells (a manifest copied or renamed between two steps reads the run's
+        folds, not a second folds file)."""
         d = self.root / "folds"
         if create:
             d.mkdir(parents=True, exist_ok=True)
-        name = str(cohort)
-        if name.lower().endswith(".csv") or "/" in name or os.sep in name:
-            name = Path(name).stem
-        return d / f"{name}.csv"
+        recorded = self.recorded_cohort()
+        return d / f"{_folds_stem(recorded if recorded is not None else cohort)}.csv"
+
+    def recorded_cohort(self) -> str | None:
+        """The cohort name (or manifest path) ``cohort.json`` records; None without a readable one."""
+        try:
+            name = json.loads(self.cohort_file.read_text()).get("cohort")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return str(name) if name else None
 
     def fold(self, network: str, fold: int, create: bool = False) -> FoldDir:
         """The folder of ``network``'s fold ``fold`` (created with ``create``)."""
@@ -396,6 +406,14 @@ class Run:
             f"{self.root} was made for {made_for} ({old_n} cells), not {str(cohort)!r} ({int(n_cells)} cells; "
             f"other cells, labels or groups: {where}); a run keeps one cohort (its trained folds would be read "
             "back as this cohort's): start a new run folder, or pass the cohort it was made with")
+
+
+def _folds_stem(cohort: str) -> str:
+    """A folds file's stem: the cohort's name, or a manifest path's file stem."""
+    name = str(cohort)
+    if name.lower().endswith(".csv") or "/" in name or os.sep in name:
+        name = Path(name).stem
+    return name
 
 
 def scale_record(name: str, overrides: dict[str, Any] | None, resolved: dict[str, Any]) -> dict[str, Any]:

@@ -103,6 +103,8 @@ def test_a_run_keeps_one_cohort(tmp_path):
     assert json.loads(run.cohort_file.read_text()) == {"cohort": "bbbc021-paper", "cells_hash": "a" * 64,
                                                         "n_cells": 220}
     run.check_cohort("/data/same_cells.csv", "a" * 64, 220)          # the same cells under another name pass
+    # ... and read the run's folds file, not one of their own
+    assert run.folds_file("/data/same_cells.csv") == run.folds_file("bbbc021-paper") == run.root / "folds" / "bbbc021-paper.csv"
     with pytest.raises(rundir.RunFolderError, match=r"made for cohort 'bbbc021-paper' \(220 cells\), not "
                                                     r"'rxrx1-cells' \(1440 cells.*a run keeps one cohort"):
         run.check_cohort("rxrx1-cells", "b" * 64, 1440)
@@ -140,7 +142,24 @@ def test_prepare_refuses_another_cohort_in_the_run_folder(tmp_path, shared_data)
     study.prepare("bbbc021-paper", "ci", tmp_path, data_root=str(shared_data), progress=False)
     with pytest.raises(rundir.RunFolderError, match="made for cohort 'bbbc021-paper'"):
         study.prepare("rxrx1-cells", "ci", tmp_path, data_root=str(shared_data), progress=False)
-    assert not rundir.Run(tmp_path).folds_file("rxrx1-cells", create=False).exists()   # refused before any work
+    assert not (tmp_path / "folds" / "rxrx1-cells.csv").exists()   # refused before any work
+
+
+def test_a_renamed_manifest_of_the_same_cells_reads_the_runs_folds(tmp_path, shared_data):
+    """A user who copies or renames the manifest between two notebooks: the same cells pass, and
+    every step reads the run's one folds file (07 once failed on folds/<new name>.csv)."""
+    import shutil
+
+    from cellstudy import config, study
+
+    first = study.prepare("bbbc021-paper", "ci", tmp_path / "run", data_root=str(shared_data), progress=False)
+    mine = tmp_path / "elsewhere" / "mine.csv"
+    mine.parent.mkdir()
+    shutil.copy2(config.REPO_ROOT / "data_manifest" / "bbbc021-paper.csv", mine)
+    again = study.prepare(str(mine), "ci", tmp_path / "run", data_root=str(shared_data), progress=False)
+    assert again.folds_path == first.folds_path == study.folds_path(tmp_path / "run", str(mine))
+    assert sorted(p.name for p in (tmp_path / "run" / "folds").iterdir()) == ["bbbc021-paper.csv"]
+    assert (again.folds == first.folds).all()
 
 
 def test_atomic_writes_are_whole_or_absent(tmp_path):
