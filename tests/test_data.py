@@ -5,6 +5,8 @@ import hashlib
 from pathlib import Path
 
 import cv2
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -271,6 +273,7 @@ def test_missing_file(tmp_path):
         data.verify_manifest(df, root)
     assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, ValueError)
     assert df.path[4] in str(e.value) and "does not exist" in str(e.value)
+    assert "is the data root right?" in str(e.value)   # only missing files: the hint names the usual cause
     m = write_manifest(tmp_path, df)
     with pytest.raises(FileNotFoundError, match=df.path[4]):
         data.load_cohort(str(m), root=root)
@@ -426,3 +429,12 @@ def test_crops_and_per_channel_files_in_a_manifest(tmp_path):
     df.loc[2, "crop_y"] = 40
     with pytest.raises(DataError, match=rf"cell {df.cell_id[2]}: .*crop \(y=40"):
         data.verify_manifest(df, root)
+
+
+def test_a_relative_manifest_path_that_is_not_there_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"manifest file my.csv does not exist \(looked for "
+                                                rf"{re.escape(str(tmp_path / 'my.csv'))}.*absolute path"):
+        data.manifest_path("my.csv")
+    with pytest.raises(FileNotFoundError, match=r"does not exist$"):
+        data.manifest_path(str(tmp_path / "no.csv"))

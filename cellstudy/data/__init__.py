@@ -110,6 +110,9 @@ def _raise_problems(problems: list[str], what: str, missing_only: bool = False) 
     more = len(shown) - MAX_LISTED
     tail = f"\n  ... and {more} more line(s)" if more > 0 else ""
     msg = f"{len(problems)} problem(s) in {what}:\n{listed}{tail}"
+    if missing_only:   # every problem a missing file: most often the data root, not the files
+        msg += ("\n  (only missing files: is the data root right? The manifest's paths are relative to it: "
+                "--data-root, a notebook's data_root parameter, or $CELLSTUDY_DATA_ROOT)")
     cls = MissingFileError if missing_only else DataError
     raise cls(msg, problems)
 
@@ -348,7 +351,10 @@ def manifest_path(cohort: str) -> Path:
     p = Path(str(cohort))
     if p.suffix.lower() == ".csv":
         if not p.is_file():
-            raise FileNotFoundError(f"manifest file {p} does not exist")
+            where = "" if p.is_absolute() else (
+                f" (looked for {Path.cwd() / p}: a relative path is read from the current folder, here "
+                f"{Path.cwd()}, which in a notebook is the notebook's folder; give the manifest's absolute path)")
+            raise FileNotFoundError(f"manifest file {p} does not exist{where}")
         return p
     q = MANIFEST_DIR / f"{cohort}.csv"
     if not q.is_file():
