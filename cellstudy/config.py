@@ -304,7 +304,7 @@ def regime_epochs_text(scale: dict[str, Any], regime: str) -> str:
     plateau, 10-30 epochs" (a long regime with ``epochs_long_max``)."""
     n = int(scale[f"epochs_{regime}"])
     m = plateau_cap(scale) if regime == "long" else None
-    return f"{n} epochs" if m is None else f"on to the training plateau, {n}-{m} epochs"
+    return f"{n} epoch{'' if n == 1 else 's'}" if m is None else f"on to the training plateau, {n}-{m} epochs"
 
 
 def epochs_text(scale: dict[str, Any]) -> str:

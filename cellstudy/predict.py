@@ -124,19 +124,10 @@ def best_network_why(run_dir: str | Path, trained: Sequence[str]) -> tuple[str, 
 
 
 def run_class_names(table: pd.DataFrame) -> dict[int, str] | None:
-    """``{0: name, 1: name}``: the class names of a manifest (column ``class_name``) for the normal
-    (0) and abnormal (1) roles, e.g. ``{0: "DMSO", 1: "protein_synthesis"}``; None when the
-    manifest has no such column or a role has not exactly one name (an empty name is none)."""
-    if "class_name" not in table.columns or "label" not in table.columns:
-        return None
-    out = {}
-    lab = pd.to_numeric(table["label"], errors="coerce")
-    for role in (0, 1):
-        names = set(table.loc[lab == role, "class_name"].dropna().astype(str)) - {""}
-        if len(names) != 1:
-            return None
-        out[role] = names.pop()
-    return out
+    """``data.class_names_of``: the manifest's class names of the normal (0) and abnormal (1) roles."""
+    from cellstudy import data
+
+    return data.class_names_of(table)
 
 
 def labelled_metrics(labels: np.ndarray, proba: np.ndarray, own: np.ndarray, groups: np.ndarray,

@@ -63,7 +63,8 @@ def handmade_book(tmp_path):
         'nine metric columns</div></main>'))
     (html / "scrolls.html").write_text(_PAGE.format(   # as wide, but in a scroll container: fine
         head="", title="scrolls", body='<main><div style="overflow-x:auto"><table style="width:3000px">'
-        '<tr><td>a wide table</td></tr></table></div></main>'))
+        '<tr><th>network</th><th>auc_macro</th></tr><tr><td>a wide table</td><td>0.9</td></tr></table></div>'
+        '<div style="overflow-x:auto"><table><tr><th>narrow</th></tr></table></div></main>'))
     (html / "blank.html").write_text(_PAGE.format(
         head="", title="blank", body='<img src="_images/fig.png"><img src="_images/blank.png" alt="blank">'))
     (html / "traceback.html").write_text(_PAGE.format(
@@ -88,6 +89,10 @@ def test_checker_passes_a_good_page_and_catches_missing_figure_untypeset_math_an
     assert good.images == 1 and good.math_expected == 2 and good.math_typeset >= 2
     assert good.layout["scrollWidth"] <= good.layout["clientWidth"] and good.layout["viewportWidth"] == 1280
     assert pages["scrolls.html"].ok, pages["scrolls.html"].problems
+    # ... but the reader has to scroll it: reported (not a problem), the narrow table not
+    (wide,) = pages["scrolls.html"].wide_tables
+    assert wide.startswith("network | auc_macro (") and "px more" in wide
+    assert good.wide_tables == [] and "1 table(s) scroll sideways" in report.summary()
     # what a reader sees: the column overflows, a figure is one colour, a traceback is shown
     (over,) = pages["overflow.html"].problems
     assert "horizontal overflow at 1280 px" in over and "div.wide" in over and "main" in over

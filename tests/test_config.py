@@ -127,6 +127,7 @@ def test_epochs_in_words():
     fixed = {"epochs_short": 5, "epochs_long": 10, "epochs_long_max": None}
     assert config.epochs_text(fixed) == "5 + 5 epochs"
     assert config.regime_epochs_text(fixed, "long") == "10 epochs"
+    assert config.regime_epochs_text({"epochs_short": 1, "epochs_long": 2}, "short") == "1 epoch"
     assert config.plateau_stop_text(fixed) == ""
     up = {**fixed, "epochs_long_max": 30}
     assert config.epochs_text(up) == ("5 epochs for the short regime, then on to the training plateau for "

@@ -254,6 +254,7 @@ def test_load_cohort_from_fake_root(tmp_path):
     np.testing.assert_allclose(c.images[0], data.robust_scale(raw[:, :, ::-1]), atol=1e-6)
     assert c.scaling["low"] == data.DEFAULT_LOW and c.scaling["lo"].shape == (12, 3)
     assert c.counts()["cells"].tolist() == [6, 6]
+    assert list(c.counts().columns) == ["label", "class", "in the manifest", "cells", "groups"]
 
 
 def test_missing_data_root(tmp_path):
@@ -438,3 +439,13 @@ def test_a_relative_manifest_path_that_is_not_there_says_where_it_looked(tmp_pat
         data.manifest_path("my.csv")
     with pytest.raises(FileNotFoundError, match=r"does not exist$"):
         data.manifest_path(str(tmp_path / "no.csv"))
+
+
+def test_class_names_of_a_manifest_and_the_books_role_text():
+    t = pd.DataFrame({"label": [0, 0, 1], "class_name": ["healthy", "healthy", "tumour"]})
+    names = data.class_names_of(t)
+    assert names == {0: "healthy", 1: "tumour"}
+    assert data.role_text(1, names) == "abnormal (tumour)" and data.role_text(0, None) == "normal"
+    assert data.role_text(0, {0: "normal", 1: "x"}) == "normal"          # no "normal (normal)"
+    assert data.class_names_of(t.assign(class_name=["a", "b", "tumour"])) is None   # two names for a role
+    assert data.class_names_of(t.drop(columns="class_name")) is None

@@ -251,6 +251,7 @@ def test_verdict_sentence_says_when_p_is_not_holm_adjusted():
     mhl = next(s for s in text if s.startswith("**MHL**"))
     assert "Holm-adjusted" not in lr and "not adjusted" in lr
     assert "Holm-adjusted p" in mhl
+    assert "than the random forest baseline" in mhl   # a common noun mid-sentence, not "the Random forest"
 
 
 def test_book_tables_are_not_cut():

@@ -643,14 +643,41 @@ class Cohort:
         return config.CLASS_NAMES
 
     def counts(self) -> pd.DataFrame:
-        """Cells and groups per class: columns label, class, cells, groups."""
+        """Cells and groups per class: columns label, class (the role: normal / abnormal),
+        ``in the manifest`` (the manifest's own class name, e.g. DMSO; empty without one: see
+        :func:`class_names_of`), cells, groups."""
         t = pd.DataFrame({"label": self.labels, "group": self.groups})
+        own = class_names_of(self.table) or {}
         rows = []
         for lab, name in enumerate(config.CLASS_NAMES):
             s = t[t.label == lab]
-            rows.append({"label": lab, "class": name, "cells": len(s),
+            rows.append({"label": lab, "class": name, "in the manifest": own.get(lab, ""), "cells": len(s),
                          "groups": s.group.nunique()})
         return pd.DataFrame(rows)
+
+
+def class_names_of(table: pd.DataFrame) -> dict[int, str] | None:
+    """``{0: name, 1: name}``: a manifest's class names (column ``class_name``) for the normal (0)
+    and abnormal (1) roles, e.g. ``{0: "DMSO", 1: "protein_synthesis"}``; None when the manifest
+    has no such column or a role has not exactly one name (an empty name is none)."""
+    if "class_name" not in table.columns or "label" not in table.columns:
+        return None
+    out = {}
+    lab = pd.to_numeric(table["label"], errors="coerce")
+    for role in (0, 1):
+        names = set(table.loc[lab == role, "class_name"].dropna().astype(str)) - {""}
+        if len(names) != 1:
+            return None
+        out[role] = names.pop()
+    return out
+
+
+def role_text(role: int, names: dict[int, str] | None) -> str:
+    """The book's name of a class: ``"abnormal (tumour)"``, the role with the manifest's own name
+    (:func:`class_names_of`) where it has one and it differs; the role alone otherwise."""
+    base = config.CLASS_NAMES[role]
+    own = (names or {}).get(role)
+    return f"{base} ({own})" if own and own != base else base
 
 
 def load_cohort(cohort: str, root: str | os.PathLike | None = None, verify: bool = True,

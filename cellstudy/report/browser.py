@@ -94,6 +94,21 @@ CHECK_SCRIPT = r"""<script>(function () {
       }
     }
     r.offenders = r.offenders.map(function (o) { return o.what + " (" + o.px + " px past the column)"; });
+    r.wide_tables = [];   // tables a reader has to scroll sideways (not a problem: a fact to report)
+    var tables = column.querySelectorAll("table");
+    for (var t = 0; t < tables.length; t++) {
+      for (var c = tables[t].parentElement; c && c !== column; c = c.parentElement) {
+        var ox = getComputedStyle(c).overflowX;
+        if (ox === "auto" || ox === "scroll") {
+          if (c.scrollWidth > c.clientWidth + 1) {
+            var heads = Array.prototype.slice.call(tables[t].querySelectorAll("th"))
+              .map(function (h) { return h.textContent.trim(); }).filter(function (x) { return x; }).slice(0, 4);
+            r.wide_tables.push({head: heads.join(" | "), px: c.scrollWidth - c.clientWidth});
+          }
+          break;
+        }
+      }
+    }
     var imgs = document.images;
     for (var k = 0; k < imgs.length; k++)
       r.images.push({src: imgs[k].getAttribute("src"), complete: imgs[k].complete, naturalWidth: imgs[k].naturalWidth});
@@ -122,6 +137,12 @@ class PageCheck:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def wide_tables(self) -> list[str]:
+        """The page's tables wider than the text column (a reader scrolls them sideways; not a
+        problem): ``"<first header cells> (<px> px more)"`` each."""
+        return [f"{t['head'] or 'table'} ({t['px']} px more)" for t in (self.layout or {}).get("wide_tables", [])]
 
 
 @dataclass
@@ -154,6 +175,8 @@ class BookCheck:
                  + ("OK" if self.ok else f"{len(self.problems)} problem(s)")]
         for p in self.pages:
             width = "" if not p.layout else f", column {p.layout['scrollWidth']}/{p.layout['clientWidth']} px"
+            if p.wide_tables:
+                width += f", {len(p.wide_tables)} table(s) scroll sideways"
             lines.append(f"  {p.page}: {p.images} figure(s), {p.math_typeset}/{p.math_expected} equation(s) "
                          f"typeset{width}{'' if p.ok else ' -- ' + '; '.join(p.problems)}")
         return "\n".join(lines)

@@ -167,6 +167,7 @@ def verdict_sentences(verdicts: pd.DataFrame, metric_label: str = "AUC") -> list
             "above chance" if r["beats_chance"] else "**not** above chance (its CI includes 0.5)")
         if r["versus"]:
             base = DISPLAY_NAMES.get(r["baseline"], r["baseline"])
+            base = base[:1].lower() + base[1:]   # "the logistic regression baseline": a common noun mid-sentence
             adjusted = np.isfinite(r["p_adj"])
             p = r["p_adj"] if adjusted else r["p"]
             s += (f"; {r['versus']} the {base} baseline (difference {r['diff']:+.3f}, 95% CI "
