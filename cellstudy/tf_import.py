@@ -7,7 +7,8 @@ start with::
     WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
     I0000 00:00:... port.cc:153] oneDNN custom operations are on. You may see slightly different ...
 
-(twice: two of TensorFlow's libraries log it). :func:`import_quietly` imports TensorFlow with the
+(twice: two of TensorFlow's libraries log it), and on some CPUs an INFO line of
+``cpu_feature_guard.cc``. :func:`import_quietly` imports TensorFlow with the
 process's stderr (file descriptor 2) read by a thread that passes every other line on at once,
 so an error TensorFlow writes while it loads still reaches the terminal. Nothing is filtered
 when ``TF_CPP_MIN_LOG_LEVEL`` is ``0`` (show everything) or TensorFlow is already imported.
@@ -19,10 +20,12 @@ import re
 import sys
 import threading
 
-#: The lines kept off the terminal: absl's notice and oneDNN's (cellstudy turns oneDNN on and
-#: records it in provenance.json; see ``cellstudy.onednn_enabled``).
+#: The lines kept off the terminal: absl's notice, oneDNN's (cellstudy turns oneDNN on and
+#: records it in provenance.json; see ``cellstudy.onednn_enabled``) and the CPU-feature notice
+#: (an INFO line; the CPU's flags are in provenance.json too).
 NOISE = re.compile(r"(All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-                   r"|port\.cc:\d+\] oneDNN custom operations are on)")
+                   r"|port\.cc:\d+\] oneDNN custom operations are on"
+                   r"|I\d{4} [\d:. ]+\d+ cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized)")
 
 
 #: Seconds the import waits for the reader to pass on what is left in the pipe.

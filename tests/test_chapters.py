@@ -43,7 +43,7 @@ def test_results_sentence_long_regime_only_and_failures():
 def test_regime_tables_titles_order_and_display_names():
     tidy = _tidy()
     tabs = chapters.regime_tables(tidy, {"epochs_short": 1, "epochs_long": 2})
-    assert [t for t, _ in tabs] == ["**short regime** (1 epochs)", "**long regime** (2 epochs)"]
+    assert [t for t, _ in tabs] == ["**short regime** (1 epoch)", "**long regime** (2 epochs)"]
     short = tabs[0][1]
     assert list(short.index) == ["VGG16", "ResNet50"]
     assert short.loc["ResNet50", "auc_macro"] == f"{0.5:.3f} ± {np.std([0.55, 0.45], ddof=1):.3f}"

@@ -47,6 +47,9 @@ def test_an_import_error_is_raised_with_what_tensorflow_wrote(tmp_path):
 def test_is_noise():
     assert tf_import.is_noise("I0000 00:00:1796644298.537130   28418 port.cc:153] oneDNN custom operations are on.")
     assert not tf_import.is_noise("E0000 oneDNN failed")
+    assert tf_import.is_noise("I0000 00:00:1796693589.071322   12681 cpu_feature_guard.cc:227] This TensorFlow binary "
+                              "is optimized to use available CPU instructions in performance-critical operations.")
+    assert not tf_import.is_noise("E0000 00:00:1796693589.071322   12681 cpu_feature_guard.cc:227] This TensorFlow binary")
 
 
 def test_a_child_holding_the_pipe_does_not_write_into_another_file(tmp_path):
