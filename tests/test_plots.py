@@ -184,3 +184,17 @@ def test_training_curves_of_many_networks_are_small_multiples():
     # the loss panels share one y range (the networks are compared by eye)
     assert len({ax.get_ylim() for ax in shown[:len(nets)]}) == 1
     np.testing.assert_allclose(shown[1].lines[0].get_ydata(), 1 / np.arange(1, 7) + 0.1)
+
+
+def test_cell_montage_names_the_manifests_stains_and_classes():
+    from cellstudy.report import figures
+
+    rng = np.random.default_rng(0)
+    imgs, labels = rng.random((6, 8, 8, 3)).astype(np.float32), np.array([0, 0, 0, 1, 1, 1])
+    fig = figures.cell_montage(imgs, labels, n_per_class=2, class_names=["normal", "abnormal (tumour)"],
+                               stain_names=("concanavalin A", "F-actin", "DNA"))
+    axes = np.array(fig.axes).reshape(4, 4)
+    assert [a.get_title() for a in axes[0]] == ["concanavalin A (red)", "F-actin (green)", "DNA (blue)", "merged"]
+    assert axes[2, 0].get_ylabel() == "abnormal (tumour)"
+    plain = figures.cell_montage(imgs, labels, n_per_class=1)
+    assert plain.axes[0].get_title() == "third stain (red)"

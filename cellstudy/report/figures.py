@@ -32,11 +32,15 @@ def _tint(channel: np.ndarray, index: int) -> np.ndarray:
 
 
 def cell_montage(images: np.ndarray, labels: np.ndarray, n_per_class: int = 3, seed: int = 0,
-                 titles: Sequence[str] | None = None, class_names: Sequence[str] = config.CLASS_NAMES) -> Figure:
+                 titles: Sequence[str] | None = None, class_names: Sequence[str] = config.CLASS_NAMES,
+                 stain_names: Sequence[str] | None = None) -> Figure:
     """Example cells of each class: one row per cell, columns = the three stains in their colours
     and the merged RGB image (as the paper's Fig. 1B).
 
-    images: (N, H, W, 3); labels: (N,) int. Cells are drawn at random with ``seed``."""
+    images: (N, H, W, 3); labels: (N,) int. Cells are drawn at random with ``seed``.
+    ``stain_names``: the R, G, B stains by name (a manifest's ``stains``, ``data.stains_of``),
+    shown with their colour; without them the columns read "third stain (red)", "F-actin
+    (green)", "DNA (blue)"."""
     images = np.asarray(images)
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
@@ -52,7 +56,8 @@ def cell_montage(images: np.ndarray, labels: np.ndarray, n_per_class: int = 3, s
         for k, stain in enumerate(config.CHANNELS):
             axes[r, k].imshow(_tint(disp[..., k], k))
             if r == 0:
-                axes[r, k].set_title(STAIN_LABELS[stain], fontsize=9)
+                axes[r, k].set_title(STAIN_LABELS[stain] if stain_names is None else
+                                     f"{stain_names[k]} ({('red', 'green', 'blue')[k]})", fontsize=9)
         axes[r, 3].imshow(disp)
         if r == 0:
             axes[r, 3].set_title("merged", fontsize=9)
