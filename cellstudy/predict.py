@@ -528,6 +528,23 @@ SUMMARY_COLUMNS = ["model", "cells", "fields", "auc", "auc_ci_low", "auc_ci_high
                    "accuracy_uncertain_half", "accuracy_certain_half"]
 
 
+def qc_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The prediction chapter's QC table: one row per flag of :func:`qc_flags` in words
+    ("F-actin nearly empty", "nucleus size outside the run's range"), with its column in
+    ``predictions.csv`` (``flag``) and the cells it flags, then ``any flag``."""
+    words = {"empty": "nearly empty", "saturated": "saturated"}
+    stains = {"third": "third stain", "actin": "F-actin", "dna": "DNA"}
+    rows = []
+    for c in [c for c in table.columns if c.startswith("qc_") and c != "qc_ok"]:
+        parts = c.split("_")   # qc_<kind>_<stain> or qc_size
+        what = ("nucleus size outside the run's range" if c == "qc_size" else
+                f"{stains.get(parts[-1], parts[-1])} {words.get(parts[1], parts[1])}" if len(parts) == 3 else c)
+        rows.append({"QC flag": what, "flag": c, "cells flagged": int(table[c].astype(bool).sum())})
+    if "qc_ok" in table.columns:
+        rows.append({"QC flag": "any flag", "flag": "not qc_ok", "cells flagged": int((~table["qc_ok"].astype(bool)).sum())})
+    return pd.DataFrame(rows, columns=["QC flag", "flag", "cells flagged"]).set_index("QC flag")
+
+
 def qc_lines(table: pd.DataFrame) -> list[str]:
     """What the terminal says about the cells' QC flags (``qc_*`` columns of :func:`qc_flags`):
     how many cells were flagged and by which flag, and, when most of them are, that the stains

@@ -413,3 +413,12 @@ def test_qc_lines_count_the_flags_and_point_to_the_stain_mapping_when_most_cells
     few = t.assign(qc_size=[True, False, False, False], qc_ok=[False, True, True, True])
     assert len(P.qc_lines(few)) == 1 and "1 of 4" in P.qc_lines(few)[0]
     assert P.qc_lines(t.assign(qc_size=False, qc_ok=True)) == []
+
+
+def test_qc_table_names_each_flag_in_words():
+    t = pd.DataFrame({"qc_empty_third": [True, False, False], "qc_saturated_actin": [False, True, False],
+                      "qc_size": [False, True, False], "qc_ok": [False, False, True]})
+    q = P.qc_table(t)
+    assert list(q.index) == ["third stain nearly empty", "F-actin saturated", "nucleus size outside the run's range",
+                             "any flag"]
+    assert q["cells flagged"].tolist() == [1, 1, 1, 2] and q.loc["F-actin saturated", "flag"] == "qc_saturated_actin"
