@@ -603,12 +603,12 @@ def book_table(metrics: pd.DataFrame, display: Callable[[str], str] = str, digit
     to ``digits``. The cells, fields and folds each model was scored with get a column
     (``cells / fields / folds``) only when they differ between models (a fold that could not be
     scored); otherwise the chapter's text states them once."""
+    from cellstudy.report.tables import ci_text
+
     m = metrics.reset_index(drop=True)
-    f = f"{{:.{digits}f}}"
     out = pd.DataFrame({
         "family": m["family"].to_numpy(),
-        "AUC (95% CI)": [f"{f.format(a)} ({f.format(lo)}–{f.format(hi)})"
-                         for a, lo, hi in zip(m["auc"], m["auc_ci_low"], m["auc_ci_high"])],
+        "AUC (95% CI)": [ci_text(a, lo, hi, digits) for a, lo, hi in zip(m["auc"], m["auc_ci_low"], m["auc_ci_high"])],
         "balanced accuracy": m["balanced_accuracy"].round(digits).to_numpy(),
         "accuracy": m["accuracy"].round(digits).to_numpy(),
         "Brier": m["brier"].round(digits).to_numpy(),
