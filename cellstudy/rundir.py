@@ -12,7 +12,7 @@ names themselves::
       logs/<step>.log     a step's progress output               Run.log(step)
       notebooks/<step>.ipynb  the executed notebooks             Run.executed(step)
       screenshots/ book/  the browser check's pages, the book    Run.screenshots, Run.book
-      folds/<cohort>.csv  the run's folds (one per cohort)       Run.folds_file(cohort)
+      folds/<cohort>.csv  the run's folds (of its one cohort)    Run.folds_file(cohort)
       <step>/             what notebook <step> writes            Run.step(step)
       training/<model>/fold<k>/                                  Run.fold(model, k) -> FoldDir
           done.json | failed.json, zca.json, test_cells.csv,
@@ -390,6 +390,8 @@ class Run:
                     continue
                 if old.get("cells_sha256") not in (None, rec["cells_hash"]):
                     self._refuse(f"the cells of {f.name}", old.get("n_cells"), cohort, n_cells, f)
+                if old.get("cells_sha256") == rec["cells_hash"]:   # its folds, under the name they were made with
+                    rec["cohort"] = f.stem
             self.root.mkdir(parents=True, exist_ok=True)
             if atomic.create_json(self.cohort_file, rec):
                 return

@@ -62,7 +62,8 @@ def step_dir(run_dir: str | os.PathLike, step: str) -> Path:
 
 
 def folds_path(run_dir: str | os.PathLike, cohort: str) -> Path:
-    """The run's folds file for a cohort: ``<run_dir>/folds/<cohort>.csv`` (``rundir.Run.folds_file``)."""
+    """The run's folds file: ``<run_dir>/folds/<cohort>.csv``, named by the cohort the run was made
+    with (``rundir.Run.folds_file``: a renamed manifest of the same cells reads the same file)."""
     return rundir.Run(run_dir).folds_file(cohort)
 
 

@@ -33,7 +33,7 @@ TIMEOUT = 10.0
 
 
 def is_noise(line: str) -> bool:
-    """Whether a line TensorFlow writes while it loads is one of the two kept off the terminal."""
+    """Whether a line TensorFlow writes while it loads is one of those kept off the terminal (:data:`NOISE`)."""
     return bool(NOISE.search(line))
 
 

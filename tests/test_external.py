@@ -426,7 +426,7 @@ def test_book_table_is_narrow_and_keeps_the_numbers():
     assert list(t.columns) == ["family", "AUC (95% CI)", "balanced accuracy", "accuracy", "Brier", "ECE"]
     assert t.loc["MHL", "AUC (95% CI)"] == "0.927 (0.880–0.960)"
     assert t.loc["logistic regression", "AUC (95% CI)"] == "0.942 (0.910–0.970)"
-    assert t.loc["MHL", "balanced accuracy"] == pytest.approx(0.842)
+    assert t.loc["MHL", "balanced accuracy"] == "0.842"
     # sizes that differ between models (a fold not scored) get their column
     t2 = external.book_table(_metrics_rows(n_folds=(4, 5)))
     assert t2.loc["mhl", "cells / fields / folds"] == "560 / 14 / 4"

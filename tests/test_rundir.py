@@ -123,8 +123,10 @@ def test_a_run_made_before_cohort_json_is_checked_against_its_folds(tmp_path):
     with pytest.raises(rundir.RunFolderError, match=r"made for the cells of bbbc021-paper.csv \(10 cells\)"):
         run.check_cohort("rxrx1-cells", "b" * 64, 1440)
     assert not run.cohort_file.exists()
-    run.check_cohort("bbbc021-paper", folds.cells_hash(ids, y, g), 10)      # its own cells: recorded
+    run.check_cohort("/elsewhere/renamed.csv", folds.cells_hash(ids, y, g), 10)   # its own cells, renamed: recorded
     assert json.loads(run.cohort_file.read_text())["n_cells"] == 10
+    # ... under the name of the folds file they match, so every step reads that file
+    assert run.folds_file("/elsewhere/renamed.csv") == run.root / "folds" / "bbbc021-paper.csv"
 
 
 def test_create_json_creates_once(tmp_path):

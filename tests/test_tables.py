@@ -65,7 +65,7 @@ def test_convergence_table():
     t = tables.convergence(conv, {"vgg16": "VGG16", "mhl": "MHL"}.get)
     assert t.loc["VGG16", "epochs"] == "18–25" and t.loc["MHL", "epochs"] == "30"
     assert t.loc["MHL", "folds on the plateau"] == "4 of 5" and t.loc["MHL", "on its plateau"] == "no"
-    assert t.loc["VGG16", "final training accuracy (median)"] == pytest.approx(0.923)
+    assert t.loc["VGG16", "final training accuracy (median)"] == "0.923"
     assert t.loc["MHL", "why not"] == "fold 2: still rising"
     assert "why not" not in tables.convergence(conv.iloc[:1]).columns
 
@@ -76,7 +76,7 @@ def test_importance_table():
     t = tables.importance(imp, {"rf": "Random forest"}, {"actin": "F-actin"})
     assert t.index.tolist() == [("Random forest", "F-actin"), ("Random forest", "shape")]
     assert t.loc[("Random forest", "F-actin"), "AUC drop when permuted (mean ± SD)"] == "0.119 ± 0.088"
-    assert t.loc[("Random forest", "shape"), "AUC"] == pytest.approx(0.876)
+    assert t.loc[("Random forest", "shape"), "AUC"] == "0.876"
 
 
 def test_readable_joins_intervals_renames_and_reads_booleans():
@@ -88,7 +88,7 @@ def test_readable_joins_intervals_renames_and_reads_booleans():
                         index=["network", "method", "curve"], ci={"diff": ("difference", "ci_low", "ci_high")},
                         display={"vgg16": "VGG16"}.get)
     row = t.loc[("VGG16", "gradcam", "deletion")]
-    assert row["AUC"] == pytest.approx(0.762) and row["difference (95% CI)"] == "0.022 (-0.029 to 0.077)"
+    assert row["AUC"] == "0.762" and row["difference (95% CI)"] == "0.022 (-0.029 to 0.077)"
     assert row["beats random"] == "no" and row["cells"] == 38
     assert list(t.columns) == ["AUC", "difference (95% CI)", "beats random", "cells"]
     assert tables.readable(faith, {"curve": "curve", "auc": "AUC"}).index.name == "curve"
@@ -105,3 +105,27 @@ def test_column_chunks_keep_a_networks_columns_together():
     assert sum(len(p.columns) for p in parts) == 6
     # plain cutting would have split ResNet50's two sizes
     assert [len(p.columns) for p in tables.column_chunks(t, size=4)] == [3, 3]
+
+
+def test_numbers_are_written_as_the_books_sentences_write_them():
+    # numpy rounds 0.8775 up (0.878); the book's f"{:.3f}" writes the stored value, 0.877
+    t = pd.DataFrame({"network": ["mhl"], "balanced_accuracy": [0.8775], "p": [0.000123]})
+    r = tables.readable(t, {"network": "network", "balanced_accuracy": "balanced accuracy", "p": "p"},
+                        formats={"p": ".3g"})
+    assert r.loc["mhl", "balanced accuracy"] == f"{0.8775:.3f}" == "0.877"
+    assert r.loc["mhl", "p"] == "0.000123"            # not 0.000
+    assert tables.num_text(float("nan")) == "" and tables.num_text(None) == ""
+
+
+def test_verdicts_without_a_baseline_show_no_empty_comparison_columns():
+    v = _verdicts()
+    v = v[v["family"] != "Classical"].assign(baseline=None, versus="", diff=np.nan, diff_low=np.nan,
+                                              diff_high=np.nan, p=np.nan, p_adj=np.nan, d_z=np.nan)
+    t = tables.verdicts(v)
+    assert list(t.columns) == ["family", "folds", "AUC (95% CI)", "beats chance"]
+    # a network without a comparison says why (findings' note), and a missing interval is no "+nan"
+    w = _verdicts().assign(note=["only 1 fold(s) shared with logreg", "", ""])
+    w.loc[0, ["versus", "diff_low", "diff_high"]] = ["", np.nan, np.nan]
+    t2 = tables.verdicts(w)
+    assert t2.loc["VGG16", "verdict"] == "only 1 fold(s) shared with logreg"
+    assert "nan" not in t2.loc["VGG16", "vs Logistic regression: difference (95% CI)"]

@@ -446,12 +446,16 @@ def summary_numeric(tidy: pd.DataFrame, metrics: Sequence[str] = TABLE_METRICS) 
     return out.reset_index(drop=True)
 
 
-def _fmt(mean: float, sd: float, digits: int) -> str:
+def mean_sd_text(mean: float, sd: float, digits: int = 3) -> str:
+    """``"0.893 ± 0.046"`` (the paper's Tables 1-2); the mean alone without an SD, "n/a" without a mean."""
     if not np.isfinite(mean):
         return "n/a"
     if not np.isfinite(sd):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} \u00b1 {sd:.{digits}f}"
+
+
+_fmt = mean_sd_text
 
 
 def summary_table(

@@ -3,7 +3,7 @@
 study.md section 11: the default cohort ``bbbc021-paper`` draws 10 of the 16 DMSO fields and 10 of
 the 18 treated fields of BBBC021; the cells of the other fields (cohort ``bbbc021-unseen``, 240
 normal in 6 fields + 320 abnormal in 8 fields) were seen by no model, in training or in testing.
-Each network's 5-fold ensemble (the mean of its fold models' class probabilities) and the
+Each network's fold ensemble (the mean of its fold models' class probabilities) and the
 classical baseline (``cellstudy.learning.baseline``, when present) are scored on them.
 
 How a cell is scored, per fold model: the external cohort is loaded and robust-scaled
@@ -603,16 +603,15 @@ def book_table(metrics: pd.DataFrame, display: Callable[[str], str] = str, digit
     to ``digits``. The cells, fields and folds each model was scored with get a column
     (``cells / fields / folds``) only when they differ between models (a fold that could not be
     scored); otherwise the chapter's text states them once."""
-    from cellstudy.report.tables import ci_text
+    from cellstudy.report.tables import ci_text, num_text
 
     m = metrics.reset_index(drop=True)
     out = pd.DataFrame({
         "family": m["family"].to_numpy(),
         "AUC (95% CI)": [ci_text(a, lo, hi, digits) for a, lo, hi in zip(m["auc"], m["auc_ci_low"], m["auc_ci_high"])],
-        "balanced accuracy": m["balanced_accuracy"].round(digits).to_numpy(),
-        "accuracy": m["accuracy"].round(digits).to_numpy(),
-        "Brier": m["brier"].round(digits).to_numpy(),
-        "ECE": m["ece"].round(digits).to_numpy()},
+        **{head: [num_text(v, f".{digits}f") for v in m[col].astype(float)]
+           for head, col in (("balanced accuracy", "balanced_accuracy"), ("accuracy", "accuracy"),
+                             ("Brier", "brier"), ("ECE", "ece"))}},
         index=pd.Index([display(n) for n in m["network"]], name="model"))
     sizes = m[["n_cells", "n_fields", "n_folds"]]
     if len(sizes.drop_duplicates()) > 1:

@@ -158,7 +158,7 @@ def _fmt_ci(r, digits: int = 3) -> str:
 
 def verdict_sentences(verdicts: pd.DataFrame, metric_label: str = "AUC") -> list[str]:
     """One plain sentence per model from :func:`network_verdicts`, e.g. "MHL: AUC 0.912 (95% CI
-    0.85–0.97), above chance; not distinguishable from Random forest (difference -0.05, 95% CI
+    0.85–0.97), above chance; not distinguishable from the random forest baseline (difference -0.05, 95% CI
     -0.12 to 0.02, Holm-adjusted p 0.31, d_z -0.9)"."""
     out = []
     for r in verdicts.itertuples(index=False):
@@ -167,7 +167,8 @@ def verdict_sentences(verdicts: pd.DataFrame, metric_label: str = "AUC") -> list
             "above chance" if r["beats_chance"] else "**not** above chance (its CI includes 0.5)")
         if r["versus"]:
             base = DISPLAY_NAMES.get(r["baseline"], r["baseline"])
-            base = base[:1].lower() + base[1:]   # "the logistic regression baseline": a common noun mid-sentence
+            if NETWORK_FAMILY.get(r["baseline"]) == CLASSICAL:   # "the logistic regression baseline": a common noun
+                base = base[:1].lower() + base[1:]
             adjusted = np.isfinite(r["p_adj"])
             p = r["p_adj"] if adjusted else r["p"]
             s += (f"; {r['versus']} the {base} baseline (difference {r['diff']:+.3f}, 95% CI "
@@ -292,10 +293,10 @@ def findings_page(run_dir: str | Path) -> dict:
         from cellstudy.learning.folds import read_folds
         ft, _ = read_folds(fp)
         n0, n1 = int((ft["label"] == 0).sum()), int((ft["label"] == 1).sum())
-        nf = int(ft["group"].nunique())
+        nf, k = int(ft["group"].nunique()), int(ft["fold"].nunique())
         num.update(cells_normal=(n0, fp.name), cells_abnormal=(n1, fp.name), fields=(nf, fp.name))
         md.append(f"**Cohort** `{cohort}`: {n0} normal-role and {n1} abnormal-role cells from {nf} source fields, "
-                  f"5-fold cross-validation grouped by field ({_link('cohort', '00_cohort')}); scale `{scale}`.")
+                  f"{k}-fold cross-validation grouped by field ({_link('cohort', '00_cohort')}); scale `{scale}`.")
     cvs = _read(run / "00_cohort" / "class_vs_source.csv")
     if cvs is not None and {"source", "shared by both classes"} <= set(cvs.columns):
         for _, row in cvs.iterrows():

@@ -9,9 +9,13 @@ lists the tables that still scroll: ``browser.PageCheck.wide_tables``):
   each with the full index;
 - :func:`ci_text`: an estimate and its interval as one column, ``"0.893 (0.806–0.979)"``;
 - :func:`verdicts` and :func:`convergence`: the results chapter's per-network tables with
-  readable headers and intervals in one column.
+  readable headers and intervals in one column; :func:`importance` the baseline's per-stain
+  importance; :func:`readable` any computed table with headers in words;
+- :func:`show_metrics`: the paper's Tables 1-2 one kind of metric a table.
 
-Pure functions of pandas tables (``show`` displays with IPython).
+Every number is written with Python's format (``num_text``: ``"{:.3f}"``), as the book's sentences
+write it, not rounded by pandas / numpy (``round(0.8775, 3)`` is 0.878, ``f"{0.8775:.3f}"`` 0.877:
+the stored binary value is below the half). Pure functions of pandas tables (``show`` displays with IPython).
 """
 from __future__ import annotations
 
@@ -74,6 +78,13 @@ def show(table: pd.DataFrame, size: int = MAX_COLUMNS,
         display(part)
 
 
+def num_text(value: Any, fmt: str = ".3f") -> str:
+    """``format(value, fmt)``; an empty string for None / NaN (a missing number is a blank cell)."""
+    if value is None or (isinstance(value, (float, np.floating)) and not np.isfinite(value)):
+        return ""
+    return format(value, fmt)
+
+
 def ci_text(value: float, low: float, high: float, digits: int = 3) -> str:
     """``"0.893 (0.806–0.979)"``, ``"0.022 (-0.029 to 0.077)"`` when the interval starts below 0;
     the value alone without a finite interval, an empty string when ``value`` is not a number."""
@@ -90,6 +101,8 @@ def _signed_ci(value: float, low: float, high: float, digits: int = 3) -> str:
     if value is None or not np.isfinite(value):
         return ""
     f = f"{{:+.{digits}f}}"
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
+        return f.format(value)
     return f"{f.format(value)} ({f.format(low)} to {f.format(high)})"
 
 
@@ -107,24 +120,28 @@ def verdicts(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     base_name = DISPLAY_NAMES.get(base.iloc[0], base.iloc[0]) if len(base) else "the baseline"
     diff_col = f"vs {base_name}: difference (95% CI)"
     p_txt, verdict = [], []
-    for r in t.itertuples(index=False):
+    notes = t["note"].fillna("").astype(str) if "note" in t else pd.Series([""] * len(t))
+    for r, note in zip(t.itertuples(index=False), notes):
         if isinstance(r.versus, str) and r.versus:
             adj = r.p_adj is not None and np.isfinite(r.p_adj)
             p_txt.append(f"{r.p_adj:.3g}" if adj else (f"{r.p:.3g} (unadj.)" if np.isfinite(r.p) else ""))
             verdict.append(r.versus)
         else:
             p_txt.append("")
-            verdict.append("the baseline" if r.network == r.baseline else "")
-    return pd.DataFrame({
+            verdict.append("the baseline" if r.network == r.baseline else note)   # why there is no comparison
+    out = pd.DataFrame({
         "family": t["family"].to_numpy(),
         "folds": t["k"].astype(int).to_numpy(),
         "AUC (95% CI)": [ci_text(m, lo, hi, digits) for m, lo, hi in zip(t["mean"], t["ci_low"], t["ci_high"])],
         "beats chance": np.where(t["beats_chance"].astype(bool), "yes", "no"),
         diff_col: [_signed_ci(d, lo, hi, digits) for d, lo, hi in zip(t["diff"], t["diff_low"], t["diff_high"])],
         "p": p_txt,
-        "d_z": ["" if not np.isfinite(v) else f"{v:.2f}" for v in t["d_z"].astype(float)],
+        "d_z": [num_text(v, ".2f") for v in t["d_z"].astype(float)],
         "verdict": verdict},
         index=pd.Index(t["display"].to_numpy(), name="model"))
+    if not len(base):   # no classical baseline in the run: no comparison columns to show
+        out = out.drop(columns=[diff_col, "p", "d_z", "verdict"])
+    return out
 
 
 def convergence(table: pd.DataFrame, display: Callable[[str], str] = str, digits: int = 3) -> pd.DataFrame:
@@ -137,7 +154,7 @@ def convergence(table: pd.DataFrame, display: Callable[[str], str] = str, digits
     out = pd.DataFrame({
         "on its plateau": np.where(t["converged"].astype(bool), "yes", "no"),
         "folds on the plateau": [f"{int(a)} of {int(b)}" for a, b in zip(t["folds_converged"], t["n_folds"])],
-        "final training accuracy (median)": t["final_train_accuracy"].astype(float).round(digits).to_numpy(),
+        "final training accuracy (median)": [num_text(v, f".{digits}f") for v in t["final_train_accuracy"].astype(float)],
         "epochs": [str(a) if a == b else f"{a}–{b}" for a, b in zip(lo, hi)]},
         index=pd.Index([display(n) for n in t["network"]], name="network"))
     why = t["why_not"].fillna("").astype(str) if "why_not" in t else pd.Series([""] * len(t))
@@ -154,23 +171,24 @@ def importance(table: pd.DataFrame, display: Callable[[str], str] | dict = str,
     ``folds``, ``AUC`` (the classifier's fold-mean AUC unpermuted); no positional index."""
     name = display.get if isinstance(display, dict) else display
     t = table.reset_index(drop=True)
-    f = f"{{:.{digits}f}}"
+    from cellstudy.learning.metrics import mean_sd_text   # "mean ± SD", as the paper's tables write it
+
     return pd.DataFrame({
         "classifier": [name(c) or c for c in t["classifier"]],
         "features of": [(groups or {}).get(g, g) for g in t["group"]],
-        "AUC drop when permuted (mean ± SD)": [f"{f.format(m)} ± {f.format(s)}"
-                                               for m, s in zip(t["auc_drop_mean"], t["auc_drop_sd"])],
+        "AUC drop when permuted (mean ± SD)": [mean_sd_text(m, sd, digits) for m, sd in zip(t["auc_drop_mean"], t["auc_drop_sd"])],
         "folds": t["n_folds"].astype(int).to_numpy(),
-        "AUC": t["auc"].astype(float).round(digits).to_numpy()}).set_index(["classifier", "features of"])
+        "AUC": [num_text(v, f".{digits}f") for v in t["auc"].astype(float)]}).set_index(["classifier", "features of"])
 
 
 def readable(table: pd.DataFrame, columns: dict[str, str], index: list[str] | None = None,
              ci: dict[str, tuple[str, str, str]] | None = None, display: Callable[[str], str] | None = None,
-             digits: int = 3) -> pd.DataFrame:
+             digits: int = 3, formats: dict[str, str] | None = None) -> pd.DataFrame:
     """A computed table as a page shows it: ``ci`` first joins each (value, low, high) triple of
     columns into one text column named by its key (:func:`ci_text`); then ``columns`` (an ordered
     mapping old name -> header) selects and renames the columns (a key of ``ci`` maps to its
-    header too); booleans read yes / no, other numbers are rounded to ``digits``; the ``network``
+    header too); booleans read yes / no, other numbers are written with ``formats[header]`` (e.g.
+    ``".3g"`` for a p-value, which ``digits`` would write 0.000) or ``digits`` decimals; the ``network``
     column is passed through ``display`` (its display name) when given; ``index`` (headers) become
     the index, else the first column does (no positional 0, 1, 2, ...). The step's CSV keeps the
     table as computed."""
@@ -186,8 +204,9 @@ def readable(table: pd.DataFrame, columns: dict[str, str], index: list[str] | No
     for c in t.columns:
         if t[c].dtype == bool:
             t[c] = np.where(t[c], "yes", "no")
-        elif pd.api.types.is_float_dtype(t[c]):
-            t[c] = t[c].round(digits)
+        elif pd.api.types.is_float_dtype(t[c]) or c in (formats or {}):
+            fmt = (formats or {}).get(c, f".{digits}f")
+            t[c] = [num_text(v, fmt) for v in t[c]]
     return t.set_index(index or [t.columns[0]])
 
 
