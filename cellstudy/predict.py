@@ -123,13 +123,6 @@ def best_network_why(run_dir: str | Path, trained: Sequence[str]) -> tuple[str, 
             "no results chapter to rank them: 07_results/verdicts_long.csv)")
 
 
-def run_class_names(table: pd.DataFrame) -> dict[int, str] | None:
-    """``data.class_names_of``: the manifest's class names of the normal (0) and abnormal (1) roles."""
-    from cellstudy import data
-
-    return data.class_names_of(table)
-
-
 def labelled_metrics(labels: np.ndarray, proba: np.ndarray, own: np.ndarray, groups: np.ndarray,
                      names: dict[int, str] | None = None, run_names: dict[int, str] | None = None
                      ) -> tuple[dict[str, Any] | None, str]:
@@ -379,7 +372,7 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
     tab["network"] = network
     tab["Classifier_Class"] = [config.CLASS_NAMES[i] for i in pred]
     # the run's own names of the two roles (a cohort from `cellstudy manifest`: its folders' names)
-    run_names = run_class_names(ref.table)
+    run_names = data.class_names_of(ref.table)
     if run_names:
         tab["Classifier_Class_name"] = [run_names[i] for i in pred]
     for i, name in enumerate(config.CLASS_NAMES):
@@ -428,7 +421,7 @@ def predict(run_dir: str | Path, cells: str | Path, network: str | None = None, 
             if pr or e is not None:
                 classical_p[name] = (np.mean(pr, axis=0) if pr else e)
                 tab[f"p_abnormal_{name}"] = classical_p[name][:, 1]
-    own, groups, names = tab["in_run_cohort"].to_numpy(), np.asarray(coh.groups), run_class_names(coh.table)
+    own, groups, names = tab["in_run_cohort"].to_numpy(), np.asarray(coh.groups), data.class_names_of(coh.table)
     scored, why_not = labelled_metrics(coh.labels, ens, own, groups, names, run_names)
     classical_scored = {name: labelled_metrics(coh.labels, pr, own, groups, names, run_names)[0]
                         for name, pr in classical_p.items()} if scored is not None else {}

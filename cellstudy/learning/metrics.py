@@ -455,9 +455,6 @@ def mean_sd_text(mean: float, sd: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} \u00b1 {sd:.{digits}f}"
 
 
-_fmt = mean_sd_text
-
-
 def summary_table(
     tidy: pd.DataFrame,
     metrics: Sequence[str] = TABLE_METRICS,
@@ -475,7 +472,7 @@ def summary_table(
         if regime not in set(num["regime"]):
             raise ValueError(f"regime {regime!r} not in the tidy table; it has {sorted(num['regime'].unique())}")
         num = num[num["regime"] == regime]
-    num = num.assign(cell=[_fmt(m, s, digits) for m, s in zip(num["mean"], num["sd"])])
+    num = num.assign(cell=[mean_sd_text(m, s, digits) for m, s in zip(num["mean"], num["sd"])])
     wide = num.pivot(index=["regime", "network"], columns="metric", values="cell")
     wide = wide.reindex(columns=list(metrics))
     nets = _network_sort_key(num["network"])

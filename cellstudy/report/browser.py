@@ -71,12 +71,12 @@ CHECK_SCRIPT = r"""<script>(function () {
       d += "." + el.className.trim().split(/\s+/).slice(0, 3).join(".");
     return d;
   }
-  function scrolls(el, column) {   // inside a scroll container below the column? (a reader can scroll to it;
-    for (var a = el.parentElement; a && a !== column; a = a.parentElement) {   // "hidden" would cut it off)
+  function scroller(el, column) {   // the scroll container below the column that holds el, or null (a reader
+    for (var a = el.parentElement; a && a !== column; a = a.parentElement) {   // can scroll to el; "hidden" would cut it off)
       var o = getComputedStyle(a).overflowX;
-      if (o === "auto" || o === "scroll") return true;
+      if (o === "auto" || o === "scroll") return a;
     }
-    return false;
+    return null;
   }
   function check() {
     var column = document.querySelector("article.bd-article") || document.querySelector("main") || document.body;
@@ -87,7 +87,7 @@ CHECK_SCRIPT = r"""<script>(function () {
     var els = column.querySelectorAll("*");
     for (var i = 0; i < els.length && r.offenders.length < 5; i++) {
       var el = els[i], b = el.getBoundingClientRect();
-      if (b.width > 0 && b.right > right + 1 && !scrolls(el, column)) {
+      if (b.width > 0 && b.right > right + 1 && !scroller(el, column)) {
         var inside = false;   // name the outermost element only
         for (var j = 0; j < r.offenders.length; j++) if (r.offenders[j].el.contains(el)) inside = true;
         if (!inside) r.offenders.push({el: el, what: describe(el), px: Math.round(b.right - right)});
@@ -97,16 +97,11 @@ CHECK_SCRIPT = r"""<script>(function () {
     r.wide_tables = [];   // tables a reader has to scroll sideways (not a problem: a fact to report)
     var tables = column.querySelectorAll("table");
     for (var t = 0; t < tables.length; t++) {
-      for (var c = tables[t].parentElement; c && c !== column; c = c.parentElement) {
-        var ox = getComputedStyle(c).overflowX;
-        if (ox === "auto" || ox === "scroll") {
-          if (c.scrollWidth > c.clientWidth + 1) {
-            var heads = Array.prototype.slice.call(tables[t].querySelectorAll("th"))
-              .map(function (h) { return h.textContent.trim(); }).filter(function (x) { return x; }).slice(0, 4);
-            r.wide_tables.push({head: heads.join(" | "), px: c.scrollWidth - c.clientWidth});
-          }
-          break;
-        }
+      var c = scroller(tables[t], column);
+      if (c && c.scrollWidth > c.clientWidth + 1) {
+        var heads = Array.prototype.slice.call(tables[t].querySelectorAll("th"))
+          .map(function (h) { return h.textContent.trim(); }).filter(function (x) { return x; }).slice(0, 4);
+        r.wide_tables.push({head: heads.join(" | "), px: c.scrollWidth - c.clientWidth});
       }
     }
     var imgs = document.images;

@@ -85,25 +85,17 @@ def num_text(value: Any, fmt: str = ".3f") -> str:
     return format(value, fmt)
 
 
-def ci_text(value: float, low: float, high: float, digits: int = 3) -> str:
+def ci_text(value: float, low: float, high: float, digits: int = 3, signed: bool = False) -> str:
     """``"0.893 (0.806–0.979)"``, ``"0.022 (-0.029 to 0.077)"`` when the interval starts below 0;
-    the value alone without a finite interval, an empty string when ``value`` is not a number."""
+    with ``signed`` (a difference) every number carries its sign, ``"-0.010 (-0.142 to +0.122)"``.
+    The value alone without a finite interval, an empty string when ``value`` is not a number."""
     if value is None or not np.isfinite(value):
         return ""
-    f = f"{{:.{digits}f}}"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
     if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
         return f.format(value)
-    sep = "–" if low >= 0 else " to "   # a dash after a minus sign reads as another minus
+    sep = "–" if low >= 0 and not signed else " to "   # a dash after a minus sign reads as another minus
     return f"{f.format(value)} ({f.format(low)}{sep}{f.format(high)})"
-
-
-def _signed_ci(value: float, low: float, high: float, digits: int = 3) -> str:
-    if value is None or not np.isfinite(value):
-        return ""
-    f = f"{{:+.{digits}f}}"
-    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
-        return f.format(value)
-    return f"{f.format(value)} ({f.format(low)} to {f.format(high)})"
 
 
 def verdicts(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
@@ -134,7 +126,7 @@ def verdicts(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
         "folds": t["k"].astype(int).to_numpy(),
         "AUC (95% CI)": [ci_text(m, lo, hi, digits) for m, lo, hi in zip(t["mean"], t["ci_low"], t["ci_high"])],
         "beats chance": np.where(t["beats_chance"].astype(bool), "yes", "no"),
-        diff_col: [_signed_ci(d, lo, hi, digits) for d, lo, hi in zip(t["diff"], t["diff_low"], t["diff_high"])],
+        diff_col: [ci_text(d, lo, hi, digits, signed=True) for d, lo, hi in zip(t["diff"], t["diff_low"], t["diff_high"])],
         "p": p_txt,
         "d_z": [num_text(v, ".2f") for v in t["d_z"].astype(float)],
         "verdict": verdict},
